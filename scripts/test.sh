@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what the tests need and runs them all: formatting, lints, unit tests and the
+# end-to-end tests against a real control plane and git server.
+#
+# Needs: rustup (the toolchain and wasm targets come from rust-toolchain.toml), Go >= 1.26
+# (the control plane is built from the Go module proxy, once per version, cached under
+# ~/.cache/sluice), and git (its http-backend serves test repositories).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+for tool in rustup cargo go git; do
+  command -v "$tool" >/dev/null || { echo "error: $tool is required but not installed" >&2; exit 1; }
+done
+
+step "Rust toolchain (rust-toolchain.toml)"
+rustup toolchain install >&2
+rustup target add wasm32-wasip2 wasm32-wasip1 >&2
+
+step "control plane binaries (built once per version; the first build takes minutes)"
+tests/cluster/build.sh >/dev/null
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test (unit, integration, end-to-end)"
+cargo test --workspace

@@ -1,0 +1,384 @@
+//! One real Kubernetes control plane per test run.
+//!
+//! [`shared`] builds the binaries if they are not cached (`tests/cluster/build.sh`), then
+//! starts, on loopback and free ports: etcd → kube-apiserver → kube-controller-manager →
+//! kube-scheduler → kwok (with its stage configs) and creates one fake Node. It returns when
+//! the API is ready, the Node is `Ready` and the controller-manager has created the `default`
+//! ServiceAccount. All tests in the process share it; each test makes its own client
+//! ([`client`]) and namespace ([`namespace`]), because a kube client is bound to the tokio
+//! runtime that created it and every `#[tokio::test]` has its own.
+//!
+//! Nothing here is mocked. If a binary cannot be built or a process does not become ready,
+//! [`shared`] panics with the reason and the tail of that process's log: tests fail, they
+//! never skip.
+//!
+//! Set `SLUICE_E2E_KUBECONFIG` to run the tests against a cluster you already have (local
+//! work only; CI never sets it).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
+use kube::api::{Api, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+
+use crate::pki;
+use crate::procs::{fresh_run_dir, log_tail, spawn_tied};
+
+/// Name of the fake Node that kwok keeps Ready.
+pub const NODE_NAME: &str = "kwok-node-0";
+
+/// A running control plane.
+#[derive(Debug, Clone)]
+pub struct ControlPlane {
+    /// Admin kubeconfig (`O=system:masters`).
+    pub kubeconfig: PathBuf,
+    /// Directory with the PKI, etcd data and one log file per process.
+    pub dir: PathBuf,
+}
+
+static SHARED: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
+
+/// The control plane of this test run, started on first use.
+///
+/// # Panics
+/// When the control plane cannot be built or started; the message says which process failed
+/// and quotes its log.
+pub fn shared() -> &'static ControlPlane {
+    match SHARED.get_or_init(start_supervised) {
+        Ok(cp) => cp,
+        Err(e) => panic!("the test control plane could not start: {e}"),
+    }
+}
+
+/// A new admin client for the shared control plane, bound to the caller's runtime.
+pub async fn client() -> Client {
+    let cp = shared();
+    client_for(&cp.kubeconfig).await.unwrap_or_else(|e| {
+        panic!(
+            "failed to build a client from {}: {e}",
+            cp.kubeconfig.display()
+        )
+    })
+}
+
+/// Creates a namespace named `<prefix>-<n>` unique in this run and returns its name.
+pub async fn namespace(client: &Client, prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let name = format!(
+        "{prefix}-{}-{}",
+        std::process::id() % 10_000,
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    let ns: Namespace = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}
+    }))
+    .expect("static namespace manifest is valid");
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap_or_else(|e| panic!("failed to create namespace {name}: {e}"));
+    name
+}
+
+/// Builds a client from a kubeconfig file.
+pub async fn client_for(kubeconfig: &Path) -> Result<Client, String> {
+    let kc = Kubeconfig::read_from(kubeconfig).map_err(|e| e.to_string())?;
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    Client::try_from(config).map_err(|e| e.to_string())
+}
+
+/// Starts the control plane from a thread that never exits. Children are tied to that
+/// thread (see `procs.rs`), so they live exactly as long as the test process.
+fn start_supervised() -> Result<ControlPlane, String> {
+    if let Ok(kubeconfig) = std::env::var("SLUICE_E2E_KUBECONFIG") {
+        return Ok(ControlPlane {
+            dir: PathBuf::from(&kubeconfig),
+            kubeconfig: kubeconfig.into(),
+        });
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("control-plane".into())
+        .spawn(move || {
+            let mut children = Vec::new();
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("failed to build a runtime: {e}"))
+                .and_then(|rt| rt.block_on(start(&mut children)));
+            let ok = result.is_ok();
+            let _ = tx.send(result);
+            if ok {
+                loop {
+                    std::thread::park();
+                }
+            }
+            // On failure this thread returns, and the kernel kills what it started.
+        })
+        .map_err(|e| format!("failed to spawn the control-plane thread: {e}"))?;
+    rx.recv()
+        .map_err(|_| "the control-plane thread died while starting".to_string())?
+}
+
+async fn start(children: &mut Vec<(String, Child, PathBuf)>) -> Result<ControlPlane, String> {
+    let bin = build()?;
+    let dir = fresh_run_dir("sluice-cp")?;
+    let pki = pki::write(&dir)?;
+    let [etcd_port, peer_port, api_port, cm_port, sched_port] = free_ports()?;
+    let kubeconfig = dir.join("kubeconfig");
+    write_kubeconfig(&kubeconfig, api_port, &pki)?;
+    let kc = kubeconfig.to_str().ok_or("non-UTF-8 temp dir")?.to_string();
+    let p = |p: &Path| p.display().to_string();
+
+    let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+    let peer_url = format!("http://127.0.0.1:{peer_port}");
+    let mut etcd = Command::new(bin.join("etcd"));
+    etcd.args([
+        "--name=n0".to_string(),
+        format!("--data-dir={}", p(&dir.join("etcd"))),
+        "--unsafe-no-fsync=true".into(),
+        format!("--listen-client-urls={etcd_url}"),
+        format!("--advertise-client-urls={etcd_url}"),
+        format!("--listen-peer-urls={peer_url}"),
+        format!("--initial-advertise-peer-urls={peer_url}"),
+        format!("--initial-cluster=n0={peer_url}"),
+        "--log-level=warn".into(),
+    ]);
+    launch(children, "etcd", etcd, &dir)?;
+    wait_until(
+        children,
+        "etcd /health",
+        Duration::from_secs(30),
+        || async {
+            plain_http_get(etcd_port, "/health").is_ok_and(|b| b.contains("\"health\":\"true\""))
+        },
+    )
+    .await?;
+
+    let mut api = Command::new(bin.join("kube-apiserver"));
+    api.args([
+        format!("--etcd-servers={etcd_url}"),
+        "--bind-address=127.0.0.1".into(),
+        format!("--secure-port={api_port}"),
+        "--advertise-address=127.0.0.1".into(),
+        "--endpoint-reconciler-type=none".into(),
+        format!("--cert-dir={}", p(&dir)),
+        format!("--tls-cert-file={}", p(&pki.serving_cert)),
+        format!("--tls-private-key-file={}", p(&pki.serving_key)),
+        format!("--client-ca-file={}", p(&pki.ca_cert)),
+        "--authorization-mode=RBAC".into(),
+        "--service-cluster-ip-range=10.0.0.0/24".into(),
+        "--allow-privileged=true".into(),
+        "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+        format!("--service-account-key-file={}", p(&pki.sa_public)),
+        format!("--service-account-signing-key-file={}", p(&pki.sa_private)),
+    ]);
+    launch(children, "kube-apiserver", api, &dir)?;
+    let client = client_for(&kubeconfig).await?;
+    wait_until(
+        children,
+        "kube-apiserver /readyz",
+        Duration::from_secs(90),
+        || async {
+            let req = http::Request::get("/readyz")
+                .body(Vec::new())
+                .expect("static request is valid");
+            client.request_text(req).await.is_ok_and(|t| t == "ok")
+        },
+    )
+    .await?;
+
+    let component = |name: &str, port: u16| {
+        let mut c = Command::new(bin.join(name));
+        c.args([
+            format!("--kubeconfig={kc}"),
+            "--leader-elect=false".into(),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={port}"),
+            "--authorization-always-allow-paths=/healthz,/readyz,/livez,/metrics".into(),
+        ]);
+        c
+    };
+    let mut cm = component("kube-controller-manager", cm_port);
+    cm.args([
+        format!("--service-account-private-key-file={}", p(&pki.sa_private)),
+        format!("--root-ca-file={}", p(&pki.ca_cert)),
+        // No metrics API here: the HPA controller would only log errors.
+        "--controllers=*,-horizontal-pod-autoscaler-controller".into(),
+        "--use-service-account-credentials=false".into(),
+    ]);
+    launch(children, "kube-controller-manager", cm, &dir)?;
+    launch(
+        children,
+        "kube-scheduler",
+        component("kube-scheduler", sched_port),
+        &dir,
+    )?;
+    let mut kwok = Command::new(bin.join("kwok"));
+    kwok.args([
+        format!("--kubeconfig={kc}"),
+        format!("--config={}", p(&bin.join("kwok-stages.yaml"))),
+        "--manage-all-nodes=true".into(),
+        "--cidr=10.244.0.0/16".into(),
+        "--node-ip=10.0.0.1".into(),
+        "--node-lease-duration-seconds=40".into(),
+    ]);
+    launch(children, "kwok", kwok, &dir)?;
+
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node: Node = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {
+            "name": NODE_NAME,
+            "labels": {"kubernetes.io/hostname": NODE_NAME, "kubernetes.io/os": "linux",
+                       "kubernetes.io/arch": "amd64", "type": "kwok"},
+            "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"}
+        }
+    }))
+    .expect("static node manifest is valid");
+    nodes
+        .create(&PostParams::default(), &node)
+        .await
+        .map_err(|e| format!("failed to create node {NODE_NAME}: {e}"))?;
+    wait_until(
+        children,
+        "node Ready (kwok)",
+        Duration::from_secs(60),
+        || async {
+            nodes.get(NODE_NAME).await.is_ok_and(|n| {
+                n.status
+                    .and_then(|s| s.conditions)
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            })
+        },
+    )
+    .await?;
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
+    wait_until(
+        children,
+        "default ServiceAccount (controller-manager)",
+        Duration::from_secs(60),
+        || async { sas.get("default").await.is_ok() },
+    )
+    .await?;
+    Ok(ControlPlane { kubeconfig, dir })
+}
+
+/// Runs the build script (a no-op when the binaries are cached) and returns the binary
+/// directory. Its progress goes straight to stderr.
+fn build() -> Result<PathBuf, String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/build.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("failed to run {}: {e}", script.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} failed ({}); its output is above",
+            script.display(),
+            out.status
+        ));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let dir = stdout.lines().last().unwrap_or_default().trim();
+    Ok(PathBuf::from(dir))
+}
+
+fn free_ports<const N: usize>() -> Result<[u16; N], String> {
+    // Hold all listeners until every port is chosen so no two are the same.
+    let listeners: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("failed to find a free port: {e}"))?;
+    let ports: Vec<u16> = listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()).unwrap_or(0))
+        .collect();
+    ports
+        .try_into()
+        .map_err(|_| "port count mismatch".to_string())
+}
+
+fn write_kubeconfig(path: &Path, api_port: u16, pki: &pki::Pki) -> Result<(), String> {
+    let text = format!(
+        "apiVersion: v1\nkind: Config\n\
+         clusters:\n- name: sluice-test\n  cluster:\n    server: https://127.0.0.1:{api_port}\n    certificate-authority: {}\n\
+         users:\n- name: admin\n  user:\n    client-certificate: {}\n    client-key: {}\n\
+         contexts:\n- name: sluice-test\n  context:\n    cluster: sluice-test\n    user: admin\n\
+         current-context: sluice-test\n",
+        pki.ca_cert.display(),
+        pki.admin_cert.display(),
+        pki.admin_key.display()
+    );
+    std::fs::write(path, text).map_err(|e| format!("failed to write {}: {e}", path.display()))
+}
+
+fn launch(
+    children: &mut Vec<(String, Child, PathBuf)>,
+    name: &str,
+    cmd: Command,
+    dir: &Path,
+) -> Result<(), String> {
+    let log = dir.join(format!("{name}.log"));
+    let child = spawn_tied(cmd, &log).map_err(|e| format!("failed to start {name}: {e}"))?;
+    children.push((name.to_string(), child, log));
+    Ok(())
+}
+
+/// Polls `ready` every 200 ms until it holds. Fails early, quoting the log, when one of the
+/// started processes exits, and on timeout, quoting the log of the newest process.
+async fn wait_until<F, Fut>(
+    children: &mut [(String, Child, PathBuf)],
+    what: &str,
+    timeout: Duration,
+    ready: F,
+) -> Result<(), String>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if ready().await {
+            return Ok(());
+        }
+        for (name, child, log) in children.iter_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!(
+                    "{name} exited ({status}) while waiting for {what}; last lines of {}:\n{}",
+                    log.display(),
+                    log_tail(log, 30)
+                ));
+            }
+        }
+        if start.elapsed() > timeout {
+            let (name, _, log) = children.last().expect("wait_until runs after a launch");
+            return Err(format!(
+                "timed out after {timeout:?} waiting for {what}; last lines of the {name} log {}:\n{}",
+                log.display(),
+                log_tail(log, 30)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A minimal HTTP/1.0 GET for etcd's plain-HTTP health endpoint.
+fn plain_http_get(port: u16, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body)
+}

@@ -1,0 +1,20 @@
+//! Test support for sluice's end-to-end tests: a real Kubernetes control plane
+//! ([`cluster`]) and a real git server over smart HTTP ([`git`]), both started once per
+//! test process and torn down with it.
+//!
+//! ```no_run
+//! # async fn example() {
+//! let client = sluice_testenv::cluster::client().await;
+//! let ns = sluice_testenv::cluster::namespace(&client, "demo").await;
+//! let repo = sluice_testenv::git::shared().create_repo("group/app");
+//! repo.commit("main", &[sluice_testenv::git::file("cm.yaml", "kind: ConfigMap")], "first");
+//! # let _ = ns;
+//! # }
+//! ```
+
+pub mod cluster;
+pub mod git;
+mod pki;
+mod procs;
+
+pub use procs::log_tail;
