@@ -1,13 +1,29 @@
 //! sluice: a pull-mode GitOps agent for Kubernetes.
 //!
 //! sluice reads GitLab agentk's configuration (`.gitlab/agents/<name>/config.yaml`), fetches
-//! the manifest repositories itself, passes every rendered object through WebAssembly
-//! plugins and keeps the cluster equal to what git says.
+//! the manifest repositories itself, and keeps the cluster equal to what git says. Data takes
+//! one path, one module per stage, each handing a plain value to the next:
 //!
-//! The pipeline stages (config → source → select → decode → plugins → plan → apply →
-//! inventory → wait → report) arrive as modules with their issues; see
-//! `docs/architecture.md` in the repository for the shape.
+//! [`config`] → [`source`] → [`select`] → [`decode`] → (plugins) → [`plan`] → [`apply`] →
+//! [`inventory`] → [`wait`] → [`report`]
+//!
+//! [`agent`] runs that path per manifest project whenever the commit changes or the re-apply
+//! timer fires. Start reading there.
 #![deny(missing_docs)]
+
+pub mod agent;
+pub mod apply;
+pub mod cluster;
+pub mod config;
+pub mod decode;
+pub mod inventory;
+pub mod object;
+pub mod plan;
+pub mod report;
+pub mod select;
+pub mod source;
+pub mod sync;
+pub mod wait;
 
 /// The version of this build, as Cargo knows it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

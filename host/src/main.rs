@@ -1,13 +1,180 @@
 //! The `sluice` command line.
 
-use clap::Parser;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use sluice::agent::{self, ConfigSource};
+use sluice::report::{self, LogFormat};
+use sluice::source::Credentials;
 
 /// Pull-mode GitOps agent for Kubernetes: agentk-compatible configuration, server-side
 /// apply, and WebAssembly plugins between git and the cluster.
 #[derive(Debug, Parser)]
 #[command(name = "sluice", version = sluice::VERSION, about, long_about = None)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _cli = Cli::parse();
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent: keep the cluster equal to the manifest projects of the configuration.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Agent configuration file (agentk's config.yaml).
+    #[arg(
+        long,
+        conflicts_with = "config_repo",
+        required_unless_present = "config_repo"
+    )]
+    config: Option<PathBuf>,
+    /// Configuration repository; `.gitlab/agents/<agent-name>/config.yaml` is read from its
+    /// default branch and followed.
+    #[arg(long, requires = "agent_name")]
+    config_repo: Option<String>,
+    /// Agent name: the configuration path and the default inventory id prefix.
+    #[arg(long, default_value = "sluice")]
+    agent_name: String,
+    /// Base URL that project paths (`gitops.manifest_projects[].id`) resolve against.
+    #[arg(
+        long,
+        env = "SLUICE_GIT_BASE_URL",
+        default_value = "https://gitlab.com"
+    )]
+    git_base_url: String,
+    /// Project path of the configuration project (default manifest project id).
+    #[arg(long, default_value = "")]
+    config_project: String,
+    /// File holding the git token for the host of --git-base-url (never logged).
+    #[arg(long, env = "SLUICE_GIT_TOKEN_FILE")]
+    git_token_file: Option<PathBuf>,
+    /// User name sent with the token.
+    #[arg(long, default_value = "oauth2")]
+    git_username: String,
+    /// Ref poll interval.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    poll_interval: Duration,
+    /// Interval of the drift-correcting re-apply.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    reapply_interval: Duration,
+    /// Server-side apply field manager.
+    #[arg(long, default_value = "sluice")]
+    field_manager: String,
+    /// Concurrent applies within a stage.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Inventory id for a project, `PROJECT=ID`, to take over an agentk inventory
+    /// (`inventory-<agentId>-<projectId>`). Repeatable.
+    #[arg(long = "inventory-id", value_parser = parse_pair)]
+    inventory_ids: Vec<(String, String)>,
+    /// Allow pruning every object when no file is selected.
+    #[arg(long)]
+    allow_empty_prune: bool,
+    /// Git cache directory.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Json)]
+    log_format: LogFormat,
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .ok_or_else(|| format!("expected PROJECT=ID, got {s:?}"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: failed to start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Command::Run(args) => rt.block_on(run(args)),
+    }
+}
+
+async fn run(args: RunArgs) -> ExitCode {
+    let levels = report::init(args.log_format, sluice::config::LogLevel::Info);
+    let mut credentials = HashMap::new();
+    if let Some(path) = &args.git_token_file {
+        match std::fs::read_to_string(path) {
+            Ok(token) => {
+                let host = args
+                    .git_base_url
+                    .split("://")
+                    .nth(1)
+                    .and_then(|r| r.split('/').next())
+                    .unwrap_or_default();
+                credentials.insert(
+                    host.to_string(),
+                    Credentials {
+                        username: args.git_username.clone(),
+                        password: token.trim().to_string(),
+                    },
+                );
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "failed to read the git token file");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let client = match kube::Client::try_default().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "failed to configure the Kubernetes client (KUBECONFIG or in-cluster)");
+            return ExitCode::from(2);
+        }
+    };
+    let source = match (&args.config, &args.config_repo) {
+        (Some(path), _) => ConfigSource::File(path.clone()),
+        (None, Some(url)) => ConfigSource::Repo { url: url.clone() },
+        (None, None) => unreachable!("clap requires one of --config, --config-repo"),
+    };
+    let opts = agent::Options {
+        agent_name: args.agent_name,
+        git_base_url: args.git_base_url,
+        config_project: args.config_project,
+        credentials,
+        poll_interval: args.poll_interval,
+        reapply_interval: args.reapply_interval,
+        cache_dir: args
+            .cache_dir
+            .unwrap_or_else(sluice::sync::default_cache_dir),
+        field_manager: args.field_manager,
+        concurrency: args.concurrency,
+        inventory_ids: args.inventory_ids.into_iter().collect(),
+        allow_empty_prune: args.allow_empty_prune,
+    };
+    match agent::run(client, source, opts, Some(levels), shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "agent failed to start");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return ctrl_c.await.unwrap_or_default(),
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
 }

@@ -1,0 +1,436 @@
+//! Server-side apply of a plan, staged and checked before anything changes.
+//!
+//! [`apply`] reads top to bottom as the decisions it makes:
+//!
+//! 1. mark every object with the inventory's `config.k8s.io/owning-inventory` annotation;
+//! 2. preflight every object whose kind the server knows: read the live object, check the
+//!    inventory policy, and server-side dry-run the apply. If *any* object fails, stop and
+//!    return every failure: a bad commit changes nothing;
+//! 3. for each stage: preflight the objects whose kinds just appeared (CRs of CRDs from the
+//!    definitions stage), apply what would change with bounded concurrency, and record
+//!    `Unchanged` for the rest without writing; after a stage with CRDs, wait until they are
+//!    Established and refresh discovery.
+//!
+//! With `dry_run_strategy: client` nothing is sent but reads; with `server` step 3 sends
+//! only dry-run requests.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::api::{DynamicObject, Patch, PatchParams};
+use serde_json::Value;
+
+use crate::cluster::Cluster;
+use crate::config::{DryRunStrategy, InventoryPolicy};
+use crate::inventory::{self, OWNING_INVENTORY, Ownership};
+use crate::object::{ObjRef, Object, Origin};
+use crate::plan::Plan;
+
+/// What happened to one object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// It did not exist and was created.
+    Created,
+    /// It existed and was changed.
+    Configured,
+    /// It already matched git; nothing was written.
+    Unchanged,
+    /// It left git and was deleted.
+    Pruned,
+    /// It left git but was kept (`on-remove: keep`) and released from the inventory.
+    Abandoned,
+    /// It was not touched (dry run, or not owned by this inventory).
+    Skipped,
+    /// The operation failed.
+    Failed,
+}
+
+/// The outcome for one object.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ObjectResult {
+    /// Which object.
+    pub obj: ObjRef,
+    /// Where it was written in git (absent for pruned objects).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
+    /// What happened.
+    pub action: Action,
+    /// Why, for failures and skips.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl ObjectResult {
+    fn failed(o: &Object, message: String) -> ObjectResult {
+        ObjectResult {
+            obj: o.obj_ref(),
+            origin: Some(o.origin.clone()),
+            action: Action::Failed,
+            message: Some(message),
+        }
+    }
+}
+
+/// Apply failed. Retryable with backoff, except that a [`Error::Rejected`] commit will be
+/// rejected again until it changes.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Preflight (policy or server-side dry-run) failed for some objects; nothing was changed.
+    #[error("{} of {total} objects failed server-side dry-run, nothing was applied: {}", .failures.len(), list(.failures))]
+    Rejected {
+        /// Every failing object.
+        failures: Vec<ObjectResult>,
+        /// How many objects were checked.
+        total: usize,
+    },
+    /// A stage failed part way; `results` says what was done.
+    #[error("{} objects failed to apply: {}", failed(.results).len(), list(&failed(.results)))]
+    Partial {
+        /// Results so far, failures included.
+        results: Vec<ObjectResult>,
+    },
+    /// Discovery failed.
+    #[error(transparent)]
+    Discovery(#[from] crate::cluster::DiscoveryError),
+}
+
+fn failed(results: &[ObjectResult]) -> Vec<ObjectResult> {
+    results
+        .iter()
+        .filter(|r| r.action == Action::Failed)
+        .cloned()
+        .collect()
+}
+
+fn list(results: &[ObjectResult]) -> String {
+    results
+        .iter()
+        .map(|r| {
+            let at = r
+                .origin
+                .as_ref()
+                .map(|o| format!("{o}: "))
+                .unwrap_or_default();
+            format!("{at}{}: {}", r.obj, r.message.as_deref().unwrap_or(""))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// How to apply.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Field manager for server-side apply. Default `sluice`.
+    pub field_manager: String,
+    /// Objects applied at once within a stage. Default 8.
+    pub concurrency: usize,
+    /// The inventory id written into `config.k8s.io/owning-inventory`.
+    pub inventory_id: String,
+    /// Which live objects may be taken over.
+    pub inventory_policy: InventoryPolicy,
+    /// `dry_run_strategy`.
+    pub dry_run: DryRunStrategy,
+    /// How long to wait for CRDs to become Established. Default 60 s.
+    pub crd_timeout: Duration,
+}
+
+impl Options {
+    /// Defaults for an inventory id.
+    #[must_use]
+    pub fn new(inventory_id: &str) -> Options {
+        Options {
+            field_manager: "sluice".into(),
+            concurrency: 8,
+            inventory_id: inventory_id.into(),
+            inventory_policy: InventoryPolicy::MustMatch,
+            dry_run: DryRunStrategy::None,
+            crd_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Applies `plan`'s stages. See the module doc for the order of decisions.
+///
+/// # Errors
+/// [`Error::Rejected`] before any change; [`Error::Partial`] with what was done when a
+/// stage fails.
+pub async fn apply(
+    cluster: &mut Cluster,
+    plan: &Plan,
+    opts: &Options,
+) -> Result<Vec<ObjectResult>, Error> {
+    let stages: Vec<Vec<Object>> = plan
+        .stages
+        .iter()
+        .map(|s| {
+            s.objects
+                .iter()
+                .cloned()
+                .map(|o| annotate(o, &opts.inventory_id))
+                .collect()
+        })
+        .collect();
+
+    let known: Vec<&Object> = stages
+        .iter()
+        .flatten()
+        .filter(|o| cluster.resolve(o.api_version(), o.kind()).is_some())
+        .collect();
+    let total = stages.iter().map(Vec::len).sum();
+    let mut preflights = preflight_all(cluster, &known, opts).await;
+    let failures: Vec<ObjectResult> = preflights
+        .iter()
+        .filter_map(|(_, p)| p.as_ref().err().cloned())
+        .collect();
+    if !failures.is_empty() {
+        return Err(Error::Rejected { failures, total });
+    }
+
+    let mut results = Vec::new();
+    for stage in &stages {
+        // CRs whose CRD arrived in an earlier stage are checked now that the kind exists.
+        let late: Vec<&Object> = stage
+            .iter()
+            .filter(|o| !preflights.iter().any(|(k, _)| *k == o.obj_ref()))
+            .collect();
+        if !late.is_empty() {
+            let more = preflight_all(cluster, &late, opts).await;
+            let failures: Vec<ObjectResult> = more
+                .iter()
+                .filter_map(|(_, p)| p.as_ref().err().cloned())
+                .collect();
+            if !failures.is_empty() {
+                results.extend(failures);
+                return Err(Error::Partial { results });
+            }
+            preflights.extend(more);
+        }
+        let work: Vec<(&Object, &Preflight)> = stage
+            .iter()
+            .filter_map(|o| {
+                let p = preflights
+                    .iter()
+                    .find(|(k, _)| *k == o.obj_ref())?
+                    .1
+                    .as_ref()
+                    .ok()?;
+                Some((o, p))
+            })
+            .collect();
+        let writes: Vec<_> = work
+            .into_iter()
+            .map(|(o, p)| write(cluster, o, p, opts))
+            .collect();
+        let stage_results = bounded(writes, opts.concurrency).await;
+        let stage_failed = stage_results.iter().any(|r| r.action == Action::Failed);
+        results.extend(stage_results);
+        if stage_failed {
+            return Err(Error::Partial { results });
+        }
+        if opts.dry_run == DryRunStrategy::None
+            && stage.iter().any(|o| o.kind() == "CustomResourceDefinition")
+        {
+            let crds: Vec<&Object> = stage
+                .iter()
+                .filter(|o| o.kind() == "CustomResourceDefinition")
+                .collect();
+            if let Err(message) = wait_established(cluster, &crds, opts.crd_timeout).await {
+                results.extend(
+                    crds.iter()
+                        .map(|o| ObjectResult::failed(o, message.clone())),
+                );
+                return Err(Error::Partial { results });
+            }
+            cluster.refresh().await?;
+        }
+    }
+    Ok(results)
+}
+
+/// What preflight learned about an object.
+#[derive(Debug)]
+struct Preflight {
+    /// The object as the server would store it.
+    dry_run: Value,
+    /// The live object, if any.
+    live: Option<Value>,
+}
+
+async fn preflight_all(
+    cluster: &Cluster,
+    objects: &[&Object],
+    opts: &Options,
+) -> Vec<(ObjRef, Result<Preflight, ObjectResult>)> {
+    let checks: Vec<_> = objects
+        .iter()
+        .map(|o| preflight(cluster, o, opts))
+        .collect();
+    let results = bounded(checks, opts.concurrency).await;
+    objects.iter().map(|o| o.obj_ref()).zip(results).collect()
+}
+
+/// Runs `futures` at most `limit` at a time, keeping their order. (The futures are built
+/// before they enter the stream so the stream holds no closure over borrowed data; that
+/// keeps the spawned worker future `Send`.)
+async fn bounded<T, F: Future<Output = T>>(futures: Vec<F>, limit: usize) -> Vec<T> {
+    futures::stream::iter(futures)
+        .buffered(limit.max(1))
+        .collect()
+        .await
+}
+
+async fn preflight(
+    cluster: &Cluster,
+    o: &Object,
+    opts: &Options,
+) -> Result<Preflight, ObjectResult> {
+    let fail = |m: String| ObjectResult::failed(o, m);
+    let (ar, caps) = cluster.resolve(o.api_version(), o.kind()).ok_or_else(|| {
+        fail(format!(
+            "no resource for {} {} on the server",
+            o.api_version(),
+            o.kind()
+        ))
+    })?;
+    let api = cluster.api(&ar, &caps, o.namespace().unwrap_or_default());
+    let live = api
+        .get_opt(o.name())
+        .await
+        .map_err(|e| fail(format!("failed to read the live object: {e}")))?;
+    let live = live.map(|l| serde_json::to_value(l).unwrap_or_default());
+    if let Some(live) = &live {
+        inventory::may_apply(
+            opts.inventory_policy,
+            Ownership::of(live, &opts.inventory_id),
+        )
+        .map_err(fail)?;
+    }
+    let params = PatchParams {
+        dry_run: true,
+        ..PatchParams::apply(&opts.field_manager).force()
+    };
+    let dry: DynamicObject = api
+        .patch(o.name(), &params, &Patch::Apply(&o.value))
+        .await
+        .map_err(|e| fail(api_message(&e)))?;
+    Ok(Preflight {
+        dry_run: serde_json::to_value(dry).unwrap_or_default(),
+        live,
+    })
+}
+
+async fn write(cluster: &Cluster, o: &Object, p: &Preflight, opts: &Options) -> ObjectResult {
+    let result = |action, message| ObjectResult {
+        obj: o.obj_ref(),
+        origin: Some(o.origin.clone()),
+        action,
+        message,
+    };
+    if let Some(live) = &p.live
+        && !drifted(live, &p.dry_run, &opts.field_manager)
+    {
+        return result(Action::Unchanged, None);
+    }
+    let action = if p.live.is_some() {
+        Action::Configured
+    } else {
+        Action::Created
+    };
+    match opts.dry_run {
+        DryRunStrategy::Client => {
+            return result(
+                Action::Skipped,
+                Some(format!("dry run (client): would be {action:?}").to_lowercase()),
+            );
+        }
+        DryRunStrategy::Server => {
+            return result(
+                Action::Skipped,
+                Some(format!("dry run (server): would be {action:?}").to_lowercase()),
+            );
+        }
+        DryRunStrategy::None => {}
+    }
+    let Some((ar, caps)) = cluster.resolve(o.api_version(), o.kind()) else {
+        return result(
+            Action::Failed,
+            Some("kind disappeared from the server".into()),
+        );
+    };
+    let api = cluster.api(&ar, &caps, o.namespace().unwrap_or_default());
+    match api
+        .patch(
+            o.name(),
+            &PatchParams::apply(&opts.field_manager).force(),
+            &Patch::Apply(&o.value),
+        )
+        .await
+    {
+        Ok(_) => result(action, None),
+        Err(e) => result(Action::Failed, Some(api_message(&e))),
+    }
+}
+
+/// True when applying would change the object, or when our field manager does not own its
+/// fields yet (taking over from agentk's `agentk` manager is a write).
+fn drifted(live: &Value, dry_run: &Value, field_manager: &str) -> bool {
+    let owned = live["metadata"]["managedFields"]
+        .as_array()
+        .is_some_and(|m| {
+            m.iter()
+                .any(|f| f["manager"] == field_manager && f["operation"] == "Apply")
+        });
+    !owned || strip(live) != strip(dry_run)
+}
+
+fn strip(v: &Value) -> Value {
+    let mut v = v.clone();
+    if let Some(m) = v["metadata"].as_object_mut() {
+        m.remove("managedFields");
+        m.remove("resourceVersion");
+    }
+    v
+}
+
+fn annotate(mut o: Object, inventory_id: &str) -> Object {
+    let meta = &mut o.value["metadata"];
+    if !meta["annotations"].is_object() {
+        meta["annotations"] = Value::Object(Default::default());
+    }
+    meta["annotations"][OWNING_INVENTORY] = Value::String(inventory_id.to_string());
+    o
+}
+
+async fn wait_established(
+    cluster: &Cluster,
+    crds: &[&Object],
+    timeout: Duration,
+) -> Result<(), String> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let api: kube::Api<CustomResourceDefinition> = kube::Api::all(cluster.client().clone());
+    let waits: Vec<_> = crds
+        .iter()
+        .map(|o| {
+            kube::runtime::wait::await_condition(
+                api.clone(),
+                o.name(),
+                kube::runtime::wait::conditions::is_crd_established(),
+            )
+        })
+        .collect();
+    let all = futures::future::try_join_all(waits);
+    tokio::time::timeout(timeout, all)
+        .await
+        .map_err(|_| format!("CustomResourceDefinition not Established within {timeout:?}"))?
+        .map_err(|e| format!("failed to watch CustomResourceDefinitions: {e}"))?;
+    Ok(())
+}
+
+/// The API server's message without kube's wrapping.
+pub fn api_message(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => s.message.clone(),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,569 @@
+//! The agent configuration: agentk's `.gitlab/agents/<name>/config.yaml`, read strictly.
+//!
+//! Every key of agentk's `gitops.manifest_projects[]` is honoured with agentk's defaults
+//! (`docs/configuration.md` lists them). agentk's other top-level sections (`ci_access`,
+//! `user_access`, `remote_development`, `container_scanning`, `flux`) are accepted and
+//! ignored, so existing files load unchanged; [`AgentConfig::ignored_sections`] names them so
+//! the caller can warn once each. Unknown keys and invalid values are errors that name the
+//! key and the line.
+//!
+//! ```
+//! let config = sluice::config::parse(
+//!     "gitops:\n  manifest_projects:\n  - id: group/app\n    default_namespace: apps\n",
+//!     "group/agent-config",
+//! )
+//! .unwrap();
+//! assert_eq!(config.manifest_projects[0].id, "group/app");
+//! assert_eq!(config.manifest_projects[0].paths, ["**/*.{yaml,yml,json}"]);
+//! ```
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::de::{self, IgnoredAny};
+use serde::{Deserialize, Deserializer};
+use serde_saphyr::Spanned;
+
+/// agentk's limit on the size of a configuration file (kas `max_configuration_file_size`).
+pub const MAX_CONFIG_BYTES: usize = 128 * 1024;
+
+/// The glob agentk uses when a manifest project lists no paths.
+pub const DEFAULT_GLOB: &str = "**/*.{yaml,yml,json}";
+
+/// A configuration that could not be loaded. Not retryable: the file must change.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The YAML is malformed, a key is unknown or a value is invalid.
+    #[error("failed to parse agent configuration {origin}: {message}")]
+    Invalid {
+        /// Where the configuration came from (file path or repository and commit).
+        origin: String,
+        /// What is wrong, with the key and line.
+        message: String,
+    },
+    /// The file is larger than agentk's limit.
+    #[error(
+        "failed to parse agent configuration {origin}: file is {size} bytes, the limit is {MAX_CONFIG_BYTES}"
+    )]
+    TooBig {
+        /// Where the configuration came from.
+        origin: String,
+        /// Its size in bytes.
+        size: usize,
+    },
+}
+
+/// Result of this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A loaded agent configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentConfig {
+    /// `gitops.manifest_projects[]`, with defaults applied.
+    pub manifest_projects: Vec<ManifestProject>,
+    /// `observability.logging.level` (default `info`).
+    pub log_level: LogLevel,
+    /// agentk sections present in the file that sluice accepts and ignores.
+    pub ignored_sections: Vec<&'static str>,
+}
+
+/// One `gitops.manifest_projects[]` entry with agentk's defaults applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ManifestProject {
+    /// Project path (`group/sub/project`) or full git URL; defaults to the configuration
+    /// project. Also the project's identity: two entries with the same id are an error.
+    pub id: String,
+    /// Which ref to follow (default: the default branch).
+    pub git_ref: GitRef,
+    /// Namespace for namespaced objects without one, and of the inventory (default `default`).
+    pub default_namespace: String,
+    /// Globs selecting manifest files (default [`DEFAULT_GLOB`]).
+    pub paths: Vec<String>,
+    /// How long to wait for applied objects to become healthy (default 3600 s; 0 = no limit).
+    pub reconcile_timeout: Duration,
+    /// Dry-run strategy (default none).
+    pub dry_run_strategy: DryRunStrategy,
+    /// Delete objects that left git (default true).
+    pub prune: bool,
+    /// How long to wait for pruned objects to disappear (default 3600 s).
+    pub prune_timeout: Duration,
+    /// Propagation policy of prune deletes (default foreground).
+    pub prune_propagation_policy: PropagationPolicy,
+    /// Which live objects may be taken over (default must_match).
+    pub inventory_policy: InventoryPolicy,
+}
+
+/// The git ref a manifest project follows.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum GitRef {
+    /// The remote's `HEAD`.
+    DefaultBranch,
+    /// `refs/heads/<name>`.
+    Branch(String),
+    /// `refs/tags/<name>`.
+    Tag(String),
+    /// A commit id: synced once, never polled.
+    Commit(String),
+}
+
+impl fmt::Display for GitRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GitRef::DefaultBranch => f.write_str("HEAD"),
+            GitRef::Branch(b) => write!(f, "refs/heads/{b}"),
+            GitRef::Tag(t) => write!(f, "refs/tags/{t}"),
+            GitRef::Commit(c) => f.write_str(c),
+        }
+    }
+}
+
+macro_rules! string_enum {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $text:literal),+ $(,)? } default $default:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant,)+
+        }
+        impl Default for $name {
+            fn default() -> Self {
+                $name::$default
+            }
+        }
+        impl $name {
+            /// The configuration spelling.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text,)+ }
+            }
+        }
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                match s.as_str() {
+                    "" => Ok($name::$default),
+                    $($text => Ok($name::$variant),)+
+                    other => Err(de::Error::custom(format!(
+                        "invalid value {other:?}, expected one of: {}",
+                        [$($text),+].join(", ")
+                    ))),
+                }
+            }
+        }
+    };
+}
+
+string_enum!(
+    /// `dry_run_strategy`.
+    DryRunStrategy {
+        /// Apply for real.
+        None = "none",
+        /// Make no mutating calls at all.
+        Client = "client",
+        /// Send every mutating call with `dryRun=All`.
+        Server = "server",
+    } default None
+);
+string_enum!(
+    /// `prune_propagation_policy`.
+    PropagationPolicy {
+        /// Leave dependents.
+        Orphan = "orphan",
+        /// Delete now, dependents in the background.
+        Background = "background",
+        /// Delete dependents first.
+        Foreground = "foreground",
+    } default Foreground
+);
+string_enum!(
+    /// `inventory_policy` (agentk/cli-utils semantics).
+    InventoryPolicy {
+        /// Only objects owned by this inventory are changed.
+        MustMatch = "must_match",
+        /// Objects owned by no inventory are adopted.
+        AdoptIfNoInventory = "adopt_if_no_inventory",
+        /// Every object is adopted, even from other inventories.
+        AdoptAll = "adopt_all",
+    } default MustMatch
+);
+string_enum!(
+    /// `observability.logging.level`.
+    LogLevel {
+        /// Everything.
+        Debug = "debug",
+        /// The default.
+        Info = "info",
+        /// Warnings and errors.
+        Warn = "warn",
+        /// Errors only.
+        Error = "error",
+    } default Info
+);
+
+/// Parses a configuration file.
+///
+/// `config_project` is the project the file lives in: the default for a manifest project
+/// without `id`.
+///
+/// # Errors
+/// [`Error::Invalid`] names the key and the line of the first problem; [`Error::TooBig`]
+/// when the file exceeds agentk's 128 KiB limit.
+pub fn parse(text: &str, config_project: &str) -> Result<AgentConfig> {
+    parse_with_origin(text, config_project, "config.yaml")
+}
+
+/// [`parse`] with a description of where the text came from, used in errors.
+pub fn parse_with_origin(text: &str, config_project: &str, origin: &str) -> Result<AgentConfig> {
+    if text.len() > MAX_CONFIG_BYTES {
+        return Err(Error::TooBig {
+            origin: origin.to_string(),
+            size: text.len(),
+        });
+    }
+    let invalid = |message: String| Error::Invalid {
+        origin: origin.to_string(),
+        message,
+    };
+    // An empty file is an empty configuration, as in agentk.
+    let file: ConfigurationFile = if text.trim().is_empty() {
+        ConfigurationFile::default()
+    } else {
+        serde_saphyr::from_str_with_options(text, yaml_options())
+            .map_err(|e| invalid(e.to_string()))?
+    };
+
+    let mut ignored_sections = Vec::new();
+    for (name, present) in [
+        ("ci_access", file.ci_access.is_some()),
+        ("container_scanning", file.container_scanning.is_some()),
+        ("user_access", file.user_access.is_some()),
+        ("remote_development", file.remote_development.is_some()),
+        ("flux", file.flux.is_some()),
+    ] {
+        if present {
+            ignored_sections.push(name);
+        }
+    }
+
+    let mut manifest_projects: Vec<ManifestProject> = Vec::new();
+    for p in file.gitops.map(|g| g.manifest_projects).unwrap_or_default() {
+        let (id, line) = match p.id {
+            Some(s) => (s.value, Some(s.referenced.line())),
+            None => (config_project.to_string(), None),
+        };
+        if id.is_empty() {
+            return Err(invalid(format!(
+                "gitops.manifest_projects[].id at line {}: must not be empty",
+                line.unwrap_or(0)
+            )));
+        }
+        if manifest_projects.iter().any(|m| m.id == id) {
+            let at = line.map(|l| format!(" at line {l}")).unwrap_or_default();
+            return Err(invalid(format!(
+                "gitops.manifest_projects[].id{at}: duplicate source id {id:?}"
+            )));
+        }
+        let paths = match p.paths {
+            Some(paths) if !paths.is_empty() => paths.into_iter().map(|p| p.glob).collect(),
+            _ => vec![DEFAULT_GLOB.to_string()],
+        };
+        manifest_projects.push(ManifestProject {
+            id,
+            git_ref: p.r#ref.map(|r| r.0).unwrap_or(GitRef::DefaultBranch),
+            default_namespace: p
+                .default_namespace
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| "default".into()),
+            paths,
+            reconcile_timeout: p
+                .reconcile_timeout
+                .map_or(Duration::from_secs(3600), |d| d.0),
+            dry_run_strategy: p.dry_run_strategy.unwrap_or_default(),
+            prune: p.prune.unwrap_or(true),
+            prune_timeout: p.prune_timeout.map_or(Duration::from_secs(3600), |d| d.0),
+            prune_propagation_policy: p.prune_propagation_policy.unwrap_or_default(),
+            inventory_policy: p.inventory_policy.unwrap_or_default(),
+        });
+    }
+    let log_level = file
+        .observability
+        .and_then(|o| o.logging)
+        .and_then(|l| l.level)
+        .unwrap_or_default();
+    Ok(AgentConfig {
+        manifest_projects,
+        log_level,
+        ignored_sections,
+    })
+}
+
+fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_aliases: 100,
+            max_depth: 64,
+            max_documents: 1,
+        },
+    }
+}
+
+// The file's schema. Field names are agentk's; `deny_unknown_fields` is protojson's default.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigurationFile {
+    gitops: Option<GitopsSection>,
+    observability: Option<ObservabilitySection>,
+    // Accepted and ignored (other agentk modules, or GitLab itself, use them).
+    ci_access: Option<IgnoredAny>,
+    container_scanning: Option<IgnoredAny>,
+    user_access: Option<IgnoredAny>,
+    remote_development: Option<IgnoredAny>,
+    flux: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GitopsSection {
+    #[serde(default)]
+    manifest_projects: Vec<ManifestProjectSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManifestProjectSection {
+    id: Option<Spanned<String>>,
+    default_namespace: Option<String>,
+    paths: Option<Vec<PathSection>>,
+    reconcile_timeout: Option<ProtoDuration>,
+    dry_run_strategy: Option<DryRunStrategy>,
+    prune: Option<bool>,
+    prune_timeout: Option<ProtoDuration>,
+    prune_propagation_policy: Option<PropagationPolicy>,
+    inventory_policy: Option<InventoryPolicy>,
+    r#ref: Option<RefSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PathSection {
+    glob: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ObservabilitySection {
+    logging: Option<LoggingSection>,
+    // agentk accepts it; sluice has no profiler.
+    #[allow(dead_code)] // reason: accepted for compatibility, deliberately unused
+    google_profiler: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoggingSection {
+    level: Option<LogLevel>,
+    #[allow(dead_code)] // reason: agentk's gRPC log level; sluice speaks no gRPC
+    grpc_level: Option<LogLevel>,
+}
+
+/// `ref:` with exactly one of `branch`, `tag`, `commit`.
+#[derive(Debug)]
+struct RefSection(GitRef);
+
+impl<'de> Deserialize<'de> for RefSection {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Raw {
+            branch: Option<String>,
+            tag: Option<String>,
+            commit: Option<String>,
+        }
+        let raw = Raw::deserialize(d)?;
+        let set: Vec<GitRef> = [
+            raw.branch.map(GitRef::Branch),
+            raw.tag.map(GitRef::Tag),
+            raw.commit.map(GitRef::Commit),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        match <[GitRef; 1]>::try_from(set) {
+            Ok([GitRef::Branch(s) | GitRef::Tag(s) | GitRef::Commit(s)]) if s.is_empty() => Err(
+                de::Error::custom("ref: branch, tag or commit must not be empty"),
+            ),
+            Ok([r]) => Ok(RefSection(r)),
+            Err(_) => Err(de::Error::custom(
+                "ref: set exactly one of branch, tag, commit",
+            )),
+        }
+    }
+}
+
+/// A `google.protobuf.Duration` in JSON form: decimal seconds with an `s` suffix (`3600s`,
+/// `1.5s`). `3600` and `1h` are invalid, as in agentk.
+#[derive(Debug)]
+struct ProtoDuration(Duration);
+
+impl<'de> Deserialize<'de> for ProtoDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s)
+            .map(ProtoDuration)
+            .map_err(de::Error::custom)
+    }
+}
+
+/// Parses agentk's duration form (`"3600s"`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let invalid =
+        || format!("invalid duration {s:?}: expected seconds with an s suffix, like \"3600s\"");
+    let secs = s.strip_suffix('s').ok_or_else(invalid)?;
+    let value: f64 = secs.parse().map_err(|_| invalid())?;
+    if !value.is_finite() || value < 0.0 {
+        return Err(invalid());
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(yaml: &str) -> ManifestProject {
+        parse(yaml, "group/agent")
+            .expect("valid config")
+            .manifest_projects
+            .remove(0)
+    }
+
+    fn err(yaml: &str) -> String {
+        parse(yaml, "group/agent")
+            .expect_err("invalid config")
+            .to_string()
+    }
+
+    #[test]
+    fn defaults_are_agentks() {
+        let p = one("gitops:\n  manifest_projects:\n  - {}\n");
+        assert_eq!(p.id, "group/agent");
+        assert_eq!(p.git_ref, GitRef::DefaultBranch);
+        assert_eq!(p.default_namespace, "default");
+        assert_eq!(p.paths, [DEFAULT_GLOB]);
+        assert_eq!(p.reconcile_timeout, Duration::from_secs(3600));
+        assert_eq!(p.prune_timeout, Duration::from_secs(3600));
+        assert_eq!(p.dry_run_strategy, DryRunStrategy::None);
+        assert!(p.prune);
+        assert_eq!(p.prune_propagation_policy, PropagationPolicy::Foreground);
+        assert_eq!(p.inventory_policy, InventoryPolicy::MustMatch);
+    }
+
+    #[test]
+    fn every_field_is_read() {
+        let p = one(concat!(
+            "gitops:\n  manifest_projects:\n  - id: platform/manifests\n",
+            "    ref: {tag: v1.2.0}\n    default_namespace: apps\n",
+            "    paths: [{glob: '/base/**/*.yaml'}, {glob: 'prod/*.json'}]\n",
+            "    reconcile_timeout: 600s\n    dry_run_strategy: server\n    prune: false\n",
+            "    prune_timeout: 1.5s\n    prune_propagation_policy: orphan\n",
+            "    inventory_policy: adopt_all\n",
+        ));
+        assert_eq!(p.id, "platform/manifests");
+        assert_eq!(p.git_ref, GitRef::Tag("v1.2.0".into()));
+        assert_eq!(p.paths, ["/base/**/*.yaml", "prod/*.json"]);
+        assert_eq!(p.reconcile_timeout, Duration::from_secs(600));
+        assert_eq!(p.prune_timeout, Duration::from_millis(1500));
+        assert_eq!(p.dry_run_strategy, DryRunStrategy::Server);
+        assert!(!p.prune);
+        assert_eq!(p.prune_propagation_policy, PropagationPolicy::Orphan);
+        assert_eq!(p.inventory_policy, InventoryPolicy::AdoptAll);
+    }
+
+    #[test]
+    fn empty_strings_mean_default() {
+        let p = one(
+            "gitops:\n  manifest_projects:\n  - dry_run_strategy: ''\n    inventory_policy: ''\n",
+        );
+        assert_eq!(p.dry_run_strategy, DryRunStrategy::None);
+        assert_eq!(p.inventory_policy, InventoryPolicy::MustMatch);
+    }
+
+    #[test]
+    fn other_agentk_sections_are_accepted_and_listed() {
+        let c = parse(
+            "ci_access:\n  projects:\n  - id: a/b\nuser_access:\n  access_as: {agent: {}}\nflux:\n  webhook_receiver_url: http://x\nremote_development:\n  enabled: true\n  some_future_key: 1\ncontainer_scanning:\n  cadence: '0 0 * * *'\n",
+            "g/a",
+        )
+        .expect("valid");
+        assert_eq!(
+            c.ignored_sections,
+            [
+                "ci_access",
+                "container_scanning",
+                "user_access",
+                "remote_development",
+                "flux"
+            ]
+        );
+        assert!(c.manifest_projects.is_empty());
+    }
+
+    #[test]
+    fn empty_file_is_empty_config() {
+        assert!(
+            parse("", "g/a")
+                .expect("valid")
+                .manifest_projects
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let e = err("gitops:\n  manifest_projects:\n  - id: a/b\n    prunee: true\n");
+        assert!(e.contains("prunee"), "{e}");
+        assert!(e.contains("line 4"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_are_errors_with_line() {
+        let e = err("gitops:\n  manifest_projects:\n  - inventory_policy: adopt\n");
+        assert!(e.contains("invalid value \"adopt\""), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+        for bad in ["3600", "1h", "-1s"] {
+            let e = err(&format!(
+                "gitops:\n  manifest_projects:\n  - reconcile_timeout: '{bad}'\n"
+            ));
+            assert!(e.contains("invalid duration"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn ref_needs_exactly_one_kind() {
+        assert!(
+            err("gitops:\n  manifest_projects:\n  - ref: {branch: a, tag: b}\n")
+                .contains("exactly one")
+        );
+        assert!(err("gitops:\n  manifest_projects:\n  - ref: {}\n").contains("exactly one"));
+        assert_eq!(
+            one("gitops:\n  manifest_projects:\n  - ref: {commit: abc}\n").git_ref,
+            GitRef::Commit("abc".into())
+        );
+    }
+
+    #[test]
+    fn duplicate_ids_are_rejected() {
+        let e = err("gitops:\n  manifest_projects:\n  - id: a/b\n  - id: a/b\n");
+        assert!(e.contains("duplicate source id \"a/b\""), "{e}");
+        assert!(e.contains("line 4"), "{e}");
+    }
+
+    #[test]
+    fn log_level_is_read() {
+        let c = parse(
+            "observability:\n  logging:\n    level: debug\n    grpc_level: warn\n",
+            "g/a",
+        )
+        .expect("valid");
+        assert_eq!(c.log_level, LogLevel::Debug);
+    }
+}

@@ -1,0 +1,397 @@
+//! Manifest files → objects with their origin.
+//!
+//! Each file is a stream of YAML documents (JSON is YAML too); empty documents are skipped
+//! and `List` kinds are flattened into their items. Parsing runs under budgets (aliases,
+//! depth, nodes), so a hostile file cannot exhaust memory with an alias bomb. Every object
+//! keeps its [`Origin`]: project, commit, path, document index and line.
+//!
+//! Errors are collected, not stopped at: one bad file does not hide another.
+//!
+//! [`set_namespaces`] then applies agentk's namespace rules using the cluster's scopes
+//! ([`Scopes`], built by the caller from discovery plus the CRDs in the same set).
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+use serde_saphyr::Spanned;
+
+use crate::object::{ObjRef, Object, Origin, group_of};
+
+/// One problem in one place. Not retryable: the commit must change.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{path}:{line}: {message}")]
+pub struct Error {
+    /// File path.
+    pub path: String,
+    /// 1-based line (0 when unknown).
+    pub line: u64,
+    /// What is wrong, naming the object when there is one.
+    pub message: String,
+}
+
+/// Every problem found in a set of files.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("failed to decode manifest objects: {}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+pub struct Errors(pub Vec<Error>);
+
+/// Decodes every file. `project` and `commit` go into each object's [`Origin`].
+///
+/// # Errors
+/// [`Errors`] with one entry per malformed document or object.
+pub fn decode(
+    files: &[crate::select::SelectedFile],
+    project: &str,
+    commit: &str,
+) -> Result<Vec<Object>, Errors> {
+    let mut objects = Vec::new();
+    let mut errors = Vec::new();
+    for file in files {
+        let origin = Origin {
+            project: project.into(),
+            commit: commit.into(),
+            path: file.path.clone(),
+            ..Origin::default()
+        };
+        match decode_file(&file.bytes, origin) {
+            Ok(objs) => objects.extend(objs),
+            Err(mut e) => errors.append(&mut e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(objects)
+    } else {
+        Err(Errors(errors))
+    }
+}
+
+fn decode_file(bytes: &[u8], origin: Origin) -> Result<Vec<Object>, Vec<Error>> {
+    let err = |line: u64, message: String| {
+        vec![Error {
+            path: origin.path.clone(),
+            line,
+            message,
+        }]
+    };
+    let text = std::str::from_utf8(bytes).map_err(|e| err(0, format!("file is not UTF-8: {e}")))?;
+    let docs: Vec<Spanned<Value>> = serde_saphyr::from_multiple_with_options(text, yaml_options())
+        .map_err(|e| {
+            let line = e.location().map(|l| l.line()).unwrap_or(0);
+            err(
+                line,
+                format!("invalid YAML: {}", first_line(&e.to_string())),
+            )
+        })?;
+    let mut objects = Vec::new();
+    let mut errors = Vec::new();
+    for (doc_index, doc) in docs.into_iter().enumerate() {
+        let origin = Origin {
+            doc_index,
+            line: doc.referenced.line(),
+            ..origin.clone()
+        };
+        if doc.value.is_null() {
+            continue;
+        }
+        let items = match flatten(doc.value) {
+            Ok(items) => items,
+            Err(message) => {
+                errors.push(Error {
+                    path: origin.path.clone(),
+                    line: origin.line,
+                    message,
+                });
+                continue;
+            }
+        };
+        for value in items {
+            match check(&value) {
+                Ok(()) => objects.push(Object {
+                    value,
+                    origin: origin.clone(),
+                }),
+                Err(message) => errors.push(Error {
+                    path: origin.path.clone(),
+                    line: origin.line,
+                    message,
+                }),
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(objects)
+    } else {
+        Err(errors)
+    }
+}
+
+/// A `…List` kind with `items` becomes its items; anything else stays itself.
+fn flatten(value: Value) -> Result<Vec<Value>, String> {
+    let is_list =
+        value["kind"].as_str().is_some_and(|k| k.ends_with("List")) && value.get("items").is_some();
+    if !is_list {
+        return Ok(vec![value]);
+    }
+    match value {
+        Value::Object(mut map) => match map.remove("items") {
+            Some(Value::Array(items)) => Ok(items),
+            Some(Value::Null) => Ok(Vec::new()),
+            _ => Err("List: items must be a list of objects".into()),
+        },
+        _ => unreachable!("is_list implies an object"),
+    }
+}
+
+/// The fields every object needs before it can be identified.
+fn check(value: &Value) -> Result<(), String> {
+    if !value.is_object() {
+        return Err("document is not a mapping; expected a Kubernetes object".into());
+    }
+    let has = |v: &Value| v.as_str().is_some_and(|s| !s.is_empty());
+    let mut missing = Vec::new();
+    if !has(&value["apiVersion"]) {
+        missing.push("apiVersion");
+    }
+    if !has(&value["kind"]) {
+        missing.push("kind");
+    }
+    if !has(&value["metadata"]["name"]) {
+        missing.push("metadata.name");
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "object {} is missing {}",
+            ObjRef::of(value),
+            missing.join(", ")
+        ))
+    }
+}
+
+fn yaml_options() -> serde_saphyr::Options {
+    // Budgets bound what one file may cost: alias expansion, nesting and node count.
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_aliases: 1_000,
+            max_anchors: 1_000,
+            max_depth: 100,
+            max_documents: 10_000,
+            max_nodes: 2_000_000,
+        },
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}
+
+/// Which kinds are namespaced, keyed by (group, kind).
+#[derive(Debug, Clone, Default)]
+pub struct Scopes(HashMap<(String, String), bool>);
+
+impl Scopes {
+    /// Records that `group`/`kind` is namespaced (or not).
+    pub fn insert(&mut self, group: &str, kind: &str, namespaced: bool) {
+        self.0
+            .insert((group.to_string(), kind.to_string()), namespaced);
+    }
+
+    /// Adds the kinds defined by CRDs among `objects`, so their CRs in the same commit
+    /// resolve before the CRD exists in the cluster.
+    pub fn add_crds(&mut self, objects: &[Object]) {
+        for o in objects
+            .iter()
+            .filter(|o| o.kind() == "CustomResourceDefinition")
+        {
+            let spec = &o.value["spec"];
+            if let (Some(group), Some(kind)) =
+                (spec["group"].as_str(), spec["names"]["kind"].as_str())
+            {
+                self.insert(group, kind, spec["scope"].as_str() != Some("Cluster"));
+            }
+        }
+    }
+
+    /// Whether the kind is namespaced, if known.
+    pub fn namespaced(&self, group: &str, kind: &str) -> Option<bool> {
+        self.0.get(&(group.to_string(), kind.to_string())).copied()
+    }
+}
+
+/// agentk's `SetNamespaces`: namespaced objects without a namespace get
+/// `default_namespace`; cluster-scoped objects with a namespace and unknown kinds are errors.
+///
+/// # Errors
+/// [`Errors`] naming every offending object with its file and line.
+pub fn set_namespaces(
+    objects: &mut [Object],
+    default_namespace: &str,
+    scopes: &Scopes,
+) -> Result<(), Errors> {
+    let mut errors = Vec::new();
+    for o in objects.iter_mut() {
+        let group = group_of(o.api_version()).to_string();
+        let at = |message: String| Error {
+            path: o.origin.path.clone(),
+            line: o.origin.line,
+            message,
+        };
+        match scopes.namespaced(&group, o.kind()) {
+            Some(true) if o.namespace().is_none() => {
+                o.value["metadata"]["namespace"] = Value::String(default_namespace.to_string());
+            }
+            Some(true) => {}
+            Some(false) if o.namespace().is_some() => {
+                errors.push(at(format!(
+                    "{}: resource is cluster-scoped but has a non-empty namespace",
+                    o.obj_ref()
+                )));
+            }
+            Some(false) => {
+                // Drop an explicit empty namespace so identities compare equal.
+                if let Some(m) = o.value["metadata"].as_object_mut() {
+                    m.remove("namespace");
+                }
+            }
+            None => errors.push(at(format!(
+                "{}: unknown kind {} in {}; is its CRD installed or part of this commit?",
+                o.obj_ref(),
+                o.kind(),
+                o.api_version()
+            ))),
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(Errors(errors))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::select::SelectedFile;
+
+    fn file(path: &str, text: &str) -> SelectedFile {
+        SelectedFile {
+            path: path.into(),
+            bytes: text.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn multi_document_yaml_keeps_origins() {
+        let objs = decode(
+            &[file("app/a.yaml", "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\n---\n# c\napiVersion: v1\nkind: Service\nmetadata:\n  name: b\n")],
+            "g/p",
+            "abc",
+        )
+        .expect("decode");
+        assert_eq!(objs.len(), 2);
+        assert_eq!(
+            objs[0].origin,
+            Origin {
+                project: "g/p".into(),
+                commit: "abc".into(),
+                path: "app/a.yaml".into(),
+                doc_index: 0,
+                line: 2
+            }
+        );
+        assert_eq!(objs[1].kind(), "Service");
+        assert_eq!(objs[1].origin.line, 8);
+    }
+
+    #[test]
+    fn json_and_lists() {
+        let objs = decode(
+            &[file("l.json", r#"{"apiVersion":"v1","kind":"List","items":[{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"x"}},{"apiVersion":"v1","kind":"Secret","metadata":{"name":"y"}}]}"#)],
+            "p",
+            "c",
+        )
+        .expect("decode");
+        assert_eq!(
+            objs.iter().map(|o| o.kind()).collect::<Vec<_>>(),
+            ["ConfigMap", "Secret"]
+        );
+    }
+
+    #[test]
+    fn errors_name_file_and_line_and_are_all_reported() {
+        let e = decode(
+            &[
+                file(
+                    "bad.yaml",
+                    "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: [unclosed\n",
+                ),
+                file(
+                    "noname.yaml",
+                    "apiVersion: v1\nkind: ConfigMap\nmetadata: {}\n",
+                ),
+            ],
+            "p",
+            "c",
+        )
+        .unwrap_err();
+        assert_eq!(e.0.len(), 2, "{e}");
+        assert_eq!(e.0[0].path, "bad.yaml");
+        assert!(e.0[0].line >= 4, "{e}");
+        assert!(e.0[0].message.starts_with("invalid YAML"), "{e}");
+        assert_eq!(
+            e.0[1].to_string(),
+            "noname.yaml:1: object ConfigMap/ is missing metadata.name"
+        );
+    }
+
+    #[test]
+    fn alias_bombs_hit_the_budget() {
+        let mut bomb = String::from("a: &a [x,x,x,x,x,x,x,x,x,x]\n");
+        for i in 0..20 {
+            let prev = if i == 0 {
+                "a".to_string()
+            } else {
+                format!("a{}", i - 1)
+            };
+            bomb.push_str(&format!("b{i}: &a{i} [*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev}]\n"));
+        }
+        assert!(decode(&[file("bomb.yaml", &bomb)], "p", "c").is_err());
+    }
+
+    #[test]
+    fn namespaces_follow_agentk_rules() {
+        let mut scopes = Scopes::default();
+        scopes.insert("", "ConfigMap", true);
+        scopes.insert("", "Namespace", false);
+        let mut objs = decode(
+            &[file(
+                "a.yaml",
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: b, namespace: other}\n---\napiVersion: example.com/v1\nkind: Widget\nmetadata: {name: w}\n---\napiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata: {name: widgets.example.com}\nspec: {group: example.com, scope: Namespaced, names: {kind: Widget}}\n",
+            )],
+            "p",
+            "c",
+        )
+        .expect("decode");
+        scopes.insert("apiextensions.k8s.io", "CustomResourceDefinition", false);
+        scopes.add_crds(&objs);
+        set_namespaces(&mut objs, "apps", &scopes).expect("namespaces");
+        assert_eq!(objs[0].namespace(), Some("apps"));
+        assert_eq!(objs[1].namespace(), Some("other"));
+        assert_eq!(objs[2].namespace(), Some("apps"));
+
+        let mut bad = decode(
+            &[file(
+                "ns.yaml",
+                "apiVersion: v1\nkind: Namespace\nmetadata: {name: x, namespace: ns1}\n",
+            )],
+            "p",
+            "c",
+        )
+        .expect("decode");
+        let e = set_namespaces(&mut bad, "apps", &scopes).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "failed to decode manifest objects: ns.yaml:1: Namespace/ns1/x: resource is cluster-scoped but has a non-empty namespace"
+        );
+    }
+}

@@ -1,0 +1,380 @@
+//! Git: which commit a ref points at, and the files of that commit.
+//!
+//! sluice talks to git servers itself with gix, over https (basic auth or token),
+//! ssh and `file://`. Each repository has a bare cache directory; files are read straight
+//! from the commit's tree, never from a worktree, so nothing on disk can be swapped under a
+//! sync and symlinks are never followed.
+//!
+//! Polling is cheap: [`Source::resolve`] asks for the ref advertisement only (protocol v2
+//! `ls-refs`); [`Source::fetch`] downloads objects only when the commit is not in the cache.
+//! Both block; call them from `spawn_blocking`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use gix::bstr::ByteSlice;
+
+use crate::config::GitRef;
+
+/// What went wrong talking to git. All variants are retryable with backoff except
+/// [`Error::RefNotFound`] (the ref may appear later, so that one is retried too, but slowly).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Listing the remote's refs failed (network, authentication, not found).
+    #[error("failed to list refs of {url}: {message}")]
+    ListRefs {
+        /// Repository URL without credentials.
+        url: String,
+        /// Cause.
+        message: String,
+    },
+    /// The ref does not exist on the remote.
+    #[error("failed to resolve {git_ref} in {url}: no such ref")]
+    RefNotFound {
+        /// Repository URL without credentials.
+        url: String,
+        /// The ref.
+        git_ref: String,
+    },
+    /// Fetching objects failed.
+    #[error("failed to fetch {url}: {message}")]
+    Fetch {
+        /// Repository URL without credentials.
+        url: String,
+        /// Cause.
+        message: String,
+    },
+    /// The commit or its tree could not be read from the cache.
+    #[error("failed to read commit {commit} of {url}: {message}")]
+    Read {
+        /// Repository URL without credentials.
+        url: String,
+        /// Commit id (or the ref when no commit was known yet).
+        commit: String,
+        /// Cause.
+        message: String,
+    },
+    /// The local cache directory could not be used.
+    #[error("failed to open the git cache {path}: {message}")]
+    Cache {
+        /// Cache directory.
+        path: PathBuf,
+        /// Cause.
+        message: String,
+    },
+}
+
+/// Result of this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Username and password (or token) for HTTP basic auth. `Debug` never shows the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// User name (GitLab accepts anything non-empty with a token, e.g. `oauth2`).
+    pub username: String,
+    /// Password or access token.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// One remote repository and its local cache.
+#[derive(Debug, Clone)]
+pub struct Source {
+    url: String,
+    cache: PathBuf,
+    credentials: Option<Credentials>,
+}
+
+/// The files of one commit, read from the cache.
+pub struct Snapshot {
+    /// Commit id (hex).
+    pub commit: String,
+    repo: gix::Repository,
+    entries: Vec<TreeEntry>,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("commit", &self.commit)
+            .field("entries", &self.entries.len())
+            .finish()
+    }
+}
+
+/// A non-directory entry of a commit's tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeEntry {
+    /// Repository-relative path with `/` separators.
+    pub path: String,
+    /// What the entry is.
+    pub kind: EntryKind,
+    /// Blob id (hex) of files and symlinks.
+    pub id: String,
+}
+
+/// The kinds of tree entries that matter for selection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A regular or executable file.
+    File,
+    /// A symbolic link (never followed).
+    Symlink,
+    /// A submodule (a commit of another repository; not fetched).
+    Submodule,
+}
+
+impl Source {
+    /// A source for `url`, cached in a directory under `cache_root` named after the URL.
+    /// `url` must not carry credentials; pass them separately so they never reach logs.
+    pub fn new(url: &str, cache_root: &Path, credentials: Option<Credentials>) -> Source {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        url.hash(&mut h);
+        let slug: String = url
+            .rsplit('/')
+            .next()
+            .unwrap_or("repo")
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+            .take(40)
+            .collect();
+        let cache = cache_root.join(format!("{slug}-{:016x}", h.finish()));
+        Source {
+            url: url.to_string(),
+            cache,
+            credentials,
+        }
+    }
+
+    /// The repository URL (never with credentials).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The commit `git_ref` points at on the remote, from the ref advertisement only.
+    /// A [`GitRef::Commit`] is returned as given, without contacting the remote.
+    ///
+    /// # Errors
+    /// [`Error::ListRefs`] when the remote cannot be reached or refuses the credentials,
+    /// [`Error::RefNotFound`] when the ref does not exist.
+    pub fn resolve(&self, git_ref: &GitRef) -> Result<String> {
+        if let GitRef::Commit(c) = git_ref {
+            return Ok(c.clone());
+        }
+        let repo = self.open()?;
+        let list_err = |message: String| Error::ListRefs {
+            url: self.url.clone(),
+            message,
+        };
+        let remote = self.remote(&repo).map_err(list_err)?;
+        let conn = remote
+            .connect(gix::remote::Direction::Fetch)
+            .map_err(|e| list_err(e.to_string()))?;
+        let conn = self.authenticate(conn);
+        let (ref_map, _) = conn
+            .ref_map(gix::progress::Discard, Default::default())
+            .map_err(|e| list_err(e.to_string()))?;
+        let wanted = git_ref.to_string();
+        for r in &ref_map.remote_refs {
+            use gix::protocol::handshake::Ref;
+            let (name, object) = match r {
+                Ref::Direct {
+                    full_ref_name,
+                    object,
+                }
+                | Ref::Peeled {
+                    full_ref_name,
+                    object,
+                    ..
+                }
+                | Ref::Symbolic {
+                    full_ref_name,
+                    object,
+                    ..
+                } => (full_ref_name, object),
+                Ref::Unborn { .. } => continue,
+            };
+            if name.as_bstr() == wanted.as_bytes().as_bstr() {
+                return Ok(object.to_hex().to_string());
+            }
+        }
+        Err(Error::RefNotFound {
+            url: self.url.clone(),
+            git_ref: wanted,
+        })
+    }
+
+    /// The files of `commit`, fetching from the remote if the cache does not have it.
+    ///
+    /// # Errors
+    /// [`Error::Fetch`] when the download fails, [`Error::Read`] when the commit is still
+    /// missing afterwards or its tree cannot be read.
+    pub fn fetch(&self, commit: &str) -> Result<Snapshot> {
+        let repo = self.open()?;
+        let read_err = |message: String| Error::Read {
+            url: self.url.clone(),
+            commit: commit.to_string(),
+            message,
+        };
+        let id = gix::ObjectId::from_hex(commit.as_bytes())
+            .map_err(|e| read_err(format!("not a commit id: {e}")))?;
+        if repo.find_commit(id).is_err() {
+            self.download(&repo)?;
+        }
+        let mut recorder = gix::traverse::tree::Recorder::default();
+        {
+            let commit_obj = repo.find_commit(id).map_err(|e| read_err(e.to_string()))?;
+            let tree = commit_obj.tree().map_err(|e| read_err(e.to_string()))?;
+            tree.traverse()
+                .breadthfirst(&mut recorder)
+                .map_err(|e| read_err(e.to_string()))?;
+        }
+        let entries = recorder
+            .records
+            .into_iter()
+            .filter_map(|e| {
+                use gix::object::tree::EntryKind as K;
+                let kind = match e.mode.kind() {
+                    K::Blob | K::BlobExecutable => EntryKind::File,
+                    K::Link => EntryKind::Symlink,
+                    K::Commit => EntryKind::Submodule,
+                    K::Tree => return None,
+                };
+                Some(TreeEntry {
+                    path: e.filepath.to_str_lossy().into_owned(),
+                    kind,
+                    id: e.oid.to_hex().to_string(),
+                })
+            })
+            .collect();
+        Ok(Snapshot {
+            commit: commit.to_string(),
+            repo,
+            entries,
+        })
+    }
+
+    fn download(&self, repo: &gix::Repository) -> Result<()> {
+        let fetch_err = |message: String| Error::Fetch {
+            url: self.url.clone(),
+            message,
+        };
+        let remote = self.remote(repo).map_err(fetch_err)?;
+        let conn = remote
+            .connect(gix::remote::Direction::Fetch)
+            .map_err(|e| fetch_err(e.to_string()))?;
+        let conn = self.authenticate(conn);
+        let interrupt = AtomicBool::new(false);
+        conn.prepare_fetch(gix::progress::Discard, Default::default())
+            .map_err(|e| fetch_err(e.to_string()))?
+            .receive(gix::progress::Discard, &interrupt)
+            .map_err(|e| fetch_err(e.to_string()))?;
+        Ok(())
+    }
+
+    fn open(&self) -> Result<gix::Repository> {
+        let cache_err = |message: String| Error::Cache {
+            path: self.cache.clone(),
+            message,
+        };
+        if self.cache.join("HEAD").exists() {
+            gix::open(&self.cache).map_err(|e| cache_err(e.to_string()))
+        } else {
+            std::fs::create_dir_all(&self.cache).map_err(|e| cache_err(e.to_string()))?;
+            gix::init_bare(&self.cache).map_err(|e| cache_err(e.to_string()))
+        }
+    }
+
+    fn remote<'r>(&self, repo: &'r gix::Repository) -> Result<gix::Remote<'r>, String> {
+        repo.remote_at(self.url.as_str())
+            .and_then(|r| {
+                r.with_refspecs(
+                    [
+                        "+HEAD:refs/remotes/origin/HEAD",
+                        "+refs/heads/*:refs/remotes/origin/*",
+                        "+refs/tags/*:refs/tags/*",
+                    ],
+                    gix::remote::Direction::Fetch,
+                )
+            })
+            .map_err(|e| e.to_string())
+    }
+
+    /// Hands our credentials (and nothing from the environment or a prompt) to gix.
+    fn authenticate<'a, 'r>(
+        &self,
+        conn: gix::remote::Connection<
+            'a,
+            'static,
+            'r,
+            Box<dyn gix::protocol::transport::client::blocking_io::Transport + Send>,
+        >,
+    ) -> gix::remote::Connection<
+        'a,
+        'static,
+        'r,
+        Box<dyn gix::protocol::transport::client::blocking_io::Transport + Send>,
+    > {
+        let creds = self.credentials.clone();
+        conn.with_credentials(move |action| match (action, &creds) {
+            (gix::credentials::helper::Action::Get(ctx), Some(c)) => {
+                Ok(Some(gix::credentials::protocol::Outcome {
+                    identity: gix::sec::identity::Account {
+                        username: c.username.clone(),
+                        password: c.password.clone(),
+                        oauth_refresh_token: None,
+                    },
+                    next: ctx.into(),
+                }))
+            }
+            _ => Ok(None),
+        })
+    }
+}
+
+impl Snapshot {
+    /// Every file, symlink and submodule of the tree, breadth-first.
+    pub fn entries(&self) -> &[TreeEntry] {
+        &self.entries
+    }
+
+    /// The size of a blob without reading it.
+    pub fn blob_size(&self, id: &str) -> Result<u64> {
+        let oid = self.oid(id)?;
+        self.repo
+            .find_header(oid)
+            .map(|h| h.size())
+            .map_err(|e| self.read_err(e.to_string()))
+    }
+
+    /// A blob's content.
+    pub fn read_blob(&self, id: &str) -> Result<Vec<u8>> {
+        let oid = self.oid(id)?;
+        let blob = self
+            .repo
+            .find_blob(oid)
+            .map_err(|e| self.read_err(e.to_string()))?;
+        Ok(blob.data.clone())
+    }
+
+    fn oid(&self, id: &str) -> Result<gix::ObjectId> {
+        gix::ObjectId::from_hex(id.as_bytes()).map_err(|e| self.read_err(e.to_string()))
+    }
+
+    fn read_err(&self, message: String) -> Error {
+        Error::Read {
+            url: self.repo.path().display().to_string(),
+            commit: self.commit.clone(),
+            message,
+        }
+    }
+}
