@@ -150,16 +150,11 @@ impl Options {
     }
 }
 
-/// Applies `plan`'s stages. See the module doc for the order of decisions.
+/// Steps 1 and 2 of the module doc: annotates and preflights every object. Changes nothing.
 ///
 /// # Errors
-/// [`Error::Rejected`] before any change; [`Error::Partial`] with what was done when a
-/// stage fails.
-pub async fn apply(
-    cluster: &mut Cluster,
-    plan: &Plan,
-    opts: &Options,
-) -> Result<Vec<ObjectResult>, Error> {
+/// [`Error::Rejected`] listing every object that failed.
+pub async fn check(cluster: &Cluster, plan: &Plan, opts: &Options) -> Result<Checked, Error> {
     let stages: Vec<Vec<Object>> = plan
         .stages
         .iter()
@@ -172,13 +167,26 @@ pub async fn apply(
         })
         .collect();
 
+    // Objects in a namespace this plan creates cannot be dry-run before it exists; like
+    // CRs of new CRDs they are checked in their own stage, after the namespace is applied.
+    let mut new_namespaces = std::collections::BTreeSet::new();
+    for o in stages
+        .iter()
+        .flatten()
+        .filter(|o| o.kind() == "Namespace" && o.api_version() == "v1")
+    {
+        if matches!(cluster.get(&o.obj_ref()).await, Ok(None)) {
+            new_namespaces.insert(o.name().to_string());
+        }
+    }
     let known: Vec<&Object> = stages
         .iter()
         .flatten()
         .filter(|o| cluster.resolve(o.api_version(), o.kind()).is_some())
+        .filter(|o| !o.namespace().is_some_and(|ns| new_namespaces.contains(ns)))
         .collect();
     let total = stages.iter().map(Vec::len).sum();
-    let mut preflights = preflight_all(cluster, &known, opts).await;
+    let preflights = preflight_all(cluster, &known, opts).await;
     let failures: Vec<ObjectResult> = preflights
         .iter()
         .filter_map(|(_, p)| p.as_ref().err().cloned())
@@ -186,7 +194,36 @@ pub async fn apply(
     if !failures.is_empty() {
         return Err(Error::Rejected { failures, total });
     }
+    Ok(Checked { stages, preflights })
+}
 
+/// A plan that passed [`check`]: annotated objects and what preflight learned.
+#[derive(Debug)]
+pub struct Checked {
+    stages: Vec<Vec<Object>>,
+    preflights: Vec<(ObjRef, Result<Preflight, ObjectResult>)>,
+}
+
+impl Checked {
+    /// Every object the plan applies.
+    pub fn objects(&self) -> impl Iterator<Item = &Object> {
+        self.stages.iter().flatten()
+    }
+}
+
+/// Step 3 of the module doc: applies a [`check`]ed plan stage by stage.
+///
+/// # Errors
+/// [`Error::Partial`] with what was done when a stage fails.
+pub async fn apply(
+    cluster: &mut Cluster,
+    checked: Checked,
+    opts: &Options,
+) -> Result<Vec<ObjectResult>, Error> {
+    let Checked {
+        stages,
+        mut preflights,
+    } = checked;
     let mut results = Vec::new();
     for stage in &stages {
         // CRs whose CRD arrived in an earlier stage are checked now that the kind exists.
@@ -194,7 +231,17 @@ pub async fn apply(
             .iter()
             .filter(|o| !preflights.iter().any(|(k, _)| *k == o.obj_ref()))
             .collect();
-        if !late.is_empty() {
+        if !late.is_empty() && opts.dry_run != DryRunStrategy::None {
+            // Their namespace or kind would only exist after a real apply.
+            results.extend(late.iter().map(|o| ObjectResult {
+                obj: o.obj_ref(),
+                origin: Some(o.origin.clone()),
+                action: Action::Skipped,
+                message: Some(
+                    "dry run: depends on a namespace or kind this sync would create".into(),
+                ),
+            }));
+        } else if !late.is_empty() {
             let more = preflight_all(cluster, &late, opts).await;
             let failures: Vec<ObjectResult> = more
                 .iter()

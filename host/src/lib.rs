@@ -25,5 +25,12 @@ pub mod source;
 pub mod sync;
 pub mod wait;
 
+/// Selects rustls' `ring` provider for the process. Two providers end up linked (kube uses
+/// ring, gix's HTTP client aws-lc-rs), and rustls then refuses to guess; call this once
+/// before building a Kubernetes client. Calling it again is harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// The version of this build, as Cargo knows it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

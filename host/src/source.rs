@@ -91,6 +91,8 @@ pub struct Source {
     url: String,
     cache: PathBuf,
     credentials: Option<Credentials>,
+    /// Extra trusted CA certificates (PEM) for https, e.g. a self-hosted GitLab's CA.
+    ca_pem: Option<Vec<u8>>,
 }
 
 /// The files of one commit, read from the cache.
@@ -152,7 +154,15 @@ impl Source {
             url: url.to_string(),
             cache,
             credentials,
+            ca_pem: None,
         }
+    }
+
+    /// Also trusts the CA certificates in `pem` for https, besides the system's roots.
+    #[must_use]
+    pub fn with_ca(mut self, pem: Vec<u8>) -> Source {
+        self.ca_pem = Some(pem);
+        self
     }
 
     /// The repository URL (never with credentials).
@@ -178,11 +188,11 @@ impl Source {
         let remote = self.remote(&repo).map_err(list_err)?;
         let conn = remote
             .connect(gix::remote::Direction::Fetch)
-            .map_err(|e| list_err(e.to_string()))?;
+            .map_err(|e| list_err(chain(&e)))?;
         let conn = self.authenticate(conn);
         let (ref_map, _) = conn
             .ref_map(gix::progress::Discard, Default::default())
-            .map_err(|e| list_err(e.to_string()))?;
+            .map_err(|e| list_err(chain(&e)))?;
         let wanted = git_ref.to_string();
         for r in &ref_map.remote_refs {
             use gix::protocol::handshake::Ref;
@@ -232,11 +242,11 @@ impl Source {
         }
         let mut recorder = gix::traverse::tree::Recorder::default();
         {
-            let commit_obj = repo.find_commit(id).map_err(|e| read_err(e.to_string()))?;
-            let tree = commit_obj.tree().map_err(|e| read_err(e.to_string()))?;
+            let commit_obj = repo.find_commit(id).map_err(|e| read_err(chain(&e)))?;
+            let tree = commit_obj.tree().map_err(|e| read_err(chain(&e)))?;
             tree.traverse()
                 .breadthfirst(&mut recorder)
-                .map_err(|e| read_err(e.to_string()))?;
+                .map_err(|e| read_err(chain(&e)))?;
         }
         let entries = recorder
             .records
@@ -271,13 +281,13 @@ impl Source {
         let remote = self.remote(repo).map_err(fetch_err)?;
         let conn = remote
             .connect(gix::remote::Direction::Fetch)
-            .map_err(|e| fetch_err(e.to_string()))?;
+            .map_err(|e| fetch_err(chain(&e)))?;
         let conn = self.authenticate(conn);
         let interrupt = AtomicBool::new(false);
         conn.prepare_fetch(gix::progress::Discard, Default::default())
-            .map_err(|e| fetch_err(e.to_string()))?
+            .map_err(|e| fetch_err(chain(&e)))?
             .receive(gix::progress::Discard, &interrupt)
-            .map_err(|e| fetch_err(e.to_string()))?;
+            .map_err(|e| fetch_err(chain(&e)))?;
         Ok(())
     }
 
@@ -287,10 +297,10 @@ impl Source {
             message,
         };
         if self.cache.join("HEAD").exists() {
-            gix::open(&self.cache).map_err(|e| cache_err(e.to_string()))
+            gix::open(&self.cache).map_err(|e| cache_err(chain(&e)))
         } else {
-            std::fs::create_dir_all(&self.cache).map_err(|e| cache_err(e.to_string()))?;
-            gix::init_bare(&self.cache).map_err(|e| cache_err(e.to_string()))
+            std::fs::create_dir_all(&self.cache).map_err(|e| cache_err(chain(&e)))?;
+            gix::init_bare(&self.cache).map_err(|e| cache_err(chain(&e)))
         }
     }
 
@@ -306,10 +316,11 @@ impl Source {
                     gix::remote::Direction::Fetch,
                 )
             })
-            .map_err(|e| e.to_string())
+            .map_err(|e| chain(&e))
     }
 
-    /// Hands our credentials (and nothing from the environment or a prompt) to gix.
+    /// Hands our credentials (and nothing from the environment or a prompt) and our CA to
+    /// gix. gix refuses to send credentials over plain `http://`; sluice keeps that.
     fn authenticate<'a, 'r>(
         &self,
         conn: gix::remote::Connection<
@@ -325,6 +336,10 @@ impl Source {
         Box<dyn gix::protocol::transport::client::blocking_io::Transport + Send>,
     > {
         let creds = self.credentials.clone();
+        let conn = match &self.ca_pem {
+            Some(pem) => conn.with_transport_options(Box::new(http_options(pem.clone()))),
+            None => conn,
+        };
         conn.with_credentials(move |action| match (action, &creds) {
             (gix::credentials::helper::Action::Get(ctx), Some(c)) => {
                 Ok(Some(gix::credentials::protocol::Outcome {
@@ -353,7 +368,7 @@ impl Snapshot {
         self.repo
             .find_header(oid)
             .map(|h| h.size())
-            .map_err(|e| self.read_err(e.to_string()))
+            .map_err(|e| self.read_err(chain(&e)))
     }
 
     /// A blob's content.
@@ -362,12 +377,12 @@ impl Snapshot {
         let blob = self
             .repo
             .find_blob(oid)
-            .map_err(|e| self.read_err(e.to_string()))?;
+            .map_err(|e| self.read_err(chain(&e)))?;
         Ok(blob.data.clone())
     }
 
     fn oid(&self, id: &str) -> Result<gix::ObjectId> {
-        gix::ObjectId::from_hex(id.as_bytes()).map_err(|e| self.read_err(e.to_string()))
+        gix::ObjectId::from_hex(id.as_bytes()).map_err(|e| self.read_err(chain(&e)))
     }
 
     fn read_err(&self, message: String) -> Error {
@@ -377,4 +392,28 @@ impl Snapshot {
             message,
         }
     }
+}
+
+/// HTTP transport options whose client also trusts the CA certificates in `pem`.
+fn http_options(pem: Vec<u8>) -> gix::protocol::transport::client::blocking_io::http::Options {
+    use gix::protocol::transport::client::blocking_io::http;
+    let reqwest_options = http::reqwest::Options {
+        configure_client: Some(Box::new(move |mut builder| {
+            for cert in reqwest::Certificate::from_pem_bundle(&pem).unwrap_or_default() {
+                builder = builder.add_root_certificate(cert);
+            }
+            Ok(builder)
+        })),
+        configure_request: None,
+    };
+    http::Options {
+        backend: Some(std::sync::Arc::new(std::sync::Mutex::new(reqwest_options))),
+        ..Default::default()
+    }
+}
+
+/// gix errors carry their causes as a chain; the alternate form prints all of it on one
+/// line. (URLs in sluice never carry credentials, so the chain cannot leak them.)
+fn chain(e: &impl std::fmt::Display) -> String {
+    format!("{e:#}").replace('\n', "; ")
 }

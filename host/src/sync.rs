@@ -174,23 +174,19 @@ pub async fn sync(
         ..apply::Options::new(&inv.id)
     };
     let dry_run = project.dry_run_strategy != DryRunStrategy::None;
-    let mut results = match apply::apply(cluster, &plan, &opts).await {
-        Ok(r) => r,
-        Err(apply::Error::Partial { results }) => {
-            // Keep track of what was created before failing, so it can be pruned later.
-            if !dry_run {
-                let applied = applied_refs(&results);
-                inventory::store(
-                    cluster.client(),
-                    &inv,
-                    &stored.union(&applied).cloned().collect(),
-                )
-                .await?;
-            }
-            return Err(apply::Error::Partial { results }.into());
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let checked = apply::check(cluster, &plan, &opts).await?;
+    if !dry_run {
+        // Record everything about to be written before the first write, so an agent killed
+        // mid-apply still knows what it may have created (cli-utils' inventory-add step).
+        let upcoming: BTreeSet<ObjRef> = checked.objects().map(Object::obj_ref).collect();
+        inventory::store(
+            cluster.client(),
+            &inv,
+            &stored.union(&upcoming).cloned().collect(),
+        )
+        .await?;
+    }
+    let mut results = apply::apply(cluster, checked, &opts).await?;
     if dry_run {
         return Ok(Report {
             commit: commit.into(),

@@ -1,5 +1,8 @@
 //! sluice's end-to-end tests: one binary, one module per area, all against the real control
 //! plane and git server of `sluice_testenv`.
 
+mod agent;
 mod harness_cluster;
 mod harness_git;
+mod support;
+mod sync;

@@ -88,6 +88,8 @@ pub async fn namespace(client: &Client, prefix: &str) -> String {
 
 /// Builds a client from a kubeconfig file.
 pub async fn client_for(kubeconfig: &Path) -> Result<Client, String> {
+    // Test binaries may link two rustls providers (see sluice::install_crypto_provider).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let kc = Kubeconfig::read_from(kubeconfig).map_err(|e| e.to_string())?;
     let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await

@@ -26,7 +26,9 @@ pub const PRIVATE_PREFIX: &str = "private/";
 pub struct GitServer {
     root: PathBuf,
     base_url: String,
+    https_base_url: String,
     token: String,
+    ca_pem: String,
 }
 
 static SHARED: OnceLock<Result<GitServer, String>> = OnceLock::new();
@@ -63,8 +65,16 @@ impl GitServer {
             .map_err(|e| format!("failed to bind: {e}"))?;
         listener.set_nonblocking(true).map_err(|e| e.to_string())?;
         let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+        let tls_listener = std::net::TcpListener::bind("127.0.0.1:0")
+            .map_err(|e| format!("failed to bind: {e}"))?;
+        tls_listener
+            .set_nonblocking(true)
+            .map_err(|e| e.to_string())?;
+        let tls_port = tls_listener.local_addr().map_err(|e| e.to_string())?.port();
+        let (ca_pem, cert_pem, key_pem) = crate::pki::serving_cert_pem()?;
         let token = format!("glpat-test-{:016x}", random_u64());
         let state = (root.clone(), token.clone());
+        let tls_state = state.clone();
         // Its own runtime on its own thread: every #[tokio::test] has a runtime that ends
         // with the test, and the server must outlive them all.
         std::thread::Builder::new()
@@ -76,24 +86,54 @@ impl GitServer {
                     .build()
                     .expect("tokio runtime for the git server");
                 rt.block_on(async move {
+                    // Test certificates need a crypto provider; ring, as the rest of the run.
+                    let _ = rustls::crypto::ring::default_provider().install_default();
+                    let tls = axum_server::tls_rustls::RustlsConfig::from_pem(
+                        cert_pem.into_bytes(),
+                        key_pem.into_bytes(),
+                    )
+                    .await
+                    .expect("TLS config for the git server");
+                    let app = axum::Router::new()
+                        .fallback(move |m, u, h, b| serve(tls_state.clone(), m, u, h, b));
+                    let https = axum_server::from_tcp_rustls(tls_listener, tls)
+                        .expect("https listener")
+                        .serve(app.into_make_service());
                     let listener =
                         tokio::net::TcpListener::from_std(listener).expect("listener into tokio");
                     let app = axum::Router::new()
                         .fallback(move |m, u, h, b| serve(state.clone(), m, u, h, b));
-                    axum::serve(listener, app).await.expect("git server");
+                    let http = axum::serve(listener, app);
+                    let (a, b) = tokio::join!(http, https);
+                    a.expect("git server (http)");
+                    b.expect("git server (https)");
                 });
             })
             .map_err(|e| format!("failed to spawn the git server thread: {e}"))?;
         Ok(GitServer {
             root,
             base_url: format!("http://127.0.0.1:{port}"),
+            https_base_url: format!("https://127.0.0.1:{tls_port}"),
             token,
+            ca_pem,
         })
     }
 
     /// `http://127.0.0.1:<port>`.
     pub fn base_url(&self) -> &str {
         &self.base_url
+    }
+
+    /// `https://127.0.0.1:<port>`, serving the same repositories with a certificate from
+    /// [`GitServer::ca_pem`]. Credentials only travel over this one: git clients (gix among
+    /// them) refuse to send them in clear text.
+    pub fn https_base_url(&self) -> &str {
+        &self.https_base_url
+    }
+
+    /// The CA certificate (PEM) that signed the https certificate.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
     }
 
     /// The token that opens `private/` repositories.
@@ -115,6 +155,7 @@ impl GitServer {
             path: path.to_string(),
             dir,
             http: format!("{}/{path}.git", self.base_url),
+            https: format!("{}/{path}.git", self.https_base_url),
         }
     }
 }
@@ -126,12 +167,18 @@ pub struct Repo {
     pub path: String,
     dir: PathBuf,
     http: String,
+    https: String,
 }
 
 impl Repo {
     /// `http://127.0.0.1:<port>/<path>.git`.
     pub fn http_url(&self) -> &str {
         &self.http
+    }
+
+    /// `https://127.0.0.1:<port>/<path>.git`.
+    pub fn https_url(&self) -> &str {
+        &self.https
     }
 
     /// `file:///…/<path>.git`.

@@ -97,3 +97,28 @@ pub fn write(dir: &Path) -> Result<Pki, String> {
     }
     Ok(pki)
 }
+
+/// A throw-away CA and a serving certificate for 127.0.0.1 signed by it, as PEM:
+/// `(ca, certificate, key)`. Used by the https git server.
+pub fn serving_cert_pem() -> Result<(String, String, String), String> {
+    let err = |e: rcgen::Error| format!("failed to generate the git server certificate: {e}");
+    let ca_key = KeyPair::generate().map_err(err)?;
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    ca.distinguished_name
+        .push(DnType::CommonName, "sluice-test-git-ca");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca.self_signed(&ca_key).map_err(err)?;
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().map_err(err)?;
+    let mut params = CertificateParams::new(vec!["localhost".to_string()]).map_err(err)?;
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = params.signed_by(&key, &issuer).map_err(err)?;
+    Ok((ca_cert.pem(), cert.pem(), key.serialize_pem()))
+}

@@ -1,0 +1,285 @@
+//! The agent loop (`sluice::agent::run`): following commits, isolation between projects,
+//! configuration from a repository, restarts.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::Api;
+use sluice::agent::{self, ConfigSource};
+use sluice_testenv::cluster;
+use sluice_testenv::git::{self, file};
+
+use crate::support::*;
+
+const FOLLOW: Duration = Duration::from_secs(60);
+
+fn options(agent: &str, cache: &std::path::Path) -> agent::Options {
+    agent::Options {
+        agent_name: agent.into(),
+        git_base_url: git::shared().base_url().into(),
+        config_project: "test/config".into(),
+        credentials: HashMap::new(),
+        poll_interval: Duration::from_millis(500),
+        reapply_interval: Duration::from_secs(300),
+        cache_dir: cache.into(),
+        field_manager: "sluice".into(),
+        concurrency: 8,
+        inventory_ids: HashMap::new(),
+        allow_empty_prune: false,
+    }
+}
+
+/// Starts the agent on this test's runtime; it stops when the returned sender drops.
+fn start(
+    source: ConfigSource,
+    opts: agent::Options,
+    client: kube::Client,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(async move {
+        agent::run(client, source, opts, None, async {
+            let _ = rx.await;
+        })
+        .await
+        .expect("agent starts");
+    });
+    (tx, handle)
+}
+
+async fn replicas(deploys: &Api<Deployment>, name: &str) -> Option<i32> {
+    deploys
+        .get_opt(name)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|d| d.spec)
+        .and_then(|s| s.replicas)
+}
+
+#[tokio::test]
+async fn seed_scenario_the_cluster_follows_a_commit_within_seconds() {
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "seed").await;
+    let repo = git::shared().create_repo(&format!("group/{ns}"));
+    repo.commit(
+        "main",
+        &[file("nginx.yaml", deployment("nginx", 1))],
+        "nginx, one replica",
+    );
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, format!("gitops:\n  manifest_projects:\n  - id: group/{ns}\n    default_namespace: {ns}\n    reconcile_timeout: 60s\n")).expect("config");
+    let (_stop, _agent) = start(
+        ConfigSource::File(config),
+        options("seed", dir.path()),
+        client.clone(),
+    );
+
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    eventually("nginx with 1 replica", FOLLOW, || async {
+        (replicas(&deploys, "nginx").await == Some(1)).then_some(())
+    })
+    .await;
+    repo.commit(
+        "main",
+        &[file("nginx.yaml", deployment("nginx", 2))],
+        "two replicas",
+    );
+    let started = std::time::Instant::now();
+    eventually("nginx with 2 replicas", FOLLOW, || async {
+        (replicas(&deploys, "nginx").await == Some(2)).then_some(())
+    })
+    .await;
+    eprintln!("the cluster followed the commit in {:?}", started.elapsed());
+    let keys = inventory_keys(
+        &client,
+        &ns,
+        &format!(
+            "inventory-{}",
+            sluice::sync::inventory_id("seed", &format!("group/{ns}"))
+        ),
+    )
+    .await;
+    assert_eq!(keys, [format!("{ns}_nginx_apps_Deployment")]);
+}
+
+#[tokio::test]
+async fn one_broken_project_never_stops_another() {
+    let client = cluster::client().await;
+    let good_ns = cluster::namespace(&client, "good").await;
+    let bad_ns = cluster::namespace(&client, "bad").await;
+    let good = git::shared().create_repo(&format!("group/{good_ns}"));
+    let bad = git::shared().create_repo(&format!("group/{bad_ns}"));
+    good.commit("main", &[file("a.yaml", configmap("a", "1"))], "good");
+    bad.commit("main", &[file("a.yaml", "kind: [broken\n")], "broken");
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!("gitops:\n  manifest_projects:\n  - id: group/{bad_ns}\n    default_namespace: {bad_ns}\n  - id: group/{good_ns}\n    default_namespace: {good_ns}\n"),
+    )
+    .expect("config");
+    let (_stop, _agent) = start(
+        ConfigSource::File(config),
+        options("two", dir.path()),
+        client.clone(),
+    );
+
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &good_ns);
+    eventually("good project synced", FOLLOW, || async {
+        cms.get_opt("a").await.ok().flatten()
+    })
+    .await;
+    good.commit("main", &[file("a.yaml", configmap("a", "2"))], "good again");
+    eventually("good project follows", FOLLOW, || async {
+        let v = cms
+            .get_opt("a")
+            .await
+            .ok()
+            .flatten()?
+            .data?
+            .get("value")
+            .cloned();
+        (v.as_deref() == Some("2")).then_some(())
+    })
+    .await;
+    let bad_cms: Api<ConfigMap> = Api::namespaced(client, &bad_ns);
+    assert!(
+        bad_cms
+            .list(&Default::default())
+            .await
+            .expect("list")
+            .items
+            .iter()
+            .all(|c| !c
+                .metadata
+                .name
+                .as_deref()
+                .unwrap_or_default()
+                .starts_with("inventory-"))
+    );
+}
+
+#[tokio::test]
+async fn configuration_repository_changes_are_picked_up_without_restart() {
+    let client = cluster::client().await;
+    let ns1 = cluster::namespace(&client, "cfga").await;
+    let ns2 = cluster::namespace(&client, "cfgb").await;
+    let server = git::shared();
+    let manifests = server.create_repo(&format!("group/{ns1}-manifests"));
+    manifests.commit("main", &[file("a.yaml", configmap("a", "1"))], "manifests");
+    let config_repo = server.create_repo(&format!("group/{ns1}-config"));
+    let config = |ns: &str| {
+        format!(
+            "gitops:\n  manifest_projects:\n  - id: group/{ns1}-manifests\n    default_namespace: {ns}\nci_access:\n  projects:\n  - id: group/other\n"
+        )
+    };
+    config_repo.commit(
+        "main",
+        &[file(".gitlab/agents/cfg/config.yaml", config(&ns1))],
+        "config 1",
+    );
+    let dir = tempfile::tempdir().expect("dir");
+    let source = ConfigSource::Repo {
+        url: config_repo.http_url().into(),
+    };
+    let (_stop, _agent) = start(source, options("cfg", dir.path()), client.clone());
+
+    let in_ns = |ns: &str| Api::<ConfigMap>::namespaced(client.clone(), ns);
+    let (a1, a2) = (in_ns(&ns1), in_ns(&ns2));
+    eventually("synced into the first namespace", FOLLOW, || async {
+        a1.get_opt("a").await.ok().flatten()
+    })
+    .await;
+    config_repo.commit(
+        "main",
+        &[file(".gitlab/agents/cfg/config.yaml", config(&ns2))],
+        "config 2",
+    );
+    eventually("synced into the second namespace", FOLLOW, || async {
+        a2.get_opt("a").await.ok().flatten()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn agent_killed_mid_sync_converges_after_restart() {
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "restart").await;
+    let repo = git::shared().create_repo(&format!("group/{ns}"));
+    let files: Vec<_> = (0..30)
+        .map(|i| file(&format!("cm{i}.yaml"), configmap(&format!("cm{i}"), "1")))
+        .collect();
+    repo.commit("main", &files, "thirty");
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!("gitops:\n  manifest_projects:\n  - id: group/{ns}\n    default_namespace: {ns}\n"),
+    )
+    .expect("config");
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+
+    // Kill the agent as soon as the first object lands.
+    let (stop, handle) = start(
+        ConfigSource::File(config.clone()),
+        options("restart", dir.path()),
+        client.clone(),
+    );
+    eventually("the first object", FOLLOW, || async {
+        cms.get_opt("cm0")
+            .await
+            .ok()
+            .flatten()
+            .or(cms.get_opt("cm1").await.ok().flatten())
+    })
+    .await;
+    handle.abort();
+    drop(stop);
+
+    // Git moves on meanwhile: half the files are gone.
+    let half: Vec<_> = (0..15)
+        .map(|i| file(&format!("cm{i}.yaml"), configmap(&format!("cm{i}"), "2")))
+        .collect();
+    repo.commit("main", &half, "fifteen");
+    let (_stop, _agent) = start(
+        ConfigSource::File(config),
+        options("restart", dir.path()),
+        client.clone(),
+    );
+    let inv = format!(
+        "inventory-{}",
+        sluice::sync::inventory_id("restart", &format!("group/{ns}"))
+    );
+    let want: Vec<String> = {
+        let mut v: Vec<String> = (0..15).map(|i| format!("{ns}_cm{i}__ConfigMap")).collect();
+        v.sort();
+        v
+    };
+    eventually("an exact inventory", FOLLOW, || async {
+        let cm = cms.get_opt(&inv).await.ok().flatten()?;
+        let keys: Vec<String> = cm.data.unwrap_or_default().into_keys().collect();
+        (keys == want).then_some(())
+    })
+    .await;
+    // Foreground deletion finishes asynchronously (the garbage collector removes the
+    // finalizer), so the listing converges a moment after the inventory.
+    eventually("only the fifteen objects of git", FOLLOW, || async {
+        let names: Vec<String> = cms
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .filter_map(|c| c.metadata.name)
+            .filter(|n| n.starts_with("cm"))
+            .collect();
+        (names.len() == 15).then_some(())
+    })
+    .await;
+}

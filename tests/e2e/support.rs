@@ -1,0 +1,126 @@
+//! Shared helpers for the sync tests: manifests, a project pointing at a test repository,
+//! one-shot syncs and cluster reads.
+
+use std::time::Duration;
+
+use kube::api::{Api, DynamicObject};
+use kube::discovery::ApiResource;
+use sluice::cluster::Cluster;
+use sluice::config::ManifestProject;
+use sluice::source::{Credentials, Source};
+use sluice::sync::{self, Settings};
+use sluice_testenv::git::Repo;
+
+/// A Deployment manifest without namespace.
+pub fn deployment(name: &str, replicas: u32) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\nspec:\n  replicas: {replicas}\n  selector:\n    matchLabels: {{app: {name}}}\n  template:\n    metadata:\n      labels: {{app: {name}}}\n    spec:\n      containers:\n      - name: app\n        image: nginx:1.27\n"
+    )
+}
+
+/// A ConfigMap manifest without namespace.
+pub fn configmap(name: &str, value: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata:\n  value: {value:?}\n"
+    )
+}
+
+/// A manifest project for `repo` with extra config lines (YAML, indented by four spaces).
+pub fn project(ns: &str, extra: &str) -> ManifestProject {
+    let yaml = format!(
+        "gitops:\n  manifest_projects:\n  - id: test/project\n    default_namespace: {ns}\n{extra}"
+    );
+    sluice::config::parse(&yaml, "test/config")
+        .expect("test config is valid")
+        .manifest_projects
+        .remove(0)
+}
+
+/// A source for the repository's HTTP URL, with its own cache.
+pub fn source(repo: &Repo, credentials: Option<Credentials>) -> (Source, tempfile::TempDir) {
+    let cache = tempfile::tempdir().expect("cache dir");
+    (
+        Source::new(repo.http_url(), cache.path(), credentials),
+        cache,
+    )
+}
+
+/// Settings with a test inventory id.
+pub fn settings(inventory_id: &str) -> Settings {
+    Settings {
+        inventory_id: inventory_id.to_string(),
+        field_manager: "sluice".into(),
+        concurrency: 8,
+        limits: Default::default(),
+        allow_empty_prune: false,
+    }
+}
+
+/// Resolves `git_ref` and syncs that commit once.
+pub async fn sync_once(
+    cluster: &mut Cluster,
+    source: &Source,
+    project: &ManifestProject,
+    settings: &Settings,
+) -> Result<sync::Report, sync::Error> {
+    let (s, r) = (source.clone(), project.git_ref.clone());
+    let commit = tokio::task::spawn_blocking(move || s.resolve(&r))
+        .await
+        .expect("resolve task")?;
+    sync::sync(cluster, source, project, &commit, settings).await
+}
+
+/// A connected cluster handle.
+pub async fn cluster() -> Cluster {
+    Cluster::connect(sluice_testenv::cluster::client().await)
+        .await
+        .expect("discovery")
+}
+
+/// A namespaced dynamic API.
+pub fn api(
+    client: &kube::Client,
+    ns: &str,
+    api_version: &str,
+    kind: &str,
+    plural: &str,
+) -> Api<DynamicObject> {
+    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+    let ar = ApiResource {
+        group: group.into(),
+        version: version.into(),
+        api_version: api_version.into(),
+        kind: kind.into(),
+        plural: plural.into(),
+    };
+    Api::namespaced_with(client.clone(), ns, &ar)
+}
+
+/// The inventory ConfigMap's keys, sorted.
+pub async fn inventory_keys(client: &kube::Client, ns: &str, name: &str) -> Vec<String> {
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), ns);
+    let cm = cms
+        .get(name)
+        .await
+        .unwrap_or_else(|e| panic!("inventory {ns}/{name} missing: {e}"));
+    cm.data.unwrap_or_default().into_keys().collect()
+}
+
+/// Polls `check` every 250 ms until it returns `Some`, failing with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

@@ -1,0 +1,580 @@
+//! One sync at a time against the real cluster and git server: what lands, what is pruned,
+//! what a bad commit leaves untouched, and the inventory afterwards.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, PostParams};
+use sluice::apply::Action;
+use sluice::source::Credentials;
+use sluice_testenv::cluster;
+use sluice_testenv::git::{self, Entry, file};
+
+use crate::support::*;
+
+#[tokio::test]
+async fn commit_is_applied_updated_and_pruned_with_an_exact_inventory() {
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "sync").await;
+    let repo = git::shared().create_repo(&format!("group/{ns}"));
+    repo.commit(
+        "main",
+        &[
+            file("app/web.yaml", deployment("web", 1)),
+            file("app/cfg.yaml", configmap("cfg", "a")),
+        ],
+        "seed",
+    );
+    let (src, _cache) = source(&repo, None);
+    let mut c = cluster().await;
+    let p = project(&ns, "    reconcile_timeout: 60s\n");
+    let s = settings(&format!("t-{ns}"));
+
+    let report = sync_once(&mut c, &src, &p, &s).await.expect("first sync");
+    let actions: Vec<Action> = report.results.iter().map(|r| r.action).collect();
+    assert_eq!(actions, [Action::Created, Action::Created]);
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let web = deploys.get("web").await.expect("web applied");
+    assert_eq!(web.spec.as_ref().and_then(|s| s.replicas), Some(1));
+    let annotations = web.metadata.annotations.clone().unwrap_or_default();
+    assert_eq!(
+        annotations.get("config.k8s.io/owning-inventory"),
+        Some(&format!("t-{ns}"))
+    );
+    let inv = format!("inventory-t-{ns}");
+    assert_eq!(
+        inventory_keys(&client, &ns, &inv).await,
+        [
+            format!("{ns}_cfg__ConfigMap"),
+            format!("{ns}_web_apps_Deployment")
+        ]
+    );
+
+    // The same commit again writes nothing.
+    let again = sync_once(&mut c, &src, &p, &s).await.expect("re-apply");
+    assert!(
+        again.results.iter().all(|r| r.action == Action::Unchanged),
+        "{:?}",
+        again.results
+    );
+
+    // Update and delete a file: the Deployment follows, the ConfigMap is pruned.
+    repo.commit(
+        "main",
+        &[file("app/web.yaml", deployment("web", 2))],
+        "scale, drop cfg",
+    );
+    let report = sync_once(&mut c, &src, &p, &s).await.expect("second sync");
+    let by_kind: Vec<(String, Action)> = report
+        .results
+        .iter()
+        .map(|r| (r.obj.kind.clone(), r.action))
+        .collect();
+    assert_eq!(
+        by_kind,
+        [
+            ("Deployment".into(), Action::Configured),
+            ("ConfigMap".into(), Action::Pruned)
+        ]
+    );
+    assert_eq!(
+        deploys
+            .get("web")
+            .await
+            .expect("web")
+            .spec
+            .and_then(|s| s.replicas),
+        Some(2)
+    );
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    assert!(
+        cms.get_opt("cfg").await.expect("get cfg").is_none(),
+        "cfg was pruned"
+    );
+    assert_eq!(
+        inventory_keys(&client, &ns, &inv).await,
+        [format!("{ns}_web_apps_Deployment")]
+    );
+    assert_eq!(
+        web.metadata.uid,
+        deploys.get("web").await.expect("web").metadata.uid,
+        "updated in place, not recreated"
+    );
+}
+
+#[tokio::test]
+async fn prune_false_keeps_objects_that_left_git() {
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "noprune").await;
+    let repo = git::shared().create_repo(&format!("group/{ns}"));
+    repo.commit(
+        "main",
+        &[
+            file("a.yaml", configmap("a", "1")),
+            file("b.yaml", configmap("b", "1")),
+        ],
+        "two",
+    );
+    let (src, _cache) = source(&repo, None);
+    let mut c = cluster().await;
+    let p = project(&ns, "    prune: false\n");
+    let s = settings(&format!("t-{ns}"));
+    sync_once(&mut c, &src, &p, &s).await.expect("first sync");
+    repo.commit("main", &[file("a.yaml", configmap("a", "1"))], "drop b");
+    let report = sync_once(&mut c, &src, &p, &s).await.expect("second sync");
+    assert!(report.results.iter().all(|r| r.action != Action::Pruned));
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    assert!(
+        cms.get_opt("b").await.expect("get b").is_some(),
+        "b stays with prune: false"
+    );
+    let keys = inventory_keys(&client, &ns, &format!("inventory-t-{ns}")).await;
+    assert_eq!(
+        keys,
+        [format!("{ns}_a__ConfigMap"), format!("{ns}_b__ConfigMap")],
+        "still tracked"
+    );
+}
+
+#[tokio::test]
+async fn bad_yaml_applies_nothing_and_names_file_and_line() {
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "badyaml").await;
+    let repo = git::shared().create_repo(&format!("group/{ns}"));
+    repo.commit("main", &[file("a.yaml", configmap("a", "good"))], "good");
+    let (src, _cache) = source(&repo, None);
+    let mut c = cluster().await;
+    let p = project(&ns, "");
+    let s = settings(&format!("t-{ns}"));
+    sync_once(&mut c, &src, &p, &s).await.expect("good sync");
+
+    repo.commit(
+        "main",
+        &[
+            file("a.yaml", configmap("a", "changed")),
+            file("new.yaml", configmap("new", "x")),
+            file(
+                "broken/bad.yaml",
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: [oops\n",
+            ),
+        ],
+        "bad",
+    );
+    let err = sync_once(&mut c, &src, &p, &s)
+        .await
+        .expect_err("bad commit fails");
+    let text = err.to_string();
+    assert!(
+        text.starts_with("failed to decode manifest objects: broken/bad.yaml:"),
+        "{text}"
+    );
+    assert!(err.is_user_error());
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let a = cms.get("a").await.expect("a");
+    assert_eq!(
+        a.data.and_then(|d| d.get("value").cloned()).as_deref(),
+        Some("good"),
+        "previous state intact"
+    );
+    assert!(
+        cms.get_opt("new").await.expect("get new").is_none(),
+        "nothing applied"
+    );
+}
+
+#[tokio::test]
+async fn cluster_scoped_object_with_namespace_is_an_error() {
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "scope").await;
+    let repo = git::shared().create_repo(&format!("group/{ns}"));
+    let bad =
+        format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}-x\n  namespace: {ns}\n");
+    repo.commit(
+        "main",
+        &[file("cm.yaml", configmap("a", "1")), file("ns.yaml", bad)],
+        "bad scope",
+    );
+    let (src, _cache) = source(&repo, None);
+    let mut c = cluster().await;
+    let err = sync_once(
+        &mut c,
+        &src,
+        &project(&ns, ""),
+        &settings(&format!("t-{ns}")),
+    )
+    .await
+    .expect_err("must fail");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "failed to decode manifest objects: ns.yaml:1: Namespace/{ns}/{ns}-x: resource is cluster-scoped but has a non-empty namespace"
+        )
+    );
+    let cms: Api<ConfigMap> = Api::namespaced(client, &ns);
+    assert!(
+        cms.get_opt("a").await.expect("get").is_none(),
+        "nothing applied"
+    );
+}
+
+#[tokio::test]
+async fn server_rejection_lists_every_failing_object_and_changes_nothing() {
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "reject").await;
+    let repo = git::shared().create_repo(&format!("group/{ns}"));
+    let invalid = |name: &str| {
+        format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata: [not, a, map]\n")
+    };
+    repo.commit(
+        "main",
+        &[
+            file("ok.yaml", configmap("ok", "1")),
+            file("x.yaml", invalid("bad1")),
+            file("y.yaml", invalid("bad2")),
+        ],
+        "two invalid",
+    );
+    let (src, _cache) = source(&repo, None);
+    let mut c = cluster().await;
+    let err = sync_once(
+        &mut c,
+        &src,
+        &project(&ns, ""),
+        &settings(&format!("t-{ns}")),
+    )
+    .await
+    .expect_err("rejected");
+    let text = err.to_string();
+    assert!(
+        text.starts_with("2 of 3 objects failed server-side dry-run, nothing was applied"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("x.yaml:1: ConfigMap/{ns}/bad1"))
+            && text.contains(&format!("y.yaml:1: ConfigMap/{ns}/bad2")),
+        "{text}"
+    );
+    let cms: Api<ConfigMap> = Api::namespaced(client, &ns);
+    assert!(
+        cms.get_opt("ok").await.expect("get").is_none(),
+        "the valid object was not applied either"
+    );
+}
+
+#[tokio::test]
+async fn refs_branch_tag_and_commit_are_followed() {
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "refs").await;
+    let repo = git::shared().create_repo(&format!("group/{ns}"));
+    let v1 = repo.commit("main", &[file("a.yaml", configmap("a", "v1"))], "v1");
+    repo.tag("v1.0.0", &v1);
+    let _v2 = repo.commit("main", &[file("a.yaml", configmap("a", "v2"))], "v2");
+    let release = repo.commit(
+        "release",
+        &[file("a.yaml", configmap("a", "release"))],
+        "release",
+    );
+    let (src, _cache) = source(&repo, None);
+    let mut c = cluster().await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let value = || async {
+        cms.get("a")
+            .await
+            .expect("a")
+            .data
+            .and_then(|d| d.get("value").cloned())
+            .unwrap_or_default()
+    };
+    let s = settings(&format!("t-{ns}"));
+
+    for (extra, want) in [
+        ("", "v2"),
+        ("    ref: {branch: release}\n", "release"),
+        ("    ref: {tag: v1.0.0}\n", "v1"),
+        (
+            &format!("    ref: {{commit: {release}}}\n") as &str,
+            "release",
+        ),
+    ] {
+        let report = sync_once(&mut c, &src, &project(&ns, extra), &s)
+            .await
+            .unwrap_or_else(|e| panic!("sync {extra:?}: {e}"));
+        assert!(!report.commit.is_empty());
+        assert_eq!(value().await, want, "ref {extra:?}");
+    }
+}
+
+#[tokio::test]
+async fn private_repository_needs_the_token_and_a_wrong_one_changes_nothing() {
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "private").await;
+    let server = git::shared();
+    let repo = server.create_repo(&format!("private/{ns}"));
+    repo.commit("main", &[file("a.yaml", configmap("a", "1"))], "first");
+    let mut c = cluster().await;
+    let p = project(&ns, "");
+    let s = settings(&format!("t-{ns}"));
+
+    let https = |creds| {
+        let cache = tempfile::tempdir().expect("cache");
+        let src = sluice::source::Source::new(repo.https_url(), cache.path(), creds)
+            .with_ca(server.ca_pem().as_bytes().to_vec());
+        (src, cache)
+    };
+    let wrong = Credentials {
+        username: "oauth2".into(),
+        password: "wrong-token-1234".into(),
+    };
+    let (src, _cache) = https(Some(wrong));
+    let err = sync_once(&mut c, &src, &p, &s)
+        .await
+        .expect_err("wrong token refused");
+    let text = err.to_string();
+    assert!(
+        text.starts_with(&format!("failed to list refs of {}", repo.https_url())),
+        "{text}"
+    );
+    assert!(
+        !text.contains("wrong-token-1234"),
+        "credentials leaked into the error: {text}"
+    );
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    assert!(cms.get_opt("a").await.expect("get").is_none());
+
+    let right = Credentials {
+        username: "oauth2".into(),
+        password: server.token().into(),
+    };
+    let (src, _cache) = https(Some(right));
+    assert!(
+        !format!("{src:?}").contains(server.token()),
+        "Debug must redact the token"
+    );
+    sync_once(&mut c, &src, &p, &s)
+        .await
+        .expect("token accepted");
+    assert!(cms.get_opt("a").await.expect("get").is_some());
+}
+
+#[tokio::test]
+async fn crd_with_its_cr_and_namespace_with_its_objects_in_one_commit() {
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "crd").await;
+    let group = format!("{ns}.example.com");
+    let crd = format!(
+        "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: widgets.{group}\nspec:\n  group: {group}\n  scope: Namespaced\n  names: {{plural: widgets, singular: widget, kind: Widget}}\n  versions:\n  - name: v1\n    served: true\n    storage: true\n    schema:\n      openAPIV3Schema:\n        type: object\n        x-kubernetes-preserve-unknown-fields: true\n"
+    );
+    let cr =
+        format!("apiVersion: {group}/v1\nkind: Widget\nmetadata:\n  name: w1\nspec:\n  size: 3\n");
+    let new_ns = format!("{ns}-apps");
+    let namespace = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {new_ns}\n");
+    let in_new_ns = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: inside\n  namespace: {new_ns}\n"
+    );
+    let repo = git::shared().create_repo(&format!("group/{ns}"));
+    repo.commit(
+        "main",
+        &[
+            file("crd.yaml", crd),
+            file("cr.yaml", cr),
+            file("ns.yaml", namespace),
+            file("cm.yaml", in_new_ns),
+        ],
+        "all at once",
+    );
+    let (src, _cache) = source(&repo, None);
+    let mut c = cluster().await;
+    let report = sync_once(
+        &mut c,
+        &src,
+        &project(&ns, "    reconcile_timeout: 60s\n"),
+        &settings(&format!("t-{ns}")),
+    )
+    .await
+    .expect("sync");
+    assert!(
+        report.results.iter().all(|r| r.action == Action::Created),
+        "{:?}",
+        report.results
+    );
+    let widgets = api(&client, &ns, &format!("{group}/v1"), "Widget", "widgets");
+    let w = widgets
+        .get("w1")
+        .await
+        .expect("CR applied in the default namespace");
+    assert_eq!(w.data["spec"]["size"], 3);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &new_ns);
+    assert!(cms.get_opt("inside").await.expect("get").is_some());
+}
+
+#[tokio::test]
+async fn inventory_policies_refuse_or_adopt_unowned_objects() {
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "policy").await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let existing: ConfigMap = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "pre"}, "data": {"value": "by hand"}
+    }))
+    .expect("configmap");
+    let uid = cms
+        .create(&PostParams::default(), &existing)
+        .await
+        .expect("create")
+        .metadata
+        .uid;
+    let repo = git::shared().create_repo(&format!("group/{ns}"));
+    repo.commit(
+        "main",
+        &[file("pre.yaml", configmap("pre", "from git"))],
+        "take it",
+    );
+    let (src, _cache) = source(&repo, None);
+    let mut c = cluster().await;
+    let s = settings(&format!("t-{ns}"));
+
+    let err = sync_once(&mut c, &src, &project(&ns, ""), &s)
+        .await
+        .expect_err("must_match refuses");
+    assert!(
+        err.to_string().contains(
+            "can't adopt an object without the annotation config.k8s.io/owning-inventory"
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        cms.get("pre")
+            .await
+            .expect("pre")
+            .data
+            .and_then(|d| d.get("value").cloned())
+            .as_deref(),
+        Some("by hand")
+    );
+
+    sync_once(
+        &mut c,
+        &src,
+        &project(&ns, "    inventory_policy: adopt_if_no_inventory\n"),
+        &s,
+    )
+    .await
+    .expect("adopted");
+    let pre = cms.get("pre").await.expect("pre");
+    assert_eq!(pre.metadata.uid, uid, "adopted, not recreated");
+    assert_eq!(
+        pre.data.and_then(|d| d.get("value").cloned()).as_deref(),
+        Some("from git")
+    );
+}
+
+#[tokio::test]
+async fn agentk_inventory_is_taken_over_without_recreating_objects() {
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "takeover").await;
+    // What agentk left behind: objects applied with field manager `agentk`, annotated with
+    // the inventory id, and its inventory ConfigMap.
+    let id = "42-1234";
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let mut uids = Vec::new();
+    for name in ["kept", "gone"] {
+        let cm = serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": name, "annotations": {"config.k8s.io/owning-inventory": id}}, "data": {"value": "agentk"}});
+        let pp = kube::api::PatchParams::apply("agentk").force();
+        let created = cms
+            .patch(name, &pp, &kube::api::Patch::Apply(&cm))
+            .await
+            .expect("agentk apply");
+        uids.push(created.metadata.uid);
+    }
+    let inv: ConfigMap = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": format!("inventory-{id}"), "labels": {"cli-utils.sigs.k8s.io/inventory-id": id}},
+        "data": {format!("{ns}_kept__ConfigMap"): "", format!("{ns}_gone__ConfigMap"): ""}
+    }))
+    .expect("inventory");
+    cms.create(&PostParams::default(), &inv)
+        .await
+        .expect("inventory");
+
+    let repo = git::shared().create_repo(&format!("group/{ns}"));
+    repo.commit(
+        "main",
+        &[file("kept.yaml", configmap("kept", "sluice"))],
+        "only kept",
+    );
+    let (src, _cache) = source(&repo, None);
+    let mut c = cluster().await;
+    sync_once(&mut c, &src, &project(&ns, ""), &settings(id))
+        .await
+        .expect("takeover under must_match");
+    let kept = cms.get("kept").await.expect("kept");
+    assert_eq!(kept.metadata.uid, uids[0], "not recreated");
+    assert_eq!(
+        kept.data.and_then(|d| d.get("value").cloned()).as_deref(),
+        Some("sluice")
+    );
+    assert!(
+        cms.get_opt("gone").await.expect("get").is_none(),
+        "pruned from the agentk inventory"
+    );
+    assert_eq!(
+        inventory_keys(&client, &ns, &format!("inventory-{id}")).await,
+        [format!("{ns}_kept__ConfigMap")]
+    );
+}
+
+#[tokio::test]
+async fn empty_file_set_never_prunes_everything() {
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "empty").await;
+    let repo = git::shared().create_repo(&format!("group/{ns}"));
+    repo.commit("main", &[file("a.yaml", configmap("a", "1"))], "one");
+    let (src, _cache) = source(&repo, None);
+    let mut c = cluster().await;
+    let (p, s) = (project(&ns, ""), settings(&format!("t-{ns}")));
+    sync_once(&mut c, &src, &p, &s).await.expect("sync");
+    repo.commit(
+        "main",
+        &[
+            file("README.md", "no manifests"),
+            Entry::Symlink("docs/link.md".into(), "README.md".into()),
+        ],
+        "oops",
+    );
+    let err = sync_once(&mut c, &src, &p, &s).await.expect_err("guard");
+    assert!(
+        err.to_string()
+            .starts_with("refusing to prune every object"),
+        "{err}"
+    );
+    let cms: Api<ConfigMap> = Api::namespaced(client, &ns);
+    assert!(cms.get_opt("a").await.expect("get").is_some());
+}
+
+#[tokio::test]
+async fn symlinked_manifest_is_refused() {
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "symlink").await;
+    let repo = git::shared().create_repo(&format!("group/{ns}"));
+    repo.commit(
+        "main",
+        &[
+            file("a.yaml", configmap("a", "1")),
+            Entry::Symlink("b.yaml".into(), "/etc/passwd".into()),
+        ],
+        "link",
+    );
+    let (src, _cache) = source(&repo, None);
+    let mut c = cluster().await;
+    let err = sync_once(
+        &mut c,
+        &src,
+        &project(&ns, ""),
+        &settings(&format!("t-{ns}")),
+    )
+    .await
+    .expect_err("symlink");
+    assert_eq!(
+        err.to_string(),
+        "b.yaml: is a symbolic link; sluice never follows symlinks, commit the file itself"
+    );
+}
