@@ -59,6 +59,8 @@ pub struct Options {
     pub inventory_ids: HashMap<String, String>,
     /// Allow pruning everything when no file is selected.
     pub allow_empty_prune: bool,
+    /// Extra CA certificates (PEM) for https git servers.
+    pub git_ca: Option<Vec<u8>>,
 }
 
 /// Runs until `shutdown` resolves.
@@ -150,7 +152,7 @@ async fn load_config(src: &ConfigSource, opts: &Options) -> Result<AgentConfig, 
                 .map_err(|e| e.to_string())
         }
         ConfigSource::Repo { url } => {
-            let source = Source::new(url, &opts.cache_dir, credentials_for(url, opts));
+            let source = source_for(url, opts);
             let path = format!(".gitlab/agents/{}/config.yaml", opts.agent_name);
             let (config_project, path2) = (opts.config_project.clone(), path.clone());
             tokio::task::spawn_blocking(move || {
@@ -181,6 +183,14 @@ async fn load_config(src: &ConfigSource, opts: &Options) -> Result<AgentConfig, 
     }
 }
 
+fn source_for(url: &str, opts: &Options) -> Source {
+    let source = Source::new(url, &opts.cache_dir, credentials_for(url, opts));
+    match &opts.git_ca {
+        Some(pem) => source.with_ca(pem.clone()),
+        None => source,
+    }
+}
+
 fn credentials_for(url: &str, opts: &Options) -> Option<Credentials> {
     let host = url.split("://").nth(1)?.split('/').next()?;
     opts.credentials.get(host).cloned()
@@ -201,7 +211,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 async fn worker(mut cluster: Cluster, project: ManifestProject, opts: Options) {
     let url = sync::project_url(&project.id, &opts.git_base_url);
-    let source = Source::new(&url, &opts.cache_dir, credentials_for(&url, &opts));
+    let source = source_for(&url, &opts);
     let settings = Settings {
         inventory_id: opts
             .inventory_ids

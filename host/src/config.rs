@@ -558,6 +558,55 @@ mod tests {
     }
 
     #[test]
+    fn documented_agentk_examples_load_unchanged() {
+        // The shape of GitLab's documented GitOps configuration (gitops/configuration docs,
+        // agent 15.7+), with every field and the sibling sections agents usually carry.
+        let doc = r#"gitops:
+  manifest_projects:
+  - id: gitlab-org/cluster-integration/gitlab-agent
+    ref:
+      branch: production
+    default_namespace: my-ns
+    paths:
+      # Read all YAML files from this directory.
+    - glob: '/team1/app1/*.yaml'
+      # Read all .yaml files from team2/apps and all subdirectories.
+    - glob: '/team2/apps/**/*.yaml'
+      # If 'paths' is not specified or is an empty list, the configuration below is used.
+    - glob: '/**/*.{yaml,yml,json}'
+    reconcile_timeout: 3600s
+    dry_run_strategy: none
+    prune: true
+    prune_timeout: 3600s
+    prune_propagation_policy: foreground
+    inventory_policy: must_match
+ci_access:
+  groups:
+  - id: my-group
+    access_as:
+      ci_job: {}
+user_access:
+  access_as:
+    agent: {}
+  projects:
+  - id: my-group/my-project
+observability:
+  logging:
+    level: debug
+    grpc_level: warn
+"#;
+        let c = parse(doc, "group/agent").expect("documented example loads");
+        assert_eq!(
+            c.manifest_projects[0].git_ref,
+            GitRef::Branch("production".into())
+        );
+        assert_eq!(c.manifest_projects[0].paths.len(), 3);
+        assert_eq!(c.ignored_sections, ["ci_access", "user_access"]);
+        parse(include_str!("../../examples/config.yaml"), "demo/agent")
+            .expect("examples/config.yaml loads");
+    }
+
+    #[test]
     fn log_level_is_read() {
         let c = parse(
             "observability:\n  logging:\n    level: debug\n    grpc_level: warn\n",

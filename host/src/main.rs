@@ -54,6 +54,9 @@ struct RunArgs {
     /// File holding the git token for the host of --git-base-url (never logged).
     #[arg(long, env = "SLUICE_GIT_TOKEN_FILE")]
     git_token_file: Option<PathBuf>,
+    /// Extra CA certificates (PEM) trusted for https git servers, e.g. a self-hosted GitLab.
+    #[arg(long, env = "SLUICE_GIT_CA_FILE")]
+    git_ca_file: Option<PathBuf>,
     /// User name sent with the token.
     #[arg(long, default_value = "oauth2")]
     git_username: String,
@@ -131,6 +134,16 @@ async fn run(args: RunArgs) -> ExitCode {
             }
         }
     }
+    let git_ca = match &args.git_ca_file {
+        Some(path) => match std::fs::read(path) {
+            Ok(pem) => Some(pem),
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "failed to read the git CA file");
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
     let client = match kube::Client::try_default().await {
         Ok(c) => c,
         Err(e) => {
@@ -157,6 +170,7 @@ async fn run(args: RunArgs) -> ExitCode {
         concurrency: args.concurrency,
         inventory_ids: args.inventory_ids.into_iter().collect(),
         allow_empty_prune: args.allow_empty_prune,
+        git_ca,
     };
     match agent::run(client, source, opts, Some(levels), shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -28,6 +28,7 @@ fn options(agent: &str, cache: &std::path::Path) -> agent::Options {
         concurrency: 8,
         inventory_ids: HashMap::new(),
         allow_empty_prune: false,
+        git_ca: None,
     }
 }
 
