@@ -187,10 +187,7 @@ pub async fn check(cluster: &Cluster, plan: &Plan, opts: &Options) -> Result<Che
         .collect();
     let total = stages.iter().map(Vec::len).sum();
     let preflights = preflight_all(cluster, &known, opts).await;
-    let failures: Vec<ObjectResult> = preflights
-        .iter()
-        .filter_map(|(_, p)| p.as_ref().err().cloned())
-        .collect();
+    let failures = preflight_failures(&preflights);
     if !failures.is_empty() {
         return Err(Error::Rejected { failures, total });
     }
@@ -201,7 +198,7 @@ pub async fn check(cluster: &Cluster, plan: &Plan, opts: &Options) -> Result<Che
 #[derive(Debug)]
 pub struct Checked {
     stages: Vec<Vec<Object>>,
-    preflights: Vec<(ObjRef, Result<Preflight, ObjectResult>)>,
+    preflights: Preflights,
 }
 
 impl Checked {
@@ -243,10 +240,7 @@ pub async fn apply(
             }));
         } else if !late.is_empty() {
             let more = preflight_all(cluster, &late, opts).await;
-            let failures: Vec<ObjectResult> = more
-                .iter()
-                .filter_map(|(_, p)| p.as_ref().err().cloned())
-                .collect();
+            let failures = preflight_failures(&more);
             if !failures.is_empty() {
                 results.extend(failures);
                 return Err(Error::Partial { results });
@@ -315,6 +309,15 @@ async fn preflight_all(
         .collect();
     let results = bounded(checks, opts.concurrency).await;
     objects.iter().map(|o| o.obj_ref()).zip(results).collect()
+}
+
+type Preflights = Vec<(ObjRef, Result<Preflight, ObjectResult>)>;
+
+fn preflight_failures(preflights: &Preflights) -> Vec<ObjectResult> {
+    preflights
+        .iter()
+        .filter_map(|(_, p)| p.as_ref().err().cloned())
+        .collect()
 }
 
 /// Runs `futures` at most `limit` at a time, keeping their order. (The futures are built

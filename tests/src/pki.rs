@@ -35,17 +35,7 @@ pub fn write(dir: &Path) -> Result<Pki, String> {
         sa_private: dir.join("sa.key"),
     };
 
-    let ca_key = KeyPair::generate().map_err(|e| err("CA key", e))?;
-    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(|e| err("CA", e))?;
-    ca.distinguished_name
-        .push(DnType::CommonName, "sluice-test-ca");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_cert = ca.self_signed(&ca_key).map_err(|e| err("CA", e))?;
-    let issuer = Issuer::new(ca, ca_key);
+    let (ca_cert, issuer) = new_ca("sluice-test-ca").map_err(|e| err("CA", e))?;
 
     // The IP SAN matters: rustls (kube-rs) checks it for https://127.0.0.1 URLs. 10.0.0.1
     // is the `kubernetes` Service IP of the service range below.
@@ -102,17 +92,7 @@ pub fn write(dir: &Path) -> Result<Pki, String> {
 /// `(ca, certificate, key)`. Used by the https git server.
 pub fn serving_cert_pem() -> Result<(String, String, String), String> {
     let err = |e: rcgen::Error| format!("failed to generate the git server certificate: {e}");
-    let ca_key = KeyPair::generate().map_err(err)?;
-    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
-    ca.distinguished_name
-        .push(DnType::CommonName, "sluice-test-git-ca");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_cert = ca.self_signed(&ca_key).map_err(err)?;
-    let issuer = Issuer::new(ca, ca_key);
+    let (ca_cert, issuer) = new_ca("sluice-test-git-ca").map_err(err)?;
     let key = KeyPair::generate().map_err(err)?;
     let mut params = CertificateParams::new(vec!["localhost".to_string()]).map_err(err)?;
     params
@@ -121,4 +101,22 @@ pub fn serving_cert_pem() -> Result<(String, String, String), String> {
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let cert = params.signed_by(&key, &issuer).map_err(err)?;
     Ok((ca_cert.pem(), cert.pem(), key.serialize_pem()))
+}
+
+/// A self-signed CA certificate and the issuer that signs with it.
+fn new_ca(
+    common_name: &str,
+) -> Result<(rcgen::Certificate, Issuer<'static, KeyPair>), rcgen::Error> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let cert = params.self_signed(&key)?;
+    Ok((cert, Issuer::new(params, key)))
 }
