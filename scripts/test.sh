@@ -24,8 +24,11 @@ tests/cluster/build.sh >/dev/null
 step "cargo fmt --check"
 cargo fmt --all --check
 
-step "cargo clippy --all-targets -- -D warnings"
+step "cargo clippy --all-targets -- -D warnings (host, and the plugins as WebAssembly)"
 cargo clippy --workspace --all-targets -- -D warnings
+plugins=$(for d in plugins/*/ tests/plugins/*/; do n=$(basename "$d"); [ "$n" != sdk ] && printf -- '-p %s ' "$n"; done)
+# shellcheck disable=SC2086 # one -p per plugin crate
+cargo clippy --release --target wasm32-wasip2 $plugins -- -D warnings
 
 step "cargo test (unit, integration, end-to-end)"
 cargo test --workspace

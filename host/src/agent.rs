@@ -9,8 +9,9 @@
 //! changes, when the last sync failed and its backoff expired, or when the re-apply timer
 //! fires, sync. A newer commit cancels a running sync.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
@@ -18,6 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::cluster::Cluster;
 use crate::config::{self, AgentConfig, GitRef, ManifestProject};
+use crate::plugins::{self, Plugin};
 use crate::report::{self, msg};
 use crate::source::{Credentials, Source};
 use crate::sync::{self, Settings};
@@ -61,6 +63,16 @@ pub struct Options {
     pub allow_empty_prune: bool,
     /// Extra CA certificates (PEM) for https git servers.
     pub git_ca: Option<Vec<u8>>,
+    /// Where compiled plugins are cached (none: compile on every start).
+    pub plugin_cache_dir: Option<PathBuf>,
+}
+
+/// A loaded configuration: the file, the module bytes of its plugins, and the plugins.
+struct Loaded {
+    config: AgentConfig,
+    /// Per plugin: sha256 of its module, or why it could not be read.
+    digests: BTreeMap<String, String>,
+    plugins: BTreeMap<String, Result<Arc<Plugin>, plugins::Error>>,
 }
 
 /// Runs until `shutdown` resolves.
@@ -75,30 +87,47 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), crate::cluster::DiscoveryError> {
     let cluster = Cluster::connect(client).await?;
-    let mut workers: HashMap<String, (ManifestProject, JoinHandle<()>)> = HashMap::new();
-    let mut last_config: Option<AgentConfig> = None;
+    let runtime = match plugins::Runtime::new(opts.plugin_cache_dir.as_deref()) {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            error!(error = %e, "failed to start the plugin runtime; projects that use plugins will fail");
+            Arc::new(
+                plugins::Runtime::new(None)
+                    .unwrap_or_else(|e| panic!("no WebAssembly engine at all: {e}")),
+            )
+        }
+    };
+    let mut workers: HashMap<String, (WorkerKey, JoinHandle<()>)> = HashMap::new();
+    let mut last: Option<(AgentConfig, BTreeMap<String, String>)> = None;
     tokio::pin!(shutdown);
     loop {
         match load_config(&config_source, &opts).await {
-            Ok(cfg) if last_config.as_ref() != Some(&cfg) => {
-                for section in &cfg.ignored_sections {
-                    if last_config
-                        .as_ref()
-                        .is_none_or(|c| !c.ignored_sections.contains(section))
-                    {
-                        warn!(
-                            section,
-                            "configuration section is accepted for agentk compatibility and ignored by sluice"
-                        );
+            Ok((cfg, modules)) => {
+                let digests = digests(&modules);
+                if last
+                    .as_ref()
+                    .is_none_or(|(c, d)| *c != cfg || *d != digests)
+                {
+                    for section in &cfg.ignored_sections {
+                        if last
+                            .as_ref()
+                            .is_none_or(|(c, _)| !c.ignored_sections.contains(section))
+                        {
+                            warn!(
+                                section,
+                                "configuration section is accepted for agentk compatibility and ignored by sluice"
+                            );
+                        }
                     }
+                    if let Some(l) = &levels {
+                        l.set(cfg.log_level);
+                    }
+                    let loaded =
+                        load_plugins(&runtime, cfg.clone(), modules, digests.clone()).await;
+                    reconcile_workers(&mut workers, &loaded, &cluster, &opts);
+                    last = Some((cfg, digests));
                 }
-                if let Some(l) = &levels {
-                    l.set(cfg.log_level);
-                }
-                reconcile_workers(&mut workers, &cfg, &cluster, &opts);
-                last_config = Some(cfg);
             }
-            Ok(_) => {}
             Err(e) => error!(error = %e, "{}", msg::CONFIG_FAILED),
         }
         tokio::select! {
@@ -114,12 +143,21 @@ pub async fn run(
     Ok(())
 }
 
+/// What a worker was started with; a change restarts it.
+#[derive(Debug, Clone, PartialEq)]
+struct WorkerKey {
+    project: ManifestProject,
+    /// Each plugin it uses (its spec, config included) and the sha256 of its module.
+    plugins: Vec<(plugins::Spec, String)>,
+}
+
 fn reconcile_workers(
-    workers: &mut HashMap<String, (ManifestProject, JoinHandle<()>)>,
-    cfg: &AgentConfig,
+    workers: &mut HashMap<String, (WorkerKey, JoinHandle<()>)>,
+    loaded: &Loaded,
     cluster: &Cluster,
     opts: &Options,
 ) {
+    let cfg = &loaded.config;
     workers.retain(|id, (_, handle)| {
         let keep = cfg.manifest_projects.iter().any(|p| &p.id == id);
         if !keep {
@@ -129,58 +167,217 @@ fn reconcile_workers(
         keep
     });
     for project in &cfg.manifest_projects {
+        let names: Vec<String> = match &project.plugins {
+            Some(names) => names.clone(),
+            None => cfg.plugins.iter().map(|p| p.name.clone()).collect(),
+        };
+        let key = WorkerKey {
+            project: project.clone(),
+            plugins: cfg
+                .plugins
+                .iter()
+                .filter(|p| names.contains(&p.name))
+                .map(|p| {
+                    (
+                        p.clone(),
+                        loaded.digests.get(&p.name).cloned().unwrap_or_default(),
+                    )
+                })
+                .collect(),
+        };
         match workers.get(&project.id) {
-            Some((old, _)) if old == project => continue,
+            Some((old, _)) if *old == key => continue,
             Some((_, handle)) => {
                 info!(worker_id = %project.id, "{}", msg::RESTARTING_WORKER);
                 handle.abort();
             }
             None => info!(worker_id = %project.id, "{}", msg::STARTING_WORKER),
         }
-        let handle = tokio::spawn(worker(cluster.clone(), project.clone(), opts.clone()));
-        workers.insert(project.id.clone(), (project.clone(), handle));
+        // Config order is run order; a plugin that failed to load fails this project only.
+        let selected: Result<Vec<Arc<Plugin>>, plugins::Error> = cfg
+            .plugins
+            .iter()
+            .filter(|p| names.contains(&p.name))
+            .map(|p| {
+                loaded.plugins.get(&p.name).cloned().unwrap_or_else(|| {
+                    Err(plugins::Error::Load {
+                        plugin: p.name.clone(),
+                        message: "not loaded".into(),
+                    })
+                })
+            })
+            .collect();
+        if let Err(e) = &selected {
+            error!(worker_id = %project.id, error = %e, "plugin unavailable; this project's syncs fail until it loads");
+        }
+        let handle = tokio::spawn(worker(
+            cluster.clone(),
+            project.clone(),
+            selected,
+            opts.clone(),
+        ));
+        workers.insert(project.id.clone(), (key, handle));
     }
 }
 
-async fn load_config(src: &ConfigSource, opts: &Options) -> Result<AgentConfig, String> {
-    match src {
-        ConfigSource::File(path) => {
-            let text = tokio::fs::read_to_string(path)
-                .await
-                .map_err(|e| format!("failed to read {}: {e}", path.display()))?;
-            config::parse_with_origin(&text, &opts.config_project, &path.display().to_string())
-                .map_err(|e| e.to_string())
-        }
-        ConfigSource::Repo { url } => {
-            let source = source_for(url, opts);
-            let path = format!(".gitlab/agents/{}/config.yaml", opts.agent_name);
-            let (config_project, path2) = (opts.config_project.clone(), path.clone());
-            tokio::task::spawn_blocking(move || {
-                let commit = source
-                    .resolve(&GitRef::DefaultBranch)
-                    .map_err(|e| e.to_string())?;
-                let snapshot = source.fetch(&commit).map_err(|e| e.to_string())?;
-                let origin = format!("{url}@{commit}:{path2}", url = source.url());
-                // A missing file is an empty configuration, as in agentk.
-                let Some(entry) = snapshot.entries().iter().find(|e| e.path == path2) else {
-                    return config::parse_with_origin("", &config_project, &origin)
-                        .map_err(|e| e.to_string());
+fn digests(modules: &BTreeMap<String, Result<Vec<u8>, String>>) -> BTreeMap<String, String> {
+    use sha2::Digest;
+    modules
+        .iter()
+        .map(|(name, m)| {
+            (
+                name.clone(),
+                match m {
+                    Ok(bytes) => hex::encode(sha2::Sha256::digest(bytes)),
+                    Err(e) => format!("error: {e}"),
+                },
+            )
+        })
+        .collect()
+}
+
+/// Compiles every plugin of the configuration (off the async workers).
+async fn load_plugins(
+    runtime: &Arc<plugins::Runtime>,
+    config: AgentConfig,
+    modules: BTreeMap<String, Result<Vec<u8>, String>>,
+    digests: BTreeMap<String, String>,
+) -> Loaded {
+    let rt = runtime.clone();
+    let specs = config.plugins.clone();
+    let plugins = tokio::task::spawn_blocking(move || {
+        specs
+            .iter()
+            .map(|spec| {
+                let loaded = match modules.get(&spec.name) {
+                    Some(Ok(bytes)) => rt.load(spec, bytes).map(Arc::new),
+                    Some(Err(e)) => Err(plugins::Error::Load {
+                        plugin: spec.name.clone(),
+                        message: e.clone(),
+                    }),
+                    None => Err(plugins::Error::Load {
+                        plugin: spec.name.clone(),
+                        message: "module not read".into(),
+                    }),
                 };
+                match &loaded {
+                    Ok(p) => info!(plugin = %spec.name, world = ?p.world(), "plugin loaded"),
+                    Err(e) => error!(plugin = %spec.name, error = %e, "plugin failed to load"),
+                }
+                (spec.name.clone(), loaded)
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_default();
+    Loaded {
+        config,
+        digests,
+        plugins,
+    }
+}
+
+type Modules = BTreeMap<String, Result<Vec<u8>, String>>;
+
+/// Reads the configuration and the modules of its plugins. Modules in a configuration
+/// repository are read at the configuration's commit, so both change together; paths in a
+/// local configuration are relative to its directory.
+async fn load_config(src: &ConfigSource, opts: &Options) -> Result<(AgentConfig, Modules), String> {
+    let (source, agent, config_project) = (
+        src.clone(),
+        opts.agent_name.clone(),
+        opts.config_project.clone(),
+    );
+    let repo_source = match src {
+        ConfigSource::Repo { url } => Some(source_for(url, opts)),
+        ConfigSource::File(_) => None,
+    };
+    tokio::task::spawn_blocking(move || match (source, repo_source) {
+        (ConfigSource::File(path), _) => {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("failed to read {}: {e}", path.display()))?;
+            let cfg =
+                config::parse_with_origin(&text, &config_project, &path.display().to_string())
+                    .map_err(|e| e.to_string())?;
+            let base = path.parent().map(PathBuf::from).unwrap_or_default();
+            let modules = read_modules(&cfg, |p| {
+                std::fs::read(base.join(p))
+                    .map_err(|e| format!("failed to read module {}: {e}", base.join(p).display()))
+            });
+            Ok((cfg, modules))
+        }
+        (ConfigSource::Repo { .. }, Some(source)) => {
+            let path = format!(".gitlab/agents/{agent}/config.yaml");
+            let commit = source
+                .resolve(&GitRef::DefaultBranch)
+                .map_err(|e| e.to_string())?;
+            let snapshot = source.fetch(&commit).map_err(|e| e.to_string())?;
+            let origin = format!("{}@{commit}:{path}", source.url());
+            let read = |p: &str| -> Result<Vec<u8>, String> {
+                let p = p.trim_start_matches('/');
+                let entry = snapshot
+                    .entries()
+                    .iter()
+                    .find(|e| e.path == p)
+                    .ok_or_else(|| format!("{p}: not found at commit {commit}"))?;
                 if entry.kind != crate::source::EntryKind::File {
                     return Err(format!(
-                        "{origin}: is not a regular file (symlinks are never followed)"
+                        "{p}: is not a regular file (symlinks are never followed)"
                     ));
                 }
-                let bytes = snapshot.read_blob(&entry.id).map_err(|e| e.to_string())?;
-                let text = String::from_utf8(bytes).map_err(|_| format!("{origin}: not UTF-8"))?;
-                config::parse_with_origin(&text, &config_project, &origin)
-                    .map_err(|e| e.to_string())
-            })
-            .await
-            .map_err(|e| format!("config task failed: {e}"))?
-            .map_err(|e| format!("{e} ({path})"))
+                snapshot.read_blob(&entry.id).map_err(|e| e.to_string())
+            };
+            // A missing file is an empty configuration, as in agentk.
+            let text = match snapshot.entries().iter().any(|e| e.path == path) {
+                true => {
+                    String::from_utf8(read(&path)?).map_err(|_| format!("{origin}: not UTF-8"))?
+                }
+                false => String::new(),
+            };
+            let cfg = config::parse_with_origin(&text, &config_project, &origin)
+                .map_err(|e| e.to_string())?;
+            let modules = read_modules(&cfg, read);
+            Ok((cfg, modules))
         }
+        (ConfigSource::Repo { .. }, None) => unreachable!("repo_source is set for repositories"),
+    })
+    .await
+    .map_err(|e| format!("config task failed: {e}"))?
+}
+
+fn read_modules(cfg: &AgentConfig, read_path: impl Fn(&str) -> Result<Vec<u8>, String>) -> Modules {
+    cfg.plugins
+        .iter()
+        .map(|s| {
+            let bytes = if s.module.starts_with("https://") {
+                fetch_module(&s.module)
+            } else {
+                read_path(&s.module)
+            };
+            (s.name.clone(), bytes)
+        })
+        .collect()
+}
+
+/// Downloads a module over https (its sha256 is checked at load). At most 100 MiB.
+fn fetch_module(url: &str) -> Result<Vec<u8>, String> {
+    const MAX: u64 = 100 << 20;
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|e| format!("failed to build an HTTP client: {e}"))?;
+    let resp = client
+        .get(url)
+        .send()
+        .and_then(|r| r.error_for_status())
+        .map_err(|e| format!("failed to download {url}: {e}"))?;
+    if resp.content_length().is_some_and(|n| n > MAX) {
+        return Err(format!("{url}: module larger than {MAX} bytes"));
     }
+    let bytes = resp
+        .bytes()
+        .map_err(|e| format!("failed to download {url}: {e}"))?;
+    Ok(bytes.to_vec())
 }
 
 fn source_for(url: &str, opts: &Options) -> Source {
@@ -209,7 +406,12 @@ struct State {
 const BACKOFF_START: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
-async fn worker(mut cluster: Cluster, project: ManifestProject, opts: Options) {
+async fn worker(
+    mut cluster: Cluster,
+    project: ManifestProject,
+    plugins: Result<Vec<Arc<Plugin>>, plugins::Error>,
+    opts: Options,
+) {
     let url = sync::project_url(&project.id, &opts.git_base_url);
     let source = source_for(&url, &opts);
     let settings = Settings {
@@ -222,6 +424,8 @@ async fn worker(mut cluster: Cluster, project: ManifestProject, opts: Options) {
         concurrency: opts.concurrency,
         limits: Default::default(),
         allow_empty_prune: opts.allow_empty_prune,
+        agent: opts.agent_name.clone(),
+        plugins,
     };
     let mut state = State::default();
     loop {
@@ -258,6 +462,7 @@ async fn worker(mut cluster: Cluster, project: ManifestProject, opts: Options) {
                     project_id = %project.id, commit_id = %commit, agent_id = %opts.agent_name,
                     summary = %report::summary(&report.results),
                     results = %serde_json::to_string(&report.results).unwrap_or_default(),
+                    findings = %serde_json::to_string(&report.findings).unwrap_or_default(),
                     "{}", msg::SYNCHRONIZED
                 );
                 state.synced = Some((commit.clone(), tokio::time::Instant::now()));

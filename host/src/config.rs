@@ -65,6 +65,8 @@ pub struct AgentConfig {
     pub log_level: LogLevel,
     /// agentk sections present in the file that sluice accepts and ignores.
     pub ignored_sections: Vec<&'static str>,
+    /// `plugins:` (sluice's own section): every plugin, in the order transformers run.
+    pub plugins: Vec<crate::plugins::Spec>,
 }
 
 /// One `gitops.manifest_projects[]` entry with agentk's defaults applied.
@@ -91,6 +93,8 @@ pub struct ManifestProject {
     pub prune_propagation_policy: PropagationPolicy,
     /// Which live objects may be taken over (default must_match).
     pub inventory_policy: InventoryPolicy,
+    /// Names of the plugins this project uses (`plugins:` in the entry; default: all).
+    pub plugins: Option<Vec<String>>,
 }
 
 /// The git ref a manifest project follows.
@@ -281,7 +285,19 @@ pub fn parse_with_origin(text: &str, config_project: &str, origin: &str) -> Resu
             prune_timeout: p.prune_timeout.map_or(Duration::from_secs(3600), |d| d.0),
             prune_propagation_policy: p.prune_propagation_policy.unwrap_or_default(),
             inventory_policy: p.inventory_policy.unwrap_or_default(),
+            plugins: p.plugins,
         });
+    }
+    let plugins = plugin_specs(file.plugins.unwrap_or_default()).map_err(invalid)?;
+    for p in &manifest_projects {
+        for name in p.plugins.iter().flatten() {
+            if !plugins.iter().any(|s| &s.name == name) {
+                return Err(invalid(format!(
+                    "gitops.manifest_projects[{}].plugins: no plugin named {name:?} in plugins:",
+                    p.id
+                )));
+            }
+        }
     }
     let log_level = file
         .observability
@@ -292,6 +308,7 @@ pub fn parse_with_origin(text: &str, config_project: &str, origin: &str) -> Resu
         manifest_projects,
         log_level,
         ignored_sections,
+        plugins,
     })
 }
 
@@ -312,6 +329,8 @@ fn yaml_options() -> serde_saphyr::Options {
 struct ConfigurationFile {
     gitops: Option<GitopsSection>,
     observability: Option<ObservabilitySection>,
+    // sluice's own section.
+    plugins: Option<Vec<PluginSection>>,
     // Accepted and ignored (other agentk modules, or GitLab itself, use them).
     ci_access: Option<IgnoredAny>,
     container_scanning: Option<IgnoredAny>,
@@ -340,6 +359,83 @@ struct ManifestProjectSection {
     prune_propagation_policy: Option<PropagationPolicy>,
     inventory_policy: Option<InventoryPolicy>,
     r#ref: Option<RefSection>,
+    // sluice's extension: which plugins this project uses.
+    plugins: Option<Vec<String>>,
+}
+
+/// One `plugins:` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PluginSection {
+    name: String,
+    module: String,
+    sha256: Option<String>,
+    config: Option<serde_json::Value>,
+    limits: Option<LimitsSection>,
+    #[serde(default)]
+    capabilities: Vec<crate::plugins::Capability>,
+    #[serde(default)]
+    failure_policy: crate::plugins::FailurePolicy,
+    #[serde(default)]
+    mode: crate::plugins::Mode,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsSection {
+    timeout: Option<ProtoDuration>,
+    memory_mib: Option<usize>,
+    max_output_mib: Option<usize>,
+}
+
+fn plugin_specs(sections: Vec<PluginSection>) -> Result<Vec<crate::plugins::Spec>, String> {
+    let mut specs: Vec<crate::plugins::Spec> = Vec::new();
+    for p in sections {
+        let at = format!("plugins[{}]", p.name);
+        if p.name.is_empty() {
+            return Err("plugins[].name must not be empty".into());
+        }
+        if specs.iter().any(|s| s.name == p.name) {
+            return Err(format!("{at}: duplicate plugin name"));
+        }
+        if p.module.starts_with("http://") {
+            return Err(format!(
+                "{at}.module: plain http is not allowed; use https:// with sha256"
+            ));
+        }
+        if p.module.starts_with("https://") && p.sha256.is_none() {
+            return Err(format!(
+                "{at}.sha256: required when module is an https:// URL"
+            ));
+        }
+        if let Some(h) = &p.sha256
+            && (h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(format!("{at}.sha256: expected 64 hex digits"));
+        }
+        let defaults = crate::plugins::Limits::default();
+        let limits = match p.limits {
+            Some(l) => crate::plugins::Limits {
+                timeout: l.timeout.map_or(defaults.timeout, |d| d.0),
+                memory_bytes: l.memory_mib.map_or(defaults.memory_bytes, |m| m << 20),
+                max_output_bytes: l
+                    .max_output_mib
+                    .map_or(defaults.max_output_bytes, |m| m << 20),
+            },
+            None => defaults,
+        };
+        specs.push(crate::plugins::Spec {
+            name: p.name,
+            module: p.module,
+            sha256: p.sha256.map(|h| h.to_ascii_lowercase()),
+            config: p.config.unwrap_or(serde_json::Value::Null),
+            limits,
+            capabilities: p.capabilities,
+            failure_policy: p.failure_policy,
+            mode: p.mode,
+        });
+    }
+    Ok(specs)
 }
 
 #[derive(Debug, Deserialize)]
@@ -604,6 +700,35 @@ observability:
         assert_eq!(c.ignored_sections, ["ci_access", "user_access"]);
         parse(include_str!("../../examples/config.yaml"), "demo/agent")
             .expect("examples/config.yaml loads");
+    }
+
+    #[test]
+    fn plugins_section_is_read_and_checked() {
+        let c = parse(
+            "plugins:\n- name: ns\n  module: plugins/set_namespace.wasm\n  config: {namespace: prod}\n  limits: {timeout: 0.5s, memory_mib: 64}\n  capabilities: [clocks]\n- name: policy\n  module: https://example.com/p.wasm\n  sha256: 0000000000000000000000000000000000000000000000000000000000000001\n  mode: audit\n  failure_policy: ignore\ngitops:\n  manifest_projects:\n  - id: a/b\n    plugins: [ns]\n",
+            "g/a",
+        )
+        .expect("valid");
+        assert_eq!(c.plugins.len(), 2);
+        assert_eq!(
+            c.plugins[0].config,
+            serde_json::json!({"namespace": "prod"})
+        );
+        assert_eq!(c.plugins[0].limits.timeout, Duration::from_millis(500));
+        assert_eq!(c.plugins[0].limits.memory_bytes, 64 << 20);
+        assert_eq!(c.plugins[1].mode, crate::plugins::Mode::Audit);
+        assert_eq!(
+            c.manifest_projects[0].plugins.as_deref(),
+            Some(&["ns".to_string()][..])
+        );
+        assert!(
+            err("plugins:\n- name: p\n  module: https://x/p.wasm\n").contains("sha256: required")
+        );
+        assert!(err("plugins:\n- name: p\n  module: a.wasm\ngitops:\n  manifest_projects:\n  - plugins: [q]\n").contains("no plugin named \"q\""));
+        assert!(
+            err("plugins:\n- name: p\n  module: a.wasm\n  capabilities: [files]\n")
+                .contains("files")
+        );
     }
 
     #[test]

@@ -196,6 +196,42 @@ impl Scopes {
             .insert((group.to_string(), kind.to_string()), namespaced);
     }
 
+    /// Scopes without a cluster (for `sluice render`): the built-in cluster-scoped kinds,
+    /// CRDs among `objects`, and every other kind of `objects` assumed namespaced.
+    pub fn offline(objects: &[Object]) -> Scopes {
+        const CLUSTER_SCOPED: &[(&str, &str)] = &[
+            ("", "Namespace"),
+            ("", "Node"),
+            ("", "PersistentVolume"),
+            ("rbac.authorization.k8s.io", "ClusterRole"),
+            ("rbac.authorization.k8s.io", "ClusterRoleBinding"),
+            ("apiextensions.k8s.io", "CustomResourceDefinition"),
+            ("storage.k8s.io", "StorageClass"),
+            ("storage.k8s.io", "CSIDriver"),
+            ("networking.k8s.io", "IngressClass"),
+            ("scheduling.k8s.io", "PriorityClass"),
+            ("node.k8s.io", "RuntimeClass"),
+            ("apiregistration.k8s.io", "APIService"),
+            (
+                "admissionregistration.k8s.io",
+                "MutatingWebhookConfiguration",
+            ),
+            (
+                "admissionregistration.k8s.io",
+                "ValidatingWebhookConfiguration",
+            ),
+        ];
+        let mut scopes = Scopes::default();
+        for o in objects {
+            scopes.insert(group_of(o.api_version()), o.kind(), true);
+        }
+        for (g, k) in CLUSTER_SCOPED {
+            scopes.insert(g, k, false);
+        }
+        scopes.add_crds(objects);
+        scopes
+    }
+
     /// Adds the kinds defined by CRDs among `objects`, so their CRs in the same commit
     /// resolve before the CRD exists in the cluster.
     pub fn add_crds(&mut self, objects: &[Object]) {

@@ -19,6 +19,8 @@ pub mod decode;
 pub mod inventory;
 pub mod object;
 pub mod plan;
+pub mod plugins;
+pub mod render;
 pub mod report;
 pub mod select;
 pub mod source;

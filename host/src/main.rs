@@ -23,6 +23,54 @@ struct Cli {
 enum Command {
     /// Run the agent: keep the cluster equal to the manifest projects of the configuration.
     Run(RunArgs),
+    /// Select, decode and run the plugins offline; print the objects (like `flux build`).
+    Render(RenderArgs),
+    /// The same chain for CI: print findings as `file:line: severity: message (plugin,
+    /// object)`; exit 1 when the commit would be refused.
+    Validate(RenderArgs),
+    /// Plugin tools.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PluginCommand {
+    /// Show a plugin's world, exports, imports, WIT version, size and compile time.
+    Inspect {
+        /// The component (.wasm).
+        file: PathBuf,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Output::Yaml)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Yaml,
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct RenderArgs {
+    /// Directory of manifests.
+    #[arg(required_unless_present = "repo", conflicts_with = "repo")]
+    dir: Option<PathBuf>,
+    /// Repository URL instead of a directory.
+    #[arg(long)]
+    repo: Option<String>,
+    /// Branch or commit of --repo (default branch).
+    #[arg(long = "ref", requires = "repo")]
+    git_ref: Option<String>,
+    /// Agent configuration: paths, default namespace and plugins of a manifest project.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Which manifest project of --config (default: the first).
+    #[arg(long)]
+    project: Option<String>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Yaml)]
+    output: Output,
 }
 
 #[derive(Debug, Args)]
@@ -105,6 +153,102 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(args) => rt.block_on(run(args)),
+        Command::Render(args) => rt.block_on(render(args, false)),
+        Command::Validate(args) => rt.block_on(render(args, true)),
+        Command::Plugin(PluginCommand::Inspect { file, output }) => inspect(&file, output),
+    }
+}
+
+/// `render` and `validate`. Exit codes: 0 fine, 1 the commit would be refused (bad input
+/// or error findings), 2 the command itself failed.
+async fn render(args: RenderArgs, validate: bool) -> ExitCode {
+    let input = match (&args.dir, &args.repo) {
+        (Some(d), _) => sluice::render::Input::Dir(d.clone()),
+        (None, Some(r)) => sluice::render::Input::Repo(r.clone(), args.git_ref.clone()),
+        (None, None) => unreachable!("clap requires DIR or --repo"),
+    };
+    let result =
+        sluice::render::render(&input, args.config.as_deref(), args.project.as_deref()).await;
+    match result {
+        Ok(r) => {
+            if validate {
+                for f in &r.findings {
+                    println!("{f}");
+                }
+                if r.findings.iter().any(|f| f.severity == "error") {
+                    // Audit-mode errors: reported, not blocking (the cluster would apply).
+                    eprintln!("{} findings (audit mode: not blocking)", r.findings.len());
+                }
+                eprintln!("{} objects valid", r.objects.len());
+                return ExitCode::SUCCESS;
+            }
+            let values: Vec<&serde_json::Value> = r.objects.iter().map(|o| &o.value).collect();
+            match args.output {
+                Output::Json => {
+                    let list =
+                        serde_json::json!({"apiVersion": "v1", "kind": "List", "items": values});
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&list).unwrap_or_default()
+                    );
+                }
+                Output::Yaml => {
+                    for v in values {
+                        println!("---");
+                        print!("{}", serde_saphyr::to_string(v).unwrap_or_default());
+                    }
+                }
+            }
+            for f in &r.findings {
+                eprintln!("{f}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(sluice::sync::Error::Plugin(sluice::plugins::Error::Denied(findings))) => {
+            for f in &findings {
+                println!("{f}");
+            }
+            eprintln!(
+                "{} error findings: the commit would be refused",
+                findings.len()
+            );
+            ExitCode::from(1)
+        }
+        Err(e) if e.is_user_error() => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn inspect(file: &std::path::Path, output: Output) -> ExitCode {
+    let bytes = match std::fs::read(file) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: failed to read {}: {e}", file.display());
+            return ExitCode::from(2);
+        }
+    };
+    let info = sluice::plugins::Runtime::new(None)
+        .map_err(|e| e.to_string())
+        .and_then(|rt| rt.inspect(&bytes).map_err(|e| e.to_string()));
+    match info {
+        Ok(info) => {
+            let text = match output {
+                Output::Json => serde_json::to_string_pretty(&info).unwrap_or_default(),
+                Output::Yaml => serde_saphyr::to_string(&info).unwrap_or_default(),
+            };
+            println!("{}", text.trim_end());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}: {e}", file.display());
+            ExitCode::from(1)
+        }
     }
 }
 
@@ -156,6 +300,10 @@ async fn run(args: RunArgs) -> ExitCode {
         (None, Some(url)) => ConfigSource::Repo { url: url.clone() },
         (None, None) => unreachable!("clap requires one of --config, --config-repo"),
     };
+    let cache_root = args
+        .cache_dir
+        .clone()
+        .unwrap_or_else(sluice::sync::default_cache_dir);
     let opts = agent::Options {
         agent_name: args.agent_name,
         git_base_url: args.git_base_url,
@@ -171,6 +319,7 @@ async fn run(args: RunArgs) -> ExitCode {
         inventory_ids: args.inventory_ids.into_iter().collect(),
         allow_empty_prune: args.allow_empty_prune,
         git_ca,
+        plugin_cache_dir: Some(cache_root.join("wasm")),
     };
     match agent::run(client, source, opts, Some(levels), shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -59,6 +59,14 @@ pub enum Error {
     /// Reading from git failed.
     #[error(transparent)]
     Source(#[from] source::Error),
+    /// Reading a local file failed.
+    #[error("failed to read {path}: {message}")]
+    Io {
+        /// The path.
+        path: String,
+        /// Cause.
+        message: String,
+    },
 }
 
 /// Result of this module.
@@ -113,6 +121,81 @@ impl FileTree for Snapshot {
     }
     fn read(&self, entry: &TreeEntry) -> Result<Vec<u8>> {
         Ok(self.read_blob(&entry.id)?)
+    }
+}
+
+/// A directory on disk as a [`FileTree`] (for `sluice render DIR`). Symlinks are listed as
+/// symlinks, never followed; directories whose name starts with `.` are not walked (their
+/// files would be skipped anyway).
+#[derive(Debug)]
+pub struct Dir {
+    root: std::path::PathBuf,
+    entries: Vec<TreeEntry>,
+}
+
+impl Dir {
+    /// Lists `root` recursively.
+    ///
+    /// # Errors
+    /// I/O errors, naming the path.
+    pub fn walk(root: &std::path::Path) -> std::io::Result<Dir> {
+        let mut entries = Vec::new();
+        let mut stack = vec![std::path::PathBuf::new()];
+        while let Some(rel) = stack.pop() {
+            let dir = root.join(&rel);
+            let mut names: Vec<_> = std::fs::read_dir(&dir)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?
+                .collect::<Result<_, _>>()?;
+            names.sort_by_key(|e| e.file_name());
+            for e in names {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let path = rel.join(&name);
+                let meta = std::fs::symlink_metadata(e.path())?;
+                let text = path.to_string_lossy().replace('\\', "/");
+                if meta.file_type().is_symlink() {
+                    entries.push(TreeEntry {
+                        path: text.clone(),
+                        kind: EntryKind::Symlink,
+                        id: text,
+                    });
+                } else if meta.is_dir() {
+                    if !name.starts_with('.') {
+                        stack.push(path);
+                    }
+                } else if meta.is_file() {
+                    entries.push(TreeEntry {
+                        path: text.clone(),
+                        kind: EntryKind::File,
+                        id: text,
+                    });
+                }
+            }
+        }
+        Ok(Dir {
+            root: root.to_path_buf(),
+            entries,
+        })
+    }
+}
+
+impl FileTree for Dir {
+    fn entries(&self) -> &[TreeEntry] {
+        &self.entries
+    }
+    fn size(&self, entry: &TreeEntry) -> Result<u64> {
+        let path = self.root.join(&entry.id);
+        std::fs::symlink_metadata(&path)
+            .map(|m| m.len())
+            .map_err(|e| Error::Io {
+                path: entry.path.clone(),
+                message: e.to_string(),
+            })
+    }
+    fn read(&self, entry: &TreeEntry) -> Result<Vec<u8>> {
+        std::fs::read(self.root.join(&entry.id)).map_err(|e| Error::Io {
+            path: entry.path.clone(),
+            message: e.to_string(),
+        })
     }
 }
 

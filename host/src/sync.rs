@@ -8,6 +8,7 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::apply::{self, Action, ObjectResult};
@@ -15,6 +16,7 @@ use crate::cluster::Cluster;
 use crate::config::{DryRunStrategy, ManifestProject, PropagationPolicy};
 use crate::inventory::{self, INVENTORY_LABEL, InventoryRef, Ownership};
 use crate::object::{ObjRef, Object};
+use crate::plugins::{self as plugin_stage, Plugin};
 use crate::source::Source;
 use crate::wait::{self, Status};
 use crate::{decode, plan, select};
@@ -57,6 +59,9 @@ pub enum Error {
     /// Some objects did not become healthy in time, or prunes failed.
     #[error("{0}")]
     Unhealthy(String),
+    /// A plugin failed, refused the commit, or an enforce-mode validator reported errors.
+    #[error(transparent)]
+    Plugin(#[from] crate::plugins::Error),
     /// The blocking git task panicked or was cancelled.
     #[error("git task failed: {0}")]
     Task(String),
@@ -86,6 +91,8 @@ pub struct Report {
     pub results: Vec<ObjectResult>,
     /// Health of applied objects after the wait.
     pub health: Vec<wait::Health>,
+    /// Plugin findings that did not block the commit (warnings, audit mode).
+    pub findings: Vec<crate::plugins::Finding>,
 }
 
 /// How to sync, beyond the project's own configuration.
@@ -101,6 +108,10 @@ pub struct Settings {
     pub limits: select::Limits,
     /// Allow pruning everything when no file is selected.
     pub allow_empty_prune: bool,
+    /// Agent name (plugins see it in their context).
+    pub agent: String,
+    /// The plugins this project uses, in order, or why they could not be loaded.
+    pub plugins: Result<Vec<Arc<Plugin>>, crate::plugins::Error>,
 }
 
 /// Fetches, selects and decodes `commit`: the offline part of the path.
@@ -146,9 +157,13 @@ pub async fn sync(
 ) -> Result<Report, Error> {
     let mut objects = render(source, project, commit, settings.limits).await?;
 
-    // Plugins (transformers, then validators) run here: after decode, before plan.
-
     let mut scopes = cluster.scopes();
+    scopes.add_crds(&objects);
+    decode::set_namespaces(&mut objects, &project.default_namespace, &scopes)?;
+    let plugins = settings.plugins.clone()?;
+    let (mut objects, findings) =
+        transform(objects, plugins, &settings.agent, &project.id, commit).await?;
+    // Plugins may add objects or kinds: the namespace rules hold for their output too.
     scopes.add_crds(&objects);
     decode::set_namespaces(&mut objects, &project.default_namespace, &scopes)?;
 
@@ -192,6 +207,7 @@ pub async fn sync(
             commit: commit.into(),
             results,
             health: Vec::new(),
+            findings,
         });
     }
 
@@ -268,7 +284,34 @@ pub async fn sync(
         commit: commit.into(),
         results,
         health,
+        findings,
     })
+}
+
+/// The plugin stage: transformers, then validators, off the async workers.
+///
+/// # Errors
+/// [`Error::Plugin`] when a plugin fails or the commit is denied.
+pub async fn transform(
+    objects: Vec<Object>,
+    plugins: Vec<Arc<Plugin>>,
+    agent: &str,
+    project: &str,
+    commit: &str,
+) -> Result<(Vec<Object>, Vec<plugin_stage::Finding>), Error> {
+    if plugins.is_empty() {
+        return Ok((objects, Vec::new()));
+    }
+    let subject = plugin_stage::Subject {
+        agent: agent.into(),
+        project: project.into(),
+        commit: commit.into(),
+    };
+    let outcome =
+        tokio::task::spawn_blocking(move || plugin_stage::run(&plugins, &subject, objects))
+            .await
+            .map_err(|e| Error::Task(e.to_string()))??;
+    Ok((outcome.objects, outcome.findings))
 }
 
 fn applied_refs(results: &[ObjectResult]) -> BTreeSet<ObjRef> {
@@ -426,7 +469,7 @@ pub fn default_cache_dir() -> PathBuf {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .unwrap_or_else(std::env::temp_dir)
-        .join("sluice/git")
+        .join("sluice")
 }
 
 /// Timeout helper used by callers that poll git.

@@ -29,6 +29,7 @@ fn options(agent: &str, cache: &std::path::Path) -> agent::Options {
         inventory_ids: HashMap::new(),
         allow_empty_prune: false,
         git_ca: None,
+        plugin_cache_dir: None,
     }
 }
 

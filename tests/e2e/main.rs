@@ -4,5 +4,6 @@
 mod agent;
 mod harness_cluster;
 mod harness_git;
+mod plugins;
 mod support;
 mod sync;

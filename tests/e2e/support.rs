@@ -53,6 +53,8 @@ pub fn settings(inventory_id: &str) -> Settings {
         concurrency: 8,
         limits: Default::default(),
         allow_empty_prune: false,
+        agent: "test".into(),
+        plugins: Ok(Vec::new()),
     }
 }
 

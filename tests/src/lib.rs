@@ -16,5 +16,6 @@ pub mod cluster;
 pub mod git;
 mod pki;
 mod procs;
+pub mod wasm;
 
 pub use procs::log_tail;

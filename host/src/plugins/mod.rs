@@ -1,0 +1,806 @@
+//! The plugin stage: every rendered object passes through WebAssembly components,
+//! transformers first (in configuration order), then validators.
+//!
+//! The contract is `wit/plugin.wit` (`sluice:plugin@0.1.0`). One [`Runtime`] per process
+//! holds the wasmtime `Engine`; [`Runtime::load`] compiles a component once (compiled code
+//! is cached on disk by wasmtime, keyed by the module's hash and the engine's settings and
+//! version, so a restart does not recompile), checks its exports and builds an
+//! `InstancePre`. [`run`] then gives every call a fresh `Store` with:
+//!
+//! - a wall-clock deadline through epoch interruption (a ticker thread advances the epoch
+//!   every [`TICK`]; default deadline 2 s per call),
+//! - a memory cap through `StoreLimits` (default 256 MiB),
+//! - a maximum output size (default 64 MiB),
+//! - only the capabilities its configuration grants (see `sandbox.rs`).
+//!
+//! Failures fail the commit closed (nothing is applied) unless the plugin's
+//! `failure_policy` is `ignore`. Validators cannot change objects: their world has no way
+//! to return any.
+
+mod bindings;
+mod sandbox;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use sha2::Digest;
+use wasmtime::component::Component;
+use wasmtime::{Engine, Store};
+
+use crate::object::{ObjRef, Object, Origin};
+use bindings::transformer::TransformerPre;
+use bindings::validator::ValidatorPre;
+use sandbox::State;
+
+/// How often the epoch advances; deadlines are multiples of it.
+pub const TICK: Duration = Duration::from_millis(10);
+
+/// A plugin failed. Never retryable for the same commit and plugin.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Error {
+    /// The module could not be read, verified or compiled, or exports neither world.
+    #[error("plugin {plugin}: failed to load: {message}")]
+    Load {
+        /// Plugin name.
+        plugin: String,
+        /// Why.
+        message: String,
+    },
+    /// `validate-config` rejected the configuration.
+    #[error("plugin {plugin}: invalid config: {message}")]
+    Config {
+        /// Plugin name.
+        plugin: String,
+        /// The plugin's message.
+        message: String,
+    },
+    /// The call trapped, timed out or exceeded its memory.
+    #[error("plugin {plugin} failed on project {project} commit {commit}: {message}")]
+    Call {
+        /// Plugin name.
+        plugin: String,
+        /// Project.
+        project: String,
+        /// Commit.
+        commit: String,
+        /// Why.
+        message: String,
+    },
+    /// The plugin returned something that is not a valid object list.
+    #[error(
+        "plugin {plugin} returned invalid output on project {project} commit {commit}: {message}"
+    )]
+    InvalidOutput {
+        /// Plugin name.
+        plugin: String,
+        /// Project.
+        project: String,
+        /// Commit.
+        commit: String,
+        /// What is wrong, naming the object.
+        message: String,
+    },
+    /// A transformer refused, or enforce-mode validators reported errors.
+    #[error("{} error findings, nothing was applied:\n{}", .0.len(), .0.iter().map(|f| f.to_string()).collect::<Vec<_>>().join("\n"))]
+    Denied(Vec<Finding>),
+}
+
+/// A capability a plugin may be granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Capability {
+    /// `wasi:clocks`.
+    Clocks,
+    /// `wasi:random`.
+    Random,
+    /// `wasi:sockets` with any address.
+    Network,
+    /// The agent's environment variables.
+    Environment,
+}
+
+/// What happens when the plugin itself fails (trap, timeout, bad output).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailurePolicy {
+    /// The commit is not applied (default).
+    #[default]
+    Fail,
+    /// The plugin is skipped with a warning.
+    Ignore,
+}
+
+/// What a validator's error findings do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Error findings block the commit (default).
+    #[default]
+    Enforce,
+    /// Findings are reported only.
+    Audit,
+}
+
+/// Limits of one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Wall-clock deadline. Default 2 s.
+    pub timeout: Duration,
+    /// Linear memory cap. Default 256 MiB.
+    pub memory_bytes: usize,
+    /// Maximum size of the returned objects and findings. Default 64 MiB.
+    pub max_output_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            timeout: Duration::from_secs(2),
+            memory_bytes: 256 << 20,
+            max_output_bytes: 64 << 20,
+        }
+    }
+}
+
+/// A plugin's configuration, as given in the agent configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spec {
+    /// Name, unique in the configuration.
+    pub name: String,
+    /// Where the module comes from (path or `https://` URL).
+    pub module: String,
+    /// Expected sha256 of the module (hex); required for URLs.
+    pub sha256: Option<String>,
+    /// The plugin's own configuration.
+    pub config: serde_json::Value,
+    /// Limits.
+    pub limits: Limits,
+    /// Granted capabilities.
+    pub capabilities: Vec<Capability>,
+    /// What a plugin failure does.
+    pub failure_policy: FailurePolicy,
+    /// Validators only: enforce or audit.
+    pub mode: Mode,
+}
+
+/// The world a component exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum World {
+    /// Exports `transform`.
+    Transformer,
+    /// Exports `validate`.
+    Validator,
+}
+
+/// A finding, with where it points in git.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Finding {
+    /// The plugin that reported it.
+    pub plugin: String,
+    /// `error`, `warning` or `info`.
+    pub severity: &'static str,
+    /// Message.
+    pub message: String,
+    /// The object concerned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub object: Option<ObjRef>,
+    /// Its origin in git.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
+    /// Field path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// Proposed value (JSON).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proposed_value: Option<String>,
+    /// Rule id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+}
+
+/// `file:line: severity: message (plugin, object)`, as `sluice validate` prints it.
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let at = self
+            .origin
+            .as_ref()
+            .map(|o| format!("{o}: "))
+            .unwrap_or_default();
+        let obj = self
+            .object
+            .as_ref()
+            .map(|o| format!(", {o}"))
+            .unwrap_or_default();
+        let field = self
+            .field
+            .as_ref()
+            .map(|p| format!(" at {p}"))
+            .unwrap_or_default();
+        write!(
+            f,
+            "{at}{}: {}{field} ({}{obj})",
+            self.severity, self.message, self.plugin
+        )
+    }
+}
+
+/// The process's plugin runtime: one engine, one epoch ticker.
+pub struct Runtime {
+    engine: Engine,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").finish_non_exhaustive()
+    }
+}
+
+impl Runtime {
+    /// Builds the engine; compiled code is cached under `cache_dir` when given.
+    ///
+    /// # Errors
+    /// When the engine or its cache cannot be configured.
+    pub fn new(cache_dir: Option<&Path>) -> Result<Runtime, String> {
+        let mut config = wasmtime::Config::new();
+        config.wasm_component_model(true);
+        // Epochs rather than fuel: a deadline in wall-clock time at a fraction of fuel's
+        // cost. They interrupt guest code only; host calls here never block.
+        config.epoch_interruption(true);
+        if let Some(dir) = cache_dir {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("failed to create {}: {e}", dir.display()))?;
+            let mut cache_config = wasmtime::CacheConfig::new();
+            cache_config.with_directory(dir);
+            let cache = wasmtime::Cache::new(cache_config)
+                .map_err(|e| format!("failed to open the compilation cache: {e}"))?;
+            config.cache(Some(cache));
+        }
+        let engine = Engine::new(&config)
+            .map_err(|e| format!("failed to build the WebAssembly engine: {e}"))?;
+        // The ticker holds a weak reference: it stops when the last engine handle is gone.
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("sluice-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(TICK);
+                }
+            })
+            .map_err(|e| format!("failed to start the epoch ticker: {e}"))?;
+        Ok(Runtime { engine })
+    }
+
+    /// Compiles a module and describes it, without checking any configuration.
+    ///
+    /// # Errors
+    /// [`Error::Load`] when it does not compile or exports neither world.
+    pub fn inspect(&self, bytes: &[u8]) -> Result<Info, Error> {
+        let load_err = |message: String| Error::Load {
+            plugin: "inspect".into(),
+            message,
+        };
+        let started = Instant::now();
+        let component = Component::from_binary(&self.engine, bytes)
+            .map_err(|e| load_err(format!("failed to compile: {e:#}")))?;
+        let compile_ms = started.elapsed().as_secs_f64() * 1e3;
+        let world = world_of(&self.engine, &component).map_err(load_err)?;
+        let ty = component.component_type();
+        let exports: Vec<String> = ty
+            .exports(&self.engine)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        let imports: Vec<String> = ty
+            .imports(&self.engine)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        // Every plugin imports the package's types interface, so its version is always there.
+        let wit_version = imports
+            .iter()
+            .find_map(|i| {
+                i.strip_prefix("sluice:plugin/")
+                    .and_then(|r| r.split_once('@'))
+                    .map(|(_, v)| v)
+            })
+            .unwrap_or("unknown")
+            .to_string();
+        Ok(Info {
+            world,
+            exports,
+            imports,
+            wit_version,
+            size: bytes.len(),
+            sha256: hex::encode(sha2::Sha256::digest(bytes)),
+            compile_ms,
+        })
+    }
+
+    /// Verifies, compiles and type-checks a plugin, then checks its configuration.
+    ///
+    /// # Errors
+    /// [`Error::Load`] for a module that does not match its sha256, does not compile or
+    /// exports neither world; [`Error::Config`] when `validate-config` rejects the config.
+    pub fn load(&self, spec: &Spec, bytes: &[u8]) -> Result<Plugin, Error> {
+        let load_err = |message: String| Error::Load {
+            plugin: spec.name.clone(),
+            message,
+        };
+        let sha256 = hex::encode(sha2::Sha256::digest(bytes));
+        if let Some(want) = &spec.sha256
+            && !want.eq_ignore_ascii_case(&sha256)
+        {
+            return Err(load_err(format!(
+                "sha256 mismatch: expected {want}, the module is {sha256}"
+            )));
+        }
+        let started = Instant::now();
+        let component = Component::from_binary(&self.engine, bytes)
+            .map_err(|e| load_err(format!("failed to compile: {e:#}")))?;
+        let compile_time = started.elapsed();
+        let world = world_of(&self.engine, &component).map_err(load_err)?;
+        let mut linker = sandbox::linker(&self.engine, &spec.capabilities)
+            .map_err(|e| load_err(format!("{e:#}")))?;
+        // Ungranted WASI imports become traps that name themselves when called; any other
+        // unknown import fails the load below.
+        sandbox::deny_ungranted(&mut linker, &self.engine, &component, &spec.capabilities)
+            .map_err(|e| load_err(format!("{e:#}")))?;
+        let pre = linker
+            .instantiate_pre(&component)
+            .map_err(|e| load_err(format!("{e:#}")))?;
+        let pre = match world {
+            World::Transformer => {
+                Pre::Transformer(TransformerPre::new(pre).map_err(|e| load_err(format!("{e:#}")))?)
+            }
+            World::Validator => {
+                Pre::Validator(ValidatorPre::new(pre).map_err(|e| load_err(format!("{e:#}")))?)
+            }
+        };
+        let plugin = Plugin {
+            spec: spec.clone(),
+            world,
+            sha256,
+            compile_time,
+            engine: self.engine.clone(),
+            pre,
+        };
+        plugin.validate_config()?;
+        Ok(plugin)
+    }
+}
+
+/// A loaded plugin, ready to run.
+pub struct Plugin {
+    spec: Spec,
+    world: World,
+    sha256: String,
+    compile_time: Duration,
+    engine: Engine,
+    pre: Pre,
+}
+
+enum Pre {
+    Transformer(TransformerPre<State>),
+    Validator(ValidatorPre<State>),
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.spec.name)
+            .field("world", &self.world)
+            .field("sha256", &self.sha256)
+            .finish()
+    }
+}
+
+/// What `sluice plugin inspect` shows.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Info {
+    /// World.
+    pub world: World,
+    /// Exported function names.
+    pub exports: Vec<String>,
+    /// Imported interfaces.
+    pub imports: Vec<String>,
+    /// Version of the `sluice:plugin` package it was built against.
+    pub wit_version: String,
+    /// Module size in bytes.
+    pub size: usize,
+    /// sha256 (hex).
+    pub sha256: String,
+    /// Compile (or cache load) time in milliseconds.
+    pub compile_ms: f64,
+}
+
+impl Plugin {
+    /// The spec it was loaded with.
+    pub fn spec(&self) -> &Spec {
+        &self.spec
+    }
+
+    /// Its world.
+    pub fn world(&self) -> World {
+        self.world
+    }
+
+    /// sha256 of its module (hex).
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    /// How long compiling (or loading from the cache) took.
+    pub fn compile_time(&self) -> Duration {
+        self.compile_time
+    }
+
+    fn store(&self) -> Store<State> {
+        let mut store = Store::new(
+            &self.engine,
+            State::new(
+                &self.spec.name,
+                self.spec.limits.memory_bytes,
+                &self.spec.capabilities,
+            ),
+        );
+        store.limiter(|s| &mut s.limits);
+        let ticks = (self.spec.limits.timeout.as_millis() / TICK.as_millis()).max(1) as u64;
+        store.set_epoch_deadline(ticks);
+        store.epoch_deadline_trap();
+        store
+    }
+
+    fn validate_config(&self) -> Result<(), Error> {
+        let config = self.spec.config.to_string();
+        let mut store = self.store();
+        let err = |message: String| Error::Load {
+            plugin: self.spec.name.clone(),
+            message,
+        };
+        let result = match &self.pre {
+            Pre::Transformer(pre) => {
+                let i = pre
+                    .instantiate(&mut store)
+                    .map_err(|e| err(format!("failed to instantiate: {e:#}")))?;
+                i.call_validate_config(&mut store, &config)
+            }
+            Pre::Validator(pre) => {
+                let i = pre
+                    .instantiate(&mut store)
+                    .map_err(|e| err(format!("failed to instantiate: {e:#}")))?;
+                i.call_validate_config(&mut store, &config)
+            }
+        };
+        match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(message)) => Err(Error::Config {
+                plugin: self.spec.name.clone(),
+                message,
+            }),
+            Err(e) => Err(err(format!(
+                "validate-config failed: {}",
+                trap_message(&e, &self.spec.limits)
+            ))),
+        }
+    }
+}
+
+/// Who is asking: goes into the plugin's context and into errors.
+#[derive(Debug, Clone, Default)]
+pub struct Subject {
+    /// Agent name.
+    pub agent: String,
+    /// Project.
+    pub project: String,
+    /// Commit.
+    pub commit: String,
+}
+
+/// The chain's result.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// Objects after the transformers.
+    pub objects: Vec<Object>,
+    /// Every finding (warnings, audit-mode errors, ignored failures).
+    pub findings: Vec<Finding>,
+}
+
+/// Runs `plugins` over `objects`: transformers in order, then validators. Blocking: call
+/// it from `spawn_blocking`.
+///
+/// # Errors
+/// A failing plugin ([`Error::Call`], [`Error::InvalidOutput`]) unless its failure policy
+/// is `ignore`; [`Error::Denied`] when a transformer refuses or an enforce-mode validator
+/// reports errors.
+pub fn run(
+    plugins: &[Arc<Plugin>],
+    subject: &Subject,
+    objects: Vec<Object>,
+) -> Result<Outcome, Error> {
+    let mut objects = objects;
+    let mut findings = Vec::new();
+    let ordered = plugins
+        .iter()
+        .filter(|p| p.world == World::Transformer)
+        .chain(plugins.iter().filter(|p| p.world == World::Validator));
+    for plugin in ordered {
+        let ignore = |e: Error, findings: &mut Vec<Finding>| {
+            if plugin.spec.failure_policy == FailurePolicy::Ignore {
+                findings.push(Finding {
+                    plugin: plugin.spec.name.clone(),
+                    severity: "warning",
+                    message: format!("plugin failed and was skipped (failure_policy: ignore): {e}"),
+                    object: None,
+                    origin: None,
+                    field: None,
+                    proposed_value: None,
+                    rule: None,
+                });
+                Ok(())
+            } else {
+                Err(e)
+            }
+        };
+        match plugin.world {
+            World::Transformer => match call_transform(plugin, subject, &objects) {
+                Ok(Ok(next)) => objects = next,
+                Ok(Err(refusal)) => return Err(Error::Denied(refusal)),
+                Err(e) => ignore(e, &mut findings)?,
+            },
+            World::Validator => match call_validate(plugin, subject, &objects) {
+                Ok(found) => {
+                    let blocking: Vec<Finding> = found
+                        .iter()
+                        .filter(|f| f.severity == "error" && plugin.spec.mode == Mode::Enforce)
+                        .cloned()
+                        .collect();
+                    if !blocking.is_empty() {
+                        return Err(Error::Denied(blocking));
+                    }
+                    findings.extend(found);
+                }
+                Err(e) => ignore(e, &mut findings)?,
+            },
+        }
+    }
+    Ok(Outcome { objects, findings })
+}
+
+fn wit_objects(objects: &[Object]) -> Vec<bindings::Object> {
+    objects
+        .iter()
+        .map(|o| bindings::Object {
+            json: o.value.to_string(),
+            origin: bindings::Origin {
+                path: o.origin.path.clone(),
+                index: o.origin.doc_index as u32,
+                line: o.origin.line as u32,
+            },
+        })
+        .collect()
+}
+
+fn wit_context(plugin: &Plugin, subject: &Subject) -> bindings::Context {
+    bindings::Context {
+        agent: subject.agent.clone(),
+        project: subject.project.clone(),
+        commit: subject.commit.clone(),
+        config: plugin.spec.config.to_string(),
+    }
+}
+
+fn call_transform(
+    plugin: &Plugin,
+    subject: &Subject,
+    objects: &[Object],
+) -> Result<Result<Vec<Object>, Vec<Finding>>, Error> {
+    let Pre::Transformer(pre) = &plugin.pre else {
+        unreachable!("called only for transformers")
+    };
+    let call_err = |message: String| Error::Call {
+        plugin: plugin.spec.name.clone(),
+        project: subject.project.clone(),
+        commit: subject.commit.clone(),
+        message,
+    };
+    let mut store = plugin.store();
+    let instance = pre.instantiate(&mut store).map_err(|e| {
+        call_err(format!(
+            "failed to instantiate: {}",
+            trap_message(&e, &plugin.spec.limits)
+        ))
+    })?;
+    let result = instance
+        .call_transform(
+            &mut store,
+            &wit_context(plugin, subject),
+            &wit_objects(objects),
+        )
+        .map_err(|e| call_err(trap_message(&e, &plugin.spec.limits)))?;
+    match result {
+        Ok(out) => check_output(plugin, subject, out).map(Ok),
+        Err(found) => Ok(Err(found
+            .into_iter()
+            .map(|f| finding(plugin, objects, f))
+            .collect())),
+    }
+}
+
+fn call_validate(
+    plugin: &Plugin,
+    subject: &Subject,
+    objects: &[Object],
+) -> Result<Vec<Finding>, Error> {
+    let Pre::Validator(pre) = &plugin.pre else {
+        unreachable!("called only for validators")
+    };
+    let call_err = |message: String| Error::Call {
+        plugin: plugin.spec.name.clone(),
+        project: subject.project.clone(),
+        commit: subject.commit.clone(),
+        message,
+    };
+    let mut store = plugin.store();
+    let instance = pre.instantiate(&mut store).map_err(|e| {
+        call_err(format!(
+            "failed to instantiate: {}",
+            trap_message(&e, &plugin.spec.limits)
+        ))
+    })?;
+    let found = instance
+        .call_validate(
+            &mut store,
+            &wit_context(plugin, subject),
+            &wit_objects(objects),
+        )
+        .map_err(|e| call_err(trap_message(&e, &plugin.spec.limits)))?;
+    let size: usize = found
+        .iter()
+        .map(|f| f.message.len() + f.field.as_ref().map_or(0, String::len))
+        .sum();
+    if size > plugin.spec.limits.max_output_bytes {
+        return Err(Error::InvalidOutput {
+            plugin: plugin.spec.name.clone(),
+            project: subject.project.clone(),
+            commit: subject.commit.clone(),
+            message: format!(
+                "findings are {size} bytes, the limit is {}",
+                plugin.spec.limits.max_output_bytes
+            ),
+        });
+    }
+    Ok(found
+        .into_iter()
+        .map(|f| finding(plugin, objects, f))
+        .collect())
+}
+
+/// Parses and checks a transformer's output: size, JSON, and the fields every object needs.
+fn check_output(
+    plugin: &Plugin,
+    subject: &Subject,
+    out: Vec<bindings::Object>,
+) -> Result<Vec<Object>, Error> {
+    let invalid = |message: String| Error::InvalidOutput {
+        plugin: plugin.spec.name.clone(),
+        project: subject.project.clone(),
+        commit: subject.commit.clone(),
+        message,
+    };
+    let size: usize = out.iter().map(|o| o.json.len() + o.origin.path.len()).sum();
+    if size > plugin.spec.limits.max_output_bytes {
+        return Err(invalid(format!(
+            "output is {size} bytes, the limit is {}",
+            plugin.spec.limits.max_output_bytes
+        )));
+    }
+    let mut objects = Vec::with_capacity(out.len());
+    for (i, o) in out.into_iter().enumerate() {
+        let at = if o.origin.path.is_empty() {
+            format!("object {i}")
+        } else {
+            format!("object {i} ({}:{})", o.origin.path, o.origin.line)
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(&o.json).map_err(|e| invalid(format!("{at} is not JSON: {e}")))?;
+        let has = |v: &serde_json::Value| v.as_str().is_some_and(|s| !s.is_empty());
+        let missing: Vec<&str> = [
+            ("apiVersion", has(&value["apiVersion"])),
+            ("kind", has(&value["kind"])),
+            ("metadata.name", has(&value["metadata"]["name"])),
+        ]
+        .into_iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(n, _)| n)
+        .collect();
+        if !value.is_object() || !missing.is_empty() {
+            return Err(invalid(format!(
+                "{at} {} is missing {}",
+                ObjRef::of(&value),
+                missing.join(", ")
+            )));
+        }
+        objects.push(Object {
+            value,
+            origin: Origin {
+                project: subject.project.clone(),
+                commit: subject.commit.clone(),
+                path: o.origin.path,
+                doc_index: o.origin.index as usize,
+                line: u64::from(o.origin.line),
+            },
+        });
+    }
+    Ok(objects)
+}
+
+fn finding(plugin: &Plugin, inputs: &[Object], f: bindings::Finding) -> Finding {
+    let input = f.object.as_ref().and_then(|r| inputs.get(r.index as usize));
+    Finding {
+        plugin: plugin.spec.name.clone(),
+        severity: match f.severity {
+            bindings::Severity::Error => "error",
+            bindings::Severity::Warning => "warning",
+            bindings::Severity::Info => "info",
+        },
+        message: f.message,
+        object: f.object.as_ref().map(|r| ObjRef {
+            group: crate::object::group_of(&r.api_version).to_string(),
+            kind: r.kind.clone(),
+            namespace: r.namespace.clone(),
+            name: r.name.clone(),
+        }),
+        origin: input.map(|o| o.origin.clone()),
+        field: f.field,
+        proposed_value: f.proposed_value,
+        rule: f.rule,
+    }
+}
+
+/// Names the limit a trap hit, or quotes the trap.
+fn trap_message(e: &wasmtime::Error, limits: &Limits) -> String {
+    if let Some(trap) = e.downcast_ref::<wasmtime::Trap>()
+        && *trap == wasmtime::Trap::Interrupt
+    {
+        return format!("timed out after {:?} (limits.timeout)", limits.timeout);
+    }
+    let text = format!("{e:#}");
+    if text.contains("growing memory")
+        || text.contains("memory.grow")
+        || text.contains("exceeds memory limits")
+    {
+        return format!(
+            "exceeded its memory limit of {} MiB (limits.memory_mib): {text}",
+            limits.memory_bytes >> 20
+        );
+    }
+    format!("trapped: {text}")
+}
+
+/// Reads the world from the component's exports.
+fn world_of(engine: &Engine, component: &Component) -> Result<World, String> {
+    let exports: Vec<String> = component
+        .component_type()
+        .exports(engine)
+        .map(|(n, _)| n.to_string())
+        .collect();
+    match (
+        exports.iter().any(|e| e == "transform"),
+        exports.iter().any(|e| e == "validate"),
+    ) {
+        (true, false) => Ok(World::Transformer),
+        (false, true) => Ok(World::Validator),
+        (true, true) => Err("exports both transform and validate; a plugin is one world".into()),
+        (false, false) => Err(format!(
+            "exports neither transform nor validate (exports: {}); is it built against wit/plugin.wit?",
+            exports.join(", ")
+        )),
+    }
+}
+
+/// Plugins by name, as loaded for one configuration.
+pub type Loaded = BTreeMap<String, Result<Arc<Plugin>, Error>>;

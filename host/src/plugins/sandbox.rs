@@ -1,0 +1,228 @@
+//! What a plugin instance can reach: the per-call store state, the memory and time limits,
+//! and a linker holding only the capabilities its configuration grants.
+//!
+//! Every plugin gets the `sluice:plugin/host` import (logging) and the parts of WASI that
+//! carry no authority: streams, exit, an empty environment, no preopened directories, stdin
+//! empty and stdout/stderr forwarded to the log. Clocks, randomness and sockets are linked
+//! only when granted; an ungranted WASI function is defined as a trap, so calling it fails
+//! the call with a message naming the import.
+
+use wasmtime::component::{HasData, HasSelf, Linker, ResourceTable};
+use wasmtime::{Engine, StoreLimits};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::Capability;
+use super::bindings::{self, Level};
+
+/// State of one plugin call.
+pub struct State {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    /// Memory and table caps; see [`State::new`].
+    pub limits: StoreLimits,
+    plugin: String,
+    logged: usize,
+}
+
+/// Log lines per call; a plugin cannot flood the agent's log.
+const MAX_LOG_LINES: usize = 1000;
+/// Bytes per log line.
+const MAX_LOG_LINE: usize = 4096;
+
+impl State {
+    /// Fresh state for one call of `plugin` with `memory_bytes` of linear memory at most.
+    pub fn new(plugin: &str, memory_bytes: usize, capabilities: &[Capability]) -> State {
+        let mut wasi = WasiCtx::builder();
+        // WasiCtxBuilder starts with no env, no args, no preopens and every socket address
+        // denied; only the network capability opens sockets.
+        if capabilities.contains(&Capability::Network) {
+            wasi.inherit_network().allow_ip_name_lookup(true);
+        }
+        if capabilities.contains(&Capability::Environment) {
+            wasi.inherit_env();
+        }
+        State {
+            wasi: wasi.build(),
+            table: ResourceTable::new(),
+            // trap_on_grow_failure: a guest allocating past the cap traps with a clear
+            // message instead of seeing memory.grow return -1 and aborting obscurely.
+            limits: wasmtime::StoreLimitsBuilder::new()
+                .memory_size(memory_bytes)
+                .instances(64)
+                .tables(64)
+                .memories(16)
+                .trap_on_grow_failure(true)
+                .build(),
+            plugin: plugin.to_string(),
+            logged: 0,
+        }
+    }
+}
+
+impl WasiView for State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl bindings::transformer::sluice::plugin::host::Host for State {
+    fn log(&mut self, level: Level, message: String) {
+        if self.logged >= MAX_LOG_LINES {
+            return;
+        }
+        self.logged += 1;
+        let mut message = message;
+        if message.len() > MAX_LOG_LINE {
+            let mut cut = MAX_LOG_LINE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        let plugin = self.plugin.as_str();
+        match level {
+            Level::Debug => tracing::debug!(plugin, "{message}"),
+            Level::Info => tracing::info!(plugin, "{message}"),
+            Level::Warn => tracing::warn!(plugin, "{message}"),
+            Level::Error => tracing::error!(plugin, "{message}"),
+        }
+    }
+}
+
+struct Io;
+impl HasData for Io {
+    type Data<'a> = &'a mut ResourceTable;
+}
+
+/// The capability an interface needs, for the interfaces that need one.
+fn capability_of(import: &str) -> Option<Capability> {
+    if import.starts_with("wasi:clocks/") {
+        Some(Capability::Clocks)
+    } else if import.starts_with("wasi:random/") {
+        Some(Capability::Random)
+    } else if import.starts_with("wasi:sockets/") {
+        Some(Capability::Network)
+    } else {
+        None
+    }
+}
+
+/// The resource type standing in for every resource of a denied interface (no value of it
+/// can ever exist: the functions that would create one trap).
+struct Denied;
+
+/// Defines every function the component imports from an interface it was not granted as a
+/// trap naming the import and the missing capability, so the component still loads and
+/// fails only if it really calls one. (wasmtime's `define_unknown_imports_as_traps` matches
+/// names exactly, without the semver matching the linker applies, so it would also shadow
+/// granted interfaces imported at another 0.2.x version.)
+pub fn deny_ungranted(
+    linker: &mut Linker<State>,
+    engine: &Engine,
+    component: &wasmtime::component::Component,
+    capabilities: &[Capability],
+) -> wasmtime::Result<()> {
+    use wasmtime::component::types::ComponentItem;
+    // Resources from wasi:io, and those a denied interface already defined, are only
+    // re-exported (`use`d) by the next ones: the linker resolves them, defining them again
+    // would make them different types.
+    let mut defined: Vec<String> = ["pollable", "input-stream", "output-stream", "error"]
+        .map(String::from)
+        .to_vec();
+    for (name, item) in component.component_type().imports(engine) {
+        let Some(cap) = capability_of(name).filter(|c| !capabilities.contains(c)) else {
+            continue;
+        };
+        let ComponentItem::ComponentInstance(instance) = item.ty else {
+            continue;
+        };
+        let mut li = linker.instance(name)?;
+        for (export, export_item) in instance.exports(engine) {
+            match export_item.ty {
+                ComponentItem::ComponentFunc(_) => {
+                    let message = format!(
+                        "{name}#{export} needs the `{}` capability, which this plugin is not granted",
+                        serde_json::to_value(cap)
+                            .ok()
+                            .and_then(|v| v.as_str().map(String::from))
+                            .unwrap_or_default()
+                    );
+                    li.func_new(export, move |_, _, _, _| {
+                        Err(wasmtime::format_err!("{message}"))
+                    })?;
+                }
+                ComponentItem::Resource(_) if !defined.iter().any(|d| d == export) => {
+                    li.resource(
+                        export,
+                        wasmtime::component::ResourceType::host::<Denied>(),
+                        |_, _| Ok(()),
+                    )?;
+                    defined.push(export.to_string());
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A linker with the host import and the WASI interfaces `capabilities` allow.
+pub fn linker(engine: &Engine, capabilities: &[Capability]) -> wasmtime::Result<Linker<State>> {
+    use wasmtime_wasi::cli::{WasiCli, WasiCliView as _};
+    use wasmtime_wasi::clocks::{WasiClocks, WasiClocksView as _};
+    use wasmtime_wasi::filesystem::{WasiFilesystem, WasiFilesystemView as _};
+    use wasmtime_wasi::p2::bindings::{cli, clocks, filesystem, random, sockets, sync};
+    use wasmtime_wasi::random::WasiRandom;
+    use wasmtime_wasi::sockets::{WasiSockets, WasiSocketsView as _};
+
+    let mut l = Linker::new(engine);
+    bindings::transformer::sluice::plugin::host::add_to_linker::<State, HasSelf<State>>(
+        &mut l,
+        |s| s,
+    )?;
+
+    // No authority: streams, exit, stdio, terminals, an empty environment, a filesystem
+    // without preopens.
+    wasmtime_wasi::p2::bindings::io::error::add_to_linker::<State, Io>(&mut l, |s| &mut s.table)?;
+    sync::io::poll::add_to_linker::<State, Io>(&mut l, |s| &mut s.table)?;
+    sync::io::streams::add_to_linker::<State, Io>(&mut l, |s| &mut s.table)?;
+    cli::exit::add_to_linker::<State, WasiCli>(&mut l, State::cli)?;
+    cli::environment::add_to_linker::<State, WasiCli>(&mut l, State::cli)?;
+    cli::stdin::add_to_linker::<State, WasiCli>(&mut l, State::cli)?;
+    cli::stdout::add_to_linker::<State, WasiCli>(&mut l, State::cli)?;
+    cli::stderr::add_to_linker::<State, WasiCli>(&mut l, State::cli)?;
+    cli::terminal_input::add_to_linker::<State, WasiCli>(&mut l, State::cli)?;
+    cli::terminal_output::add_to_linker::<State, WasiCli>(&mut l, State::cli)?;
+    cli::terminal_stdin::add_to_linker::<State, WasiCli>(&mut l, State::cli)?;
+    cli::terminal_stdout::add_to_linker::<State, WasiCli>(&mut l, State::cli)?;
+    cli::terminal_stderr::add_to_linker::<State, WasiCli>(&mut l, State::cli)?;
+    filesystem::preopens::add_to_linker::<State, WasiFilesystem>(&mut l, State::filesystem)?;
+    sync::filesystem::types::add_to_linker::<State, WasiFilesystem>(&mut l, State::filesystem)?;
+
+    if capabilities.contains(&Capability::Clocks) {
+        clocks::wall_clock::add_to_linker::<State, WasiClocks>(&mut l, State::clocks)?;
+        clocks::monotonic_clock::add_to_linker::<State, WasiClocks>(&mut l, State::clocks)?;
+    }
+    if capabilities.contains(&Capability::Random) {
+        random::random::add_to_linker::<State, WasiRandom>(&mut l, |s| s.wasi.random())?;
+        random::insecure::add_to_linker::<State, WasiRandom>(&mut l, |s| s.wasi.random())?;
+        random::insecure_seed::add_to_linker::<State, WasiRandom>(&mut l, |s| s.wasi.random())?;
+    }
+    if capabilities.contains(&Capability::Network) {
+        let options = sockets::network::LinkOptions::default();
+        sockets::tcp_create_socket::add_to_linker::<State, WasiSockets>(&mut l, State::sockets)?;
+        sockets::instance_network::add_to_linker::<State, WasiSockets>(&mut l, State::sockets)?;
+        sockets::network::add_to_linker::<State, WasiSockets>(&mut l, &options, State::sockets)?;
+        sockets::ip_name_lookup::add_to_linker::<State, WasiSockets>(&mut l, State::sockets)?;
+        sync::sockets::tcp::add_to_linker::<State, WasiSockets>(&mut l, State::sockets)?;
+        sync::sockets::udp::add_to_linker::<State, WasiSockets>(&mut l, State::sockets)?;
+        sync::sockets::udp_create_socket::add_to_linker::<State, WasiSockets>(
+            &mut l,
+            State::sockets,
+        )?;
+    }
+    Ok(l)
+}

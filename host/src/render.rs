@@ -1,0 +1,151 @@
+//! The offline prefix of the path for the CLI: select → decode → plugins, from a directory
+//! or a repository, with an optional agent configuration (paths, default namespace,
+//! plugins). `sluice render` prints the result; `sluice validate` prints the findings.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::config::{self, AgentConfig, ManifestProject};
+use crate::object::Object;
+use crate::plugins::{self, Finding, Runtime};
+use crate::select::{self, Dir};
+use crate::source::Source;
+use crate::{decode, sync};
+
+/// Where the manifests come from.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// A directory on disk.
+    Dir(PathBuf),
+    /// A repository URL and a ref (default branch when `None`).
+    Repo(String, Option<String>),
+}
+
+/// A rendered set.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    /// Objects after the plugins.
+    pub objects: Vec<Object>,
+    /// Non-blocking findings.
+    pub findings: Vec<Finding>,
+}
+
+/// Renders `input` with the project entry `project` (by id, or the first) of `config`.
+///
+/// # Errors
+/// A message naming what failed (file and line for decode errors; plugin and object for
+/// findings).
+pub async fn render(
+    input: &Input,
+    config_file: Option<&Path>,
+    project: Option<&str>,
+) -> Result<Rendered, sync::Error> {
+    let (cfg, base) = match config_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                sync::Error::Task(format!("failed to read {}: {e}", path.display()))
+            })?;
+            let cfg = config::parse_with_origin(&text, "local", &path.display().to_string())
+                .map_err(|e| sync::Error::Task(e.to_string()))?;
+            (
+                cfg,
+                path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            )
+        }
+        None => (
+            config::parse("", "local").map_err(|e| sync::Error::Task(e.to_string()))?,
+            PathBuf::new(),
+        ),
+    };
+    let entry = pick(&cfg, project)?;
+    let commit = "local".to_string();
+    let (files, commit) = match input {
+        Input::Dir(dir) => {
+            let (dir, globs) = (dir.clone(), entry.paths.clone());
+            let files = tokio::task::spawn_blocking(move || -> Result<_, sync::Error> {
+                let tree = Dir::walk(&dir).map_err(|e| sync::Error::Task(e.to_string()))?;
+                Ok(select::select(&tree, &globs, &select::Limits::default())?)
+            })
+            .await
+            .map_err(|e| sync::Error::Task(e.to_string()))??;
+            (files, commit)
+        }
+        Input::Repo(url, git_ref) => {
+            let cache = std::env::temp_dir().join("sluice-render");
+            let source = Source::new(url, &cache, None);
+            let git_ref = match git_ref {
+                Some(r) if r.len() == 40 && r.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                    config::GitRef::Commit(r.clone())
+                }
+                Some(r) => config::GitRef::Branch(r.clone()),
+                None => config::GitRef::DefaultBranch,
+            };
+            let globs = entry.paths.clone();
+            tokio::task::spawn_blocking(move || -> Result<_, sync::Error> {
+                let commit = source.resolve(&git_ref)?;
+                let snapshot = source.fetch(&commit)?;
+                Ok((
+                    select::select(&snapshot, &globs, &select::Limits::default())?,
+                    commit,
+                ))
+            })
+            .await
+            .map_err(|e| sync::Error::Task(e.to_string()))??
+        }
+    };
+    let mut objects = decode::decode(&files, &entry.id, &commit)?;
+    let scopes = decode::Scopes::offline(&objects);
+    decode::set_namespaces(&mut objects, &entry.default_namespace, &scopes)?;
+    let plugins = load_plugins(&cfg, &entry, &base)?;
+    let (mut objects, findings) =
+        sync::transform(objects, plugins, "local", &entry.id, &commit).await?;
+    let scopes = decode::Scopes::offline(&objects);
+    decode::set_namespaces(&mut objects, &entry.default_namespace, &scopes)?;
+    Ok(Rendered { objects, findings })
+}
+
+fn pick(cfg: &AgentConfig, project: Option<&str>) -> Result<ManifestProject, sync::Error> {
+    match project {
+        Some(id) => cfg
+            .manifest_projects
+            .iter()
+            .find(|p| p.id == id)
+            .cloned()
+            .ok_or_else(|| {
+                sync::Error::Task(format!("no manifest project {id:?} in the configuration"))
+            }),
+        None => Ok(cfg.manifest_projects.first().cloned().unwrap_or_else(|| {
+            let mut p = config::parse("gitops:\n  manifest_projects:\n  - id: local\n", "local")
+                .expect("static config is valid")
+                .manifest_projects;
+            p.remove(0)
+        })),
+    }
+}
+
+fn load_plugins(
+    cfg: &AgentConfig,
+    entry: &ManifestProject,
+    base: &Path,
+) -> Result<Vec<Arc<plugins::Plugin>>, sync::Error> {
+    let names: Vec<&String> = match &entry.plugins {
+        Some(n) => n.iter().collect(),
+        None => cfg.plugins.iter().map(|p| &p.name).collect(),
+    };
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let runtime = Runtime::new(None).map_err(sync::Error::Task)?;
+    cfg.plugins
+        .iter()
+        .filter(|p| names.contains(&&p.name))
+        .map(|spec| {
+            let path = base.join(&spec.module);
+            let bytes = std::fs::read(&path).map_err(|e| plugins::Error::Load {
+                plugin: spec.name.clone(),
+                message: format!("failed to read {}: {e}", path.display()),
+            })?;
+            Ok(Arc::new(runtime.load(spec, &bytes)?))
+        })
+        .collect()
+}

@@ -1,0 +1,496 @@
+//! The plugin stage: first-party plugins and hostile ones, built from source by the tests,
+//! run by the real host; then plugins in real syncs against the cluster.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::Api;
+use serde_json::{Value, json};
+use sluice::object::{Object, Origin};
+use sluice::plugins::{self, Error, FailurePolicy, Limits, Mode, Plugin, Runtime, Spec, Subject};
+use sluice_testenv::{cluster, git, wasm};
+
+use crate::support::*;
+
+const DIGEST: &str = "sha256:00000000000000000000000000000000000000000000000000000000000000aa";
+
+fn runtime() -> &'static Runtime {
+    static RT: OnceLock<Runtime> = OnceLock::new();
+    RT.get_or_init(|| Runtime::new(None).expect("plugin runtime"))
+}
+
+fn spec(crate_name: &str, config: Value) -> Spec {
+    Spec {
+        name: crate_name.into(),
+        module: format!("{crate_name}.wasm"),
+        sha256: None,
+        config,
+        limits: Limits::default(),
+        capabilities: Vec::new(),
+        failure_policy: FailurePolicy::Fail,
+        mode: Mode::Enforce,
+    }
+}
+
+fn load(spec: &Spec) -> Result<Arc<Plugin>, Error> {
+    let bytes = std::fs::read(wasm::component(&spec.name)).expect("built component");
+    runtime().load(spec, &bytes).map(Arc::new)
+}
+
+fn objects(values: &[Value]) -> Vec<Object> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Object {
+            value: v.clone(),
+            origin: Origin {
+                project: "p".into(),
+                commit: "c".into(),
+                path: format!("f{i}.yaml"),
+                doc_index: 0,
+                line: 3,
+            },
+        })
+        .collect()
+}
+
+fn subject() -> Subject {
+    Subject {
+        agent: "a".into(),
+        project: "p".into(),
+        commit: "c".into(),
+    }
+}
+
+fn deployment_value(image: &str) -> Value {
+    json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "namespace": "dev"},
+           "spec": {"selector": {"matchLabels": {"app": "web"}}, "template": {"metadata": {"labels": {"app": "web"}},
+           "spec": {"containers": [{"name": "web", "image": image}]}}}})
+}
+
+#[test]
+fn wasm_plugins_give_the_same_result_as_their_native_logic() {
+    let input = vec![
+        deployment_value("nginx:1.27"),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "rb", "namespace": "dev"},
+               "subjects": [{"kind": "ServiceAccount", "name": "sa", "namespace": "dev"}], "roleRef": {"kind": "Role", "name": "r", "apiGroup": "rbac.authorization.k8s.io"}}),
+    ];
+    let ns =
+        load(&spec("set-namespace", json!({"namespace": "prod"}))).expect("load set-namespace");
+    let pin = load(&spec(
+        "pin-images",
+        json!({"images": {"nginx:1.27": DIGEST}}),
+    ))
+    .expect("load pin-images");
+    let out = plugins::run(&[ns, pin], &subject(), objects(&input)).expect("chain");
+
+    let mut native = input.clone();
+    set_namespace::transform(
+        &set_namespace::Config {
+            namespace: "prod".into(),
+            cluster_scoped_kinds: vec![],
+        },
+        &mut native,
+    );
+    pin_images::transform(
+        &pin_images::Config {
+            images: [("nginx:1.27".to_string(), DIGEST.to_string())].into(),
+            require_pinned: false,
+        },
+        &mut native,
+    )
+    .expect("native");
+    let got: Vec<Value> = out.objects.iter().map(|o| o.value.clone()).collect();
+    assert_eq!(got, native);
+    assert_eq!(got[1]["subjects"][0]["namespace"], "prod");
+    assert_eq!(
+        out.objects[0].origin.path, "f0.yaml",
+        "origins survive the round trip"
+    );
+}
+
+#[test]
+fn bad_plugin_config_fails_at_load() {
+    let e = load(&spec("set-namespace", Value::Null)).expect_err("namespace required");
+    assert_eq!(
+        e,
+        Error::Config {
+            plugin: "set-namespace".into(),
+            message: "namespace is required".into()
+        }
+    );
+    let e = load(&spec(
+        "pin-images",
+        json!({"images": {"a:1": "sha256:abc"}}),
+    ))
+    .expect_err("bad digest");
+    assert!(
+        e.to_string()
+            .contains("digest must be sha256: and 64 hex digits"),
+        "{e}"
+    );
+    let mut wrong = spec("no-latest-tag", Value::Null);
+    wrong.sha256 = Some("00".repeat(32));
+    let e = load(&wrong).expect_err("sha mismatch");
+    assert!(
+        e.to_string()
+            .starts_with("plugin no-latest-tag: failed to load: sha256 mismatch"),
+        "{e}"
+    );
+}
+
+#[test]
+fn enforce_validators_block_with_every_finding_and_audit_ones_report() {
+    let bad = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "n"},
+                     "spec": {"hostNetwork": true, "containers": [{"name": "c", "image": "nginx", "securityContext": {"privileged": true}}]}});
+    let priv_ = load(&spec("no-privileged", Value::Null)).expect("load");
+    let latest = load(&spec("no-latest-tag", Value::Null)).expect("load");
+    let e = plugins::run(
+        &[priv_.clone(), latest],
+        &subject(),
+        objects(std::slice::from_ref(&bad)),
+    )
+    .expect_err("denied");
+    let Error::Denied(findings) = &e else {
+        panic!("expected Denied, got {e}")
+    };
+    assert_eq!(
+        findings.len(),
+        2,
+        "no-privileged reports both settings and blocks before no-latest-tag runs: {e}"
+    );
+    assert_eq!(
+        findings[0].to_string(),
+        "f0.yaml:3: error: hostNetwork is not allowed at spec.hostNetwork (no-privileged, Pod/n/p)"
+    );
+
+    let mut audit = spec("no-privileged", Value::Null);
+    audit.mode = Mode::Audit;
+    let out = plugins::run(&[load(&audit).expect("load")], &subject(), objects(&[bad]))
+        .expect("audit passes");
+    assert_eq!(out.findings.len(), 2);
+    let good = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "nginx:1",
+                      "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "1Gi"}}}]}});
+    let validators = ["no-privileged", "require-resources", "no-latest-tag"]
+        .map(|n| load(&spec(n, Value::Null)).expect("load"));
+    let reg = load(&spec(
+        "allowed-registries",
+        json!({"registries": ["docker.io/library/"]}),
+    ))
+    .expect("load");
+    let out = plugins::run(
+        &[
+            validators[0].clone(),
+            validators[1].clone(),
+            validators[2].clone(),
+            reg,
+        ],
+        &subject(),
+        objects(&[good]),
+    )
+    .expect("clean");
+    assert!(out.findings.is_empty(), "{:?}", out.findings);
+}
+
+fn hostile(act: &str, tweak: impl FnOnce(&mut Spec)) -> Result<plugins::Outcome, Error> {
+    let mut s = spec("hostile", json!({"act": act}));
+    s.limits.timeout = Duration::from_millis(300);
+    s.limits.memory_bytes = 64 << 20;
+    tweak(&mut s);
+    let plugin = load(&s).expect("hostile plugin loads");
+    plugins::run(
+        &[plugin],
+        &subject(),
+        objects(&[deployment_value("nginx:1.27")]),
+    )
+}
+
+fn call_error(act: &str) -> String {
+    match hostile(act, |_| {}) {
+        Err(e @ (Error::Call { .. } | Error::InvalidOutput { .. } | Error::Denied(_))) => {
+            e.to_string()
+        }
+        other => panic!("act {act}: expected a plugin error, got {other:?}"),
+    }
+}
+
+#[test]
+fn hostile_plugins_fail_with_the_documented_errors() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "loop",
+            "plugin hostile failed on project p commit c: timed out after 300ms (limits.timeout)",
+        ),
+        (
+            "alloc",
+            "plugin hostile failed on project p commit c: exceeded its memory limit of 64 MiB",
+        ),
+        (
+            "trap",
+            "plugin hostile failed on project p commit c: trapped:",
+        ),
+        (
+            "missing-name",
+            "plugin hostile returned invalid output on project p commit c: object 0 (f0.yaml:3) Deployment/dev/ is missing metadata.name",
+        ),
+        (
+            "invalid-json",
+            "plugin hostile returned invalid output on project p commit c: object 0 (f0.yaml:3) /",
+        ),
+        ("clock", "wasi:clocks/wall-clock"),
+        ("random", "wasi:random/"),
+        ("socket", "wasi:sockets/"),
+    ];
+    for (act, want) in cases {
+        let got = call_error(act);
+        assert!(got.contains(want), "act {act}: {got}");
+    }
+    // No filesystem and no environment: the calls fail or see nothing, inside the plugin.
+    assert!(
+        call_error("open-file").contains("open: Err("),
+        "{}",
+        call_error("open-file")
+    );
+    assert!(
+        call_error("read-env").contains("env: HOME=None vars=0"),
+        "{}",
+        call_error("read-env")
+    );
+    let huge = hostile("huge", |s| s.limits.max_output_bytes = 1 << 20).expect_err("too big");
+    assert!(huge.to_string().contains("the limit is 1048576"), "{huge}");
+
+    // The same plugin still works afterwards: every call gets a fresh instance.
+    let out = hostile("", |_| {}).expect("pass-through after all that");
+    assert_eq!(out.objects.len(), 1);
+}
+
+#[test]
+fn failure_policy_ignore_skips_a_failing_plugin_with_a_warning() {
+    let out = hostile("loop", |s| s.failure_policy = FailurePolicy::Ignore).expect("ignored");
+    assert_eq!(
+        out.objects[0].value,
+        deployment_value("nginx:1.27"),
+        "objects unchanged"
+    );
+    assert_eq!(out.findings.len(), 1);
+    assert!(
+        out.findings[0]
+            .message
+            .starts_with("plugin failed and was skipped (failure_policy: ignore)"),
+        "{}",
+        out.findings[0].message
+    );
+}
+
+#[test]
+fn granted_capabilities_are_available() {
+    let e = hostile("clock", |s| {
+        s.capabilities = vec![plugins::Capability::Clocks]
+    })
+    .expect_err("reports");
+    assert!(e.to_string().contains("clock: SystemTime"), "{e}");
+}
+
+#[test]
+fn a_validator_cannot_change_what_it_validates() {
+    let v = load(&spec("hostile-validator", Value::Null)).expect("load");
+    let input = vec![deployment_value("nginx:1.27")];
+    let out = plugins::run(&[v], &subject(), objects(&input)).expect("warning only");
+    assert_eq!(
+        out.objects[0].value, input[0],
+        "objects are exactly what went in"
+    );
+    assert_eq!(
+        out.findings[0].message,
+        "mutated 1 objects in my own memory"
+    );
+}
+
+// --- in real syncs ----------------------------------------------------------------------
+
+fn settings_with(inventory: &str, plugins: Vec<Arc<Plugin>>) -> sluice::sync::Settings {
+    sluice::sync::Settings {
+        plugins: Ok(plugins),
+        ..settings(inventory)
+    }
+}
+
+#[tokio::test]
+async fn a_commit_lands_transformed_by_set_namespace_and_pin_images() {
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "plug").await;
+    let repo = git::shared().create_repo(&format!("group/{ns}"));
+    repo.commit(
+        "main",
+        &[git::file("web.yaml", deployment("web", 1))],
+        "web",
+    );
+    let (src, _cache) = source(&repo, None);
+    let mut c = cluster().await;
+    let chain = vec![
+        load(&spec("set-namespace", json!({"namespace": ns}))).expect("load"),
+        load(&spec(
+            "pin-images",
+            json!({"images": {"nginx:1.27": DIGEST}, "require_pinned": true}),
+        ))
+        .expect("load"),
+    ];
+    sync_once(
+        &mut c,
+        &src,
+        &project("default", "    reconcile_timeout: 60s\n"),
+        &settings_with(&format!("t-{ns}"), chain),
+    )
+    .await
+    .expect("sync");
+    let deploys: Api<Deployment> = Api::namespaced(client, &ns);
+    let web = deploys
+        .get("web")
+        .await
+        .expect("landed in the plugin's namespace, not default");
+    let image = web
+        .spec
+        .and_then(|s| s.template.spec)
+        .map(|s| s.containers[0].image.clone().unwrap_or_default());
+    assert_eq!(
+        image.as_deref(),
+        Some(format!("nginx:1.27@{DIGEST}").as_str())
+    );
+}
+
+#[tokio::test]
+async fn enforce_violation_is_not_applied_and_audit_violation_is_applied_and_reported() {
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "policy").await;
+    let repo = git::shared().create_repo(&format!("group/{ns}"));
+    let risky = deployment("risky", 1).replace(
+        "        image: nginx:1.27\n",
+        "        image: nginx:1.27\n        securityContext:\n          privileged: true\n",
+    );
+    repo.commit(
+        "main",
+        &[
+            git::file("ok.yaml", configmap("ok", "1")),
+            git::file("apps/risky.yaml", risky),
+        ],
+        "risky",
+    );
+    let (src, _cache) = source(&repo, None);
+    let mut c = cluster().await;
+    let p = project(&ns, "    reconcile_timeout: 60s\n");
+
+    let enforce = load(&spec("no-privileged", Value::Null)).expect("load");
+    let err = sync_once(
+        &mut c,
+        &src,
+        &p,
+        &settings_with(&format!("t-{ns}"), vec![enforce]),
+    )
+    .await
+    .expect_err("blocked");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "1 error findings, nothing was applied:\napps/risky.yaml:1: error: container app is privileged at spec.template.spec.containers[0].securityContext.privileged (no-privileged, Deployment/{ns}/risky)"
+        )
+    );
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    assert!(
+        cms.get_opt("ok").await.expect("get").is_none(),
+        "nothing applied"
+    );
+
+    let mut audit_spec = spec("no-privileged", Value::Null);
+    audit_spec.mode = Mode::Audit;
+    let report = sync_once(
+        &mut c,
+        &src,
+        &p,
+        &settings_with(&format!("t-{ns}"), vec![load(&audit_spec).expect("load")]),
+    )
+    .await
+    .expect("applied");
+    assert_eq!(report.findings.len(), 1);
+    assert_eq!(
+        report.findings[0].origin.as_ref().map(|o| o.path.as_str()),
+        Some("apps/risky.yaml")
+    );
+    assert!(cms.get_opt("ok").await.expect("get").is_some());
+}
+
+#[tokio::test]
+async fn changing_a_plugins_config_in_the_config_repository_takes_effect() {
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "plugcfg").await;
+    let server = git::shared();
+    let manifests = server.create_repo(&format!("group/{ns}-manifests"));
+    manifests.commit(
+        "main",
+        &[git::file("a.yaml", configmap("a", "1"))],
+        "manifests",
+    );
+    let config_repo = server.create_repo(&format!("group/{ns}-config"));
+    let module = std::fs::read(wasm::component("set-labels")).expect("built");
+    let config = |team: &str| {
+        format!(
+            "plugins:\n- name: labels\n  module: plugins/set_labels.wasm\n  config: {{labels: {{team: {team}}}}}\ngitops:\n  manifest_projects:\n  - id: group/{ns}-manifests\n    default_namespace: {ns}\n"
+        )
+    };
+    let files = |team: &str| {
+        vec![
+            git::file(".gitlab/agents/p/config.yaml", config(team)),
+            git::file("plugins/set_labels.wasm", &module),
+        ]
+    };
+    config_repo.commit("main", &files("a"), "team a");
+    let dir = tempfile::tempdir().expect("dir");
+    let opts = sluice::agent::Options {
+        agent_name: "p".into(),
+        git_base_url: server.base_url().into(),
+        config_project: "test/config".into(),
+        credentials: Default::default(),
+        poll_interval: Duration::from_millis(500),
+        reapply_interval: Duration::from_secs(300),
+        cache_dir: dir.path().into(),
+        field_manager: "sluice".into(),
+        concurrency: 8,
+        inventory_ids: Default::default(),
+        allow_empty_prune: false,
+        git_ca: None,
+        plugin_cache_dir: Some(dir.path().join("wasm")),
+    };
+    let source = sluice::agent::ConfigSource::Repo {
+        url: config_repo.http_url().into(),
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let agent_client = client.clone();
+    let _agent = tokio::spawn(async move {
+        let _keep = tx;
+        sluice::agent::run(agent_client, source, opts, None, std::future::pending())
+            .await
+            .expect("agent");
+    });
+    drop(rx);
+    let cms: Api<ConfigMap> = Api::namespaced(client, &ns);
+    let team = |cms: Api<ConfigMap>| async move {
+        cms.get_opt("a")
+            .await
+            .ok()
+            .flatten()?
+            .metadata
+            .labels?
+            .get("team")
+            .cloned()
+    };
+    eventually("label team=a", Duration::from_secs(60), || async {
+        team(cms.clone()).await.filter(|t| t == "a")
+    })
+    .await;
+    config_repo.commit("main", &files("b"), "team b");
+    eventually("label team=b", Duration::from_secs(60), || async {
+        team(cms.clone()).await.filter(|t| t == "b")
+    })
+    .await;
+}

@@ -1,0 +1,56 @@
+//! Builds WebAssembly components from the workspace's sources, once per test run.
+//!
+//! Tests never use prebuilt modules: they ask for plugins by crate name and get freshly
+//! built `.wasm` files (cargo rebuilds only what changed).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// Every plugin crate the tests use: the first-party plugins and the hostile ones.
+pub const CRATES: &[&str] = &[
+    "set-namespace",
+    "set-labels",
+    "pin-images",
+    "no-privileged",
+    "require-resources",
+    "allowed-registries",
+    "no-latest-tag",
+    "hostile",
+    "hostile-validator",
+];
+
+static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+
+/// The path of the component built from crate `name`.
+///
+/// # Panics
+/// When the build fails; the message quotes cargo's output.
+pub fn component(name: &str) -> PathBuf {
+    let dir = BUILT
+        .get_or_init(build)
+        .as_ref()
+        .unwrap_or_else(|e| panic!("building the test plugins failed: {e}"));
+    dir.join(format!("{}.wasm", name.replace('-', "_")))
+}
+
+fn build() -> Result<PathBuf, String> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the workspace");
+    let target = workspace.join("target");
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace)
+        .args(["build", "--release", "--target", "wasm32-wasip2"]);
+    for c in CRATES {
+        cmd.args(["-p", c]);
+    }
+    let out = cmd
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .map_err(|e| format!("failed to run cargo: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(target.join("wasm32-wasip2/release"))
+}
