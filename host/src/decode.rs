@@ -170,7 +170,10 @@ fn check(value: &Value) -> Result<(), String> {
 
 fn yaml_options() -> serde_saphyr::Options {
     // Budgets bound what one file may cost: alias expansion, nesting and node count.
+    // strict_booleans: only true/false are booleans (YAML 1.2, like JSON). With YAML 1.1's
+    // y/n/yes/no/on/off, `name: n` or `country: no` would silently become booleans.
     serde_saphyr::options! {
+        strict_booleans: true,
         budget: serde_saphyr::budget! {
             max_aliases: 1_000,
             max_anchors: 1_000,
@@ -377,6 +380,16 @@ mod tests {
         assert_eq!(
             e.0[1].to_string(),
             "noname.yaml:1: object ConfigMap/ is missing metadata.name"
+        );
+    }
+
+    #[test]
+    fn only_true_and_false_are_booleans() {
+        let objs = decode(&[file("a.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: n}\ndata: {a: yes, b: on, c: true}\n")], "p", "c").expect("decode");
+        assert_eq!(objs[0].name(), "n");
+        assert_eq!(
+            objs[0].value["data"],
+            serde_json::json!({"a": "yes", "b": "on", "c": true})
         );
     }
 
