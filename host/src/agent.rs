@@ -65,6 +65,8 @@ pub struct Options {
     pub git_ca: Option<Vec<u8>>,
     /// Where compiled plugins are cached (none: compile on every start).
     pub plugin_cache_dir: Option<PathBuf>,
+    /// File selection limits (agentk's by default).
+    pub limits: crate::select::Limits,
 }
 
 /// A loaded configuration: the file, the module bytes of its plugins, and the plugins.
@@ -422,7 +424,7 @@ async fn worker(
             .unwrap_or_else(|| sync::inventory_id(&opts.agent_name, &project.id)),
         field_manager: opts.field_manager.clone(),
         concurrency: opts.concurrency,
-        limits: Default::default(),
+        limits: opts.limits,
         allow_empty_prune: opts.allow_empty_prune,
         agent: opts.agent_name.clone(),
         plugins,

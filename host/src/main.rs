@@ -124,6 +124,15 @@ struct RunArgs {
     /// (`inventory-<agentId>-<projectId>`). Repeatable.
     #[arg(long = "inventory-id", value_parser = parse_pair)]
     inventory_ids: Vec<(String, String)>,
+    /// Maximum number of manifest files per project and commit.
+    #[arg(long, default_value_t = 1000)]
+    max_files: usize,
+    /// Maximum size of one manifest file, in bytes.
+    #[arg(long, default_value_t = 5 << 20)]
+    max_file_bytes: u64,
+    /// Maximum total size of a project's manifest files, in bytes.
+    #[arg(long, default_value_t = 20 << 20)]
+    max_total_bytes: u64,
     /// Allow pruning every object when no file is selected.
     #[arg(long)]
     allow_empty_prune: bool,
@@ -320,6 +329,11 @@ async fn run(args: RunArgs) -> ExitCode {
         allow_empty_prune: args.allow_empty_prune,
         git_ca,
         plugin_cache_dir: Some(cache_root.join("wasm")),
+        limits: sluice::select::Limits {
+            max_files: args.max_files,
+            max_file_bytes: args.max_file_bytes,
+            max_total_bytes: args.max_total_bytes,
+        },
     };
     match agent::run(client, source, opts, Some(levels), shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -30,6 +30,7 @@ fn options(agent: &str, cache: &std::path::Path) -> agent::Options {
         allow_empty_prune: false,
         git_ca: None,
         plugin_cache_dir: None,
+        limits: Default::default(),
     }
 }
 
