@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the agent: keep the cluster equal to the manifest projects of the configuration.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Select, decode and run the plugins offline; print the objects (like `flux build`).
     Render(RenderArgs),
     /// The same chain for CI: print findings as `file:line: severity: message (plugin,
@@ -161,7 +161,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run(args) => rt.block_on(run(args)),
+        Command::Run(args) => rt.block_on(run(*args)),
         Command::Render(args) => rt.block_on(render(args, false)),
         Command::Validate(args) => rt.block_on(render(args, true)),
         Command::Plugin(PluginCommand::Inspect { file, output }) => inspect(&file, output),

@@ -33,6 +33,9 @@ fn deployment(i: usize) -> Value {
                                                          {"name": "sidecar", "image": "envoy:1.30"}]}}}})
 }
 
+/// A plugin's logic called natively.
+type NativeTransform = Box<dyn Fn(&mut Vec<Value>)>;
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -109,7 +112,7 @@ fn main() {
         .into(),
         require_pinned: false,
     };
-    let cases: [(&str, Value, Box<dyn Fn(&mut Vec<Value>)>); 2] = [
+    let cases: [(&str, Value, NativeTransform); 2] = [
         (
             "set-namespace",
             json!({"namespace": "prod"}),
