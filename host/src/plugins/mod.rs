@@ -438,6 +438,26 @@ impl Plugin {
         self.compile_time
     }
 
+    /// [`Error::Call`] for this plugin and subject.
+    fn failed(&self, subject: &Subject, message: String) -> Error {
+        Error::Call {
+            plugin: self.spec.name.clone(),
+            project: subject.project.clone(),
+            commit: subject.commit.clone(),
+            message,
+        }
+    }
+
+    /// [`Error::InvalidOutput`] for this plugin and subject.
+    fn invalid(&self, subject: &Subject, message: String) -> Error {
+        Error::InvalidOutput {
+            plugin: self.spec.name.clone(),
+            project: subject.project.clone(),
+            commit: subject.commit.clone(),
+            message,
+        }
+    }
+
     fn store(&self) -> Store<State> {
         let mut store = Store::new(
             &self.engine,
@@ -601,12 +621,7 @@ fn call_transform(
     let Pre::Transformer(pre) = &plugin.pre else {
         unreachable!("called only for transformers")
     };
-    let call_err = |message: String| Error::Call {
-        plugin: plugin.spec.name.clone(),
-        project: subject.project.clone(),
-        commit: subject.commit.clone(),
-        message,
-    };
+    let call_err = |message: String| plugin.failed(subject, message);
     let mut store = plugin.store();
     let instance = pre.instantiate(&mut store).map_err(|e| {
         call_err(format!(
@@ -638,12 +653,7 @@ fn call_validate(
     let Pre::Validator(pre) = &plugin.pre else {
         unreachable!("called only for validators")
     };
-    let call_err = |message: String| Error::Call {
-        plugin: plugin.spec.name.clone(),
-        project: subject.project.clone(),
-        commit: subject.commit.clone(),
-        message,
-    };
+    let call_err = |message: String| plugin.failed(subject, message);
     let mut store = plugin.store();
     let instance = pre.instantiate(&mut store).map_err(|e| {
         call_err(format!(
@@ -663,15 +673,13 @@ fn call_validate(
         .map(|f| f.message.len() + f.field.as_ref().map_or(0, String::len))
         .sum();
     if size > plugin.spec.limits.max_output_bytes {
-        return Err(Error::InvalidOutput {
-            plugin: plugin.spec.name.clone(),
-            project: subject.project.clone(),
-            commit: subject.commit.clone(),
-            message: format!(
+        return Err(plugin.invalid(
+            subject,
+            format!(
                 "findings are {size} bytes, the limit is {}",
                 plugin.spec.limits.max_output_bytes
             ),
-        });
+        ));
     }
     Ok(found
         .into_iter()
@@ -685,12 +693,7 @@ fn check_output(
     subject: &Subject,
     out: Vec<bindings::Object>,
 ) -> Result<Vec<Object>, Error> {
-    let invalid = |message: String| Error::InvalidOutput {
-        plugin: plugin.spec.name.clone(),
-        project: subject.project.clone(),
-        commit: subject.commit.clone(),
-        message,
-    };
+    let invalid = |message: String| plugin.invalid(subject, message);
     let size: usize = out.iter().map(|o| o.json.len() + o.origin.path.len()).sum();
     if size > plugin.spec.limits.max_output_bytes {
         return Err(invalid(format!(
