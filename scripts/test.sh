@@ -26,7 +26,11 @@ cargo fmt --all --check
 
 step "cargo clippy --all-targets -- -D warnings (host, and the plugins as WebAssembly)"
 cargo clippy --workspace --all-targets -- -D warnings
-plugins=$(for d in plugins/*/ tests/plugins/*/; do n=$(basename "$d"); [ "$n" != sdk ] && printf -- '-p %s ' "$n"; done)
+plugins=""
+for d in plugins/*/ tests/plugins/*/; do
+  n=$(basename "$d")
+  if [ "$n" != sdk ]; then plugins="$plugins -p $n"; fi
+done
 # shellcheck disable=SC2086 # one -p per plugin crate
 cargo clippy --release --target wasm32-wasip2 $plugins -- -D warnings
 
