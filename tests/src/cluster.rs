@@ -275,8 +275,11 @@ async fn start(children: &mut Vec<(String, Child, PathBuf)>) -> Result<ControlPl
 }
 
 /// Runs the build script (a no-op when the binaries are cached) and returns the binary
-/// directory. Its progress goes straight to stderr.
-fn build() -> Result<PathBuf, String> {
+/// directory (etcd, kube-apiserver, …, kubectl, kwok). Its progress goes straight to stderr.
+///
+/// # Errors
+/// When the script fails; its output explains why.
+pub fn build() -> Result<PathBuf, String> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/build.sh");
     let out = Command::new("bash")
         .arg(&script)
