@@ -67,6 +67,8 @@ pub struct Options {
     pub plugin_cache_dir: Option<PathBuf>,
     /// File selection limits (agentk's by default).
     pub limits: crate::select::Limits,
+    /// Where syncs are recorded for `/metrics`.
+    pub metrics: Arc<crate::observability::Metrics>,
 }
 
 /// A loaded configuration: the file, the module bytes of its plugins, and the plugins.
@@ -127,6 +129,7 @@ pub async fn run(
                     let loaded =
                         load_plugins(&runtime, cfg.clone(), modules, digests.clone()).await;
                     reconcile_workers(&mut workers, &loaded, &cluster, &opts);
+                    opts.metrics.set_ready();
                     last = Some((cfg, digests));
                 }
             }
@@ -453,12 +456,17 @@ async fn worker(
             info!(project_id = %project.id, commit_id = %commit, "{}", msg::NEW_COMMIT);
         }
         info!(project_id = %project.id, commit_id = %commit, agent_id = %opts.agent_name, "{}", msg::SYNCHRONIZING);
+        let started = std::time::Instant::now();
         let outcome = tokio::select! {
             r = sync::sync(&mut cluster, &source, &project, &commit, &settings) => Some(r),
             _ = newer_commit(source.clone(), project.git_ref.clone(), commit.clone(), opts.poll_interval) => None,
         };
         match outcome {
-            None => info!(project_id = %project.id, commit_id = %commit, "{}", msg::CANCELED),
+            None => {
+                opts.metrics
+                    .record_sync(&project.id, "canceled", started.elapsed(), &[]);
+                info!(project_id = %project.id, commit_id = %commit, "{}", msg::CANCELED)
+            }
             Some(Ok(report)) => {
                 info!(
                     project_id = %project.id, commit_id = %commit, agent_id = %opts.agent_name,
@@ -466,6 +474,12 @@ async fn worker(
                     results = %serde_json::to_string(&report.results).unwrap_or_default(),
                     findings = %serde_json::to_string(&report.findings).unwrap_or_default(),
                     "{}", msg::SYNCHRONIZED
+                );
+                opts.metrics.record_sync(
+                    &project.id,
+                    "success",
+                    started.elapsed(),
+                    &report.results,
                 );
                 state.synced = Some((commit.clone(), tokio::time::Instant::now()));
                 state.failed = None;

@@ -18,6 +18,7 @@ pub mod config;
 pub mod decode;
 pub mod inventory;
 pub mod object;
+pub mod observability;
 pub mod plan;
 pub mod plugins;
 pub mod render;

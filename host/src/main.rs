@@ -142,6 +142,9 @@ struct RunArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Json)]
     log_format: LogFormat,
+    /// Address of /metrics, /liveness and /readiness (agentk's flag and default).
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    observability_listen_address: String,
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {
@@ -309,6 +312,16 @@ async fn run(args: RunArgs) -> ExitCode {
         (None, Some(url)) => ConfigSource::Repo { url: url.clone() },
         (None, None) => unreachable!("clap requires one of --config, --config-repo"),
     };
+    let metrics = std::sync::Arc::new(sluice::observability::Metrics::default());
+    match tokio::net::TcpListener::bind(&args.observability_listen_address).await {
+        Ok(listener) => {
+            tokio::spawn(sluice::observability::serve(listener, metrics.clone()));
+        }
+        Err(e) => {
+            tracing::error!(address = %args.observability_listen_address, error = %e, "failed to listen for /metrics, /liveness and /readiness");
+            return ExitCode::from(2);
+        }
+    }
     let cache_root = args
         .cache_dir
         .clone()
@@ -329,6 +342,7 @@ async fn run(args: RunArgs) -> ExitCode {
         allow_empty_prune: args.allow_empty_prune,
         git_ca,
         plugin_cache_dir: Some(cache_root.join("wasm")),
+        metrics: metrics.clone(),
         limits: sluice::select::Limits {
             max_files: args.max_files,
             max_file_bytes: args.max_file_bytes,

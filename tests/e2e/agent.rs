@@ -31,6 +31,7 @@ fn options(agent: &str, cache: &std::path::Path) -> agent::Options {
         git_ca: None,
         plugin_cache_dir: None,
         limits: Default::default(),
+        metrics: Default::default(),
     }
 }
 
@@ -52,6 +53,18 @@ fn start(
         .expect("agent starts");
     });
     (tx, handle)
+}
+
+/// A plain HTTP/1.1 GET returning the whole response (status line, headers, body).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
 }
 
 async fn replicas(deploys: &Api<Deployment>, name: &str) -> Option<i32> {
@@ -77,11 +90,14 @@ async fn seed_scenario_the_cluster_follows_a_commit_within_seconds() {
     let dir = tempfile::tempdir().expect("dir");
     let config = dir.path().join("config.yaml");
     std::fs::write(&config, format!("gitops:\n  manifest_projects:\n  - id: group/{ns}\n    default_namespace: {ns}\n    reconcile_timeout: 60s\n")).expect("config");
-    let (_stop, _agent) = start(
-        ConfigSource::File(config),
-        options("seed", dir.path()),
-        client.clone(),
-    );
+    let opts = options("seed", dir.path());
+    let metrics = opts.metrics.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(sluice::observability::serve(listener, metrics));
+    let (_stop, _agent) = start(ConfigSource::File(config), opts, client.clone());
 
     let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     eventually("nginx with 1 replica", FOLLOW, || async {
@@ -99,6 +115,29 @@ async fn seed_scenario_the_cluster_follows_a_commit_within_seconds() {
     })
     .await;
     eprintln!("the cluster followed the commit in {:?}", started.elapsed());
+    // The first sync may have been canceled by the second commit: count successes only.
+    let metrics = eventually("a successful sync in /metrics", FOLLOW, || async {
+        let text = http_get(addr, "/metrics").await;
+        text.contains(&format!(
+            "sluice_syncs_total{{project=\"group/{ns}\",result=\"success\"}}"
+        ))
+        .then_some(text)
+    })
+    .await;
+    assert!(
+        metrics.contains("sluice_sync_duration_seconds_bucket"),
+        "{metrics}"
+    );
+    assert!(
+        http_get(addr, "/readiness")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    assert!(
+        http_get(addr, "/liveness")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
     let keys = inventory_keys(
         &client,
         &ns,

@@ -461,6 +461,7 @@ async fn changing_a_plugins_config_in_the_config_repository_takes_effect() {
         git_ca: None,
         plugin_cache_dir: Some(dir.path().join("wasm")),
         limits: Default::default(),
+        metrics: Default::default(),
     };
     let source = sluice::agent::ConfigSource::Repo {
         url: config_repo.http_url().into(),

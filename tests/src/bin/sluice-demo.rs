@@ -58,6 +58,8 @@ async fn main() {
             "1s",
             "--log-format",
             "human",
+            "--observability-listen-address",
+            "127.0.0.1:0",
         ])
         .env("KUBECONFIG", kubeconfig)
         .stdout(Stdio::inherit())
