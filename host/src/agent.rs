@@ -79,28 +79,39 @@ struct Loaded {
     plugins: BTreeMap<String, Result<Arc<Plugin>, plugins::Error>>,
 }
 
+/// The agent could not start. Later failures are logged and retried, never returned.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The API server cannot be reached.
+    #[error(transparent)]
+    Discovery(#[from] crate::cluster::DiscoveryError),
+    /// No WebAssembly engine could be built.
+    #[error("failed to start the plugin runtime: {0}")]
+    Plugins(String),
+}
+
 /// Runs until `shutdown` resolves.
 ///
 /// # Errors
-/// Only when the cluster cannot be reached at start; later failures are logged and retried.
+/// [`StartError`] when the cluster cannot be reached or no WebAssembly engine can be built at
+/// start; later failures are logged and retried.
 pub async fn run(
     client: kube::Client,
     config_source: ConfigSource,
     opts: Options,
     levels: Option<report::LevelHandle>,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), crate::cluster::DiscoveryError> {
+) -> Result<(), StartError> {
     let cluster = Cluster::connect(client).await?;
     let runtime = match plugins::Runtime::new(opts.plugin_cache_dir.as_deref()) {
-        Ok(r) => Arc::new(r),
+        Ok(r) => r,
         Err(e) => {
-            error!(error = %e, "failed to start the plugin runtime; projects that use plugins will fail");
-            Arc::new(
-                plugins::Runtime::new(None)
-                    .unwrap_or_else(|e| panic!("no WebAssembly engine at all: {e}")),
-            )
+            // An unusable cache directory should not stop the agent: compile every start.
+            warn!(error = %e, "plugin compilation cache unavailable; plugins are compiled on every start");
+            plugins::Runtime::new(None).map_err(StartError::Plugins)?
         }
     };
+    let runtime = Arc::new(runtime);
     let mut workers: HashMap<String, (WorkerKey, JoinHandle<()>)> = HashMap::new();
     let mut last: Option<(AgentConfig, BTreeMap<String, String>)> = None;
     tokio::pin!(shutdown);
