@@ -325,3 +325,113 @@ async fn agent_killed_mid_sync_converges_after_restart() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn agent_process_killed_with_sigkill_mid_sync_converges_after_restart() {
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "sigkill").await;
+    let repo = git::shared().create_repo(&format!("group/{ns}"));
+    let files: Vec<_> = (0..40)
+        .map(|i| file(&format!("cm{i}.yaml"), configmap(&format!("cm{i}"), "1")))
+        .collect();
+    repo.commit("main", &files, "forty");
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!("gitops:\n  manifest_projects:\n  - id: group/{ns}\n    default_namespace: {ns}\n"),
+    )
+    .expect("config");
+    let bin = sluice_testenv::wasm::sluice_binary();
+    let spawn = || {
+        std::process::Command::new(&bin)
+            .args(["run", "--config"])
+            .arg(&config)
+            .args([
+                "--git-base-url",
+                git::shared().base_url(),
+                "--agent-name",
+                "kill",
+                "--poll-interval",
+                "500ms",
+                "--concurrency",
+                "1",
+            ])
+            .args([
+                "--observability-listen-address",
+                "127.0.0.1:0",
+                "--cache-dir",
+            ])
+            .arg(dir.path())
+            .env("KUBECONFIG", &cluster::shared().kubeconfig)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start sluice")
+    };
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let mut agent = spawn();
+    eventually("the first objects", FOLLOW, || async {
+        let n = cms
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .iter()
+            .filter(|c| {
+                c.metadata
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with("cm"))
+            })
+            .count();
+        (n >= 3).then_some(())
+    })
+    .await;
+    agent.kill().expect("SIGKILL");
+    agent.wait().expect("reaped");
+
+    let half: Vec<_> = (0..20)
+        .map(|i| file(&format!("cm{i}.yaml"), configmap(&format!("cm{i}"), "2")))
+        .collect();
+    repo.commit("main", &half, "twenty");
+    let mut agent = spawn();
+    let inv = format!(
+        "inventory-{}",
+        sluice::sync::inventory_id("kill", &format!("group/{ns}"))
+    );
+    let mut want: Vec<String> = (0..20).map(|i| format!("{ns}_cm{i}__ConfigMap")).collect();
+    want.sort();
+    eventually(
+        "an exact inventory and only git's objects",
+        FOLLOW,
+        || async {
+            let keys: Vec<String> = cms
+                .get_opt(&inv)
+                .await
+                .ok()
+                .flatten()?
+                .data
+                .unwrap_or_default()
+                .into_keys()
+                .collect();
+            let live = cms
+                .list(&Default::default())
+                .await
+                .ok()?
+                .items
+                .iter()
+                .filter(|c| {
+                    c.metadata
+                        .name
+                        .as_deref()
+                        .is_some_and(|n| n.starts_with("cm"))
+                })
+                .count();
+            (keys == want && live == 20).then_some(())
+        },
+    )
+    .await;
+    let _ = agent.kill();
+    let _ = agent.wait();
+}

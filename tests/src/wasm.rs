@@ -1,4 +1,5 @@
-//! Builds WebAssembly components from the workspace's sources, once per test run.
+//! Builds what tests run from the workspace's sources, once per test run: WebAssembly
+//! components, and the `sluice` binary itself.
 //!
 //! Tests never use prebuilt modules: they ask for plugins by crate name and get freshly
 //! built `.wasm` files (cargo rebuilds only what changed).
@@ -32,6 +33,34 @@ pub fn component(name: &str) -> PathBuf {
         .as_ref()
         .unwrap_or_else(|e| panic!("building the test plugins failed: {e}"));
     dir.join(format!("{}.wasm", name.replace('-', "_")))
+}
+
+static AGENT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+
+/// The `sluice` binary, built from the workspace (debug profile), for tests that run the
+/// agent as a real process.
+///
+/// # Panics
+/// When the build fails; the message quotes cargo's output.
+pub fn sluice_binary() -> PathBuf {
+    AGENT
+        .get_or_init(|| {
+            let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("tests/ is inside the workspace");
+            let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .current_dir(workspace)
+                .args(["build", "-p", "sluice", "--bin", "sluice"])
+                .env("CARGO_TARGET_DIR", workspace.join("target"))
+                .output()
+                .map_err(|e| format!("failed to run cargo: {e}"))?;
+            if !out.status.success() {
+                return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+            }
+            Ok(workspace.join("target/debug/sluice"))
+        })
+        .clone()
+        .unwrap_or_else(|e| panic!("building sluice failed: {e}"))
 }
 
 fn build() -> Result<PathBuf, String> {
