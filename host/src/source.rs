@@ -136,8 +136,13 @@ pub enum EntryKind {
 
 impl Source {
     /// A source for `url`, cached in a directory under `cache_root` named after the URL.
-    /// `url` must not carry credentials; pass them separately so they never reach logs.
+    /// Credentials written into the URL (`https://user:token@host/…`) are taken out of it
+    /// and used as `credentials` (unless those are given), so they never reach logs or
+    /// errors, which only ever show the URL.
     pub fn new(url: &str, cache_root: &Path, credentials: Option<Credentials>) -> Source {
+        let (url, embedded) = split_userinfo(url);
+        let credentials = credentials.or(embedded);
+        let url = url.as_str();
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
         url.hash(&mut h);
@@ -394,6 +399,31 @@ impl Snapshot {
     }
 }
 
+/// `scheme://user:secret@host/path` → (`scheme://host/path`, credentials).
+fn split_userinfo(url: &str) -> (String, Option<Credentials>) {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_string(), None);
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return (url.to_string(), None);
+    };
+    let (userinfo, host) = (&rest[..at], &rest[at + 1..]);
+    let stripped = format!("{scheme}://{host}");
+    // ssh's user@host is a login, not a secret: keep it in the URL.
+    if scheme == "ssh" && !userinfo.contains(':') {
+        return (url.to_string(), None);
+    }
+    let (username, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+    (
+        stripped,
+        Some(Credentials {
+            username: username.to_string(),
+            password: password.to_string(),
+        }),
+    )
+}
+
 /// HTTP transport options whose client also trusts the CA certificates in `pem`.
 fn http_options(pem: Vec<u8>) -> gix::protocol::transport::client::blocking_io::http::Options {
     use gix::protocol::transport::client::blocking_io::http;
@@ -416,4 +446,33 @@ fn http_options(pem: Vec<u8>) -> gix::protocol::transport::client::blocking_io::
 /// line. (URLs in sluice never carry credentials, so the chain cannot leak them.)
 fn chain(e: &impl std::fmt::Display) -> String {
     format!("{e:#}").replace('\n', "; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_in_urls_are_taken_out() {
+        let (url, creds) = split_userinfo("https://oauth2:glpat-secret@gitlab.example.com/g/p.git");
+        assert_eq!(url, "https://gitlab.example.com/g/p.git");
+        assert_eq!(
+            creds,
+            Some(Credentials {
+                username: "oauth2".into(),
+                password: "glpat-secret".into()
+            })
+        );
+        assert_eq!(
+            split_userinfo("https://gitlab.example.com/g/p.git"),
+            ("https://gitlab.example.com/g/p.git".into(), None)
+        );
+        assert_eq!(
+            split_userinfo("ssh://git@host/g/p.git").0,
+            "ssh://git@host/g/p.git"
+        );
+        let s = Source::new("https://u:tok@h/x.git", Path::new("/tmp"), None);
+        assert_eq!(s.url(), "https://h/x.git");
+        assert!(!format!("{s:?}").contains("tok"));
+    }
 }
