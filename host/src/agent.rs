@@ -418,6 +418,9 @@ struct State {
     failed: Option<(String, tokio::time::Instant, Duration)>,
 }
 
+/// How long one ref listing may take before the poll counts as failed.
+const GIT_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// agentk's backoffs: 10 s doubling to 1 min for sync failures.
 const BACKOFF_START: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
@@ -525,7 +528,7 @@ async fn worker(
 
 async fn resolve(source: Source, git_ref: GitRef) -> Result<String, String> {
     tokio::time::timeout(
-        sync::GIT_TIMEOUT,
+        GIT_TIMEOUT,
         tokio::task::spawn_blocking(move || source.resolve(&git_ref)),
     )
     .await

@@ -58,8 +58,7 @@ pub async fn render(
         ),
     };
     let entry = pick(&cfg, project)?;
-    let commit = "local".to_string();
-    let (files, commit) = match input {
+    let (mut objects, commit) = match input {
         Input::Dir(dir) => {
             let (dir, globs) = (dir.clone(), entry.paths.clone());
             let files = tokio::task::spawn_blocking(move || -> Result<_, sync::Error> {
@@ -68,11 +67,13 @@ pub async fn render(
             })
             .await
             .map_err(|e| sync::Error::Task(e.to_string()))??;
-            (files, commit)
+            (
+                decode::decode(&files, &entry.id, "local")?,
+                "local".to_string(),
+            )
         }
         Input::Repo(url, git_ref) => {
-            let cache = std::env::temp_dir().join("sluice-render");
-            let source = Source::new(url, &cache, None);
+            let source = Source::new(url, &std::env::temp_dir().join("sluice-render"), None);
             let git_ref = match git_ref {
                 Some(r) if r.len() == 40 && r.bytes().all(|b| b.is_ascii_hexdigit()) => {
                     config::GitRef::Commit(r.clone())
@@ -80,20 +81,16 @@ pub async fn render(
                 Some(r) => config::GitRef::Branch(r.clone()),
                 None => config::GitRef::DefaultBranch,
             };
-            let globs = entry.paths.clone();
-            tokio::task::spawn_blocking(move || -> Result<_, sync::Error> {
-                let commit = source.resolve(&git_ref)?;
-                let snapshot = source.fetch(&commit)?;
-                Ok((
-                    select::select(&snapshot, &globs, &select::Limits::default())?,
-                    commit,
-                ))
-            })
-            .await
-            .map_err(|e| sync::Error::Task(e.to_string()))??
+            let resolver = source.clone();
+            let commit = tokio::task::spawn_blocking(move || resolver.resolve(&git_ref))
+                .await
+                .map_err(|e| sync::Error::Task(e.to_string()))??;
+            (
+                sync::render(&source, &entry, &commit, select::Limits::default()).await?,
+                commit,
+            )
         }
     };
-    let mut objects = decode::decode(&files, &entry.id, &commit)?;
     let scopes = decode::Scopes::offline(&objects);
     decode::set_namespaces(&mut objects, &entry.default_namespace, &scopes)?;
     let plugins = load_plugins(&cfg, &entry, &base)?;

@@ -9,7 +9,6 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::apply::{self, Action, ObjectResult};
 use crate::cluster::Cluster;
@@ -471,9 +470,6 @@ pub fn default_cache_dir() -> PathBuf {
         .unwrap_or_else(std::env::temp_dir)
         .join("sluice")
 }
-
-/// Timeout helper used by callers that poll git.
-pub const GIT_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[cfg(test)]
 mod tests {
