@@ -72,6 +72,42 @@ pub async fn sync_once(
     sync::sync(cluster, source, project, &commit, settings).await
 }
 
+/// What most sync tests start from: a client, a fresh namespace, a repository named after
+/// it, a source for that repository, and a connected cluster handle.
+pub struct Fixture {
+    /// Admin client.
+    pub client: kube::Client,
+    /// The test's namespace (also the repository name, `group/<ns>`).
+    pub ns: String,
+    /// The manifest repository.
+    pub repo: Repo,
+    /// A source for it over HTTP.
+    pub src: Source,
+    /// Discovery and client for `sluice::sync`.
+    pub cluster: Cluster,
+    /// The source's cache; removed when the test ends.
+    pub cache: tempfile::TempDir,
+}
+
+impl Fixture {
+    /// Sets everything up; `prefix` names the namespace.
+    pub async fn new(prefix: &str) -> Fixture {
+        let client = sluice_testenv::cluster::client().await;
+        let ns = sluice_testenv::cluster::namespace(&client, prefix).await;
+        let repo = sluice_testenv::git::shared().create_repo(&format!("group/{ns}"));
+        let (src, cache) = source(&repo, None);
+        let cluster = Cluster::connect(client.clone()).await.expect("discovery");
+        Fixture {
+            client,
+            ns,
+            repo,
+            src,
+            cluster,
+            cache,
+        }
+    }
+}
+
 /// A connected cluster handle.
 pub async fn cluster() -> Cluster {
     Cluster::connect(sluice_testenv::cluster::client().await)

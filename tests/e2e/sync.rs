@@ -13,9 +13,14 @@ use crate::support::*;
 
 #[tokio::test]
 async fn commit_is_applied_updated_and_pruned_with_an_exact_inventory() {
-    let client = cluster::client().await;
-    let ns = cluster::namespace(&client, "sync").await;
-    let repo = git::shared().create_repo(&format!("group/{ns}"));
+    let Fixture {
+        client,
+        ns,
+        repo,
+        src,
+        cluster: mut c,
+        cache: _cache,
+    } = Fixture::new("sync").await;
     repo.commit(
         "main",
         &[
@@ -24,8 +29,6 @@ async fn commit_is_applied_updated_and_pruned_with_an_exact_inventory() {
         ],
         "seed",
     );
-    let (src, _cache) = source(&repo, None);
-    let mut c = cluster().await;
     let p = project(&ns, "    reconcile_timeout: 60s\n");
     let s = settings(&format!("t-{ns}"));
 
@@ -103,9 +106,14 @@ async fn commit_is_applied_updated_and_pruned_with_an_exact_inventory() {
 
 #[tokio::test]
 async fn prune_false_keeps_objects_that_left_git() {
-    let client = cluster::client().await;
-    let ns = cluster::namespace(&client, "noprune").await;
-    let repo = git::shared().create_repo(&format!("group/{ns}"));
+    let Fixture {
+        client,
+        ns,
+        repo,
+        src,
+        cluster: mut c,
+        cache: _cache,
+    } = Fixture::new("noprune").await;
     repo.commit(
         "main",
         &[
@@ -114,8 +122,6 @@ async fn prune_false_keeps_objects_that_left_git() {
         ],
         "two",
     );
-    let (src, _cache) = source(&repo, None);
-    let mut c = cluster().await;
     let p = project(&ns, "    prune: false\n");
     let s = settings(&format!("t-{ns}"));
     sync_once(&mut c, &src, &p, &s).await.expect("first sync");
@@ -137,12 +143,15 @@ async fn prune_false_keeps_objects_that_left_git() {
 
 #[tokio::test]
 async fn bad_yaml_applies_nothing_and_names_file_and_line() {
-    let client = cluster::client().await;
-    let ns = cluster::namespace(&client, "badyaml").await;
-    let repo = git::shared().create_repo(&format!("group/{ns}"));
+    let Fixture {
+        client,
+        ns,
+        repo,
+        src,
+        cluster: mut c,
+        cache: _cache,
+    } = Fixture::new("badyaml").await;
     repo.commit("main", &[file("a.yaml", configmap("a", "good"))], "good");
-    let (src, _cache) = source(&repo, None);
-    let mut c = cluster().await;
     let p = project(&ns, "");
     let s = settings(&format!("t-{ns}"));
     sync_once(&mut c, &src, &p, &s).await.expect("good sync");
@@ -183,9 +192,14 @@ async fn bad_yaml_applies_nothing_and_names_file_and_line() {
 
 #[tokio::test]
 async fn cluster_scoped_object_with_namespace_is_an_error() {
-    let client = cluster::client().await;
-    let ns = cluster::namespace(&client, "scope").await;
-    let repo = git::shared().create_repo(&format!("group/{ns}"));
+    let Fixture {
+        client,
+        ns,
+        repo,
+        src,
+        cluster: mut c,
+        cache: _cache,
+    } = Fixture::new("scope").await;
     let bad =
         format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}-x\n  namespace: {ns}\n");
     repo.commit(
@@ -193,8 +207,6 @@ async fn cluster_scoped_object_with_namespace_is_an_error() {
         &[file("cm.yaml", configmap("a", "1")), file("ns.yaml", bad)],
         "bad scope",
     );
-    let (src, _cache) = source(&repo, None);
-    let mut c = cluster().await;
     let err = sync_once(
         &mut c,
         &src,
@@ -218,9 +230,14 @@ async fn cluster_scoped_object_with_namespace_is_an_error() {
 
 #[tokio::test]
 async fn server_rejection_lists_every_failing_object_and_changes_nothing() {
-    let client = cluster::client().await;
-    let ns = cluster::namespace(&client, "reject").await;
-    let repo = git::shared().create_repo(&format!("group/{ns}"));
+    let Fixture {
+        client,
+        ns,
+        repo,
+        src,
+        cluster: mut c,
+        cache: _cache,
+    } = Fixture::new("reject").await;
     let invalid = |name: &str| {
         format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata: [not, a, map]\n")
     };
@@ -233,8 +250,6 @@ async fn server_rejection_lists_every_failing_object_and_changes_nothing() {
         ],
         "two invalid",
     );
-    let (src, _cache) = source(&repo, None);
-    let mut c = cluster().await;
     let err = sync_once(
         &mut c,
         &src,
@@ -262,9 +277,14 @@ async fn server_rejection_lists_every_failing_object_and_changes_nothing() {
 
 #[tokio::test]
 async fn refs_branch_tag_and_commit_are_followed() {
-    let client = cluster::client().await;
-    let ns = cluster::namespace(&client, "refs").await;
-    let repo = git::shared().create_repo(&format!("group/{ns}"));
+    let Fixture {
+        client,
+        ns,
+        repo,
+        src,
+        cluster: mut c,
+        cache: _cache,
+    } = Fixture::new("refs").await;
     let v1 = repo.commit("main", &[file("a.yaml", configmap("a", "v1"))], "v1");
     repo.tag("v1.0.0", &v1);
     let _v2 = repo.commit("main", &[file("a.yaml", configmap("a", "v2"))], "v2");
@@ -273,8 +293,6 @@ async fn refs_branch_tag_and_commit_are_followed() {
         &[file("a.yaml", configmap("a", "release"))],
         "release",
     );
-    let (src, _cache) = source(&repo, None);
-    let mut c = cluster().await;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     let value = || async {
         cms.get("a")
@@ -357,8 +375,14 @@ async fn private_repository_needs_the_token_and_a_wrong_one_changes_nothing() {
 
 #[tokio::test]
 async fn crd_with_its_cr_and_namespace_with_its_objects_in_one_commit() {
-    let client = cluster::client().await;
-    let ns = cluster::namespace(&client, "crd").await;
+    let Fixture {
+        client,
+        ns,
+        repo,
+        src,
+        cluster: mut c,
+        cache: _cache,
+    } = Fixture::new("crd").await;
     let group = format!("{ns}.example.com");
     let crd = format!(
         "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: widgets.{group}\nspec:\n  group: {group}\n  scope: Namespaced\n  names: {{plural: widgets, singular: widget, kind: Widget}}\n  versions:\n  - name: v1\n    served: true\n    storage: true\n    schema:\n      openAPIV3Schema:\n        type: object\n        x-kubernetes-preserve-unknown-fields: true\n"
@@ -370,7 +394,6 @@ async fn crd_with_its_cr_and_namespace_with_its_objects_in_one_commit() {
     let in_new_ns = format!(
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: inside\n  namespace: {new_ns}\n"
     );
-    let repo = git::shared().create_repo(&format!("group/{ns}"));
     repo.commit(
         "main",
         &[
@@ -381,8 +404,6 @@ async fn crd_with_its_cr_and_namespace_with_its_objects_in_one_commit() {
         ],
         "all at once",
     );
-    let (src, _cache) = source(&repo, None);
-    let mut c = cluster().await;
     let report = sync_once(
         &mut c,
         &src,
@@ -408,8 +429,14 @@ async fn crd_with_its_cr_and_namespace_with_its_objects_in_one_commit() {
 
 #[tokio::test]
 async fn inventory_policies_refuse_or_adopt_unowned_objects() {
-    let client = cluster::client().await;
-    let ns = cluster::namespace(&client, "policy").await;
+    let Fixture {
+        client,
+        ns,
+        repo,
+        src,
+        cluster: mut c,
+        cache: _cache,
+    } = Fixture::new("policy").await;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     let existing: ConfigMap = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "pre"}, "data": {"value": "by hand"}
@@ -421,14 +448,11 @@ async fn inventory_policies_refuse_or_adopt_unowned_objects() {
         .expect("create")
         .metadata
         .uid;
-    let repo = git::shared().create_repo(&format!("group/{ns}"));
     repo.commit(
         "main",
         &[file("pre.yaml", configmap("pre", "from git"))],
         "take it",
     );
-    let (src, _cache) = source(&repo, None);
-    let mut c = cluster().await;
     let s = settings(&format!("t-{ns}"));
 
     let err = sync_once(&mut c, &src, &project(&ns, ""), &s)
@@ -468,8 +492,14 @@ async fn inventory_policies_refuse_or_adopt_unowned_objects() {
 
 #[tokio::test]
 async fn agentk_inventory_is_taken_over_without_recreating_objects() {
-    let client = cluster::client().await;
-    let ns = cluster::namespace(&client, "takeover").await;
+    let Fixture {
+        client,
+        ns,
+        repo,
+        src,
+        cluster: mut c,
+        cache: _cache,
+    } = Fixture::new("takeover").await;
     // What agentk left behind: objects applied with field manager `agentk`, annotated with
     // the inventory id, and its inventory ConfigMap.
     let id = "42-1234";
@@ -495,14 +525,11 @@ async fn agentk_inventory_is_taken_over_without_recreating_objects() {
         .await
         .expect("inventory");
 
-    let repo = git::shared().create_repo(&format!("group/{ns}"));
     repo.commit(
         "main",
         &[file("kept.yaml", configmap("kept", "sluice"))],
         "only kept",
     );
-    let (src, _cache) = source(&repo, None);
-    let mut c = cluster().await;
     sync_once(&mut c, &src, &project(&ns, ""), &settings(id))
         .await
         .expect("takeover under must_match");
@@ -524,12 +551,15 @@ async fn agentk_inventory_is_taken_over_without_recreating_objects() {
 
 #[tokio::test]
 async fn empty_file_set_never_prunes_everything() {
-    let client = cluster::client().await;
-    let ns = cluster::namespace(&client, "empty").await;
-    let repo = git::shared().create_repo(&format!("group/{ns}"));
+    let Fixture {
+        client,
+        ns,
+        repo,
+        src,
+        cluster: mut c,
+        cache: _cache,
+    } = Fixture::new("empty").await;
     repo.commit("main", &[file("a.yaml", configmap("a", "1"))], "one");
-    let (src, _cache) = source(&repo, None);
-    let mut c = cluster().await;
     let (p, s) = (project(&ns, ""), settings(&format!("t-{ns}")));
     sync_once(&mut c, &src, &p, &s).await.expect("sync");
     repo.commit(
@@ -552,9 +582,14 @@ async fn empty_file_set_never_prunes_everything() {
 
 #[tokio::test]
 async fn symlinked_manifest_is_refused() {
-    let client = cluster::client().await;
-    let ns = cluster::namespace(&client, "symlink").await;
-    let repo = git::shared().create_repo(&format!("group/{ns}"));
+    let Fixture {
+        ns,
+        repo,
+        src,
+        cluster: mut c,
+        cache: _cache,
+        ..
+    } = Fixture::new("symlink").await;
     repo.commit(
         "main",
         &[
@@ -563,8 +598,6 @@ async fn symlinked_manifest_is_refused() {
         ],
         "link",
     );
-    let (src, _cache) = source(&repo, None);
-    let mut c = cluster().await;
     let err = sync_once(
         &mut c,
         &src,
