@@ -6,13 +6,15 @@
 //! sync and symlinks are never followed.
 //!
 //! Polling is cheap: [`Source::resolve`] asks for the ref advertisement only (protocol v2
-//! `ls-refs`); [`Source::fetch`] downloads objects only when the commit is not in the cache.
+//! `ls-refs`); [`Source::fetch`] downloads objects only when the commit is not in the cache,
+//! shallow (depth 1) into an empty cache.
 //! Both block; call them from `spawn_blocking`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use gix::bstr::ByteSlice;
+use gix::remote::fetch::Shallow;
 
 use crate::config::GitRef;
 
@@ -243,7 +245,25 @@ impl Source {
         let id = gix::ObjectId::from_hex(commit.as_bytes())
             .map_err(|e| read_err(format!("not a commit id: {e}")))?;
         if repo.find_commit(id).is_err() {
-            self.download(&repo)?;
+            // An empty cache fetches only the tips (depth 1); later fetches extend from the
+            // local shallow boundary. A commit older than the boundary (a `commit:` ref, or a
+            // branch moved back) needs the history: then, and only then, unshallow.
+            let empty = repo.head_id().is_err()
+                && repo
+                    .references()
+                    .ok()
+                    .and_then(|r| r.all().ok().map(|mut i| i.next().is_none()))
+                    .unwrap_or(true);
+            let depth = std::num::NonZeroU32::new(1).expect("1 is not zero");
+            let shallow = if empty {
+                Shallow::DepthAtRemote(depth)
+            } else {
+                Shallow::NoChange
+            };
+            self.download(&repo, shallow)?;
+            if repo.find_commit(id).is_err() && repo.is_shallow().unwrap_or(true) {
+                self.download(&repo, Shallow::undo())?;
+            }
         }
         let mut recorder = gix::traverse::tree::Recorder::default();
         {
@@ -278,7 +298,7 @@ impl Source {
         })
     }
 
-    fn download(&self, repo: &gix::Repository) -> Result<()> {
+    fn download(&self, repo: &gix::Repository, shallow: Shallow) -> Result<()> {
         let fetch_err = |message: String| Error::Fetch {
             url: self.url.clone(),
             message,
@@ -291,6 +311,7 @@ impl Source {
         let interrupt = AtomicBool::new(false);
         conn.prepare_fetch(gix::progress::Discard, Default::default())
             .map_err(|e| fetch_err(chain(&e)))?
+            .with_shallow(shallow)
             .receive(gix::progress::Discard, &interrupt)
             .map_err(|e| fetch_err(chain(&e)))?;
         Ok(())

@@ -285,6 +285,7 @@ async fn refs_branch_tag_and_commit_are_followed() {
         cluster: mut c,
         cache: _cache,
     } = Fixture::new("refs").await;
+    let v0 = repo.commit("main", &[file("a.yaml", configmap("a", "v0"))], "v0");
     let v1 = repo.commit("main", &[file("a.yaml", configmap("a", "v1"))], "v1");
     repo.tag("v1.0.0", &v1);
     let _v2 = repo.commit("main", &[file("a.yaml", configmap("a", "v2"))], "v2");
@@ -304,8 +305,20 @@ async fn refs_branch_tag_and_commit_are_followed() {
     };
     let s = settings(&format!("t-{ns}"));
 
+    let first = sync_once(&mut c, &src, &project(&ns, ""), &s)
+        .await
+        .expect("default branch");
+    assert_eq!(value().await, "v2");
+    // The first fetch into an empty cache is shallow: only the tips came.
+    let shallow = std::fs::read_dir(_cache.path())
+        .expect("cache")
+        .flatten()
+        .any(|d| d.path().join("shallow").exists());
+    assert!(shallow, "the cache of {} is not shallow", first.commit);
+
     for (extra, want) in [
-        ("", "v2"),
+        // Older than every tip: found only after unshallowing.
+        (&format!("    ref: {{commit: {v0}}}\n") as &str, "v0"),
         ("    ref: {branch: release}\n", "release"),
         ("    ref: {tag: v1.0.0}\n", "v1"),
         (
@@ -610,4 +623,41 @@ async fn symlinked_manifest_is_refused() {
         err.to_string(),
         "b.yaml: is a symbolic link; sluice never follows symlinks, commit the file itself"
     );
+}
+
+#[tokio::test]
+async fn a_force_push_onto_a_shallow_cache_is_followed() {
+    let Fixture {
+        client,
+        ns,
+        repo,
+        src,
+        cluster: mut c,
+        cache: _cache,
+    } = Fixture::new("force").await;
+    let a = repo.commit("main", &[file("a.yaml", configmap("a", "a"))], "a");
+    repo.commit("main", &[file("a.yaml", configmap("a", "b"))], "b");
+    let s = settings(&format!("t-{ns}"));
+    sync_once(&mut c, &src, &project(&ns, ""), &s)
+        .await
+        .expect("sync b");
+    // Rewrite history: main now points at a sibling of b.
+    let rewritten = repo.commit_tree(
+        &[file("a.yaml", configmap("a", "rewritten"))],
+        Some(&a),
+        "rewritten",
+    );
+    repo.set_ref("refs/heads/main", &rewritten);
+    let report = sync_once(&mut c, &src, &project(&ns, ""), &s)
+        .await
+        .expect("sync after force-push");
+    assert_eq!(report.commit, rewritten);
+    let cms: Api<ConfigMap> = Api::namespaced(client, &ns);
+    let value = cms
+        .get("a")
+        .await
+        .expect("a")
+        .data
+        .and_then(|d| d.get("value").cloned());
+    assert_eq!(value.as_deref(), Some("rewritten"));
 }
