@@ -112,7 +112,7 @@ pub async fn run(
         }
     };
     let runtime = Arc::new(runtime);
-    let mut workers: HashMap<String, (WorkerKey, JoinHandle<()>)> = HashMap::new();
+    let mut workers = Workers::default();
     let mut last: Option<(AgentConfig, BTreeMap<String, String>)> = None;
     tokio::pin!(shutdown);
     loop {
@@ -151,12 +151,36 @@ pub async fn run(
             _ = &mut shutdown => break,
         }
     }
-    for (id, (_, handle)) in workers {
-        handle.abort();
-        info!(worker_id = %id, "Stopped worker");
-    }
+    drop(workers);
     info!("agent stopped");
     Ok(())
+}
+
+/// The running workers by project id. Dropping it aborts them all: when the agent's future
+/// is dropped (shutdown, or leadership lost), no worker keeps applying.
+#[derive(Default)]
+struct Workers(HashMap<String, (WorkerKey, JoinHandle<()>)>);
+
+impl std::ops::Deref for Workers {
+    type Target = HashMap<String, (WorkerKey, JoinHandle<()>)>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Workers {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for (id, (_, handle)) in self.0.drain() {
+            handle.abort();
+            info!(worker_id = %id, "Stopped worker");
+        }
+    }
 }
 
 /// What a worker was started with; a change restarts it.

@@ -142,6 +142,17 @@ struct RunArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Json)]
     log_format: LogFormat,
+    /// Namespace of the leader Lease; set (as agentk's POD_NAMESPACE) to run as one of
+    /// several replicas where only the Lease holder syncs. Unset: no leader election.
+    #[arg(long, env = "POD_NAMESPACE")]
+    leader_election_namespace: Option<String>,
+    /// This replica's identity in the Lease (agentk: POD_NAME; default: the host name).
+    #[arg(long, env = "POD_NAME")]
+    leader_election_identity: Option<String>,
+    /// Lease name (default `agent-<agent-name>-lock`; use agentk's `agent-<agent id>-lock`
+    /// when replacing agentk in place, so old and new never apply at once).
+    #[arg(long)]
+    lease_name: Option<String>,
     /// Address of /metrics, /liveness and /readiness (agentk's flag and default).
     #[arg(long, default_value = "0.0.0.0:8080")]
     observability_listen_address: String,
@@ -349,13 +360,50 @@ async fn run(args: RunArgs) -> ExitCode {
             max_total_bytes: args.max_total_bytes,
         },
     };
-    match agent::run(client, source, opts, Some(levels), shutdown_signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "agent failed to start");
-            ExitCode::from(1)
+    let Some(namespace) = args.leader_election_namespace.clone() else {
+        return match agent::run(client, source, opts, Some(levels), shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "agent failed to start");
+                ExitCode::from(1)
+            }
+        };
+    };
+    let identity = args
+        .leader_election_identity
+        .clone()
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .unwrap_or_else(|| format!("sluice-{}", std::process::id()));
+    let lease = args
+        .lease_name
+        .clone()
+        .unwrap_or_else(|| format!("agent-{}-lock", opts.agent_name));
+    let cfg = sluice::leader::Config::new(&namespace, &lease, &identity);
+    let levels = std::sync::Arc::new(levels);
+    sluice::leader::run(client.clone(), cfg, shutdown_signal(), || {
+        let (client, source, opts, levels) =
+            (client.clone(), source.clone(), opts.clone(), levels.clone());
+        async move {
+            // Levels are shared by every leadership term; the handle is cheap to clone.
+            if let Err(e) = agent::run(
+                client,
+                source,
+                opts,
+                Some(levels.as_ref().clone()),
+                std::future::pending(),
+            )
+            .await
+            {
+                tracing::error!(error = %e, "agent failed to start");
+            }
         }
-    }
+    })
+    .await;
+    ExitCode::SUCCESS
 }
 
 /// Ctrl-C or SIGTERM.

@@ -49,6 +49,7 @@ pub enum LogFormat {
 }
 
 /// Handle to change the level at runtime (`observability.logging.level`).
+#[derive(Clone)]
 pub struct LevelHandle(tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>);
 
 impl std::fmt::Debug for LevelHandle {

@@ -4,6 +4,7 @@
 mod agent;
 mod harness_cluster;
 mod harness_git;
+mod leader;
 mod plugins;
 mod support;
 mod sync;
