@@ -206,6 +206,24 @@ impl Checked {
     pub fn objects(&self) -> impl Iterator<Item = &Object> {
         self.stages.iter().flatten()
     }
+
+    /// The objects an apply would create or change: `(object, live, as the server would
+    /// store it)`, both without managedFields and resourceVersion. Objects checked only
+    /// in their stage (CRs of new CRDs, objects in new namespaces) come with no server
+    /// view: they would be created.
+    pub fn changes(&self, field_manager: &str) -> Vec<(&Object, Option<Value>, Option<Value>)> {
+        self.objects()
+            .filter_map(
+                |o| match self.preflights.iter().find(|(k, _)| *k == o.obj_ref()) {
+                    Some((_, Ok(p))) => match &p.live {
+                        Some(live) if !drifted(live, &p.dry_run, field_manager) => None,
+                        live => Some((o, live.as_ref().map(strip), Some(strip(&p.dry_run)))),
+                    },
+                    _ => Some((o, None, None)),
+                },
+            )
+            .collect()
+    }
 }
 
 /// Step 3 of the module doc: applies a [`check`]ed plan stage by stage.

@@ -28,6 +28,16 @@ enum Command {
     /// The same chain for CI: print findings as `file:line: severity: message (plugin,
     /// object)`; exit 1 when the commit would be refused.
     Validate(RenderArgs),
+    /// Render, then server-side dry-run against the cluster (KUBECONFIG) and show what would
+    /// change, as a unified diff. Exit 0: no change; 1: changes; 2: error.
+    Diff {
+        #[command(flatten)]
+        args: RenderArgs,
+        /// The agent's inventory id for this project (`sluice run` uses
+        /// `<agent-name>-<project>`), so objects it owns compare equal.
+        #[arg(long, default_value = "sluice-local")]
+        inventory_id: String,
+    },
     /// Plugin tools.
     #[command(subcommand)]
     Plugin(PluginCommand),
@@ -178,6 +188,7 @@ fn main() -> ExitCode {
         Command::Run(args) => rt.block_on(run(*args)),
         Command::Render(args) => rt.block_on(render(args, false)),
         Command::Validate(args) => rt.block_on(render(args, true)),
+        Command::Diff { args, inventory_id } => rt.block_on(diff(args, &inventory_id)),
         Command::Plugin(PluginCommand::Inspect { file, output }) => inspect(&file, output),
     }
 }
@@ -239,6 +250,52 @@ async fn render(args: RenderArgs, validate: bool) -> ExitCode {
         }
         Err(e) if e.is_user_error() => {
             eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `diff`: kubectl's exit codes (0 no change, 1 changes, >1 error).
+async fn diff(args: RenderArgs, inventory_id: &str) -> ExitCode {
+    let input = match (&args.dir, &args.repo) {
+        (Some(d), _) => sluice::render::Input::Dir(d.clone()),
+        (None, Some(r)) => sluice::render::Input::Repo(r.clone(), args.git_ref.clone()),
+        (None, None) => unreachable!("clap requires DIR or --repo"),
+    };
+    let client = match kube::Client::try_default().await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "error: failed to configure the Kubernetes client (KUBECONFIG or in-cluster): {e}"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match sluice::render::diff(
+        &input,
+        args.config.as_deref(),
+        args.project.as_deref(),
+        inventory_id,
+        client,
+    )
+    .await
+    {
+        Ok(changes) if changes.is_empty() => ExitCode::SUCCESS,
+        Ok(changes) => {
+            for c in &changes {
+                let text = similar::TextDiff::from_lines(&c.live, &c.desired);
+                print!(
+                    "{}",
+                    text.unified_diff().header(
+                        &format!("live/{}", c.obj),
+                        &format!("git/{} ({})", c.obj, c.origin)
+                    )
+                );
+            }
             ExitCode::from(1)
         }
         Err(e) => {

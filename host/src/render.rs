@@ -146,3 +146,92 @@ fn load_plugins(
         })
         .collect()
 }
+
+/// One object `sluice diff` reports.
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// `Kind/namespace/name`.
+    pub obj: String,
+    /// Where it is written in git.
+    pub origin: String,
+    /// The live object as YAML (empty when it would be created).
+    pub live: String,
+    /// The object as the server would store it, as YAML.
+    pub desired: String,
+}
+
+/// Renders `input` and server-side dry-runs it against the cluster: what would change.
+/// Nothing is written. Read-only fields the server manages (status, timestamps, uid, …)
+/// are left out of both sides so only what git controls shows.
+///
+/// # Errors
+/// Render errors, discovery, and objects the server would reject (all listed).
+/// `inventory_id` is the agent's for this project: objects owned by it compare equal.
+pub async fn diff(
+    input: &Input,
+    config_file: Option<&Path>,
+    project: Option<&str>,
+    inventory_id: &str,
+    client: kube::Client,
+) -> Result<Vec<Change>, sync::Error> {
+    let rendered = render(input, config_file, project).await?;
+    let cluster = crate::cluster::Cluster::connect(client).await?;
+    let mut objects = rendered.objects;
+    let mut scopes = cluster.scopes();
+    scopes.add_crds(&objects);
+    // render() set default namespaces already; this checks scopes against the real cluster.
+    decode::set_namespaces(&mut objects, "default", &scopes)?;
+    let plan = crate::plan::plan(objects, &Default::default())?;
+    // Report as the agent would see it: its field manager, and any owner accepted.
+    let opts = crate::apply::Options {
+        inventory_policy: config::InventoryPolicy::AdoptAll,
+        ..crate::apply::Options::new(inventory_id)
+    };
+    let checked = crate::apply::check(&cluster, &plan, &opts).await?;
+    let yaml = |v: &Option<serde_json::Value>| {
+        v.as_ref()
+            .map(|v| serde_saphyr::to_string(&clean(v)).unwrap_or_default())
+            .unwrap_or_default()
+    };
+    Ok(checked
+        .changes(&opts.field_manager)
+        .into_iter()
+        .map(|(o, live, dry)| Change {
+            obj: o.obj_ref().to_string(),
+            origin: o.origin.to_string(),
+            live: yaml(&live),
+            desired: if dry.is_some() {
+                yaml(&dry)
+            } else {
+                yaml(&Some(o.value.clone()))
+            },
+        })
+        .collect())
+}
+
+/// Drops what the server owns, so a diff shows what git controls.
+fn clean(v: &serde_json::Value) -> serde_json::Value {
+    let mut v = v.clone();
+    if let Some(m) = v.as_object_mut() {
+        m.remove("status");
+    }
+    if let Some(meta) = v["metadata"].as_object_mut() {
+        for k in [
+            "uid",
+            "creationTimestamp",
+            "generation",
+            "managedFields",
+            "resourceVersion",
+        ] {
+            meta.remove(k);
+        }
+        if let Some(a) = meta.get_mut("annotations").and_then(|a| a.as_object_mut()) {
+            a.remove(crate::inventory::OWNING_INVENTORY);
+            a.remove("deployment.kubernetes.io/revision");
+            if a.is_empty() {
+                meta.remove("annotations");
+            }
+        }
+    }
+    v
+}

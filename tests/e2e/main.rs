@@ -2,6 +2,7 @@
 //! plane and git server of `sluice_testenv`.
 
 mod agent;
+mod cli;
 mod harness_cluster;
 mod harness_git;
 mod leader;
