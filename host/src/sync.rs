@@ -171,9 +171,10 @@ pub async fn sync(
         &settings.inventory_id,
         &project.default_namespace,
     )?;
-    let stored = inventory::load(cluster.client(), &inv)
-        .await?
-        .unwrap_or_default();
+    // What the ConfigMap holds (None: no ConfigMap yet); writes are skipped when it would
+    // not change, so the 5-minute re-apply of an unchanged commit writes nothing.
+    let mut recorded = inventory::load(cluster.client(), &inv).await?;
+    let stored = recorded.clone().unwrap_or_default();
     if objects.is_empty() && project.prune && !stored.is_empty() && !settings.allow_empty_prune {
         return Err(Error::EmptySet);
     }
@@ -193,10 +194,11 @@ pub async fn sync(
         // Record everything about to be written before the first write, so an agent killed
         // mid-apply still knows what it may have created (cli-utils' inventory-add step).
         let upcoming: BTreeSet<ObjRef> = checked.objects().map(Object::obj_ref).collect();
-        inventory::store(
-            cluster.client(),
+        record(
+            cluster,
             &inv,
-            &stored.union(&upcoming).cloned().collect(),
+            &mut recorded,
+            stored.union(&upcoming).cloned().collect(),
         )
         .await?;
     }
@@ -210,13 +212,8 @@ pub async fn sync(
         });
     }
 
+    // Already recorded before the writes (stored ∪ upcoming ⊇ stored ∪ applied).
     let desired = applied_refs(&results);
-    inventory::store(
-        cluster.client(),
-        &inv,
-        &stored.union(&desired).cloned().collect(),
-    )
-    .await?;
 
     let mut kept: BTreeSet<ObjRef> = desired.clone();
     let mut pruned = Vec::new();
@@ -235,7 +232,7 @@ pub async fn sync(
     } else {
         kept.extend(plan.prune.iter().cloned());
     }
-    inventory::store(cluster.client(), &inv, &kept).await?;
+    record(cluster, &inv, &mut recorded, kept).await?;
 
     let applied: Vec<ObjRef> = desired.into_iter().collect();
     let (health, gone) = tokio::join!(
@@ -311,6 +308,20 @@ pub async fn transform(
             .await
             .map_err(|e| Error::Task(e.to_string()))??;
     Ok((outcome.objects, outcome.findings))
+}
+
+/// Writes `set` as the inventory unless that is what it already holds.
+async fn record(
+    cluster: &Cluster,
+    inv: &InventoryRef,
+    recorded: &mut Option<BTreeSet<ObjRef>>,
+    set: BTreeSet<ObjRef>,
+) -> Result<(), Error> {
+    if recorded.as_ref() != Some(&set) {
+        inventory::store(cluster.client(), inv, &set).await?;
+        *recorded = Some(set);
+    }
+    Ok(())
 }
 
 fn applied_refs(results: &[ObjectResult]) -> BTreeSet<ObjRef> {
