@@ -6,7 +6,7 @@
 
 use serde::Deserialize;
 use serde_json::Value;
-use sluice_plugin_sdk::{Finding, FindingBuilder, containers, pod_spec};
+use sluice_plugin_sdk::{Finding, FindingBuilder, all_containers};
 
 /// Plugin configuration.
 #[derive(Debug, Default, Deserialize)]
@@ -39,35 +39,31 @@ pub fn qualify(image: &str) -> String {
 
 /// Reports images from other registries.
 pub fn validate(config: &Config, objects: &[Value]) -> Vec<Finding> {
-    let mut out = Vec::new();
-    for (index, o) in objects.iter().enumerate() {
-        let Some((base, spec)) = pod_spec(o) else {
-            continue;
-        };
-        for (path, c) in containers(spec) {
-            let Some(image) = c["image"].as_str() else {
-                continue;
-            };
+    all_containers(objects)
+        .into_iter()
+        .filter_map(|c| {
+            let image = c.container["image"].as_str()?;
             let full = qualify(image);
-            if !config
+            if config
                 .registries
                 .iter()
                 .any(|r| full.starts_with(r.as_str()))
             {
-                out.push(
-                    FindingBuilder::error(format!(
-                        "image {image} is not from an allowed registry ({})",
-                        config.registries.join(", ")
-                    ))
-                    .object(index, o)
-                    .field(format!("{base}.{path}.image"))
+                return None;
+            }
+            let message = format!(
+                "image {image} is not from an allowed registry ({})",
+                config.registries.join(", ")
+            );
+            Some(
+                FindingBuilder::error(message)
+                    .object(c.index, c.object)
+                    .field(format!("{}.image", c.path))
                     .rule("allowed-registries")
                     .build(),
-                );
-            }
-        }
-    }
-    out
+            )
+        })
+        .collect()
 }
 
 /// The plugin, for [`sluice_plugin_sdk::export_validator!`].

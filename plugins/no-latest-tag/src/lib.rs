@@ -4,7 +4,7 @@
 
 use serde::Deserialize;
 use serde_json::Value;
-use sluice_plugin_sdk::{Finding, FindingBuilder, containers, parse_image, pod_spec};
+use sluice_plugin_sdk::{Finding, FindingBuilder, all_containers, parse_image};
 
 /// Plugin configuration: nothing to configure.
 #[derive(Debug, Default, Deserialize)]
@@ -13,30 +13,22 @@ pub struct Config {}
 
 /// Reports images without a tag, with `:latest`, and without a digest.
 pub fn validate(objects: &[Value]) -> Vec<Finding> {
-    let mut out = Vec::new();
-    for (index, o) in objects.iter().enumerate() {
-        let Some((base, spec)) = pod_spec(o) else {
-            continue;
-        };
-        for (path, c) in containers(spec) {
-            let Some(image) = c["image"].as_str() else {
-                continue;
-            };
+    all_containers(objects)
+        .into_iter()
+        .filter_map(|c| {
+            let image = c.container["image"].as_str()?;
             let (_, tag, digest) = parse_image(image);
-            if digest.is_none() && matches!(tag, None | Some("latest")) {
-                out.push(
-                    FindingBuilder::error(format!(
-                        "image {image} uses the latest tag; pin a version or a digest"
-                    ))
-                    .object(index, o)
-                    .field(format!("{base}.{path}.image"))
-                    .rule("no-latest-tag")
-                    .build(),
-                );
-            }
-        }
-    }
-    out
+            (digest.is_none() && matches!(tag, None | Some("latest"))).then(|| {
+                FindingBuilder::error(format!(
+                    "image {image} uses the latest tag; pin a version or a digest"
+                ))
+                .object(c.index, c.object)
+                .field(format!("{}.image", c.path))
+                .rule("no-latest-tag")
+                .build()
+            })
+        })
+        .collect()
 }
 
 /// The plugin, for [`sluice_plugin_sdk::export_validator!`].

@@ -4,7 +4,7 @@
 
 use serde::Deserialize;
 use serde_json::Value;
-use sluice_plugin_sdk::{Finding, FindingBuilder, containers, pod_spec};
+use sluice_plugin_sdk::{Finding, FindingBuilder, all_containers};
 
 /// Plugin configuration.
 #[derive(Debug, Deserialize)]
@@ -28,30 +28,26 @@ impl Default for Config {
 /// Reports every missing request or limit (ephemeral containers have none by design).
 pub fn validate(config: &Config, objects: &[Value]) -> Vec<Finding> {
     let mut out = Vec::new();
-    for (index, o) in objects.iter().enumerate() {
-        let Some((base, spec)) = pod_spec(o) else {
-            continue;
-        };
-        for (path, c) in containers(spec)
-            .into_iter()
-            .filter(|(p, _)| !p.starts_with("ephemeral"))
-        {
-            for (section, wanted) in [("requests", &config.requests), ("limits", &config.limits)] {
-                for r in wanted {
-                    if c["resources"][section][r].is_null() {
-                        out.push(
-                            FindingBuilder::error(format!(
-                                "container {} has no {r} {}",
-                                c["name"].as_str().unwrap_or("?"),
-                                section.trim_end_matches('s')
-                            ))
-                            .object(index, o)
-                            .field(format!("{base}.{path}.resources.{section}.{r}"))
-                            .rule("require-resources")
-                            .build(),
-                        );
-                    }
-                }
+    for c in all_containers(objects)
+        .into_iter()
+        .filter(|c| !c.path.contains("ephemeralContainers["))
+    {
+        for (section, wanted) in [("requests", &config.requests), ("limits", &config.limits)] {
+            for r in wanted
+                .iter()
+                .filter(|r| c.container["resources"][section][r.as_str()].is_null())
+            {
+                let name = c.container["name"].as_str().unwrap_or("?");
+                out.push(
+                    FindingBuilder::error(format!(
+                        "container {name} has no {r} {}",
+                        section.trim_end_matches('s')
+                    ))
+                    .object(c.index, c.object)
+                    .field(format!("{}.resources.{section}.{r}", c.path))
+                    .rule("require-resources")
+                    .build(),
+                );
             }
         }
     }

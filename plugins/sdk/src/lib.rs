@@ -419,6 +419,39 @@ pub fn containers(spec: &Value) -> Vec<(String, &Value)> {
     out
 }
 
+/// One container of one workload, found by [`all_containers`].
+#[derive(Debug, Clone)]
+pub struct ContainerAt<'a> {
+    /// Index of the object in the list the plugin received.
+    pub index: usize,
+    /// The object.
+    pub object: &'a Value,
+    /// The container's field path in its object, e.g. `spec.template.spec.containers[0]`.
+    pub path: String,
+    /// The container.
+    pub container: &'a Value,
+}
+
+/// Every container (init, regular, ephemeral) of every workload in `objects`.
+pub fn all_containers(objects: &[Value]) -> Vec<ContainerAt<'_>> {
+    let mut out = Vec::new();
+    for (index, object) in objects.iter().enumerate() {
+        if let Some((base, spec)) = pod_spec(object) {
+            out.extend(
+                containers(spec)
+                    .into_iter()
+                    .map(|(p, container)| ContainerAt {
+                        index,
+                        object,
+                        path: format!("{base}.{p}"),
+                        container,
+                    }),
+            );
+        }
+    }
+    out
+}
+
 /// Every container of a pod spec, mutable, with its field path.
 pub fn containers_mut(spec: &mut Value) -> Vec<(String, &mut Value)> {
     let mut out = Vec::new();
