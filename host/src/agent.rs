@@ -19,6 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::cluster::Cluster;
 use crate::config::{self, AgentConfig, GitRef, ManifestProject};
+use crate::inventory::InventoryRef;
 use crate::plugins::{self, Plugin};
 use crate::report::{self, msg};
 use crate::source::{Credentials, Source};
@@ -59,6 +60,10 @@ pub struct Options {
     pub concurrency: usize,
     /// Inventory id per project id, to take over agentk inventories (`<agentId>-<projectId>`).
     pub inventory_ids: HashMap<String, String>,
+    /// Adopt agentk inventories found for projects that have no inventory yet.
+    pub takeover: sync::Takeover,
+    /// Field managers whose ownership is removed from applied objects (default `agentk`).
+    pub cleanup_managers: Vec<String>,
     /// Allow pruning everything when no file is selected.
     pub allow_empty_prune: bool,
     /// Extra CA certificates (PEM) for https git servers.
@@ -88,6 +93,9 @@ pub enum StartError {
     /// No WebAssembly engine could be built.
     #[error("failed to start the plugin runtime: {0}")]
     Plugins(String),
+    /// The configuration could not be read (`sluice sync` only; the agent retries).
+    #[error("failed to load the configuration: {0}")]
+    Config(String),
 }
 
 /// Runs until `shutdown` resolves.
@@ -206,6 +214,7 @@ fn reconcile_workers(
         }
         keep
     });
+    let ids = inventory_ids(cfg, opts);
     for project in &cfg.manifest_projects {
         let names: Vec<String> = match &project.plugins {
             Some(names) => names.clone(),
@@ -233,31 +242,200 @@ fn reconcile_workers(
             }
             None => info!(worker_id = %project.id, "{}", msg::STARTING_WORKER),
         }
-        // Config order is run order; a plugin that failed to load fails this project only.
-        let selected: Result<Vec<Arc<Plugin>>, plugins::Error> = cfg
-            .plugins
-            .iter()
-            .filter(|p| names.contains(&p.name))
-            .map(|p| {
-                loaded.plugins.get(&p.name).cloned().unwrap_or_else(|| {
-                    Err(plugins::Error::Load {
-                        plugin: p.name.clone(),
-                        message: "not loaded".into(),
-                    })
-                })
-            })
-            .collect();
+        let selected = selected_plugins(loaded, project);
         if let Err(e) = &selected {
             error!(worker_id = %project.id, error = %e, "plugin unavailable; this project's syncs fail until it loads");
+        }
+        let inventory = inventory_for(cfg, &ids, project);
+        if let Err(e) = &inventory {
+            error!(worker_id = %project.id, error = %e, "this project does not sync until it has an inventory of its own");
         }
         let handle = tokio::spawn(worker(
             cluster.clone(),
             project.clone(),
             selected,
+            inventory,
             opts.clone(),
         ));
         workers.insert(project.id.clone(), (key, handle));
     }
+}
+
+/// The plugins `project` uses, in configuration order (the run order); a plugin that failed
+/// to load fails this project only.
+fn selected_plugins(
+    loaded: &Loaded,
+    project: &ManifestProject,
+) -> Result<Vec<Arc<Plugin>>, plugins::Error> {
+    let cfg = &loaded.config;
+    cfg.plugins
+        .iter()
+        .filter(|p| {
+            project
+                .plugins
+                .as_ref()
+                .is_none_or(|names| names.contains(&p.name))
+        })
+        .map(|p| {
+            loaded.plugins.get(&p.name).cloned().unwrap_or_else(|| {
+                Err(plugins::Error::Load {
+                    plugin: p.name.clone(),
+                    message: "not loaded".into(),
+                })
+            })
+        })
+        .collect()
+}
+
+/// `project`'s inventory id and the default inventories of the other projects.
+fn inventory_for(
+    cfg: &AgentConfig,
+    ids: &BTreeMap<String, Result<String, String>>,
+    project: &ManifestProject,
+) -> Result<(String, Vec<InventoryRef>), String> {
+    let id = ids
+        .get(&project.id)
+        .cloned()
+        .unwrap_or_else(|| Err(format!("no inventory id for project {}", project.id)))?;
+    let others = cfg
+        .manifest_projects
+        .iter()
+        .filter(|p| p.id != project.id)
+        .filter_map(|p| {
+            let id = ids.get(&p.id)?.as_ref().ok()?;
+            Some(InventoryRef::default_for(id, &p.default_namespace))
+        })
+        .collect();
+    Ok((id, others))
+}
+
+/// The source and settings a project syncs with.
+fn prepare(
+    project: &ManifestProject,
+    plugins: Result<Vec<Arc<Plugin>>, plugins::Error>,
+    (inventory_id, others): (String, Vec<InventoryRef>),
+    opts: &Options,
+) -> (Source, Settings) {
+    let url = sync::project_url(&project.id, &opts.git_base_url);
+    let source = match &project.credentials {
+        // Credentials written into the project's URL win over the host's token.
+        Some(c) => {
+            let s = Source::new(&url, &opts.cache_dir, Some(c.clone()));
+            match &opts.git_ca {
+                Some(pem) => s.with_ca(pem.clone()),
+                None => s,
+            }
+        }
+        None => source_for(&url, opts),
+    };
+    let settings = Settings {
+        inventory_id,
+        field_manager: opts.field_manager.clone(),
+        cleanup_managers: opts.cleanup_managers.clone(),
+        concurrency: opts.concurrency,
+        limits: opts.limits,
+        allow_empty_prune: opts.allow_empty_prune,
+        agent: opts.agent_name.clone(),
+        plugins,
+        others,
+        takeover: opts.takeover.clone(),
+    };
+    (source, settings)
+}
+
+/// What [`run_once`] did for one project.
+#[derive(Debug)]
+pub struct Once {
+    /// The project.
+    pub project: String,
+    /// Its report, or why it failed.
+    pub result: Result<sync::Report, String>,
+}
+
+/// `sluice sync`: syncs every project of the configuration once, waits for health, and
+/// returns each project's outcome (projects run concurrently; one failing never stops
+/// another).
+///
+/// # Errors
+/// [`StartError`] when the cluster, the configuration or the plugin runtime is unusable.
+pub async fn run_once(
+    client: kube::Client,
+    config_source: ConfigSource,
+    opts: Options,
+) -> Result<Vec<Once>, StartError> {
+    let cluster = Cluster::connect(client).await?;
+    let runtime = Arc::new(
+        plugins::Runtime::new(opts.plugin_cache_dir.as_deref())
+            .or_else(|_| plugins::Runtime::new(None))
+            .map_err(StartError::Plugins)?,
+    );
+    let (cfg, modules) = load_config(&config_source, &opts)
+        .await
+        .map_err(StartError::Config)?;
+    let digests = digests(&modules);
+    let loaded = load_plugins(&runtime, cfg, modules, digests).await;
+    let ids = inventory_ids(&loaded.config, &opts);
+    let runs = loaded.config.manifest_projects.iter().map(|project| {
+        let mut cluster = cluster.clone();
+        let (loaded, ids, opts) = (&loaded, &ids, &opts);
+        async move {
+            let result = async {
+                let inventory = inventory_for(&loaded.config, ids, project)?;
+                let (source, settings) =
+                    prepare(project, selected_plugins(loaded, project), inventory, opts);
+                let commit = resolve(source.clone(), project.git_ref.clone()).await?;
+                info!(project_id = %project.id, commit_id = %commit, "{}", msg::SYNCHRONIZING);
+                sync::sync(&mut cluster, &source, project, &commit, &settings)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            .await;
+            Once {
+                project: project.id.clone(),
+                result,
+            }
+        }
+    });
+    Ok(futures::future::join_all(runs).await)
+}
+
+/// Each project's inventory id: `--inventory-id`, else [`sync::inventory_id`]. Ids must be
+/// unique within the agent (two projects sharing one would prune each other's objects):
+/// every project whose id another project also has gets an error instead, naming both.
+pub fn inventory_ids(
+    cfg: &AgentConfig,
+    opts: &Options,
+) -> BTreeMap<String, Result<String, String>> {
+    let ids: Vec<(String, String)> = cfg
+        .manifest_projects
+        .iter()
+        .map(|p| {
+            let id = opts
+                .inventory_ids
+                .get(&p.id)
+                .cloned()
+                .unwrap_or_else(|| sync::inventory_id(&opts.agent_name, &p.id));
+            (p.id.clone(), id)
+        })
+        .collect();
+    ids.iter()
+        .map(|(project, id)| {
+            let sharing: Vec<&str> = ids
+                .iter()
+                .filter(|(p, other)| other == id && p != project)
+                .map(|(p, _)| p.as_str())
+                .collect();
+            let result = if sharing.is_empty() {
+                Ok(id.clone())
+            } else {
+                Err(format!(
+                    "inventory id {id:?} of project {project:?} is also the id of {}: projects sharing an inventory would prune each other's objects; give one of them its own with --inventory-id PROJECT=ID",
+                    sharing.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>().join(", ")
+                ))
+            };
+            (project.clone(), result)
+        })
+        .collect()
 }
 
 fn digests(modules: &BTreeMap<String, Result<Vec<u8>, String>>) -> BTreeMap<String, String> {
@@ -453,23 +631,15 @@ async fn worker(
     mut cluster: Cluster,
     project: ManifestProject,
     plugins: Result<Vec<Arc<Plugin>>, plugins::Error>,
+    inventory: Result<(String, Vec<InventoryRef>), String>,
     opts: Options,
 ) {
-    let url = sync::project_url(&project.id, &opts.git_base_url);
-    let source = source_for(&url, &opts);
-    let settings = Settings {
-        inventory_id: opts
-            .inventory_ids
-            .get(&project.id)
-            .cloned()
-            .unwrap_or_else(|| sync::inventory_id(&opts.agent_name, &project.id)),
-        field_manager: opts.field_manager.clone(),
-        concurrency: opts.concurrency,
-        limits: opts.limits,
-        allow_empty_prune: opts.allow_empty_prune,
-        agent: opts.agent_name.clone(),
-        plugins,
+    let Ok(inventory) = inventory else {
+        // The error was logged when the worker started; it never syncs (nothing it could
+        // do is safe) until the configuration changes.
+        return std::future::pending().await;
     };
+    let (source, settings) = prepare(&project, plugins, inventory, &opts);
     let mut state = State::default();
     loop {
         let commit = match resolve(source.clone(), project.git_ref.clone()).await {
@@ -523,6 +693,8 @@ async fn worker(
                 state.failed = None;
             }
             Some(Err(e)) => {
+                opts.metrics
+                    .record_sync(&project.id, "failure", started.elapsed(), &[]);
                 let backoff = match &state.failed {
                     Some((c, _, b)) if *c == commit => (*b * 2).min(BACKOFF_MAX),
                     _ => BACKOFF_START,

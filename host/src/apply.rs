@@ -42,6 +42,9 @@ pub enum Action {
     Abandoned,
     /// It was not touched (dry run, or not owned by this inventory).
     Skipped,
+    /// It left git but was not deleted this time (a Namespace still in use, or pruning
+    /// was held back); it stays in the inventory and the prune is tried again next sync.
+    Retained,
     /// The operation failed.
     Failed,
 }
@@ -127,6 +130,12 @@ pub struct Options {
     pub concurrency: usize,
     /// The inventory id written into `config.k8s.io/owning-inventory`.
     pub inventory_id: String,
+    /// Inventory ids being taken over (agentk's): live objects they own count as this
+    /// inventory's.
+    pub adopt_ids: Vec<String>,
+    /// Field managers whose entries are removed from `managedFields` after an apply, so
+    /// this manager alone owns what git says (default: none; the agent passes `agentk`).
+    pub cleanup_managers: Vec<String>,
     /// Which live objects may be taken over.
     pub inventory_policy: InventoryPolicy,
     /// `dry_run_strategy`.
@@ -143,6 +152,8 @@ impl Options {
             field_manager: "sluice".into(),
             concurrency: 8,
             inventory_id: inventory_id.into(),
+            adopt_ids: Vec::new(),
+            cleanup_managers: Vec::new(),
             inventory_policy: InventoryPolicy::MustMatch,
             dry_run: DryRunStrategy::None,
             crd_timeout: Duration::from_secs(60),
@@ -211,19 +222,52 @@ impl Checked {
     /// store it)`, both without managedFields and resourceVersion. Objects checked only
     /// in their stage (CRs of new CRDs, objects in new namespaces) come with no server
     /// view: they would be created.
-    pub fn changes(&self, field_manager: &str) -> Vec<(&Object, Option<Value>, Option<Value>)> {
+    pub fn changes(&self, opts: &Options) -> Vec<(&Object, Option<Value>, Option<Value>)> {
         self.objects()
             .filter_map(
                 |o| match self.preflights.iter().find(|(k, _)| *k == o.obj_ref()) {
-                    Some((_, Ok(p))) => match &p.live {
-                        Some(live) if !drifted(live, &p.dry_run, field_manager) => None,
-                        live => Some((o, live.as_ref().map(strip), Some(strip(&p.dry_run)))),
+                    Some((_, Ok(p))) => match (&p.live, &p.dry_run) {
+                        (Some(live), Some(dry)) if !drifted(live, dry, opts) => None,
+                        (live, dry) => Some((o, live.as_ref().map(strip), dry.as_ref().map(strip))),
                     },
                     _ => Some((o, None, None)),
                 },
             )
             .collect()
     }
+}
+
+/// Applies the Namespace `namespace` of a [`check`]ed plan now, if the plan has it and it
+/// does not exist yet, and takes it out of the plan: the inventory lives there and is
+/// written before everything else (cli-utils applies the inventory's namespace first).
+///
+/// # Errors
+/// [`Error::Partial`] when the Namespace cannot be applied.
+pub async fn namespace_first(
+    cluster: &Cluster,
+    checked: &mut Checked,
+    namespace: &str,
+    opts: &Options,
+) -> Result<Vec<ObjectResult>, Error> {
+    let is_it =
+        |o: &Object| o.kind() == "Namespace" && o.api_version() == "v1" && o.name() == namespace;
+    let Some(o) = checked.objects().find(|o| is_it(o)).cloned() else {
+        return Ok(Vec::new());
+    };
+    let preflight = match checked.preflights.iter().find(|(k, _)| *k == o.obj_ref()) {
+        Some((_, Ok(p))) if p.live.is_none() => p,
+        _ => return Ok(Vec::new()),
+    };
+    let result = write(cluster, &o, preflight, opts).await;
+    if result.action == Action::Failed {
+        return Err(Error::Partial {
+            results: vec![result],
+        });
+    }
+    for stage in &mut checked.stages {
+        stage.retain(|x| !is_it(x));
+    }
+    Ok(vec![result])
 }
 
 /// Step 3 of the module doc: applies a [`check`]ed plan stage by stage.
@@ -307,11 +351,37 @@ pub async fn apply(
     Ok(results)
 }
 
+/// How a live object relates to this inventory, counting an adopted id as this one.
+fn ownership(live: &Value, opts: &Options) -> Ownership {
+    match Ownership::of(live, &opts.inventory_id) {
+        Ownership::NoMatch
+            if crate::object::annotation(live, OWNING_INVENTORY)
+                .is_some_and(|a| opts.adopt_ids.iter().any(|id| id == a)) =>
+        {
+            Ownership::Match
+        }
+        own => own,
+    }
+}
+
+/// kubectl reads `yes`/`no`/`on`/`off` as booleans too (YAML 1.1), so the API server's
+/// complaint about a boolean in a string field is worth a hint.
+fn with_hint(message: String) -> String {
+    if message.contains("bool") && message.contains("string") {
+        format!(
+            "{message} (unquoted yes/no/on/off/y/n are booleans in YAML 1.1, as kubectl reads them: quote the value to make it a string)"
+        )
+    } else {
+        message
+    }
+}
+
 /// What preflight learned about an object.
 #[derive(Debug)]
 struct Preflight {
-    /// The object as the server would store it.
-    dry_run: Value,
+    /// The object as the server would store it (`None` with `dry_run_strategy: client`,
+    /// which sends no dry-run request).
+    dry_run: Option<Value>,
     /// The live object, if any.
     live: Option<Value>,
 }
@@ -368,11 +438,14 @@ async fn preflight(
         .map_err(|e| fail(format!("failed to read the live object: {e}")))?;
     let live = live.map(|l| serde_json::to_value(l).unwrap_or_default());
     if let Some(live) = &live {
-        inventory::may_apply(
-            opts.inventory_policy,
-            Ownership::of(live, &opts.inventory_id),
-        )
-        .map_err(fail)?;
+        inventory::may_apply(opts.inventory_policy, ownership(live, opts)).map_err(fail)?;
+    }
+    if opts.dry_run == DryRunStrategy::Client {
+        // Client mode sends reads only: no dry-run PATCH (no patch RBAC, no webhooks).
+        return Ok(Preflight {
+            dry_run: None,
+            live,
+        });
     }
     let params = PatchParams {
         dry_run: true,
@@ -381,9 +454,9 @@ async fn preflight(
     let dry: DynamicObject = api
         .patch(o.name(), &params, &Patch::Apply(&o.value))
         .await
-        .map_err(|e| fail(api_message(&e)))?;
+        .map_err(|e| fail(with_hint(api_message(&e))))?;
     Ok(Preflight {
-        dry_run: serde_json::to_value(dry).unwrap_or_default(),
+        dry_run: Some(serde_json::to_value(dry).unwrap_or_default()),
         live,
     })
 }
@@ -395,8 +468,8 @@ async fn write(cluster: &Cluster, o: &Object, p: &Preflight, opts: &Options) -> 
         action,
         message,
     };
-    if let Some(live) = &p.live
-        && !drifted(live, &p.dry_run, &opts.field_manager)
+    if let (Some(live), Some(dry_run)) = (&p.live, &p.dry_run)
+        && !drifted(live, dry_run, opts)
     {
         return result(Action::Unchanged, None);
     }
@@ -427,7 +500,7 @@ async fn write(cluster: &Cluster, o: &Object, p: &Preflight, opts: &Options) -> 
         );
     };
     let api = cluster.api(&ar, &caps, o.namespace().unwrap_or_default());
-    match api
+    let applied = match api
         .patch(
             o.name(),
             &PatchParams::apply(&opts.field_manager).force(),
@@ -435,21 +508,74 @@ async fn write(cluster: &Cluster, o: &Object, p: &Preflight, opts: &Options) -> 
         )
         .await
     {
-        Ok(_) => result(action, None),
-        Err(e) => result(Action::Failed, Some(api_message(&e))),
+        Ok(applied) => applied,
+        Err(e) => return result(Action::Failed, Some(api_message(&e))),
+    };
+    match cleanup_managers(&api, o.name(), &applied, opts).await {
+        Ok(()) => result(action, None),
+        Err(e) => result(
+            Action::Failed,
+            Some(format!(
+                "applied, but failed to remove the field managers {:?}: {}",
+                opts.cleanup_managers,
+                api_message(&e)
+            )),
+        ),
     }
 }
 
-/// True when applying would change the object, or when our field manager does not own its
-/// fields yet (taking over from agentk's `agentk` manager is a write).
-fn drifted(live: &Value, dry_run: &Value, field_manager: &str) -> bool {
-    let owned = live["metadata"]["managedFields"]
-        .as_array()
-        .is_some_and(|m| {
-            m.iter()
-                .any(|f| f["manager"] == field_manager && f["operation"] == "Apply")
-        });
-    !owned || strip(live) != strip(dry_run)
+/// Removes the `managedFields` entries of [`Options::cleanup_managers`] from an object
+/// just applied (as Flux's ssa does for `kubectl` and its own old managers). A forced
+/// server-side apply takes only the fields whose values conflict; fields with equal values
+/// stay co-owned by the old manager, and a field later removed from git would stay live
+/// under it. One merge patch, guarded by the resourceVersion the apply returned.
+async fn cleanup_managers(
+    api: &kube::Api<DynamicObject>,
+    name: &str,
+    applied: &DynamicObject,
+    opts: &Options,
+) -> Result<(), kube::Error> {
+    let entries = applied.metadata.managed_fields.clone().unwrap_or_default();
+    let is_old = |m: &Option<String>| {
+        m.as_deref().is_some_and(|m| {
+            m != opts.field_manager && opts.cleanup_managers.iter().any(|c| c == m)
+        })
+    };
+    if !entries.iter().any(|e| is_old(&e.manager)) {
+        return Ok(());
+    }
+    let kept: Vec<_> = entries
+        .into_iter()
+        .filter(|e| !is_old(&e.manager))
+        .collect();
+    let patch = serde_json::json!({"metadata": {
+        "resourceVersion": applied.metadata.resource_version,
+        "managedFields": kept,
+    }});
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(|_| ())
+}
+
+/// True when applying would change the object, when our field manager does not own its
+/// fields yet (taking over from agentk's `agentk` manager is a write), or when a manager
+/// to clean up still owns some of them.
+fn drifted(live: &Value, dry_run: &Value, opts: &Options) -> bool {
+    let managers = live["metadata"]["managedFields"].as_array();
+    let owned = managers.is_some_and(|m| {
+        m.iter()
+            .any(|f| f["manager"] == opts.field_manager.as_str() && f["operation"] == "Apply")
+    });
+    let foreign = managers.is_some_and(|m| {
+        m.iter().any(|f| {
+            f["manager"] != opts.field_manager.as_str()
+                && opts
+                    .cleanup_managers
+                    .iter()
+                    .any(|c| f["manager"] == c.as_str())
+        })
+    });
+    !owned || foreign || strip(live) != strip(dry_run)
 }
 
 fn strip(v: &Value) -> Value {

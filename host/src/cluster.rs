@@ -1,6 +1,9 @@
 //! The Kubernetes API as the cluster-facing stages (`apply`, `inventory`, `wait`) see it:
 //! a client plus discovery, so any object can be addressed by its manifest alone.
 
+use std::collections::BTreeMap;
+use std::time::Duration;
+
 use kube::api::{Api, DynamicObject};
 use kube::core::GroupVersionKind;
 use kube::discovery::{ApiCapabilities, ApiResource, Discovery, Scope};
@@ -8,37 +11,109 @@ use kube::discovery::{ApiCapabilities, ApiResource, Discovery, Scope};
 use crate::decode::Scopes;
 use crate::object::ObjRef;
 
-/// Discovery failed. Retryable.
+/// Discovery failed (the API server's group list could not be read). Retryable.
 #[derive(Debug, thiserror::Error)]
 #[error("failed to discover the cluster's API resources: {0}")]
 pub struct DiscoveryError(#[source] pub kube::Error);
 
 /// A client and what the API server serves.
+///
+/// Discovery tolerates API groups that do not answer (an aggregated API whose APIService is
+/// unavailable, e.g. metrics-server down answers 503): like kubectl, Flux and Argo CD, it
+/// goes on with the groups that answer and remembers which did not
+/// ([`Cluster::unavailable`]), so callers can fail only the objects of those groups and
+/// never mistake their kinds for kinds that are gone.
 #[derive(Clone)]
 pub struct Cluster {
     client: kube::Client,
     discovery: std::sync::Arc<Discovery>,
+    /// Groups that failed discovery, with why (naming the APIService).
+    unavailable: std::sync::Arc<BTreeMap<String, String>>,
 }
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cluster").finish_non_exhaustive()
+        f.debug_struct("Cluster")
+            .field("unavailable", &self.unavailable)
+            .finish_non_exhaustive()
     }
 }
 
+/// How long one discovery request may take.
+const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl Cluster {
-    /// Runs discovery.
+    /// Runs discovery. Groups that fail are left out and listed in
+    /// [`Cluster::unavailable`].
     ///
     /// # Errors
-    /// When the API server cannot be reached.
+    /// When the API server cannot be reached or its group list (`/api`, `/apis`) fails.
     pub async fn connect(client: kube::Client) -> Result<Cluster, DiscoveryError> {
-        let discovery = Discovery::new(client.clone())
-            .run()
+        let deadline = |e| DiscoveryError(kube::Error::Service(Box::new(e)));
+        let full = tokio::time::timeout(DISCOVERY_TIMEOUT, Discovery::new(client.clone()).run())
             .await
+            .map_err(deadline)?;
+        if let Ok(discovery) = full {
+            return Ok(Cluster {
+                client,
+                discovery: discovery.into(),
+                unavailable: Default::default(),
+            });
+        }
+        // Some request failed: find the groups that do not answer and leave them out.
+        let groups = tokio::time::timeout(DISCOVERY_TIMEOUT, client.list_api_groups())
+            .await
+            .map_err(deadline)?
             .map_err(DiscoveryError)?;
+        let probes = groups.groups.iter().map(|g| {
+            let client = client.clone();
+            async move {
+                let mut failures = Vec::new();
+                for v in &g.versions {
+                    let probe = tokio::time::timeout(
+                        DISCOVERY_TIMEOUT,
+                        client.list_api_group_resources(&v.group_version),
+                    )
+                    .await;
+                    let message = match probe {
+                        Ok(Ok(_)) => continue,
+                        Ok(Err(e)) => crate::apply::api_message(&e),
+                        Err(_) => format!("no answer within {DISCOVERY_TIMEOUT:?}"),
+                    };
+                    failures.push(format!("APIService {}.{}: {message}", v.version, g.name));
+                }
+                (!failures.is_empty()).then(|| {
+                    (
+                        g.name.clone(),
+                        format!(
+                            "API group {} is unavailable ({})",
+                            g.name,
+                            failures.join("; ")
+                        ),
+                    )
+                })
+            }
+        });
+        let unavailable: BTreeMap<String, String> = futures::future::join_all(probes)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        let excluded: Vec<&str> = unavailable.keys().map(String::as_str).collect();
+        let discovery = tokio::time::timeout(
+            DISCOVERY_TIMEOUT,
+            Discovery::new(client.clone()).exclude(&excluded).run(),
+        )
+        .await
+        .map_err(deadline)?
+        .map_err(DiscoveryError)?;
+        for why in unavailable.values() {
+            tracing::warn!(reason = %why, "discovery is partial: objects of this API group are not synced until it answers");
+        }
         Ok(Cluster {
             client,
             discovery: discovery.into(),
+            unavailable: unavailable.into(),
         })
     }
 
@@ -49,6 +124,16 @@ impl Cluster {
     pub async fn refresh(&mut self) -> Result<(), DiscoveryError> {
         *self = Cluster::connect(self.client.clone()).await?;
         Ok(())
+    }
+
+    /// API groups that did not answer discovery, with a message naming the APIService.
+    pub fn unavailable(&self) -> &BTreeMap<String, String> {
+        &self.unavailable
+    }
+
+    /// Why `group` is unavailable, if it is.
+    pub fn unavailable_group(&self, group: &str) -> Option<&str> {
+        self.unavailable.get(group).map(String::as_str)
     }
 
     /// The client.
@@ -102,6 +187,72 @@ impl Cluster {
     pub fn api_for_ref(&self, r: &ObjRef) -> Option<Api<DynamicObject>> {
         self.resolve_ref(r)
             .map(|(ar, caps)| self.api(&ar, &caps, &r.namespace))
+    }
+
+    /// The objects in namespace `ns` that are not in `owned` and that the cluster did not
+    /// make for something (no owner references, not an Event, not the `default`
+    /// ServiceAccount or `kube-root-ca.crt` every namespace gets, not a Service's Endpoints).
+    /// One metadata-only LIST per namespaced kind that can be listed.
+    ///
+    /// # Errors
+    /// A LIST that fails or takes longer than 30 s.
+    pub async fn foreign_objects(
+        &self,
+        ns: &str,
+        owned: &std::collections::BTreeSet<ObjRef>,
+    ) -> Result<Vec<ObjRef>, String> {
+        let made_by_cluster = |group: &str, kind: &str, name: &str| {
+            matches!(
+                (group, kind, name),
+                (_, "Event", _)
+                    | ("", "Endpoints", _)
+                    | ("", "ServiceAccount", "default")
+                    | ("", "ConfigMap", "kube-root-ca.crt")
+            )
+        };
+        let mut foreign = Vec::new();
+        for group in self.discovery.groups() {
+            for (ar, caps) in group.recommended_resources() {
+                if caps.scope != Scope::Namespaced
+                    || !caps.supports_operation(kube::discovery::verbs::LIST)
+                {
+                    continue;
+                }
+                let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), ns, &ar);
+                let list =
+                    tokio::time::timeout(DISCOVERY_TIMEOUT, api.list_metadata(&Default::default()))
+                        .await
+                        .map_err(|_| format!("listing {} timed out", ar.plural))?
+                        .map_err(|e| {
+                            format!(
+                                "failed to list {}: {}",
+                                ar.plural,
+                                crate::apply::api_message(&e)
+                            )
+                        })?;
+                for item in list.items {
+                    let name = item.metadata.name.clone().unwrap_or_default();
+                    let r = ObjRef {
+                        group: ar.group.clone(),
+                        kind: ar.kind.clone(),
+                        namespace: ns.to_string(),
+                        name,
+                    };
+                    let controlled = item
+                        .metadata
+                        .owner_references
+                        .as_ref()
+                        .is_some_and(|o| !o.is_empty());
+                    if !controlled
+                        && !made_by_cluster(&r.group, &r.kind, &r.name)
+                        && !owned.contains(&r)
+                    {
+                        foreign.push(r);
+                    }
+                }
+            }
+        }
+        Ok(foreign)
     }
 
     /// The live object, if it exists (`None` also when its kind is not served).

@@ -74,7 +74,12 @@ pub struct AgentConfig {
 pub struct ManifestProject {
     /// Project path (`group/sub/project`) or full git URL; defaults to the configuration
     /// project. Also the project's identity: two entries with the same id are an error.
+    /// Never holds credentials: a URL's `user:token@` is moved to [`Self::credentials`]
+    /// when the file is parsed, so the id is safe in logs, metrics, inventories and plugins.
     pub id: String,
+    /// Credentials that were written into the id's URL (`https://user:token@host/…`).
+    /// `Debug` redacts the secret.
+    pub credentials: Option<crate::source::Credentials>,
     /// Which ref to follow (default: the default branch).
     pub git_ref: GitRef,
     /// Namespace for namespaced objects without one, and of the inventory (default `default`).
@@ -202,6 +207,28 @@ string_enum!(
     } default Info
 );
 
+/// The project path of a repository URL (`https://host/group/app.git` → `group/app`), for
+/// entries without `id` when the configuration comes from that repository. Any other URL
+/// (`file://`) is returned whole, credentials removed.
+pub fn project_path(url: &str) -> String {
+    let (url, _) = crate::source::split_userinfo(url);
+    match url.split_once("://") {
+        Some(("https" | "http" | "ssh", rest)) => {
+            let path = rest
+                .split_once('/')
+                .map_or("", |(_, p)| p)
+                .trim_matches('/');
+            let path = path.strip_suffix(".git").unwrap_or(path);
+            if path.is_empty() {
+                url.clone()
+            } else {
+                path.to_string()
+            }
+        }
+        _ => url,
+    }
+}
+
 /// Parses a configuration file.
 ///
 /// `config_project` is the project the file lives in: the default for a manifest project
@@ -259,6 +286,9 @@ pub fn parse_with_origin(text: &str, config_project: &str, origin: &str) -> Resu
                 line.unwrap_or(0)
             )));
         }
+        // Credentials written into a URL leave the id here, once, so that nothing
+        // downstream (logs, metrics, inventory ids, plugin context) can ever show them.
+        let (id, credentials) = crate::source::split_userinfo(&id);
         if manifest_projects.iter().any(|m| m.id == id) {
             let at = line.map(|l| format!(" at line {l}")).unwrap_or_default();
             return Err(invalid(format!(
@@ -271,6 +301,7 @@ pub fn parse_with_origin(text: &str, config_project: &str, origin: &str) -> Resu
         };
         manifest_projects.push(ManifestProject {
             id,
+            credentials,
             git_ref: p.r#ref.map(|r| r.0).unwrap_or(GitRef::DefaultBranch),
             default_namespace: p
                 .default_namespace

@@ -92,7 +92,9 @@ fn decode_file(bytes: &[u8], origin: Origin) -> Result<Vec<Object>, Vec<Error>> 
         if doc.value.is_null() {
             continue;
         }
-        let items = match flatten(doc.value) {
+        let mut value = doc.value;
+        integral_floats(&mut value);
+        let items = match flatten(value) {
             Ok(items) => items,
             Err(message) => {
                 errors.push(Error {
@@ -168,12 +170,22 @@ fn check(value: &Value) -> Result<(), String> {
     }
 }
 
+/// How manifests are read: as kubectl and agentk read them (sigs.k8s.io/yaml, a YAML 1.1
+/// reader), so every manifest `kubectl apply --server-side` accepts becomes the same object:
+///
+/// - YAML 1.1 octals: `defaultMode: 0644` is 420 (a YAML 1.2 reader makes it 644.0);
+/// - YAML 1.1 booleans: `yes`/`no`/`on`/`off`/`y`/`n` are booleans, so `readOnly: yes` is
+///   `true` as kubectl sends it. (A string field written that way is rejected by the API
+///   server for kubectl too; the rejection then says to quote the value.)
+/// - a duplicate key keeps its last value, as sigs.k8s.io/yaml does;
+/// - floats with an integral value become integers ([`integral_floats`]), as Go's JSON
+///   encoder writes them, so `replicas: 1.0` is accepted.
+///
+/// Budgets bound what one file may cost: alias expansion, nesting and node count.
 fn yaml_options() -> serde_saphyr::Options {
-    // Budgets bound what one file may cost: alias expansion, nesting and node count.
-    // strict_booleans: only true/false are booleans (YAML 1.2, like JSON). With YAML 1.1's
-    // y/n/yes/no/on/off, `name: n` or `country: no` would silently become booleans.
     serde_saphyr::options! {
-        strict_booleans: true,
+        legacy_octal_numbers: true,
+        duplicate_keys: serde_saphyr::options::DuplicateKeyPolicy::LastWins,
         budget: serde_saphyr::budget! {
             max_aliases: 1_000,
             max_anchors: 1_000,
@@ -181,6 +193,27 @@ fn yaml_options() -> serde_saphyr::Options {
             max_documents: 10_000,
             max_nodes: 2_000_000,
         },
+    }
+}
+
+/// Go's `encoding/json` writes a float64 with an integral value without a fraction (`1.0`
+/// is `1`), and that is what kubectl sends; the API server then reads it into integer
+/// fields. Converting here keeps `replicas: 1.0` or `cpu: 1e3` working as with kubectl.
+fn integral_floats(v: &mut Value) {
+    match v {
+        Value::Number(n) if n.is_f64() => {
+            if let Some(f) = n.as_f64()
+                && f.fract() == 0.0
+                && f.abs() < 9.0e15
+            {
+                // Exact for |f| < 2^53; larger floats stay floats, as their digits are
+                // not known to be exact.
+                *v = Value::from(f as i64);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(integral_floats),
+        Value::Object(map) => map.values_mut().for_each(integral_floats),
+        _ => {}
     }
 }
 
@@ -384,12 +417,20 @@ mod tests {
     }
 
     #[test]
-    fn only_true_and_false_are_booleans() {
-        let objs = decode(&[file("a.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: n}\ndata: {a: yes, b: on, c: true}\n")], "p", "c").expect("decode");
-        assert_eq!(objs[0].name(), "n");
+    fn scalars_read_as_kubectl_reads_them() {
+        let objs = decode(
+            &[file(
+                "a.yaml",
+                "apiVersion: v1\nkind: X\nmetadata: {name: \"n\"}\nspec:\n  octal: 0644\n  zero: 0\n  hex: 0x1F\n  float: 1.0\n  exp: 1e3\n  half: 0.5\n  yes: yes\n  off: off\n  t: true\n  quoted: \"0644\"\n  date: 2024-01-02\n  nul: ~\n  dup: 1\n  dup: 2\n",
+            )],
+            "p",
+            "c",
+        )
+        .expect("decode");
         assert_eq!(
-            objs[0].value["data"],
-            serde_json::json!({"a": "yes", "b": "on", "c": true})
+            objs[0].value["spec"],
+            serde_json::json!({"octal": 420, "zero": 0, "hex": 31, "float": 1, "exp": 1000, "half": 0.5,
+                "yes": true, "off": false, "t": true, "quoted": "0644", "date": "2024-01-02", "nul": null, "dup": 2})
         );
     }
 

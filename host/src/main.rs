@@ -23,6 +23,10 @@ struct Cli {
 enum Command {
     /// Run the agent: keep the cluster equal to the manifest projects of the configuration.
     Run(Box<RunArgs>),
+    /// Sync every manifest project once, wait for health, print a summary, and exit: 0 when
+    /// every project synced, 1 when one failed, 2 when nothing could start (for CI
+    /// pipelines and tests; takes the flags of `run`).
+    Sync(Box<RunArgs>),
     /// Select, decode and run the plugins offline; print the objects (like `flux build`).
     Render(RenderArgs),
     /// The same chain for CI: print findings as `file:line: severity: message (plugin,
@@ -106,7 +110,8 @@ struct RunArgs {
         default_value = "https://gitlab.com"
     )]
     git_base_url: String,
-    /// Project path of the configuration project (default manifest project id).
+    /// Project path of the configuration project: the manifest project of entries without
+    /// `id` (GitLab 15.7+). Default: the path of --config-repo.
     #[arg(long, default_value = "")]
     config_project: String,
     /// File holding the git token for the host of --git-base-url (never logged).
@@ -134,6 +139,18 @@ struct RunArgs {
     /// (`inventory-<agentId>-<projectId>`). Repeatable.
     #[arg(long = "inventory-id", value_parser = parse_pair)]
     inventory_ids: Vec<(String, String)>,
+    /// agentk's numeric agent id: only this agent's inventories (`inventory-<id>-<project
+    /// id>`) are adopted. Without it, the agentk inventory that owns a project's live
+    /// objects is found by its contents.
+    #[arg(long)]
+    agentk_agent_id: Option<String>,
+    /// Never adopt agentk inventories.
+    #[arg(long)]
+    no_agentk_takeover: bool,
+    /// Field managers whose ownership of applied fields is removed, so fields removed from
+    /// git are removed from the cluster after a takeover. Repeatable.
+    #[arg(long = "cleanup-field-manager", default_values_t = ["agentk".to_string()])]
+    cleanup_field_managers: Vec<String>,
     /// Maximum number of manifest files per project and commit.
     #[arg(long, default_value_t = 1000)]
     max_files: usize,
@@ -186,6 +203,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(args) => rt.block_on(run(*args)),
+        Command::Sync(args) => rt.block_on(sync_once(*args)),
         Command::Render(args) => rt.block_on(render(args, false)),
         Command::Validate(args) => rt.block_on(render(args, true)),
         Command::Diff { args, inventory_id } => rt.block_on(diff(args, &inventory_id)),
@@ -332,8 +350,15 @@ fn inspect(file: &std::path::Path, output: Output) -> ExitCode {
     }
 }
 
-async fn run(args: RunArgs) -> ExitCode {
-    let levels = report::init(args.log_format, sluice::config::LogLevel::Info);
+/// What `run` and `sync` share: the client, the configuration source and the options.
+struct Setup {
+    client: kube::Client,
+    source: ConfigSource,
+    opts: agent::Options,
+    metrics: std::sync::Arc<sluice::observability::Metrics>,
+}
+
+async fn setup(args: &RunArgs) -> Result<Setup, ExitCode> {
     let mut credentials = HashMap::new();
     if let Some(path) = &args.git_token_file {
         match std::fs::read_to_string(path) {
@@ -354,7 +379,7 @@ async fn run(args: RunArgs) -> ExitCode {
             }
             Err(e) => {
                 tracing::error!(path = %path.display(), error = %e, "failed to read the git token file");
-                return ExitCode::from(2);
+                return Err(ExitCode::from(2));
             }
         }
     }
@@ -363,7 +388,7 @@ async fn run(args: RunArgs) -> ExitCode {
             Ok(pem) => Some(pem),
             Err(e) => {
                 tracing::error!(path = %path.display(), error = %e, "failed to read the git CA file");
-                return ExitCode::from(2);
+                return Err(ExitCode::from(2));
             }
         },
         None => None,
@@ -372,7 +397,7 @@ async fn run(args: RunArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "failed to configure the Kubernetes client (KUBECONFIG or in-cluster)");
-            return ExitCode::from(2);
+            return Err(ExitCode::from(2));
         }
     };
     let source = match (&args.config, &args.config_repo) {
@@ -380,33 +405,36 @@ async fn run(args: RunArgs) -> ExitCode {
         (None, Some(url)) => ConfigSource::Repo { url: url.clone() },
         (None, None) => unreachable!("clap requires one of --config, --config-repo"),
     };
+    // Entries without `id` name the configuration project (agentk, GitLab 15.7+).
+    let config_project = match (&args.config_project, &args.config_repo) {
+        (p, _) if !p.is_empty() => p.clone(),
+        (_, Some(url)) => sluice::config::project_path(url),
+        _ => String::new(),
+    };
     let metrics = std::sync::Arc::new(sluice::observability::Metrics::default());
-    match tokio::net::TcpListener::bind(&args.observability_listen_address).await {
-        Ok(listener) => {
-            tokio::spawn(sluice::observability::serve(listener, metrics.clone()));
-        }
-        Err(e) => {
-            tracing::error!(address = %args.observability_listen_address, error = %e, "failed to listen for /metrics, /liveness and /readiness");
-            return ExitCode::from(2);
-        }
-    }
     let cache_root = args
         .cache_dir
         .clone()
         .unwrap_or_else(sluice::sync::default_cache_dir);
     let opts = agent::Options {
-        agent_name: args.agent_name,
-        git_base_url: args.git_base_url,
-        config_project: args.config_project,
+        agent_name: args.agent_name.clone(),
+        git_base_url: args.git_base_url.clone(),
+        config_project,
         credentials,
         poll_interval: args.poll_interval,
         reapply_interval: args.reapply_interval,
-        cache_dir: args
-            .cache_dir
-            .unwrap_or_else(sluice::sync::default_cache_dir),
-        field_manager: args.field_manager,
+        cache_dir: cache_root.clone(),
+        field_manager: args.field_manager.clone(),
         concurrency: args.concurrency,
-        inventory_ids: args.inventory_ids.into_iter().collect(),
+        inventory_ids: args.inventory_ids.iter().cloned().collect(),
+        takeover: if args.no_agentk_takeover {
+            sluice::sync::Takeover::Off
+        } else {
+            sluice::sync::Takeover::Agentk {
+                agent_id: args.agentk_agent_id.clone(),
+            }
+        },
+        cleanup_managers: args.cleanup_field_managers.clone(),
         allow_empty_prune: args.allow_empty_prune,
         git_ca,
         plugin_cache_dir: Some(cache_root.join("wasm")),
@@ -417,6 +445,78 @@ async fn run(args: RunArgs) -> ExitCode {
             max_total_bytes: args.max_total_bytes,
         },
     };
+    Ok(Setup {
+        client,
+        source,
+        opts,
+        metrics,
+    })
+}
+
+/// `sluice sync`: every project once, then a table like `flux get kustomizations`.
+async fn sync_once(args: RunArgs) -> ExitCode {
+    let _levels = report::init(args.log_format, sluice::config::LogLevel::Info);
+    let Setup {
+        client,
+        source,
+        opts,
+        ..
+    } = match setup(&args).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let outcomes = match agent::run_once(client, source, opts).await {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    println!("{:<40} {:<8} {:<12} SUMMARY", "PROJECT", "READY", "COMMIT");
+    for o in &outcomes {
+        match &o.result {
+            Ok(r) => {
+                let mut summary = report::summary(&r.results);
+                if !r.prune_held.is_empty() {
+                    summary.push_str(&format!(" (prune held: {})", r.prune_held.join("; ")));
+                }
+                println!(
+                    "{:<40} {:<8} {:<12} {summary}",
+                    o.project,
+                    "True",
+                    r.commit.get(..12).unwrap_or(&r.commit)
+                );
+            }
+            Err(e) => println!("{:<40} {:<8} {:<12} {e}", o.project, "False", "-"),
+        }
+    }
+    if outcomes.iter().all(|o| o.result.is_ok()) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+async fn run(args: RunArgs) -> ExitCode {
+    let levels = report::init(args.log_format, sluice::config::LogLevel::Info);
+    let Setup {
+        client,
+        source,
+        opts,
+        metrics,
+    } = match setup(&args).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    match tokio::net::TcpListener::bind(&args.observability_listen_address).await {
+        Ok(listener) => {
+            tokio::spawn(sluice::observability::serve(listener, metrics.clone()));
+        }
+        Err(e) => {
+            tracing::error!(address = %args.observability_listen_address, error = %e, "failed to listen for /metrics, /liveness and /readiness");
+            return ExitCode::from(2);
+        }
+    }
     let Some(namespace) = args.leader_election_namespace.clone() else {
         return match agent::run(client, source, opts, Some(levels), shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,

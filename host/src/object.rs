@@ -117,6 +117,13 @@ impl fmt::Display for ObjRef {
     }
 }
 
+/// The SHA-256 of `text`, in lowercase hex: the one hash for anything persisted (ids,
+/// names, cache directories), stable across Rust releases unlike `DefaultHasher`.
+pub fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
+}
+
 /// The group part of an `apiVersion` (`apps/v1` → `apps`, `v1` → ``).
 pub fn group_of(api_version: &str) -> &str {
     api_version.rsplit_once('/').map_or("", |(g, _)| g)

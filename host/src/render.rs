@@ -85,17 +85,14 @@ pub async fn render(
             let commit = tokio::task::spawn_blocking(move || resolver.resolve(&git_ref))
                 .await
                 .map_err(|e| sync::Error::Task(e.to_string()))??;
-            (
-                sync::render(&source, &entry, &commit, select::Limits::default()).await?,
-                commit,
-            )
+            sync::render(&source, &entry, &commit, select::Limits::default()).await?
         }
     };
     let scopes = decode::Scopes::offline(&objects);
     decode::set_namespaces(&mut objects, &entry.default_namespace, &scopes)?;
     let plugins = load_plugins(&cfg, &entry, &base)?;
-    let (mut objects, findings) =
-        sync::transform(objects, plugins, "local", &entry.id, &commit).await?;
+    let outcome = sync::transform(objects, plugins, "local", &entry.id, &commit).await?;
+    let (mut objects, findings) = (outcome.objects, outcome.findings);
     let scopes = decode::Scopes::offline(&objects);
     decode::set_namespaces(&mut objects, &entry.default_namespace, &scopes)?;
     Ok(Rendered { objects, findings })
@@ -194,7 +191,7 @@ pub async fn diff(
             .unwrap_or_default()
     };
     Ok(checked
-        .changes(&opts.field_manager)
+        .changes(&opts)
         .into_iter()
         .map(|(o, live, dry)| Change {
             obj: o.obj_ref().to_string(),

@@ -145,9 +145,6 @@ impl Source {
         let (url, embedded) = split_userinfo(url);
         let credentials = credentials.or(embedded);
         let url = url.as_str();
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        url.hash(&mut h);
         let slug: String = url
             .rsplit('/')
             .next()
@@ -156,7 +153,8 @@ impl Source {
             .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
             .take(40)
             .collect();
-        let cache = cache_root.join(format!("{slug}-{:016x}", h.finish()));
+        // A fixed hash: the directory must be found again by the next release too.
+        let cache = cache_root.join(format!("{slug}-{}", &crate::object::sha256_hex(url)[..16]));
         Source {
             url: url.to_string(),
             cache,
@@ -242,29 +240,27 @@ impl Source {
             commit: commit.to_string(),
             message,
         };
-        let id = gix::ObjectId::from_hex(commit.as_bytes())
-            .map_err(|e| read_err(format!("not a commit id: {e}")))?;
-        if repo.find_commit(id).is_err() {
-            // An empty cache fetches only the tips (depth 1); later fetches extend from the
-            // local shallow boundary. A commit older than the boundary (a `commit:` ref, or a
-            // branch moved back) needs the history: then, and only then, unshallow.
-            let empty = repo.head_id().is_err()
-                && repo
-                    .references()
-                    .ok()
-                    .and_then(|r| r.all().ok().map(|mut i| i.next().is_none()))
-                    .unwrap_or(true);
-            let depth = std::num::NonZeroU32::new(1).expect("1 is not zero");
-            let shallow = if empty {
-                Shallow::DepthAtRemote(depth)
-            } else {
-                Shallow::NoChange
-            };
-            self.download(&repo, shallow)?;
-            if repo.find_commit(id).is_err() && repo.is_shallow().unwrap_or(true) {
-                self.download(&repo, Shallow::undo())?;
+        let id = match gix::ObjectId::from_hex(commit.as_bytes()) {
+            Ok(id) => {
+                self.ensure_commit(&repo, id)?;
+                id
             }
-        }
+            // A short commit id (`ref.commit: abc1234`, which kas handed to Gitaly as a
+            // revision): the remote cannot be asked for a prefix, so look for it in the
+            // cache, and fetch the whole history once if it is not there.
+            Err(_) => match self.find_prefix(&repo, commit).map_err(read_err)? {
+                Some(id) => id,
+                None => {
+                    self.download(&repo, Shallow::NoChange)?;
+                    if repo.is_shallow().unwrap_or(true) {
+                        self.download(&repo, Shallow::undo())?;
+                    }
+                    self.find_prefix(&repo, commit)
+                        .map_err(read_err)?
+                        .ok_or_else(|| read_err("no commit with this id".into()))?
+                }
+            },
+        };
         let mut recorder = gix::traverse::tree::Recorder::default();
         {
             let commit_obj = repo.find_commit(id).map_err(|e| read_err(chain(&e)))?;
@@ -292,10 +288,59 @@ impl Source {
             })
             .collect();
         Ok(Snapshot {
-            commit: commit.to_string(),
+            commit: id.to_hex().to_string(),
             repo,
             entries,
         })
+    }
+
+    /// Fetches until `id` is in the cache.
+    fn ensure_commit(&self, repo: &gix::Repository, id: gix::ObjectId) -> Result<()> {
+        if repo.find_commit(id).is_err() {
+            // An empty cache fetches only the tips (depth 1); later fetches extend from the
+            // local shallow boundary. A commit older than the boundary (a `commit:` ref, or a
+            // branch moved back) needs the history: then, and only then, unshallow.
+            let empty = repo.head_id().is_err()
+                && repo
+                    .references()
+                    .ok()
+                    .and_then(|r| r.all().ok().map(|mut i| i.next().is_none()))
+                    .unwrap_or(true);
+            let depth = std::num::NonZeroU32::new(1).expect("1 is not zero");
+            let shallow = if empty {
+                Shallow::DepthAtRemote(depth)
+            } else {
+                Shallow::NoChange
+            };
+            self.download(repo, shallow)?;
+            if repo.find_commit(id).is_err() && repo.is_shallow().unwrap_or(true) {
+                self.download(repo, Shallow::undo())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The commit whose id starts with `prefix` (at least 4 hex digits), if the cache has
+    /// exactly one; an ambiguous prefix is an error.
+    fn find_prefix(
+        &self,
+        repo: &gix::Repository,
+        prefix: &str,
+    ) -> Result<Option<gix::ObjectId>, String> {
+        if prefix.len() < 4 || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "not a commit id: {prefix:?} (expected 4 to 40 hexadecimal digits)"
+            ));
+        }
+        let prefix = gix::hash::Prefix::from_hex(&prefix.to_ascii_lowercase())
+            .map_err(|e| format!("not a commit id: {e}"))?;
+        match repo.objects.lookup_prefix(prefix, None) {
+            Ok(Some(Ok(id))) if repo.find_commit(id).is_ok() => Ok(Some(id)),
+            Ok(Some(Ok(_))) => Err("the id names an object that is not a commit".into()),
+            Ok(Some(Err(()))) => Err("the short commit id is ambiguous; write more digits".into()),
+            Ok(None) => Ok(None),
+            Err(e) => Err(chain(&e)),
+        }
     }
 
     fn download(&self, repo: &gix::Repository, shallow: Shallow) -> Result<()> {
@@ -421,7 +466,7 @@ impl Snapshot {
 }
 
 /// `scheme://user:secret@host/path` → (`scheme://host/path`, credentials).
-fn split_userinfo(url: &str) -> (String, Option<Credentials>) {
+pub(crate) fn split_userinfo(url: &str) -> (String, Option<Credentials>) {
     let Some((scheme, rest)) = url.split_once("://") else {
         return (url.to_string(), None);
     };

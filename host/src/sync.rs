@@ -6,7 +6,7 @@
 //! dry-runs everything first. Pruning only happens after a fully successful apply, and never
 //! prunes everything because the selected file set happened to be empty.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -61,6 +61,14 @@ pub enum Error {
     /// A plugin failed, refused the commit, or an enforce-mode validator reported errors.
     #[error(transparent)]
     Plugin(#[from] crate::plugins::Error),
+    /// The inventory this sync would use belongs to someone else.
+    #[error("refusing inventory {inventory}: {reason}")]
+    InventoryClaimed {
+        /// Namespace, name and id.
+        inventory: String,
+        /// Whose it is, and what to change.
+        reason: String,
+    },
     /// The blocking git task panicked or was cancelled.
     #[error("git task failed: {0}")]
     Task(String),
@@ -76,6 +84,7 @@ impl Error {
                 | Error::Decode(_)
                 | Error::Plan(_)
                 | Error::InventoryObjects(_)
+                | Error::InventoryClaimed { .. }
                 | Error::EmptySet
         )
     }
@@ -84,7 +93,7 @@ impl Error {
 /// What one sync did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Report {
-    /// Commit id.
+    /// Commit id (the full id, also when the configuration names a short one).
     pub commit: String,
     /// Per-object results (applies and prunes).
     pub results: Vec<ObjectResult>,
@@ -92,6 +101,13 @@ pub struct Report {
     pub health: Vec<wait::Health>,
     /// Plugin findings that did not block the commit (warnings, audit mode).
     pub findings: Vec<crate::plugins::Finding>,
+    /// Why nothing was pruned this time, when pruning was held back (a plugin was
+    /// skipped, an API group did not answer discovery, the plugins removed objects git
+    /// still has). Empty when pruning ran.
+    pub prune_held: Vec<String>,
+    /// The agentk inventory this sync adopted and retired, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adopted: Option<String>,
 }
 
 /// How to sync, beyond the project's own configuration.
@@ -101,6 +117,10 @@ pub struct Settings {
     pub inventory_id: String,
     /// Server-side apply field manager.
     pub field_manager: String,
+    /// Field managers whose ownership is removed from objects this project applies
+    /// (default `agentk`): after a takeover, a field removed from git is then removed from
+    /// the cluster instead of staying behind, co-owned by the old manager.
+    pub cleanup_managers: Vec<String>,
     /// Concurrent applies per stage.
     pub concurrency: usize,
     /// Selection limits.
@@ -111,9 +131,30 @@ pub struct Settings {
     pub agent: String,
     /// The plugins this project uses, in order, or why they could not be loaded.
     pub plugins: Result<Vec<Arc<Plugin>>, crate::plugins::Error>,
+    /// The inventories of the agent's other projects: this project may never use them.
+    pub others: Vec<InventoryRef>,
+    /// Adopt an agentk inventory (`inventory-<agentId>-<projectId>`) found in the
+    /// project's namespace when this project has no inventory yet.
+    pub takeover: Takeover,
 }
 
-/// Fetches, selects and decodes `commit`: the offline part of the path.
+/// Which agentk inventory a project without an inventory of its own may adopt.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Takeover {
+    /// Never adopt.
+    #[default]
+    Off,
+    /// Adopt the agentk inventory (an id of the form `<agentId>-<projectId>`, in the
+    /// project's `default_namespace`) that owns the live objects of this commit; with an
+    /// agent id, only that agent's.
+    Agentk {
+        /// agentk's numeric agent id, if known.
+        agent_id: Option<String>,
+    },
+}
+
+/// Fetches, selects and decodes `commit`: the offline part of the path. Returns the
+/// objects and the full commit id (`commit` may be a short id).
 ///
 /// # Errors
 /// Source, selection and decode errors.
@@ -122,7 +163,7 @@ pub async fn render(
     project: &ManifestProject,
     commit: &str,
     limits: select::Limits,
-) -> Result<Vec<Object>, Error> {
+) -> Result<(Vec<Object>, String), Error> {
     let (source, commit, globs, id) = (
         source.clone(),
         commit.to_string(),
@@ -130,10 +171,13 @@ pub async fn render(
         project.id.clone(),
     );
     // Fetch, select and decode are CPU and blocking I/O: all off the async workers.
-    let task = tokio::task::spawn_blocking(move || -> Result<Vec<Object>, Error> {
+    let task = tokio::task::spawn_blocking(move || -> Result<(Vec<Object>, String), Error> {
         let snapshot = source.fetch(&commit)?;
         let files = select::select(&snapshot, &globs, &limits)?;
-        Ok(decode::decode(&files, &id, &commit)?)
+        Ok((
+            decode::decode(&files, &id, &snapshot.commit)?,
+            snapshot.commit.clone(),
+        ))
     });
     task.await.map_err(|e| Error::Task(e.to_string()))?
 }
@@ -154,14 +198,19 @@ pub async fn sync(
     commit: &str,
     settings: &Settings,
 ) -> Result<Report, Error> {
-    let mut objects = render(source, project, commit, settings.limits).await?;
+    let (objects, commit) = render(source, project, commit, settings.limits).await?;
+    let commit = commit.as_str();
+    let rendered: BTreeSet<ObjRef> = objects.iter().map(Object::obj_ref).collect();
 
+    // Objects of API groups that did not answer discovery are not applied (and fail the
+    // sync, naming the APIService); everything else goes on.
+    let (mut objects, unserved) = split_unavailable(cluster, objects);
     let mut scopes = cluster.scopes();
     scopes.add_crds(&objects);
     decode::set_namespaces(&mut objects, &project.default_namespace, &scopes)?;
     let plugins = settings.plugins.clone()?;
-    let (mut objects, findings) =
-        transform(objects, plugins, &settings.agent, &project.id, commit).await?;
+    let outcome = transform(objects, plugins, &settings.agent, &project.id, commit).await?;
+    let (mut objects, findings) = (outcome.objects, outcome.findings);
     // Plugins may add objects or kinds: the namespace rules hold for their output too.
     scopes.add_crds(&objects);
     decode::set_namespaces(&mut objects, &project.default_namespace, &scopes)?;
@@ -171,58 +220,91 @@ pub async fn sync(
         &settings.inventory_id,
         &project.default_namespace,
     )?;
+    check_ownership(cluster, &inv, project, settings).await?;
     // What the ConfigMap holds (None: no ConfigMap yet); writes are skipped when it would
     // not change, so the 5-minute re-apply of an unchanged commit writes nothing.
-    let mut recorded = inventory::load(cluster.client(), &inv).await?;
-    let stored = recorded.clone().unwrap_or_default();
+    let loaded = inventory::load(cluster.client(), &inv).await?;
+    let adopted = match (&loaded, &settings.takeover) {
+        (None, Takeover::Agentk { agent_id }) => {
+            find_agentk_inventory(cluster, &inv, &objects, agent_id.as_deref(), settings).await?
+        }
+        _ => None,
+    };
+    let mut recorded = loaded.as_ref().map(|s| s.objects.clone());
+    let malformed = loaded.map(|s| s.malformed).unwrap_or_default();
+    let mut stored = recorded.clone().unwrap_or_default();
+    if let Some((old, old_set)) = &adopted {
+        tracing::info!(project_id = %project.id, inventory = %old.id, objects = old_set.objects.len(), "taking over agentk inventory");
+        stored.extend(old_set.objects.iter().cloned());
+    }
     if objects.is_empty() && project.prune && !stored.is_empty() && !settings.allow_empty_prune {
         return Err(Error::EmptySet);
     }
     let plan = plan::plan(objects, &stored)?;
+    let prune_held = prune_holds(cluster, &plan, &stored, &rendered, &outcome.skipped);
 
     let opts = apply::Options {
         field_manager: settings.field_manager.clone(),
+        cleanup_managers: settings.cleanup_managers.clone(),
         concurrency: settings.concurrency,
         inventory_id: inv.id.clone(),
+        adopt_ids: adopted.iter().map(|(old, _)| old.id.clone()).collect(),
         inventory_policy: project.inventory_policy,
         dry_run: project.dry_run_strategy,
         ..apply::Options::new(&inv.id)
     };
     let dry_run = project.dry_run_strategy != DryRunStrategy::None;
-    let checked = apply::check(cluster, &plan, &opts).await?;
+    let mut checked = apply::check(cluster, &plan, &opts).await?;
+    let mut results = Vec::new();
     if !dry_run {
+        // The inventory's own namespace may come with this commit (a fresh cluster,
+        // disaster recovery): it is applied first, as cli-utils does, so the inventory
+        // can be written before anything else.
+        results.extend(apply::namespace_first(cluster, &mut checked, &inv.namespace, &opts).await?);
         // Record everything about to be written before the first write, so an agent killed
         // mid-apply still knows what it may have created (cli-utils' inventory-add step).
         let upcoming: BTreeSet<ObjRef> = checked.objects().map(Object::obj_ref).collect();
-        record(
-            cluster,
-            &inv,
-            &mut recorded,
-            stored.union(&upcoming).cloned().collect(),
-        )
-        .await?;
+        let set = stored.union(&upcoming).cloned().collect();
+        record(cluster, &inv, project, &mut recorded, set, &malformed).await?;
     }
-    let mut results = apply::apply(cluster, checked, &opts).await?;
+    let applied_now = apply::apply(cluster, checked, &opts).await?;
+    let already: BTreeSet<ObjRef> = results.iter().map(|r| r.obj.clone()).collect();
+    results.extend(
+        applied_now
+            .into_iter()
+            .filter(|r| !already.contains(&r.obj)),
+    );
+    results.extend(unserved.iter().cloned());
     if dry_run {
         return Ok(Report {
             commit: commit.into(),
             results,
             health: Vec::new(),
             findings,
+            prune_held,
+            adopted: None,
         });
     }
 
     // Already recorded before the writes (stored ∪ upcoming ⊇ stored ∪ applied).
     let desired = applied_refs(&results);
-
     let mut kept: BTreeSet<ObjRef> = desired.clone();
+    // Objects of unavailable groups stay recorded: their kinds are not gone.
+    kept.extend(unserved.iter().map(|r| r.obj.clone()));
     let mut pruned = Vec::new();
-    if project.prune {
+    if project.prune && prune_held.is_empty() {
+        let ctx = PruneContext {
+            inv: &inv,
+            project,
+            adopt_ids: &opts.adopt_ids,
+            recorded: &stored,
+            desired: &plan.desired(),
+        };
         for r in &plan.prune {
-            let result = prune_one(cluster, r, &inv, project).await;
+            let result = prune_one(cluster, r, &ctx).await;
             match result.action {
                 Action::Pruned => pruned.push(r.clone()),
-                Action::Failed => {
+                Action::Failed | Action::Retained => {
                     kept.insert(r.clone());
                 }
                 _ => {}
@@ -231,8 +313,23 @@ pub async fn sync(
         }
     } else {
         kept.extend(plan.prune.iter().cloned());
+        if project.prune {
+            let why = prune_held.join("; ");
+            tracing::warn!(project_id = %project.id, commit_id = %commit, reason = %why, "pruning held back");
+            results.extend(plan.prune.iter().map(|r| ObjectResult {
+                obj: r.clone(),
+                origin: None,
+                action: Action::Retained,
+                message: Some(format!("not pruned this sync: {why}")),
+            }));
+        }
     }
-    record(cluster, &inv, &mut recorded, kept).await?;
+    record(cluster, &inv, project, &mut recorded, kept, &malformed).await?;
+    // The adopted agentk inventory is retired only once sluice's records all of it.
+    if let Some((old, _)) = &adopted {
+        inventory::retire(cluster.client(), old).await?;
+        tracing::info!(project_id = %project.id, inventory = %old.id, "agentk inventory retired");
+    }
 
     let applied: Vec<ObjRef> = desired.into_iter().collect();
     let (health, gone) = tokio::join!(
@@ -241,7 +338,7 @@ pub async fn sync(
     );
     let failed_prunes = results
         .iter()
-        .filter(|r| r.action == Action::Failed)
+        .filter(|r| r.action == Action::Failed && r.origin.is_none())
         .count();
     let not_ready: Vec<String> = health
         .iter()
@@ -262,8 +359,19 @@ pub async fn sync(
             )
         })
         .collect();
-    if failed_prunes > 0 || !not_ready.is_empty() {
+    if failed_prunes > 0 || !not_ready.is_empty() || !unserved.is_empty() {
         let mut parts = Vec::new();
+        if !unserved.is_empty() {
+            parts.push(format!(
+                "{} resources not applied: {}",
+                unserved.len(),
+                unserved
+                    .iter()
+                    .map(|r| format!("{}: {}", r.obj, r.message.as_deref().unwrap_or_default()))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ));
+        }
         if failed_prunes > 0 {
             parts.push(format!("{failed_prunes} resources failed to prune"));
         }
@@ -281,6 +389,8 @@ pub async fn sync(
         results,
         health,
         findings,
+        prune_held,
+        adopted: adopted.map(|(old, _)| old.id),
     })
 }
 
@@ -294,9 +404,13 @@ pub async fn transform(
     agent: &str,
     project: &str,
     commit: &str,
-) -> Result<(Vec<Object>, Vec<plugin_stage::Finding>), Error> {
+) -> Result<plugin_stage::Outcome, Error> {
     if plugins.is_empty() {
-        return Ok((objects, Vec::new()));
+        return Ok(plugin_stage::Outcome {
+            objects,
+            findings: Vec::new(),
+            skipped: Vec::new(),
+        });
     }
     let subject = plugin_stage::Subject {
         agent: agent.into(),
@@ -307,18 +421,97 @@ pub async fn transform(
         tokio::task::spawn_blocking(move || plugin_stage::run(&plugins, &subject, objects))
             .await
             .map_err(|e| Error::Task(e.to_string()))??;
-    Ok((outcome.objects, outcome.findings))
+    Ok(outcome)
+}
+
+/// Takes out the objects whose API group did not answer discovery, as failed results
+/// naming the APIService.
+fn split_unavailable(cluster: &Cluster, objects: Vec<Object>) -> (Vec<Object>, Vec<ObjectResult>) {
+    let mut unserved = Vec::new();
+    let objects = objects
+        .into_iter()
+        .filter(|o| {
+            let Some(why) = cluster.unavailable_group(crate::object::group_of(o.api_version()))
+            else {
+                return true;
+            };
+            unserved.push(ObjectResult {
+                obj: o.obj_ref(),
+                origin: Some(o.origin.clone()),
+                action: Action::Failed,
+                message: Some(format!("not applied: {why}")),
+            });
+            false
+        })
+        .collect();
+    (objects, unserved)
+}
+
+/// Why pruning must wait this sync, if it must. Pure apart from reading which API groups
+/// are unavailable.
+fn prune_holds(
+    cluster: &Cluster,
+    plan: &plan::Plan,
+    stored: &BTreeSet<ObjRef>,
+    rendered: &BTreeSet<ObjRef>,
+    skipped: &[String],
+) -> Vec<String> {
+    let unavailable: BTreeSet<&str> = stored
+        .iter()
+        .filter_map(|r| cluster.unavailable_group(&r.group))
+        .collect();
+    hold_reasons(plan, rendered, skipped, &unavailable)
+}
+
+/// The prune safety rules, as a pure function (see [`Report::prune_held`]).
+fn hold_reasons(
+    plan: &plan::Plan,
+    rendered: &BTreeSet<ObjRef>,
+    skipped: &[String],
+    unavailable: &BTreeSet<&str>,
+) -> Vec<String> {
+    let mut why = Vec::new();
+    if plan.prune.is_empty() {
+        return why;
+    }
+    if !skipped.is_empty() {
+        why.push(format!(
+            "plugin {} failed and was skipped (failure_policy: ignore), so the object set is not what the plugins would make",
+            skipped.join(", ")
+        ));
+    }
+    for u in unavailable {
+        why.push(format!(
+            "{u}; objects of this project may be in it, so whether they left git cannot be told apart from not being seen"
+        ));
+    }
+    let removed: Vec<String> = plan
+        .prune
+        .iter()
+        .filter(|r| rendered.contains(r))
+        .map(ToString::to_string)
+        .collect();
+    if !removed.is_empty() {
+        why.push(format!(
+            "the plugins removed {} objects that are still in git ({}); a transformer must not drop objects it received",
+            removed.len(),
+            removed.into_iter().take(5).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    why
 }
 
 /// Writes `set` as the inventory unless that is what it already holds.
 async fn record(
     cluster: &Cluster,
     inv: &InventoryRef,
+    project: &ManifestProject,
     recorded: &mut Option<BTreeSet<ObjRef>>,
     set: BTreeSet<ObjRef>,
+    malformed: &[String],
 ) -> Result<(), Error> {
     if recorded.as_ref() != Some(&set) {
-        inventory::store(cluster.client(), inv, &set).await?;
+        inventory::store(cluster.client(), inv, &project.id, &set, malformed).await?;
         *recorded = Some(set);
     }
     Ok(())
@@ -369,21 +562,162 @@ fn locate_inventory(
     }
 }
 
-async fn prune_one(
+/// An inventory is this project's alone: not another project's id or ConfigMap (of this
+/// agent, or marked as another project's by any sluice), and not a ConfigMap that is
+/// already the inventory of another id.
+async fn check_ownership(
     cluster: &Cluster,
-    r: &ObjRef,
     inv: &InventoryRef,
     project: &ManifestProject,
-) -> ObjectResult {
+    settings: &Settings,
+) -> Result<(), Error> {
+    let refuse = |reason: String| {
+        Err(Error::InventoryClaimed {
+            inventory: format!("{}/{} (id {})", inv.namespace, inv.name, inv.id),
+            reason,
+        })
+    };
+    if let Some(other) = settings
+        .others
+        .iter()
+        .find(|o| o.id == inv.id || (o.name == inv.name && o.namespace == inv.namespace))
+    {
+        return refuse(format!(
+            "it is the inventory of another project of this agent ({}/{}, id {}); give this project an inventory of its own",
+            other.namespace, other.name, other.id
+        ));
+    }
+    if let Some(live) = inventory::load(cluster.client(), inv).await? {
+        if let Some(id) = live.id.as_deref().filter(|id| *id != inv.id) {
+            return refuse(format!(
+                "the ConfigMap already exists as the inventory of id {id:?}"
+            ));
+        }
+        if let Some(owner) = live.project.as_deref().filter(|p| *p != project.id) {
+            return refuse(format!(
+                "the ConfigMap is the inventory of project {owner:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// agentk named its inventories `inventory-<agentId>-<projectId>` (numeric GitLab ids a
+/// sluice user rarely knows). For a project with no inventory yet, the one to adopt is the
+/// agentk inventory in the project's namespace that owns the live objects of this commit:
+/// the id most of them carry in `config.k8s.io/owning-inventory`, if its ConfigMap exists,
+/// is not another sluice project's, and lists them.
+async fn find_agentk_inventory(
+    cluster: &Cluster,
+    inv: &InventoryRef,
+    objects: &[Object],
+    agent_id: Option<&str>,
+    settings: &Settings,
+) -> Result<Option<(InventoryRef, inventory::Stored)>, Error> {
+    let candidates: Vec<(InventoryRef, inventory::Stored)> =
+        inventory::list(cluster.client(), &inv.namespace)
+            .await?
+            .into_iter()
+            .filter(|(c, s)| {
+                is_agentk_id(&c.id, agent_id)
+                    && c.name == format!("inventory-{}", c.id)
+                    && s.project.is_none()
+                    && !settings.others.iter().any(|o| o.id == c.id)
+            })
+            .collect();
+    if candidates.is_empty() {
+        return Ok(None);
+    }
+    // Count, per candidate, the desired objects it lists whose live annotation is its id.
+    let mut votes: BTreeMap<String, usize> = BTreeMap::new();
+    for o in objects {
+        let r = o.obj_ref();
+        let Some((_, stored)) = candidates.iter().find(|(_, s)| s.objects.contains(&r)) else {
+            continue;
+        };
+        let live = cluster.get(&r).await.ok().flatten();
+        if let Some(owner) = live
+            .as_ref()
+            .and_then(|l| crate::object::annotation(l, inventory::OWNING_INVENTORY))
+            && stored.id.as_deref() == Some(owner)
+        {
+            *votes.entry(owner.to_string()).or_default() += 1;
+        }
+    }
+    let best = votes
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map(|(id, n)| (id.clone(), *n));
+    let Some((id, n)) = best else { return Ok(None) };
+    if votes.values().filter(|v| **v == n).count() > 1 {
+        return Err(Error::InventoryClaimed {
+            inventory: format!("{}/{}", inv.namespace, inv.name),
+            reason: format!(
+                "several agentk inventories own this commit's objects ({}); pass --agentk-agent-id or --inventory-id PROJECT=ID to choose",
+                votes.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        });
+    }
+    Ok(candidates.into_iter().find(|(c, _)| c.id == id))
+}
+
+/// `<agentId>-<projectId>`, both numeric (agentk's inventory ids).
+fn is_agentk_id(id: &str, agent_id: Option<&str>) -> bool {
+    let Some((agent, project)) = id.split_once('-') else {
+        return false;
+    };
+    let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    numeric(agent) && numeric(project) && agent_id.is_none_or(|a| a == agent)
+}
+
+/// What a prune decision needs to know beyond the object.
+struct PruneContext<'a> {
+    inv: &'a InventoryRef,
+    project: &'a ManifestProject,
+    adopt_ids: &'a [String],
+    /// Everything the inventory records (adopted entries included).
+    recorded: &'a BTreeSet<ObjRef>,
+    /// Everything this commit applies.
+    desired: &'a BTreeSet<ObjRef>,
+}
+
+async fn prune_one(cluster: &Cluster, r: &ObjRef, ctx: &PruneContext<'_>) -> ObjectResult {
     let result = |action, message: Option<String>| ObjectResult {
         obj: r.clone(),
         origin: None,
         action,
         message,
     };
-    let Some(api) = cluster.api_for_ref(r) else {
-        // The kind is gone (its CRD was removed): so is the object.
-        return result(Action::Pruned, Some("kind no longer served".into()));
+    if let Some(why) = cluster.unavailable_group(&r.group) {
+        return result(Action::Retained, Some(format!("not pruned: {why}")));
+    }
+    let api = match cluster.api_for_ref(r) {
+        Some(api) => api,
+        None => {
+            match kube::discovery::oneshot::group(cluster.client(), &r.group).await {
+                // Discovery may be stale: ask once more before believing the kind is gone.
+                Ok(g) if g.recommended_kind(&r.kind).is_some() => {
+                    return result(
+                    Action::Retained,
+                    Some("not pruned: its kind appeared since the last discovery; retried next sync".into()),
+                );
+                }
+                Ok(_) => return result(Action::Pruned, Some("kind no longer served".into())),
+                Err(kube::Error::Api(e)) if e.code == 404 => {
+                    return result(Action::Pruned, Some("kind no longer served".into()));
+                }
+                Err(e) => {
+                    return result(
+                        Action::Retained,
+                        Some(format!(
+                            "not pruned: failed to discover {}: {}",
+                            r.group,
+                            apply::api_message(&e)
+                        )),
+                    );
+                }
+            }
+        }
     };
     let live = match api.get_opt(&r.name).await {
         Ok(Some(o)) => serde_json::to_value(o).unwrap_or_default(),
@@ -416,10 +750,22 @@ async fn prune_one(
             ),
         };
     }
-    if !inventory::may_prune(project.inventory_policy, Ownership::of(&live, &inv.id)) {
+    let mut ownership = Ownership::of(&live, &ctx.inv.id);
+    if ownership == Ownership::NoMatch
+        && crate::object::annotation(&live, inventory::OWNING_INVENTORY)
+            .is_some_and(|a| ctx.adopt_ids.iter().any(|id| id == a))
+    {
+        ownership = Ownership::Match;
+    }
+    if !inventory::may_prune(ctx.project.inventory_policy, ownership) {
         return result(Action::Skipped, Some("not owned by this inventory".into()));
     }
-    let propagation = match project.prune_propagation_policy {
+    if r.group.is_empty() && r.kind == "Namespace" {
+        if let Some(why) = namespace_in_use(cluster, &r.name, ctx).await {
+            return result(Action::Retained, Some(format!("not pruned: {why}")));
+        }
+    }
+    let propagation = match ctx.project.prune_propagation_policy {
         PropagationPolicy::Orphan => kube::api::PropagationPolicy::Orphan,
         PropagationPolicy::Background => kube::api::PropagationPolicy::Background,
         PropagationPolicy::Foreground => kube::api::PropagationPolicy::Foreground,
@@ -437,6 +783,44 @@ async fn prune_one(
     }
 }
 
+/// Why the Namespace `name` must not be deleted, if it must not: deleting a Namespace
+/// deletes everything in it, so it is pruned only when it holds nothing but what this
+/// project recorded (and what the cluster made for those objects). cli-utils'
+/// local-namespaces filter refuses the first two cases too.
+async fn namespace_in_use(cluster: &Cluster, name: &str, ctx: &PruneContext<'_>) -> Option<String> {
+    if name == ctx.inv.namespace {
+        return Some(format!(
+            "namespace still in use: it holds this project's inventory {}",
+            ctx.inv.name
+        ));
+    }
+    if let Some(o) = ctx.desired.iter().find(|o| o.namespace == name) {
+        return Some(format!(
+            "namespace still in use: {o} of this commit is in it"
+        ));
+    }
+    if let Some(group) = cluster.unavailable().keys().next() {
+        return Some(format!(
+            "cannot tell whether it is empty while API group {group} is unavailable"
+        ));
+    }
+    match cluster.foreign_objects(name, ctx.recorded).await {
+        Ok(foreign) if foreign.is_empty() => None,
+        Ok(foreign) => Some(format!(
+            "namespace still in use: it holds {} objects this project does not own ({}{}); move or delete them, or remove the Namespace from the inventory",
+            foreign.len(),
+            foreign
+                .iter()
+                .take(3)
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            if foreign.len() > 3 { ", …" } else { "" }
+        )),
+        Err(e) => Some(format!("failed to list what it holds: {e}")),
+    }
+}
+
 /// Where a project's repository lives: a full URL as given, or a path under `base_url`.
 pub fn project_url(id: &str, base_url: &str) -> String {
     if id.contains("://") {
@@ -450,7 +834,12 @@ pub fn project_url(id: &str, base_url: &str) -> String {
     }
 }
 
-/// A default inventory id: `<agent>-<project>`, reduced to a valid label value.
+/// A default inventory id: `<agent>-<project>`, reduced to a valid label value. Ids longer
+/// than a label allows end in 8 hex digits of the SHA-256 of `<agent>-<project>`: an id is
+/// stored in the cluster and must stay the same in every release.
+///
+/// Two projects can reduce to the same id (`g/web_app`, `g/web-app`); the agent refuses to
+/// run either until one is given its own (`--inventory-id`), see `agent::inventory_ids`.
 pub fn inventory_id(agent: &str, project: &str) -> String {
     let raw = format!("{agent}-{project}");
     let mut id: String = raw
@@ -464,10 +853,7 @@ pub fn inventory_id(agent: &str, project: &str) -> String {
         })
         .collect();
     if id.len() > 63 {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        raw.hash(&mut h);
-        id = format!("{}-{:08x}", &id[..54], h.finish() as u32);
+        id = format!("{}-{}", &id[..54], &crate::object::sha256_hex(&raw)[..8]);
     }
     id.trim_matches(|c: char| !c.is_ascii_alphanumeric())
         .to_string()
@@ -500,6 +886,15 @@ mod tests {
             inventory_id("agent1", "group/sub/app"),
             "agent1-group-sub-app"
         );
-        assert!(inventory_id("a", &"x".repeat(100)).len() <= 63);
+        // A fixed hash: this value is stored in clusters and must never change.
+        assert_eq!(
+            inventory_id("a", &"x".repeat(100)),
+            format!("a-{}-debb3da3", "x".repeat(52))
+        );
+        assert_eq!(
+            inventory_id("agent", "g/web_app"),
+            inventory_id("agent", "g/web-app"),
+            "reduces to the same id: the agent detects it"
+        );
     }
 }

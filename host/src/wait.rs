@@ -24,6 +24,9 @@ pub enum Status {
     Terminating,
     /// Does not exist.
     NotFound,
+    /// Its status could not be computed (kstatus' `Unknown`, e.g. a Pod phase it does not
+    /// know).
+    Unknown,
 }
 
 /// Health after a wait, per object.
@@ -38,141 +41,407 @@ pub struct Health {
     pub message: Option<String>,
 }
 
-/// The kstatus status of a live object.
+/// What [`compute`] decides about one object: kstatus' `Result`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Computed {
+    /// The status.
+    pub status: Status,
+    /// kstatus' reason for InProgress and Failed (`LessReplicas`, `NoIPAssigned`, …).
+    pub reason: Option<String>,
+    /// A sentence for people.
+    pub message: String,
+}
+
+/// The kstatus status of a live object, with its message when it is not Current.
 pub fn status(live: &Value) -> (Status, Option<String>) {
-    if !live["metadata"]["deletionTimestamp"].is_null() {
-        return (Status::Terminating, None);
+    let c = compute(live, std::time::SystemTime::now());
+    match c.status {
+        Status::Current => (Status::Current, None),
+        s => (s, Some(c.message)),
     }
-    let generation = live["metadata"]["generation"].as_i64();
-    let observed = live["status"]["observedGeneration"].as_i64();
-    if let (Some(g), Some(o)) = (generation, observed)
-        && o < g
+}
+
+/// kstatus' `Compute` (sigs.k8s.io/cli-utils v0.37.2, what agentk waited with), ported rule
+/// for rule: deletion, then generation, then the `Reconciling`/`Stalled` conditions, then
+/// the rules of the built-in kinds kstatus knows, then a `Ready` condition, else Current.
+/// `now` is only read for a Pod that cannot be scheduled (15 s of grace).
+pub fn compute(live: &Value, now: std::time::SystemTime) -> Computed {
+    if let Some(c) = generic(live) {
+        return c;
+    }
+    let group = crate::object::group_of(live["apiVersion"].as_str().unwrap_or_default());
+    let kind = live["kind"].as_str().unwrap_or_default();
+    let rule: Option<fn(&Value, std::time::SystemTime) -> Computed> = match (group, kind) {
+        ("", "Service") => Some(|o, _| service(o)),
+        ("", "Pod") => Some(pod),
+        ("", "Secret" | "ConfigMap") | ("batch", "CronJob") => {
+            Some(|_, _| current("Resource is always ready"))
+        }
+        ("", "PersistentVolumeClaim") => Some(|o, _| pvc(o)),
+        ("apps", "StatefulSet") => Some(|o, _| statefulset(o)),
+        ("apps" | "extensions", "DaemonSet") => Some(|o, _| daemonset(o)),
+        ("apps" | "extensions", "Deployment") => Some(|o, _| deployment(o)),
+        ("apps" | "extensions", "ReplicaSet") => Some(|o, _| replicaset(o)),
+        ("policy", "PodDisruptionBudget") => {
+            Some(|_, _| current("AllowedDisruptions has been computed."))
+        }
+        ("batch", "Job") => Some(|o, _| job(o)),
+        ("apiextensions.k8s.io", "CustomResourceDefinition") => Some(|o, _| crd(o)),
+        _ => None,
+    };
+    if let Some(rule) = rule {
+        return rule(live, now);
+    }
+    if let Some(c) = conditions(live).find(|c| c["type"] == "Ready") {
+        match c["status"].as_str() {
+            Some("True") => return current("Resource is Ready"),
+            Some("False" | "Unknown") => {
+                return in_progress(str_of(&c["reason"]), str_of(&c["message"]));
+            }
+            _ => {}
+        }
+    }
+    current("Resource is current")
+}
+
+fn current(message: &str) -> Computed {
+    Computed {
+        status: Status::Current,
+        reason: None,
+        message: message.into(),
+    }
+}
+
+fn in_progress(reason: &str, message: impl Into<String>) -> Computed {
+    Computed {
+        status: Status::InProgress,
+        reason: Some(reason.into()),
+        message: message.into(),
+    }
+}
+
+fn failed(reason: &str, message: impl Into<String>) -> Computed {
+    Computed {
+        status: Status::Failed,
+        reason: Some(reason.into()),
+        message: message.into(),
+    }
+}
+
+fn str_of(v: &Value) -> &str {
+    v.as_str().unwrap_or_default()
+}
+
+/// kstatus' `GetIntField`: integers only; anything else is the default.
+fn int(v: &Value, default: i64) -> i64 {
+    v.as_i64().unwrap_or(default)
+}
+
+fn conditions(live: &Value) -> impl Iterator<Item = &Value> {
+    live["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+}
+
+/// kstatus' `checkGenericProperties`.
+fn generic(live: &Value) -> Option<Computed> {
+    if live["metadata"]["deletionTimestamp"]
+        .as_str()
+        .is_some_and(|t| !t.is_empty())
     {
-        return (
-            Status::InProgress,
-            Some(format!("observed generation {o} < generation {g}")),
+        return Some(Computed {
+            status: Status::Terminating,
+            reason: None,
+            message: "Resource scheduled for deletion".into(),
+        });
+    }
+    if let (Some(g), Some(o)) = (
+        live["metadata"]["generation"].as_i64(),
+        live["status"]["observedGeneration"].as_i64(),
+    ) && g != o
+    {
+        let kind = str_of(&live["kind"]);
+        return Some(in_progress(
+            "LatestGenerationNotObserved",
+            format!("{kind} generation is {g}, but latest observed generation is {o}"),
+        ));
+    }
+    for c in conditions(live) {
+        if c["status"] == "True" && c["type"] == "Reconciling" {
+            return Some(in_progress(str_of(&c["reason"]), str_of(&c["message"])));
+        }
+        if c["status"] == "True" && c["type"] == "Stalled" {
+            return Some(failed(str_of(&c["reason"]), str_of(&c["message"])));
+        }
+    }
+    None
+}
+
+fn service(o: &Value) -> Computed {
+    let kind = o["spec"]["type"].as_str().unwrap_or("ClusterIP");
+    // A LoadBalancer Service is Current once it has a cluster IP, whether or not a load
+    // balancer controller ever gives it an ingress (most bare-metal clusters have none).
+    if kind == "LoadBalancer" && str_of(&o["spec"]["clusterIP"]).is_empty() {
+        return in_progress(
+            "NoIPAssigned",
+            "ClusterIP not set. Service type: LoadBalancer",
         );
     }
-    let s = &live["status"];
-    let int = |v: &Value| v.as_i64().unwrap_or(0);
-    let condition = |t: &str| {
-        s["conditions"]
-            .as_array()
-            .and_then(|cs| cs.iter().find(|c| c["type"] == t))
-            .cloned()
-    };
-    let is_true = |t: &str| condition(t).is_some_and(|c| c["status"] == "True");
-    let kind = live["kind"].as_str().unwrap_or_default();
-    let progress = |m: String| (Status::InProgress, Some(m));
-    match kind {
-        "Deployment" => {
-            let want = live["spec"]["replicas"].as_i64().unwrap_or(1);
-            if condition("Progressing").is_some_and(|c| c["reason"] == "ProgressDeadlineExceeded") {
-                return (Status::Failed, Some("progress deadline exceeded".into()));
+    current("Service is ready")
+}
+
+fn pvc(o: &Value) -> Computed {
+    let phase = o["status"]["phase"].as_str().unwrap_or("unknown");
+    if phase != "Bound" {
+        return in_progress("NotBound", format!("PVC is not Bound. phase: {phase}"));
+    }
+    current("PVC is Bound")
+}
+
+fn pod(o: &Value, now: std::time::SystemTime) -> Computed {
+    let is = |t: &str, s: &str| conditions(o).find(|c| c["type"] == t && c["status"] == s);
+    match str_of(&o["status"]["phase"]) {
+        "Succeeded" => current("Pod has completed successfully"),
+        "Failed" => current("Pod has completed, but not successfully"),
+        "Running" => {
+            if is("Ready", "True").is_some() {
+                return current("Pod is Ready");
             }
-            if int(&s["updatedReplicas"]) < want {
-                return progress(format!(
-                    "updated replicas {}/{want}",
-                    int(&s["updatedReplicas"])
-                ));
-            }
-            if int(&s["replicas"]) > want {
-                return progress(format!(
-                    "pending termination: {} replicas, want {want}",
-                    int(&s["replicas"])
-                ));
-            }
-            if int(&s["availableReplicas"]) < want || !is_true("Available") {
-                return progress(format!(
-                    "available replicas {}/{want}",
-                    int(&s["availableReplicas"])
-                ));
-            }
-            (Status::Current, None)
-        }
-        "StatefulSet" | "ReplicaSet" => {
-            let want = live["spec"]["replicas"].as_i64().unwrap_or(1);
-            if int(&s["readyReplicas"]) < want {
-                return progress(format!(
-                    "ready replicas {}/{want}",
-                    int(&s["readyReplicas"])
-                ));
-            }
-            if kind == "StatefulSet"
-                && int(&s["updatedReplicas"]) < want
-                && live["spec"]["updateStrategy"]["type"] != "OnDelete"
-            {
-                return progress(format!(
-                    "updated replicas {}/{want}",
-                    int(&s["updatedReplicas"])
-                ));
-            }
-            (Status::Current, None)
-        }
-        "DaemonSet" => {
-            let want = int(&s["desiredNumberScheduled"]);
-            if s.is_null()
-                || int(&s["numberAvailable"]) < want
-                || int(&s["updatedNumberScheduled"]) < want
-            {
-                return progress(format!("available {}/{want}", int(&s["numberAvailable"])));
-            }
-            (Status::Current, None)
-        }
-        "Job" => {
-            if is_true("Failed") {
-                return (Status::Failed, Some("job failed".into()));
-            }
-            if is_true("Complete") || s["startTime"].is_string() {
-                return (Status::Current, None);
-            }
-            progress("job not started".into())
-        }
-        "PersistentVolumeClaim" => match s["phase"].as_str() {
-            Some("Bound") => (Status::Current, None),
-            p => progress(format!("phase {}", p.unwrap_or("unknown"))),
-        },
-        "Service" => {
-            if live["spec"]["type"] == "LoadBalancer"
-                && s["loadBalancer"]["ingress"]
-                    .as_array()
-                    .is_none_or(|i| i.is_empty())
-            {
-                return progress("waiting for a load balancer".into());
-            }
-            (Status::Current, None)
-        }
-        "CustomResourceDefinition" => {
-            if is_true("Established") {
-                (Status::Current, None)
-            } else {
-                progress("not established".into())
-            }
-        }
-        "Pod" => match s["phase"].as_str() {
-            Some("Succeeded") => (Status::Current, None),
-            Some("Failed") => (Status::Failed, Some("pod failed".into())),
-            _ if is_true("Ready") => (Status::Current, None),
-            p => progress(format!("phase {}", p.unwrap_or("unknown"))),
-        },
-        _ => {
-            if is_true("Stalled") {
-                return (
-                    Status::Failed,
-                    condition("Stalled").and_then(|c| c["message"].as_str().map(String::from)),
+            let looping: Vec<&str> = o["status"]["containerStatuses"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|cs| cs["state"]["waiting"]["reason"] == "CrashLoopBackOff")
+                .filter_map(|cs| cs["name"].as_str())
+                .collect();
+            if !looping.is_empty() {
+                return failed(
+                    "ContainerCrashLooping",
+                    format!("Containers in CrashLoop state: {}", looping.join(",")),
                 );
             }
-            if is_true("Reconciling") {
-                return progress("reconciling".into());
-            }
-            match condition("Ready") {
-                Some(c) if c["status"] == "False" => {
-                    progress(c["message"].as_str().unwrap_or("not ready").to_string())
+            in_progress("PodRunningNotReady", "Pod is running but is not Ready")
+        }
+        "Pending" => match is("PodScheduled", "False") {
+            Some(c) if c["reason"] == "Unschedulable" => {
+                let created = o["metadata"]["creationTimestamp"]
+                    .as_str()
+                    .and_then(|t| humantime::parse_rfc3339_weak(t).ok());
+                if created.is_some_and(|t| now < t + Duration::from_secs(15)) {
+                    in_progress("PodNotScheduled", "Pod has not been scheduled")
+                } else {
+                    failed("PodUnschedulable", "Pod could not be scheduled")
                 }
-                _ => (Status::Current, None),
+            }
+            _ => in_progress("PodPending", "Pod is in the Pending phase"),
+        },
+        "" => in_progress("PodNotObserved", "Pod phase not available"),
+        other => Computed {
+            status: Status::Unknown,
+            reason: None,
+            message: format!("unknown phase {other}"),
+        },
+    }
+}
+
+fn statefulset(o: &Value) -> Computed {
+    let (spec, s) = (&o["spec"], &o["status"]);
+    if spec["updateStrategy"]["type"] == "OnDelete" {
+        return current("StatefulSet is using the ondelete update strategy");
+    }
+    let want = int(&spec["replicas"], 1);
+    let ready = int(&s["readyReplicas"], 0);
+    let current_ = int(&s["currentReplicas"], 0);
+    let updated = int(&s["updatedReplicas"], 0);
+    let replicas = int(&s["replicas"], 0);
+    let partition = int(&spec["updateStrategy"]["rollingUpdate"]["partition"], -1);
+    if want > replicas {
+        return in_progress("LessReplicas", format!("Replicas: {replicas}/{want}"));
+    }
+    if want > ready {
+        return in_progress("LessReady", format!("Ready: {ready}/{want}"));
+    }
+    if replicas > want {
+        return in_progress(
+            "ExtraPods",
+            format!("Pending termination: {}", replicas - want),
+        );
+    }
+    if partition != -1 {
+        if updated < want - partition {
+            return in_progress(
+                "PartitionRollout",
+                format!("updated: {updated}/{}", want - partition),
+            );
+        }
+        return current("Partition rollout complete");
+    }
+    if want > current_ {
+        return in_progress("LessCurrent", format!("current: {current_}/{want}"));
+    }
+    if s["currentRevision"].as_str().unwrap_or_default()
+        != s["updateRevision"].as_str().unwrap_or_default()
+    {
+        return in_progress(
+            "RevisionMismatch",
+            "Waiting for updated revision to match current",
+        );
+    }
+    current("All replicas scheduled as expected")
+}
+
+fn deployment(o: &Value) -> Computed {
+    let (spec, s) = (&o["spec"], &o["status"]);
+    // Without progressDeadlineSeconds the controller sets no Progressing condition.
+    let mut progressing =
+        int(&spec["progressDeadlineSeconds"], i64::from(i32::MAX)) == i64::from(i32::MAX);
+    let mut available = false;
+    for c in conditions(o) {
+        match str_of(&c["type"]) {
+            "Progressing" => {
+                if c["reason"] == "ProgressDeadlineExceeded" {
+                    return failed("ProgressDeadlineExceeded", "Progress deadline exceeded");
+                }
+                if c["status"] == "True" && c["reason"] == "NewReplicaSetAvailable" {
+                    progressing = true;
+                }
+            }
+            "Available" if c["status"] == "True" => available = true,
+            _ => {}
+        }
+    }
+    let want = int(&spec["replicas"], 1);
+    let replicas = int(&s["replicas"], 0);
+    let updated = int(&s["updatedReplicas"], 0);
+    let ready = int(&s["readyReplicas"], 0);
+    let avail = int(&s["availableReplicas"], 0);
+    if want > replicas {
+        return in_progress("LessReplicas", format!("Replicas: {replicas}/{want}"));
+    }
+    if want > updated {
+        return in_progress("LessUpdated", format!("Updated: {updated}/{want}"));
+    }
+    if replicas > want {
+        return in_progress(
+            "ExtraPods",
+            format!("Pending termination: {}", replicas - want),
+        );
+    }
+    if updated > avail {
+        return in_progress("LessAvailable", format!("Available: {avail}/{updated}"));
+    }
+    if want > ready {
+        return in_progress("LessReady", format!("Ready: {ready}/{want}"));
+    }
+    if !progressing {
+        return in_progress("ReplicaSetNotAvailable", "ReplicaSet not Available");
+    }
+    if !available {
+        return in_progress("DeploymentNotAvailable", "Deployment not Available");
+    }
+    current("Deployment is available")
+}
+
+fn replicaset(o: &Value) -> Computed {
+    let (spec, s) = (&o["spec"], &o["status"]);
+    if conditions(o).any(|c| c["type"] == "ReplicaFailure" && c["status"] == "True") {
+        return in_progress("ReplicaFailure", "Replica Failure condition. Check Pods");
+    }
+    let want = int(&spec["replicas"], 1);
+    let replicas = int(&s["replicas"], 0);
+    let ready = int(&s["readyReplicas"], 0);
+    let avail = int(&s["availableReplicas"], 0);
+    let labelled = int(&s["fullyLabeledReplicas"], 0);
+    if want > labelled {
+        return in_progress("LessLabelled", format!("Labelled: {labelled}/{want}"));
+    }
+    if want > avail {
+        return in_progress("LessAvailable", format!("Available: {avail}/{want}"));
+    }
+    if want > ready {
+        return in_progress("LessReady", format!("Ready: {ready}/{want}"));
+    }
+    if replicas > want {
+        return in_progress(
+            "ExtraPods",
+            format!("Pending termination: {}", replicas - want),
+        );
+    }
+    current("ReplicaSet is available")
+}
+
+fn daemonset(o: &Value) -> Computed {
+    let kind = str_of(&o["kind"]);
+    // A DaemonSet the controller has seen always has both fields.
+    if !o["metadata"]["generation"].is_i64() {
+        return in_progress(
+            "NoGeneration",
+            format!("{kind} metadata.generation not found"),
+        );
+    }
+    if !o["status"]["observedGeneration"].is_i64() {
+        return in_progress(
+            "NoObservedGeneration",
+            format!("{kind} status.observedGeneration not found"),
+        );
+    }
+    let s = &o["status"];
+    let desired = int(&s["desiredNumberScheduled"], -1);
+    if desired == -1 {
+        return in_progress("NoDesiredNumber", "Missing .status.desiredNumberScheduled");
+    }
+    for (field, reason, label) in [
+        ("currentNumberScheduled", "LessCurrent", "Current"),
+        ("updatedNumberScheduled", "LessUpdated", "Updated"),
+        ("numberAvailable", "LessAvailable", "Available"),
+        ("numberReady", "LessReady", "Ready"),
+    ] {
+        let n = int(&s[field], 0);
+        if desired > n {
+            return in_progress(reason, format!("{label}: {n}/{desired}"));
+        }
+    }
+    current("All replicas scheduled as expected")
+}
+
+fn job(o: &Value) -> Computed {
+    for c in conditions(o) {
+        match (str_of(&c["type"]), str_of(&c["status"])) {
+            ("Complete", "True") => return current("Job Completed"),
+            ("Failed", "True") => {
+                let failed_pods = int(&o["status"]["failed"], 0);
+                return failed("JobFailed", format!("Job Failed. failed: {failed_pods}"));
+            }
+            _ => {}
+        }
+    }
+    if str_of(&o["status"]["startTime"]).is_empty() {
+        return in_progress("JobNotStarted", "Job not started");
+    }
+    current("Job in progress")
+}
+
+fn crd(o: &Value) -> Computed {
+    for c in conditions(o) {
+        let (t, s, reason) = (
+            str_of(&c["type"]),
+            str_of(&c["status"]),
+            str_of(&c["reason"]),
+        );
+        if t == "NamesAccepted" && s == "False" {
+            return failed(reason, str_of(&c["message"]));
+        }
+        if t == "Established" {
+            if s == "False" && reason != "Installing" {
+                return failed(reason, str_of(&c["message"]));
+            }
+            if s == "True" {
+                return current("CRD is established");
             }
         }
     }
+    in_progress("Installing", "Install in progress")
 }
 
 /// Polls until every object is Current or Failed, or until `timeout` (zero: no limit).
@@ -242,38 +511,61 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// Every case of kstatus' own table (`wait/kstatus_cases.yaml`) computes the same
+    /// status and reason here.
     #[test]
-    fn deployment_rules() {
-        let base =
-            json!({"kind": "Deployment", "metadata": {"generation": 2}, "spec": {"replicas": 2}});
-        let mut d = base.clone();
-        d["status"] = json!({"observedGeneration": 1});
-        assert_eq!(status(&d).0, Status::InProgress);
-        d["status"] = json!({"observedGeneration": 2, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 2,
-                             "conditions": [{"type": "Available", "status": "True"}]});
-        assert_eq!(status(&d).0, Status::Current);
-        d["status"]["availableReplicas"] = json!(1);
-        assert_eq!(
-            status(&d),
-            (Status::InProgress, Some("available replicas 1/2".into()))
-        );
-        d["status"]["conditions"] = json!([{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}]);
-        assert_eq!(status(&d).0, Status::Failed);
+    fn kstatus_cases() {
+        let text = include_str!("wait/kstatus_cases.yaml");
+        // Read as kstatus' tests read them (sigs.k8s.io/yaml: a repeated key keeps its last
+        // value; some fixtures repeat one).
+        let options = serde_saphyr::options! {
+            duplicate_keys: serde_saphyr::options::DuplicateKeyPolicy::LastWins,
+        };
+        let cases: Vec<Value> =
+            serde_saphyr::from_multiple_with_options(text, options).expect("cases parse");
+        assert_eq!(cases.len(), 52);
+        let mut wrong = Vec::new();
+        for case in &cases {
+            let got = compute(&case["object"], std::time::SystemTime::now());
+            let want_status = case["status"].as_str().expect("status");
+            if format!("{:?}", got.status) != want_status
+                || got.reason.as_deref() != case["reason"].as_str()
+            {
+                wrong.push(format!(
+                    "{}: want {want_status} {:?}, got {:?} {:?}",
+                    case["name"], case["reason"], got.status, got.reason
+                ));
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     }
 
     #[test]
-    fn generic_and_simple_kinds() {
-        assert_eq!(
-            status(&json!({"kind": "ConfigMap", "metadata": {}})).0,
-            Status::Current
-        );
-        let cr = json!({"kind": "Widget", "metadata": {}, "status": {"conditions": [{"type": "Ready", "status": "False", "message": "x"}]}});
-        assert_eq!(status(&cr), (Status::InProgress, Some("x".into())));
-        assert_eq!(status(&json!({"kind": "PersistentVolumeClaim", "metadata": {}, "status": {"phase": "Bound"}})).0, Status::Current);
-        assert_eq!(status(&json!({"kind": "Job", "metadata": {}, "status": {"conditions": [{"type": "Failed", "status": "True"}]}})).0, Status::Failed);
+    fn a_pod_gets_fifteen_seconds_to_be_scheduled() {
+        let pod = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}]}});
+        let created = humantime::parse_rfc3339("2026-01-01T00:00:00Z").expect("time");
+        let at = |s| compute(&pod, created + Duration::from_secs(s));
+        assert_eq!(at(5).reason.as_deref(), Some("PodNotScheduled"));
+        assert_eq!(at(5).status, Status::InProgress);
+        assert_eq!(at(20).status, Status::Failed);
+    }
+
+    #[test]
+    fn a_load_balancer_service_without_a_load_balancer_is_current() {
+        let svc = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.0.0.7"}, "status": {"loadBalancer": {}}});
+        assert_eq!(status(&svc), (Status::Current, None));
+    }
+
+    #[test]
+    fn terminating_and_unknown() {
         assert_eq!(
             status(&json!({"kind": "X", "metadata": {"deletionTimestamp": "t"}})).0,
             Status::Terminating
         );
+        let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {}, "status": {"phase": "Weird"}});
+        assert_eq!(status(&pod).0, Status::Unknown);
     }
 }

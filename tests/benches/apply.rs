@@ -112,11 +112,14 @@ async fn main() {
     let settings = sluice::sync::Settings {
         inventory_id: format!("bench-{sns}"),
         field_manager: "sluice".into(),
+        cleanup_managers: Vec::new(),
         concurrency: 8,
         limits: Default::default(),
         allow_empty_prune: false,
         agent: "bench".into(),
         plugins: Ok(Vec::new()),
+        others: Vec::new(),
+        takeover: sluice::sync::Takeover::Off,
     };
     let mut c = sluice::cluster::Cluster::connect(client.clone())
         .await

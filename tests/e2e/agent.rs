@@ -27,6 +27,8 @@ fn options(agent: &str, cache: &std::path::Path) -> agent::Options {
         field_manager: "sluice".into(),
         concurrency: 8,
         inventory_ids: HashMap::new(),
+        takeover: sluice::sync::Takeover::Agentk { agent_id: None },
+        cleanup_managers: vec!["agentk".into()],
         allow_empty_prune: false,
         git_ca: None,
         plugin_cache_dir: None,

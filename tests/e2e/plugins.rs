@@ -457,6 +457,8 @@ async fn changing_a_plugins_config_in_the_config_repository_takes_effect() {
         field_manager: "sluice".into(),
         concurrency: 8,
         inventory_ids: Default::default(),
+        takeover: sluice::sync::Takeover::Agentk { agent_id: None },
+        cleanup_managers: vec!["agentk".into()],
         allow_empty_prune: false,
         git_ca: None,
         plugin_cache_dir: Some(dir.path().join("wasm")),
@@ -495,4 +497,102 @@ async fn changing_a_plugins_config_in_the_config_repository_takes_effect() {
         team(cms.clone()).await.filter(|t| t == "b")
     })
     .await;
+}
+
+/// A sync whose plugin was skipped (`failure_policy: ignore`), or whose plugins removed
+/// objects git still has, applies but prunes nothing, and says why.
+#[tokio::test]
+async fn a_skipped_or_dropping_transformer_never_prunes() {
+    let Fixture {
+        client,
+        ns,
+        repo,
+        src,
+        cluster: mut c,
+        cache: _cache,
+    } = Fixture::new("hold").await;
+    let files = |names: &[&str]| -> Vec<git::Entry> {
+        names
+            .iter()
+            .map(|n| git::file(&format!("{n}.yaml"), configmap(n, "1")))
+            .collect()
+    };
+    let inventory = format!("t-{ns}");
+    repo.commit("main", &files(&["a", "b", "c"]), "three");
+    let p = project(&ns, "");
+    sync_once(&mut c, &src, &p, &settings(&inventory))
+        .await
+        .expect("first sync");
+
+    // `c` leaves git while a transformer with failure_policy: ignore times out.
+    repo.commit("main", &files(&["a", "b"]), "drop c");
+    let mut slow = spec("hostile", json!({"act": "loop"}));
+    slow.limits.timeout = Duration::from_millis(200);
+    slow.failure_policy = FailurePolicy::Ignore;
+    let skipped = sync_once(
+        &mut c,
+        &src,
+        &p,
+        &settings_with(&inventory, vec![load(&slow).expect("load")]),
+    )
+    .await
+    .expect("sync with a skipped plugin");
+    assert_eq!(skipped.prune_held.len(), 1, "{:?}", skipped.prune_held);
+    assert!(
+        skipped.prune_held[0].starts_with("plugin hostile failed and was skipped"),
+        "{:?}",
+        skipped.prune_held
+    );
+    let c_result = skipped
+        .results
+        .iter()
+        .find(|r| r.obj.name == "c")
+        .expect("c reported");
+    assert_eq!(c_result.action, sluice::apply::Action::Retained);
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), &ns);
+    assert!(
+        cms.get_opt("c").await.expect("get").is_some(),
+        "c not pruned"
+    );
+    assert!(
+        inventory_keys(&client, &ns, &format!("inventory-{inventory}"))
+            .await
+            .contains(&format!("{ns}_c__ConfigMap")),
+        "c stays recorded, so a later sync prunes it"
+    );
+
+    // A transformer that drops `b` (still in git): nothing is pruned either.
+    let dropper = spec("hostile", json!({"act": "drop"}));
+    let dropped = sync_once(
+        &mut c,
+        &src,
+        &p,
+        &settings_with(&inventory, vec![load(&dropper).expect("load")]),
+    )
+    .await
+    .expect("sync with a dropping plugin");
+    assert!(
+        dropped
+            .prune_held
+            .iter()
+            .any(|w| w.starts_with("the plugins removed 1 objects that are still in git")),
+        "{:?}",
+        dropped.prune_held
+    );
+    assert!(
+        cms.get_opt("b").await.expect("get").is_some(),
+        "b not pruned"
+    );
+    assert!(
+        cms.get_opt("c").await.expect("get").is_some(),
+        "c not pruned"
+    );
+
+    // Without plugins the sync prunes `c` at last.
+    let clean = sync_once(&mut c, &src, &p, &settings(&inventory))
+        .await
+        .expect("clean sync");
+    assert!(clean.prune_held.is_empty());
+    assert!(cms.get_opt("c").await.expect("get").is_none(), "c pruned");
+    assert!(cms.get_opt("b").await.expect("get").is_some());
 }

@@ -50,11 +50,14 @@ pub fn settings(inventory_id: &str) -> Settings {
     Settings {
         inventory_id: inventory_id.to_string(),
         field_manager: "sluice".into(),
+        cleanup_managers: vec!["agentk".into()],
         concurrency: 8,
         limits: Default::default(),
         allow_empty_prune: false,
         agent: "test".into(),
         plugins: Ok(Vec::new()),
+        others: Vec::new(),
+        takeover: sluice::sync::Takeover::Agentk { agent_id: None },
     }
 }
 

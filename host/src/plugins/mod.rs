@@ -527,6 +527,10 @@ pub struct Outcome {
     pub objects: Vec<Object>,
     /// Every finding (warnings, audit-mode errors, ignored failures).
     pub findings: Vec<Finding>,
+    /// Plugins that failed and were skipped (`failure_policy: ignore`), by name. A sync
+    /// with a skipped plugin applies but never prunes: the set it would prune against is
+    /// not the set the plugins were meant to produce.
+    pub skipped: Vec<String>,
 }
 
 /// Runs `plugins` over `objects`: transformers in order, then validators. Blocking: call
@@ -543,13 +547,15 @@ pub fn run(
 ) -> Result<Outcome, Error> {
     let mut objects = objects;
     let mut findings = Vec::new();
+    let mut skipped = Vec::new();
     let ordered = plugins
         .iter()
         .filter(|p| p.world == World::Transformer)
         .chain(plugins.iter().filter(|p| p.world == World::Validator));
     for plugin in ordered {
-        let ignore = |e: Error, findings: &mut Vec<Finding>| {
+        let mut ignore = |e: Error, findings: &mut Vec<Finding>| {
             if plugin.spec.failure_policy == FailurePolicy::Ignore {
+                skipped.push(plugin.spec.name.clone());
                 findings.push(Finding {
                     plugin: plugin.spec.name.clone(),
                     severity: "warning",
@@ -587,7 +593,11 @@ pub fn run(
             },
         }
     }
-    Ok(Outcome { objects, findings })
+    Ok(Outcome {
+        objects,
+        findings,
+        skipped,
+    })
 }
 
 fn wit_objects(objects: &[Object]) -> Vec<bindings::Object> {

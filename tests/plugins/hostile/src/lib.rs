@@ -9,7 +9,7 @@ use sluice_plugin_sdk::{Context, Finding, FindingBuilder, Origin, Transformer};
 #[derive(Debug, Default, Deserialize)]
 pub struct Config {
     /// `loop`, `alloc`, `trap`, `huge`, `invalid-json`, `missing-name`, `open-file`,
-    /// `read-env`, `clock`, `random`, `socket`, `refuse`, or nothing (pass through).
+    /// `read-env`, `clock`, `random`, `socket`, `refuse`, `drop`, or nothing (pass through).
     #[serde(default)]
     pub act: String,
 }
@@ -75,6 +75,8 @@ impl Transformer for Plugin {
                 ));
             }
             "refuse" => return report("refused on purpose".into()),
+            // Drops every object but the first: a transformer that loses part of the set.
+            "drop" => objects.truncate(1),
             _ => {}
         }
         Ok(())
