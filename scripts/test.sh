@@ -21,6 +21,9 @@ rustup target add wasm32-wasip2 wasm32-wasip1 >&2
 step "control plane binaries (built once per version; the first build takes minutes)"
 tests/cluster/build.sh >/dev/null
 
+step "kapply, agentk's engine (sigs.k8s.io/cli-utils), for the takeover tests"
+tests/cluster/build-kapply.sh >/dev/null
+
 step "cargo fmt --check"
 cargo fmt --all --check
 

@@ -39,8 +39,10 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
-/// How long one discovery request may take.
-const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long discovery may take (group list, then the resources of every group).
+const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one group's probe may take before the group counts as unavailable.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Cluster {
     /// Runs discovery. Groups that fail are left out and listed in
@@ -50,17 +52,11 @@ impl Cluster {
     /// When the API server cannot be reached or its group list (`/api`, `/apis`) fails.
     pub async fn connect(client: kube::Client) -> Result<Cluster, DiscoveryError> {
         let deadline = |e| DiscoveryError(kube::Error::Service(Box::new(e)));
-        let full = tokio::time::timeout(DISCOVERY_TIMEOUT, Discovery::new(client.clone()).run())
-            .await
-            .map_err(deadline)?;
-        if let Ok(discovery) = full {
-            return Ok(Cluster {
-                client,
-                discovery: discovery.into(),
-                unavailable: Default::default(),
-            });
-        }
-        // Some request failed: find the groups that do not answer and leave them out.
+        // kube's client retries a 503 up to 15 times with growing pauses (minutes in all),
+        // so a group that does not answer would stall a plain discovery run. Each group's
+        // versions are probed first, in parallel, each within PROBE_TIMEOUT; discovery then
+        // runs without the groups that failed. 2N+3 requests for N groups, only at start,
+        // after CRDs were established, and after a failed sync.
         let groups = tokio::time::timeout(DISCOVERY_TIMEOUT, client.list_api_groups())
             .await
             .map_err(deadline)?
@@ -71,16 +67,20 @@ impl Cluster {
                 let mut failures = Vec::new();
                 for v in &g.versions {
                     let probe = tokio::time::timeout(
-                        DISCOVERY_TIMEOUT,
+                        PROBE_TIMEOUT,
                         client.list_api_group_resources(&v.group_version),
                     )
                     .await;
+                    let name = format!("{}.{}", v.version, g.name);
                     let message = match probe {
                         Ok(Ok(_)) => continue,
                         Ok(Err(e)) => crate::apply::api_message(&e),
-                        Err(_) => format!("no answer within {DISCOVERY_TIMEOUT:?}"),
+                        // The retries hide the server's answer: the APIService says why.
+                        Err(_) => apiservice_condition(&client, &name)
+                            .await
+                            .unwrap_or_else(|| format!("no answer within {PROBE_TIMEOUT:?}")),
                     };
-                    failures.push(format!("APIService {}.{}: {message}", v.version, g.name));
+                    failures.push(format!("APIService {name}: {message}"));
                 }
                 (!failures.is_empty()).then(|| {
                     (
@@ -266,4 +266,28 @@ impl Cluster {
         let live = api.get_opt(&r.name).await?;
         Ok(live.map(|o| serde_json::to_value(o).unwrap_or_default()))
     }
+}
+
+/// `Available=False (<reason>: <message>)` from an APIService's status, if it can be read.
+async fn apiservice_condition(client: &kube::Client, name: &str) -> Option<String> {
+    let ar = ApiResource {
+        group: "apiregistration.k8s.io".into(),
+        version: "v1".into(),
+        api_version: "apiregistration.k8s.io/v1".into(),
+        kind: "APIService".into(),
+        plural: "apiservices".into(),
+    };
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+    let svc = tokio::time::timeout(PROBE_TIMEOUT, api.get(name))
+        .await
+        .ok()?
+        .ok()?;
+    let conditions = svc.data["status"]["conditions"].as_array()?.clone();
+    let c = conditions.iter().find(|c| c["type"] == "Available")?;
+    Some(format!(
+        "Available={} ({}: {})",
+        c["status"].as_str().unwrap_or("Unknown"),
+        c["reason"].as_str().unwrap_or_default(),
+        c["message"].as_str().unwrap_or_default()
+    ))
 }

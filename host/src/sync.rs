@@ -200,7 +200,6 @@ pub async fn sync(
 ) -> Result<Report, Error> {
     let (objects, commit) = render(source, project, commit, settings.limits).await?;
     let commit = commit.as_str();
-    let rendered: BTreeSet<ObjRef> = objects.iter().map(Object::obj_ref).collect();
 
     // Objects of API groups that did not answer discovery are not applied (and fail the
     // sync, naming the APIService); everything else goes on.
@@ -208,6 +207,8 @@ pub async fn sync(
     let mut scopes = cluster.scopes();
     scopes.add_crds(&objects);
     decode::set_namespaces(&mut objects, &project.default_namespace, &scopes)?;
+    // What git says, before any plugin: a plugin must not make the sync prune any of it.
+    let rendered: BTreeSet<ObjRef> = objects.iter().map(Object::obj_ref).collect();
     let plugins = settings.plugins.clone()?;
     let outcome = transform(objects, plugins, &settings.agent, &project.id, commit).await?;
     let (mut objects, findings) = (outcome.objects, outcome.findings);
@@ -288,9 +289,9 @@ pub async fn sync(
 
     // Already recorded before the writes (stored ∪ upcoming ⊇ stored ∪ applied).
     let desired = applied_refs(&results);
+    // Recorded objects of unavailable groups stay recorded (their kinds are not gone):
+    // they are in the prune set, which `prune_holds` holds back.
     let mut kept: BTreeSet<ObjRef> = desired.clone();
-    // Objects of unavailable groups stay recorded: their kinds are not gone.
-    kept.extend(unserved.iter().map(|r| r.obj.clone()));
     let mut pruned = Vec::new();
     if project.prune && prune_held.is_empty() {
         let ctx = PruneContext {

@@ -89,6 +89,8 @@ async fn deployment_becomes_available_on_the_kwok_node() {
 
 #[tokio::test]
 async fn foreground_deletion_cascades_to_replicasets_and_pods() {
+    // Controllers stall while an APIService is unavailable; see support::DISCOVERY.
+    let _turn = crate::support::DISCOVERY.lock().await;
     let client = cluster::client().await;
     let ns = cluster::namespace(&client, "cascade").await;
     let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
@@ -150,6 +152,8 @@ async fn foreground_deletion_cascades_to_replicasets_and_pods() {
 
 #[tokio::test]
 async fn namespace_deletion_completes() {
+    // Controllers stall while an APIService is unavailable; see support::DISCOVERY.
+    let _turn = crate::support::DISCOVERY.lock().await;
     let client = cluster::client().await;
     let ns = cluster::namespace(&client, "nsdel").await;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);

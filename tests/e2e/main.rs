@@ -3,9 +3,12 @@
 
 mod agent;
 mod cli;
+mod corpus;
 mod harness_cluster;
 mod harness_git;
 mod leader;
 mod plugins;
+mod safety;
 mod support;
 mod sync;
+mod takeover;

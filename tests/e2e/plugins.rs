@@ -537,7 +537,7 @@ async fn a_skipped_or_dropping_transformer_never_prunes() {
     )
     .await
     .expect("sync with a skipped plugin");
-    assert_eq!(skipped.prune_held.len(), 1, "{:?}", skipped.prune_held);
+    assert_eq!(skipped.prune_held.len(), 1, "{skipped:#?}");
     assert!(
         skipped.prune_held[0].starts_with("plugin hostile failed and was skipped"),
         "{:?}",
@@ -576,8 +576,7 @@ async fn a_skipped_or_dropping_transformer_never_prunes() {
             .prune_held
             .iter()
             .any(|w| w.starts_with("the plugins removed 1 objects that are still in git")),
-        "{:?}",
-        dropped.prune_held
+        "{dropped:#?}"
     );
     assert!(
         cms.get_opt("b").await.expect("get").is_some(),

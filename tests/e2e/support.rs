@@ -11,6 +11,11 @@ use sluice::source::{Credentials, Source};
 use sluice::sync::{self, Settings};
 use sluice_testenv::git::Repo;
 
+/// Tests that make an API group unavailable (an APIService without a backend), and tests
+/// that need complete discovery (the garbage collector, namespace deletion, pruning a
+/// Namespace) take turns.
+pub static DISCOVERY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A Deployment manifest without namespace.
 pub fn deployment(name: &str, replicas: u32) -> String {
     format!(

@@ -280,7 +280,25 @@ async fn start(children: &mut Vec<(String, Child, PathBuf)>) -> Result<ControlPl
 /// # Errors
 /// When the script fails; its output explains why.
 pub fn build() -> Result<PathBuf, String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/build.sh");
+    run_script("cluster/build.sh")
+}
+
+/// kapply, cli-utils' reference CLI (agentk's engine), built by `cluster/build-kapply.sh`
+/// (a no-op when cached): the path of the binary.
+///
+/// # Panics
+/// When the build fails; its output is on stderr.
+pub fn kapply() -> PathBuf {
+    static KAPPLY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    KAPPLY
+        .get_or_init(|| run_script("cluster/build-kapply.sh"))
+        .clone()
+        .unwrap_or_else(|e| panic!("kapply could not be built: {e}"))
+}
+
+/// The path a script of this crate prints on its last line.
+fn run_script(name: &str) -> Result<PathBuf, String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(name);
     let out = Command::new("bash")
         .arg(&script)
         .stderr(std::process::Stdio::inherit())

@@ -1,0 +1,702 @@
+//! "Safe on real clusters": what a project does not own is never pruned or taken, health
+//! follows kstatus, an unavailable aggregated API fails only its own objects, and the odd
+//! inputs real repositories hold (RBAC names with `_`, short commit ids, credentials in a
+//! URL, a namespace made by the same commit) work.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use sluice::apply::Action;
+use sluice::inventory::InventoryRef;
+use sluice::sync::Error;
+use sluice_testenv::git::{self, file};
+use sluice_testenv::{cluster, wasm};
+
+use crate::support::*;
+
+fn service(name: &str, kind: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  type: {kind}\n  selector: {{app: {name}}}\n  ports:\n  - port: 80\n"
+    )
+}
+
+#[tokio::test]
+async fn a_load_balancer_service_without_a_load_balancer_is_current() {
+    let Fixture {
+        ns,
+        repo,
+        src,
+        cluster: mut c,
+        cache: _cache,
+        ..
+    } = Fixture::new("lb").await;
+    repo.commit(
+        "main",
+        &[file("svc.yaml", service("web", "LoadBalancer"))],
+        "lb",
+    );
+    // No load-balancer controller runs here: kstatus calls the Service Current once it has
+    // a cluster IP, so the sync succeeds well within the timeout.
+    let report = sync_once(
+        &mut c,
+        &src,
+        &project(&ns, "    reconcile_timeout: 30s\n"),
+        &settings(&format!("t-{ns}")),
+    )
+    .await
+    .expect("sync succeeds");
+    assert_eq!(report.health.len(), 1);
+    assert_eq!(report.health[0].status, sluice::wait::Status::Current);
+}
+
+#[tokio::test]
+async fn an_unavailable_aggregated_api_fails_only_its_own_objects() {
+    let _turn = DISCOVERY.lock().await;
+    let Fixture {
+        client,
+        ns,
+        repo,
+        src,
+        cache: _cache,
+        ..
+    } = Fixture::new("apisvc").await;
+    let group = format!("{ns}.metrics.example.com");
+    let apiservices = api_all(
+        &client,
+        "apiregistration.k8s.io/v1",
+        "APIService",
+        "apiservices",
+    );
+    let name = format!("v1beta1.{group}");
+    let apiservice: kube::api::DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService",
+        "metadata": {"name": name},
+        "spec": {"group": group, "version": "v1beta1", "groupPriorityMinimum": 100,
+                 "versionPriority": 100, "insecureSkipTLSVerify": true,
+                 "service": {"name": "metrics-server", "namespace": ns, "port": 443}}
+    }))
+    .expect("apiservice");
+    apiservices
+        .create(&PostParams::default(), &apiservice)
+        .await
+        .expect("create APIService");
+    let inventory = format!("t-{ns}");
+    // The project's inventory already records an object of that group, as it would after
+    // the API was last available.
+    let recorded = sluice::object::ObjRef {
+        group: group.clone(),
+        kind: "PodMetrics".into(),
+        namespace: ns.clone(),
+        name: "old".into(),
+    };
+    sluice::inventory::store(
+        &client,
+        &InventoryRef::default_for(&inventory, &ns),
+        "test/project",
+        &[recorded.clone()].into(),
+        &[],
+    )
+    .await
+    .expect("seed inventory");
+    repo.commit(
+        "main",
+        &[
+            file("cm.yaml", configmap("a", "1")),
+            file(
+                "m.yaml",
+                format!("apiVersion: {group}/v1beta1\nkind: PodMetrics\nmetadata:\n  name: m\n"),
+            ),
+        ],
+        "one object of the unavailable group",
+    );
+
+    let outcome = async {
+        // Discovery succeeds, without that group.
+        let mut c = eventually(
+            "discovery to see the APIService",
+            Duration::from_secs(30),
+            || {
+                let client = client.clone();
+                let group = group.clone();
+                async move {
+                    let c = sluice::cluster::Cluster::connect(client).await.ok()?;
+                    c.unavailable_group(&group).is_some().then_some(c)
+                }
+            },
+        )
+        .await;
+        let why = c
+            .unavailable_group(&group)
+            .expect("unavailable")
+            .to_string();
+        assert!(
+            why.starts_with(&format!(
+                "API group {group} is unavailable (APIService {name}: "
+            )),
+            "{why}"
+        );
+        let err = sync_once(&mut c, &src, &project(&ns, ""), &settings(&inventory))
+            .await
+            .expect_err("the sync reports the objects it could not apply");
+        (why, err)
+    }
+    .await;
+    apiservices
+        .delete(&name, &DeleteParams::default())
+        .await
+        .expect("delete APIService");
+    let (why, err) = outcome;
+    let text = err.to_string();
+    assert!(
+        text.starts_with(&format!(
+            "1 resources not applied: PodMetrics/m: not applied: {why}"
+        )),
+        "{text}"
+    );
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    assert!(
+        cms.get_opt("a").await.expect("get").is_some(),
+        "the available group's object was applied"
+    );
+    let keys = inventory_keys(&client, &ns, &format!("inventory-{inventory}")).await;
+    assert!(
+        keys.contains(&sluice::inventory::encode_key(&recorded)),
+        "an unavailable group's kinds are not gone: {keys:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_manifest_cannot_claim_another_projects_inventory() {
+    let Fixture {
+        client,
+        ns,
+        repo,
+        src,
+        cluster: mut c,
+        cache: _cache,
+    } = Fixture::new("claim").await;
+    // Project A owns `a`.
+    let a_id = format!("a-{ns}");
+    let a = InventoryRef::default_for(&a_id, &ns);
+    let a_repo = git::shared().create_repo(&format!("group/{ns}-a"));
+    a_repo.commit("main", &[file("a.yaml", configmap("a", "1"))], "a");
+    let (a_src, _a_cache) = source(&a_repo, None);
+    let p = project(&ns, "");
+    sync_once(&mut c, &a_src, &p, &settings(&a_id))
+        .await
+        .expect("A syncs");
+
+    // Project B commits A's inventory ConfigMap, plus an object of its own.
+    let claim = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {}\n  labels:\n    cli-utils.sigs.k8s.io/inventory-id: {a_id}\n",
+        a.name
+    );
+    repo.commit(
+        "main",
+        &[file("inv.yaml", claim), file("b.yaml", configmap("b", "1"))],
+        "claim A's inventory",
+    );
+    let b_settings = sluice::sync::Settings {
+        others: vec![a.clone()],
+        ..settings(&format!("b-{ns}"))
+    };
+    let mut b_project = project(&ns, "");
+    b_project.id = "test/other".into();
+    let err = sync_once(&mut c, &src, &b_project, &b_settings)
+        .await
+        .expect_err("refused");
+    assert!(matches!(err, Error::InventoryClaimed { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "refusing inventory {ns}/{} (id {a_id}): it is the inventory of another project of this agent ({ns}/{}, id {a_id}); give this project an inventory of its own",
+            a.name, a.name
+        )
+    );
+    // Even without knowing A (another agent), the ConfigMap says whose it is.
+    let err = sync_once(&mut c, &src, &b_project, &settings(&format!("b-{ns}")))
+        .await
+        .expect_err("refused by the cluster's record");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "refusing inventory {ns}/{} (id {a_id}): the ConfigMap is the inventory of project \"test/project\"",
+            a.name
+        )
+    );
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    assert!(
+        cms.get_opt("a").await.expect("get").is_some(),
+        "A's object stays"
+    );
+    assert!(
+        cms.get_opt("b").await.expect("get").is_none(),
+        "B applied nothing"
+    );
+}
+
+#[tokio::test]
+async fn rbac_names_with_underscores_round_trip_and_a_malformed_key_is_kept() {
+    let Fixture {
+        client,
+        ns,
+        repo,
+        src,
+        cluster: mut c,
+        cache: _cache,
+    } = Fixture::new("rbac").await;
+    let role = |name: &str| {
+        format!(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: \"{name}\"\nrules: []\n"
+        )
+    };
+    let names = ["a_b", "a__b", "system:x_y", "plain"];
+    repo.commit(
+        "main",
+        &names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| file(&format!("r{i}.yaml"), role(n)))
+            .collect::<Vec<_>>(),
+        "roles",
+    );
+    let inventory = format!("t-{ns}");
+    let p = project(&ns, "");
+    sync_once(&mut c, &src, &p, &settings(&inventory))
+        .await
+        .expect("first sync");
+    let inv_name = format!("inventory-{inventory}");
+    let keys = inventory_keys(&client, &ns, &inv_name).await;
+    assert_eq!(
+        keys,
+        [
+            format!("{ns}_a_5f_5fb_rbac.authorization.k8s.io_Role"),
+            format!("{ns}_a_5fb_rbac.authorization.k8s.io_Role"),
+            format!("{ns}_plain_rbac.authorization.k8s.io_Role"),
+            format!("{ns}_system_3ax_5fy_rbac.authorization.k8s.io_Role"),
+        ]
+    );
+    // A key nobody can parse (written by hand, or by an older tool) is reported, not fatal.
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let patch = serde_json::json!({"data": {"not-a-key": ""}});
+    cms.patch(&inv_name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("add a malformed key");
+    let again = sync_once(&mut c, &src, &p, &settings(&inventory))
+        .await
+        .expect("a malformed key does not brick the project");
+    assert!(
+        again.results.iter().all(|r| r.action == Action::Unchanged),
+        "{:?}",
+        again.results
+    );
+
+    // Removing two of them from git prunes exactly those.
+    repo.commit(
+        "main",
+        &[
+            file("r2.yaml", role("system:x_y")),
+            file("r3.yaml", role("plain")),
+        ],
+        "drop a_b and a__b",
+    );
+    let report = sync_once(&mut c, &src, &p, &settings(&inventory))
+        .await
+        .expect("prune sync");
+    let mut pruned: Vec<&str> = report
+        .results
+        .iter()
+        .filter(|r| r.action == Action::Pruned)
+        .map(|r| r.obj.name.as_str())
+        .collect();
+    pruned.sort();
+    assert_eq!(pruned, ["a__b", "a_b"]);
+    let roles = api(
+        &client,
+        &ns,
+        "rbac.authorization.k8s.io/v1",
+        "Role",
+        "roles",
+    );
+    assert!(roles.get_opt("a_b").await.expect("get").is_none());
+    assert!(roles.get_opt("system:x_y").await.expect("get").is_some());
+    let keys = inventory_keys(&client, &ns, &inv_name).await;
+    assert!(keys.contains(&"not-a-key".to_string()), "kept: {keys:?}");
+    assert_eq!(keys.len(), 3, "{keys:?}");
+}
+
+#[tokio::test]
+async fn a_namespace_still_in_use_is_not_pruned_and_the_inventory_namespace_can_come_with_the_commit()
+ {
+    let _turn = DISCOVERY.lock().await;
+    let Fixture {
+        client,
+        ns,
+        repo,
+        src,
+        cluster: mut c,
+        cache: _cache,
+    } = Fixture::new("nsprune").await;
+    // A fresh cluster: the inventory's namespace and a namespace for apps both come with
+    // the commit.
+    let home = format!("{ns}-home");
+    let apps = format!("{ns}-apps");
+    let namespace = |n: &str| format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {n}\n");
+    let in_apps = |name: &str| {
+        format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n  namespace: {apps}\n")
+    };
+    repo.commit(
+        "main",
+        &[
+            file("home.yaml", namespace(&home)),
+            file("apps.yaml", namespace(&apps)),
+            file("cm.yaml", configmap("in-home", "1")),
+            file("app.yaml", in_apps("app")),
+        ],
+        "namespaces and their objects",
+    );
+    let inventory = format!("t-{ns}");
+    let p = project(&home, "");
+    sync_once(&mut c, &src, &p, &settings(&inventory))
+        .await
+        .expect("the inventory's namespace comes with the commit");
+    inventory_keys(&client, &home, &format!("inventory-{inventory}")).await;
+
+    // Someone else puts an object into the apps namespace.
+    let foreign: ConfigMap = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "not-ours"}
+    }))
+    .expect("configmap");
+    let in_apps_api: Api<ConfigMap> = Api::namespaced(client.clone(), &apps);
+    in_apps_api
+        .create(&PostParams::default(), &foreign)
+        .await
+        .expect("foreign object");
+
+    // Both namespaces leave git (with the app object); the objects of this project in
+    // them go, the namespaces stay: one holds the inventory, the other a foreign object.
+    repo.commit(
+        "main",
+        &[file("cm.yaml", configmap("in-home", "1"))],
+        "drop the namespaces",
+    );
+    let report = sync_once(&mut c, &src, &p, &settings(&inventory))
+        .await
+        .expect("sync");
+    let action = |name: &str| {
+        report
+            .results
+            .iter()
+            .find(|r| r.obj.name == name)
+            .map(|r| (r.action, r.message.clone().unwrap_or_default()))
+            .unwrap_or_else(|| panic!("{name} reported: {:?}", report.results))
+    };
+    assert_eq!(action("app").0, Action::Pruned);
+    let (home_action, home_message) = action(&home);
+    assert_eq!(home_action, Action::Retained);
+    assert_eq!(
+        home_message,
+        format!(
+            "not pruned: namespace still in use: it holds this project's inventory inventory-{inventory}"
+        )
+    );
+    let (apps_action, apps_message) = action(&apps);
+    assert_eq!(apps_action, Action::Retained);
+    assert!(
+        apps_message.starts_with(&format!(
+            "not pruned: namespace still in use: it holds 1 objects this project does not own (ConfigMap/{apps}/not-ours)"
+        )),
+        "{apps_message}"
+    );
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    for n in [&home, &apps] {
+        let live = namespaces.get(n).await.expect("still there");
+        assert!(
+            live.metadata.deletion_timestamp.is_none(),
+            "{n} not deleted"
+        );
+    }
+    assert!(
+        in_apps_api
+            .get_opt("not-ours")
+            .await
+            .expect("get")
+            .is_some(),
+        "the neighbour's object survives"
+    );
+
+    // Once the foreign object is gone, the apps namespace is pruned.
+    in_apps_api
+        .delete("not-ours", &DeleteParams::default())
+        .await
+        .expect("delete foreign");
+    let report = sync_once(&mut c, &src, &p, &settings(&inventory))
+        .await
+        .expect("sync");
+    let apps_now = report
+        .results
+        .iter()
+        .find(|r| r.obj.name == apps)
+        .expect("apps reported");
+    assert_eq!(apps_now.action, Action::Pruned, "{apps_now:?}");
+}
+
+#[tokio::test]
+async fn a_short_commit_id_is_synced() {
+    let Fixture {
+        client,
+        ns,
+        repo,
+        src,
+        cluster: mut c,
+        cache: _cache,
+    } = Fixture::new("short").await;
+    let first = repo.commit("main", &[file("a.yaml", configmap("a", "old"))], "old");
+    repo.commit("main", &[file("a.yaml", configmap("a", "new"))], "new");
+    let p = project(&ns, &format!("    ref:\n      commit: {}\n", &first[..8]));
+    let report = sync_once(&mut c, &src, &p, &settings(&format!("t-{ns}")))
+        .await
+        .expect("short id resolved");
+    assert_eq!(report.commit, first, "reported by its full id");
+    let cms: Api<ConfigMap> = Api::namespaced(client, &ns);
+    let a = cms.get("a").await.expect("applied");
+    assert_eq!(a.data.unwrap_or_default()["value"], "old");
+}
+
+#[tokio::test]
+async fn client_dry_run_needs_only_read_access() {
+    let Fixture {
+        client,
+        ns,
+        repo,
+        src,
+        cache: _cache,
+        ..
+    } = Fixture::new("dryrun").await;
+    repo.commit("main", &[file("a.yaml", configmap("a", "1"))], "a");
+    // A user that can read ConfigMaps and nothing else: any PATCH, even a dry-run, is
+    // refused with 403, so a sync passes only if it sends none.
+    let reader = format!("reader-{ns}");
+    let rbac = serde_json::json!([
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": {"name": "read", "namespace": ns},
+         "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": "read", "namespace": ns},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "read"},
+         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": reader}]}
+    ]);
+    for o in rbac.as_array().expect("list") {
+        let obj: kube::api::DynamicObject = serde_json::from_value(o.clone()).expect("obj");
+        let kind = o["kind"].as_str().expect("kind");
+        let plural = if kind == "Role" {
+            "roles"
+        } else {
+            "rolebindings"
+        };
+        api(&client, &ns, "rbac.authorization.k8s.io/v1", kind, plural)
+            .create(&PostParams::default(), &obj)
+            .await
+            .expect("rbac");
+    }
+    let kubeconfig =
+        kube::config::Kubeconfig::read_from(&cluster::shared().kubeconfig).expect("kubeconfig");
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .expect("config");
+    config.auth_info.impersonate = Some(reader.clone());
+    let as_reader = kube::Client::try_from(config).expect("client");
+    let mut c = sluice::cluster::Cluster::connect(as_reader)
+        .await
+        .expect("discovery as the reader");
+    let report = sync_once(
+        &mut c,
+        &src,
+        &project(&ns, "    dry_run_strategy: client\n"),
+        &settings(&format!("t-{ns}")),
+    )
+    .await
+    .expect("client dry run with read access only");
+    assert_eq!(report.results.len(), 1);
+    assert_eq!(report.results[0].action, Action::Skipped);
+    assert_eq!(
+        report.results[0].message.as_deref(),
+        Some("dry run (client): would be created")
+    );
+    let cms: Api<ConfigMap> = Api::namespaced(client, &ns);
+    assert!(cms.get_opt("a").await.expect("get").is_none());
+}
+
+/// Credentials written into a project's URL are used to fetch it, and appear nowhere else:
+/// not in the inventory's name, labels or annotations, the objects' owning-inventory
+/// annotation, or the report.
+#[tokio::test]
+async fn credentials_in_a_project_url_stay_out_of_ids_annotations_and_reports() {
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "creds").await;
+    let server = git::shared();
+    let repo = server.create_repo(&format!("private/{ns}"));
+    repo.commit("main", &[file("a.yaml", configmap("a", "1"))], "a");
+    let token = server.token();
+    let url = repo
+        .https_url()
+        .replacen("https://", &format!("https://oauth2:{token}@"), 1);
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!("gitops:\n  manifest_projects:\n  - id: {url}\n    default_namespace: {ns}\n"),
+    )
+    .expect("write config");
+    let opts = sluice::agent::Options {
+        agent_name: "creds".into(),
+        git_base_url: server.base_url().into(),
+        config_project: String::new(),
+        credentials: HashMap::new(),
+        poll_interval: Duration::from_secs(1),
+        reapply_interval: Duration::from_secs(300),
+        cache_dir: dir.path().join("cache"),
+        field_manager: "sluice".into(),
+        concurrency: 8,
+        inventory_ids: HashMap::new(),
+        takeover: sluice::sync::Takeover::Off,
+        cleanup_managers: vec!["agentk".into()],
+        allow_empty_prune: false,
+        git_ca: Some(server.ca_pem().as_bytes().to_vec()),
+        plugin_cache_dir: None,
+        limits: Default::default(),
+        metrics: Default::default(),
+    };
+    let outcomes = sluice::agent::run_once(
+        client.clone(),
+        sluice::agent::ConfigSource::File(config),
+        opts,
+    )
+    .await
+    .expect("run once");
+    assert_eq!(outcomes.len(), 1);
+    let report = outcomes[0]
+        .result
+        .as_ref()
+        .expect("synced with the URL's token");
+    assert_eq!(outcomes[0].project, repo.https_url());
+    let everything = format!(
+        "{outcomes:?} {}",
+        serde_json::to_string(report).expect("json")
+    );
+    assert!(
+        !everything.contains(token),
+        "token in the report: {everything}"
+    );
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    for cm in cms.list(&Default::default()).await.expect("list").items {
+        let text = serde_json::to_string(&cm).expect("json");
+        assert!(!text.contains(token), "token in the cluster: {text}");
+    }
+    let a = cms.get("a").await.expect("applied");
+    let owner =
+        a.metadata.annotations.unwrap_or_default()["config.k8s.io/owning-inventory"].clone();
+    assert_eq!(
+        owner,
+        sluice::sync::inventory_id("creds", repo.https_url()),
+        "the id is made from the URL without credentials"
+    );
+}
+
+/// `sluice sync` syncs every project once and exits 0, or 1 when one failed; entries
+/// without `id` are the configuration project's manifests (derived from --config-repo).
+#[tokio::test]
+async fn sluice_sync_runs_once_with_the_config_project_as_default_id() {
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "once").await;
+    let server = git::shared();
+    let config_repo = server.create_repo(&format!("group/{ns}-config"));
+    let bad = server.create_repo(&format!("group/{ns}-bad"));
+    bad.commit("main", &[file("bad.yaml", "kind: [unclosed\n")], "broken");
+    config_repo.commit(
+        "main",
+        &[
+            file(
+                ".gitlab/agents/once/config.yaml",
+                format!(
+                    "gitops:\n  manifest_projects:\n  - default_namespace: {ns}\n    paths:\n    - glob: 'manifests/*.yaml'\n"
+                ),
+            ),
+            file("manifests/a.yaml", configmap("a", "1")),
+        ],
+        "config with manifests beside it",
+    );
+    let dir = tempfile::tempdir().expect("dir");
+    let run = |repo_url: &str| {
+        std::process::Command::new(wasm::sluice_binary())
+            .args([
+                "sync",
+                "--config-repo",
+                repo_url,
+                "--agent-name",
+                "once",
+                "--git-base-url",
+                server.base_url(),
+                "--log-format",
+                "human",
+                "--cache-dir",
+            ])
+            .arg(dir.path())
+            .env("KUBECONFIG", &cluster::shared().kubeconfig)
+            .output()
+            .expect("run sluice sync")
+    };
+    let out = run(config_repo.http_url());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.starts_with("PROJECT"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("group/{ns}-config")) && stdout.contains("created=1"),
+        "{stdout}"
+    );
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    assert!(cms.get_opt("a").await.expect("get").is_some());
+
+    // A project whose commit is broken: exit 1, and the table says why.
+    config_repo.commit(
+        "main",
+        &[file(
+            ".gitlab/agents/once/config.yaml",
+            format!(
+                "gitops:\n  manifest_projects:\n  - id: group/{ns}-bad\n    default_namespace: {ns}\n"
+            ),
+        )],
+        "a broken project",
+    );
+    let out = run(config_repo.http_url());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!("group/{ns}-bad")) && stdout.contains("False"),
+        "{stdout}"
+    );
+}
+
+fn api_all(
+    client: &kube::Client,
+    api_version: &str,
+    kind: &str,
+    plural: &str,
+) -> Api<kube::api::DynamicObject> {
+    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+    let ar = kube::discovery::ApiResource {
+        group: group.into(),
+        version: version.into(),
+        api_version: api_version.into(),
+        kind: kind.into(),
+        plural: plural.into(),
+    };
+    Api::all_with(client.clone(), &ar)
+}
