@@ -73,17 +73,30 @@ fn decode_file(bytes: &[u8], origin: Origin) -> Result<Vec<Object>, Vec<Error>> 
         }]
     };
     let text = std::str::from_utf8(bytes).map_err(|e| err(0, format!("file is not UTF-8: {e}")))?;
-    let docs: Vec<Spanned<Value>> = serde_saphyr::from_multiple_with_options(text, yaml_options())
-        .map_err(|e| {
+    let docs: Vec<Spanned<Value>> =
+        serde_saphyr::from_multiple_with_options(text, yaml_options(false)).map_err(|e| {
             let line = e.location().map(|l| l.line()).unwrap_or(0);
             err(
                 line,
                 format!("invalid YAML: {}", first_line(&e.to_string())),
             )
         })?;
+    // Where a YAML 1.1 boolean spelling (`n`, `yes`, `off`, …) lands in a field Kubernetes
+    // only allows strings in (names, labels, annotations, ConfigMap and Secret data),
+    // kubectl fails ("cannot unmarshal bool into … string"); sluice keeps the text there
+    // instead. Only documents that have such a scalar pay for the second reading.
+    let as_written: Option<Vec<Spanned<Value>>> = docs
+        .iter()
+        .any(|d| has_bool(&d.value))
+        .then(|| serde_saphyr::from_multiple_with_options(text, yaml_options(true)).ok())
+        .flatten()
+        .filter(|w: &Vec<Spanned<Value>>| w.len() == docs.len());
     let mut objects = Vec::new();
     let mut errors = Vec::new();
-    for (doc_index, doc) in docs.into_iter().enumerate() {
+    for (doc_index, mut doc) in docs.into_iter().enumerate() {
+        if let Some(written) = as_written.as_ref().and_then(|w| w.get(doc_index)) {
+            strings_where_only_strings_fit(&mut doc.value, &written.value);
+        }
         let origin = Origin {
             doc_index,
             line: doc.referenced.line(),
@@ -175,16 +188,19 @@ fn check(value: &Value) -> Result<(), String> {
 ///
 /// - YAML 1.1 octals: `defaultMode: 0644` is 420 (a YAML 1.2 reader makes it 644.0);
 /// - YAML 1.1 booleans: `yes`/`no`/`on`/`off`/`y`/`n` are booleans, so `readOnly: yes` is
-///   `true` as kubectl sends it. (A string field written that way is rejected by the API
-///   server for kubectl too; the rejection then says to quote the value.)
+///   `true` as kubectl sends it; except in the fields that only hold strings (names,
+///   labels, annotations, ConfigMap and Secret data), where kubectl fails and sluice keeps
+///   the text ([`strings_where_only_strings_fit`]). Elsewhere the API server's rejection of
+///   a boolean in a string field says to quote the value.
 /// - a duplicate key keeps its last value, as sigs.k8s.io/yaml does;
 /// - floats with an integral value become integers ([`integral_floats`]), as Go's JSON
 ///   encoder writes them, so `replicas: 1.0` is accepted.
 ///
 /// Budgets bound what one file may cost: alias expansion, nesting and node count.
-fn yaml_options() -> serde_saphyr::Options {
+fn yaml_options(strict_booleans: bool) -> serde_saphyr::Options {
     serde_saphyr::options! {
         legacy_octal_numbers: true,
+        strict_booleans: strict_booleans,
         duplicate_keys: serde_saphyr::options::DuplicateKeyPolicy::LastWins,
         budget: serde_saphyr::budget! {
             max_aliases: 1_000,
@@ -193,6 +209,68 @@ fn yaml_options() -> serde_saphyr::Options {
             max_documents: 10_000,
             max_nodes: 2_000_000,
         },
+    }
+}
+
+fn has_bool(v: &Value) -> bool {
+    match v {
+        Value::Bool(_) => true,
+        Value::Array(items) => items.iter().any(has_bool),
+        Value::Object(map) => map.values().any(has_bool),
+        _ => false,
+    }
+}
+
+/// In the fields Kubernetes types as strings whatever the kind (metadata name, namespace,
+/// labels, annotations; ConfigMap and Secret data), a boolean that was written as a YAML
+/// 1.1 spelling (`written`, read with YAML 1.2 booleans, holds it as text) becomes that
+/// text again: `name: n` is the Namespace `n`, where kubectl fails.
+fn strings_where_only_strings_fit(doc: &mut Value, written: &Value) {
+    let text = |a: &mut Value, w: &Value| {
+        if a.is_boolean() && w.is_string() {
+            *a = w.clone();
+        }
+    };
+    let each = |a: &mut Value, w: &Value| {
+        if let (Some(a), Some(w)) = (a.as_object_mut(), w.as_object()) {
+            for (k, v) in a.iter_mut() {
+                if let Some(wv) = w.get(k) {
+                    text(v, wv);
+                }
+            }
+        }
+    };
+    if let Some(items) = doc.get_mut("items").and_then(Value::as_array_mut) {
+        if let Some(w) = written["items"].as_array() {
+            for (a, w) in items.iter_mut().zip(w) {
+                strings_where_only_strings_fit(a, w);
+            }
+        }
+    }
+    for key in ["apiVersion", "kind"] {
+        if let Some(a) = doc.get_mut(key) {
+            text(a, &written[key]);
+        }
+    }
+    if let Some(meta) = doc.get_mut("metadata") {
+        for key in ["name", "namespace", "generateName"] {
+            if let Some(a) = meta.get_mut(key) {
+                text(a, &written["metadata"][key]);
+            }
+        }
+        for key in ["labels", "annotations"] {
+            if let Some(a) = meta.get_mut(key) {
+                each(a, &written["metadata"][key]);
+            }
+        }
+    }
+    let core_kind = |k: &str| written["apiVersion"] == "v1" && written["kind"] == k;
+    if core_kind("ConfigMap") || core_kind("Secret") {
+        for key in ["data", "stringData"] {
+            if let Some(a) = doc.get_mut(key) {
+                each(a, &written[key]);
+            }
+        }
     }
 }
 
@@ -413,6 +491,33 @@ mod tests {
         assert_eq!(
             e.0[1].to_string(),
             "noname.yaml:1: object ConfigMap/ is missing metadata.name"
+        );
+    }
+
+    #[test]
+    fn yaml_1_1_booleans_stay_text_where_only_text_fits() {
+        let objs = decode(
+            &[file(
+                "n.yaml",
+                "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: n\n  labels: {on: off, quoted: \"true\"}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {a: yes, b: \"no\"}\n---\napiVersion: example.com/v1\nkind: X\nmetadata: {name: x}\nspec: {enabled: yes, data: {a: yes}}\n",
+            )],
+            "p",
+            "c",
+        )
+        .expect("decode");
+        assert_eq!(objs[0].name(), "n");
+        assert_eq!(
+            objs[0].value["metadata"]["labels"],
+            serde_json::json!({"on": "off", "quoted": "true"})
+        );
+        assert_eq!(
+            objs[1].value["data"],
+            serde_json::json!({"a": "yes", "b": "no"})
+        );
+        assert_eq!(
+            objs[2].value["spec"],
+            serde_json::json!({"enabled": true, "data": {"a": true}}),
+            "elsewhere a YAML 1.1 boolean is a boolean, as kubectl reads it"
         );
     }
 
