@@ -240,11 +240,11 @@ fn strings_where_only_strings_fit(doc: &mut Value, written: &Value) {
             }
         }
     };
-    if let Some(items) = doc.get_mut("items").and_then(Value::as_array_mut) {
-        if let Some(w) = written["items"].as_array() {
-            for (a, w) in items.iter_mut().zip(w) {
-                strings_where_only_strings_fit(a, w);
-            }
+    if let Some(items) = doc.get_mut("items").and_then(Value::as_array_mut)
+        && let Some(w) = written["items"].as_array()
+    {
+        for (a, w) in items.iter_mut().zip(w) {
+            strings_where_only_strings_fit(a, w);
         }
     }
     for key in ["apiVersion", "kind"] {

@@ -761,10 +761,11 @@ async fn prune_one(cluster: &Cluster, r: &ObjRef, ctx: &PruneContext<'_>) -> Obj
     if !inventory::may_prune(ctx.project.inventory_policy, ownership) {
         return result(Action::Skipped, Some("not owned by this inventory".into()));
     }
-    if r.group.is_empty() && r.kind == "Namespace" {
-        if let Some(why) = namespace_in_use(cluster, &r.name, ctx).await {
-            return result(Action::Retained, Some(format!("not pruned: {why}")));
-        }
+    if r.group.is_empty()
+        && r.kind == "Namespace"
+        && let Some(why) = namespace_in_use(cluster, &r.name, ctx).await
+    {
+        return result(Action::Retained, Some(format!("not pruned: {why}")));
     }
     let propagation = match ctx.project.prune_propagation_policy {
         PropagationPolicy::Orphan => kube::api::PropagationPolicy::Orphan,
