@@ -544,12 +544,23 @@ impl<'de> Deserialize<'de> for ProtoDuration {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let invalid =
         || format!("invalid duration {s:?}: expected seconds with an s suffix, like \"3600s\"");
+    // protobuf's JSON form, as kas parsed it: digits, at most 9 decimals, `s`; no sign,
+    // exponent or spaces (a negative timeout means nothing here), at most protobuf's
+    // 315,576,000,000 s.
     let secs = s.strip_suffix('s').ok_or_else(invalid)?;
-    let value: f64 = secs.parse().map_err(|_| invalid())?;
-    if !value.is_finite() || value < 0.0 {
+    let (whole, frac) = secs.split_once('.').unwrap_or((secs, ""));
+    let digits = |d: &str| d.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() || !digits(whole) || !digits(frac) || frac.len() > 9 || secs.ends_with('.')
+    {
         return Err(invalid());
     }
-    Ok(Duration::from_secs_f64(value))
+    let whole: u64 = whole
+        .parse()
+        .ok()
+        .filter(|w| *w <= 315_576_000_000)
+        .ok_or_else(|| format!("invalid duration {s:?}: at most 315576000000s"))?;
+    let nanos: u32 = format!("{frac:0<9}").parse().map_err(|_| invalid())?;
+    Ok(Duration::new(whole, nanos))
 }
 
 #[cfg(test)]
@@ -656,12 +667,33 @@ mod tests {
         let e = err("gitops:\n  manifest_projects:\n  - inventory_policy: adopt\n");
         assert!(e.contains("invalid value \"adopt\""), "{e}");
         assert!(e.contains("line 3"), "{e}");
-        for bad in ["3600", "1h", "-1s"] {
+        for bad in [
+            "3600",
+            "1h",
+            "-1s",
+            "1e20s",
+            "1e3s",
+            "+5s",
+            "1.s",
+            ".5s",
+            "1.0000000001s",
+            " 1s",
+            "99999999999999999999s",
+        ] {
             let e = err(&format!(
                 "gitops:\n  manifest_projects:\n  - reconcile_timeout: '{bad}'\n"
             ));
             assert!(e.contains("invalid duration"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn durations_are_protobuf_seconds() {
+        assert_eq!(parse_duration("3600s"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("0.000000001s"), Ok(Duration::from_nanos(1)));
+        assert!(parse_duration("315576000001s").is_err());
     }
 
     #[test]

@@ -187,23 +187,65 @@ pub async fn diff(
     let checked = crate::apply::check(&cluster, &plan, &opts).await?;
     let yaml = |v: &Option<serde_json::Value>| {
         v.as_ref()
-            .map(|v| serde_saphyr::to_string(&clean(v)).unwrap_or_default())
+            .map(|v| serde_saphyr::to_string(v).unwrap_or_default())
             .unwrap_or_default()
     };
     Ok(checked
         .changes(&opts)
         .into_iter()
-        .map(|(o, live, dry)| Change {
-            obj: o.obj_ref().to_string(),
-            origin: o.origin.to_string(),
-            live: yaml(&live),
-            desired: if dry.is_some() {
-                yaml(&dry)
-            } else {
-                yaml(&Some(o.value.clone()))
-            },
+        .map(|(o, live, dry)| {
+            let mut live = live.as_ref().map(clean);
+            let mut desired = clean(dry.as_ref().unwrap_or(&o.value));
+            if o.kind() == "Secret" && o.api_version() == "v1" {
+                mask_secret(live.as_mut(), &mut desired);
+            }
+            Change {
+                obj: o.obj_ref().to_string(),
+                origin: o.origin.to_string(),
+                live: yaml(&live),
+                desired: yaml(&Some(desired)),
+            }
         })
         .collect())
+}
+
+/// A diff must not print a Secret's values (it lands in CI logs): every value of `data` and
+/// `stringData` becomes a marker that still shows whether it changed, like Flux's diff.
+fn mask_secret(live: Option<&mut serde_json::Value>, desired: &mut serde_json::Value) {
+    use serde_json::Value;
+    const SAME: &str = "*** (unchanged)";
+    const OLD: &str = "*** (old value)";
+    const NEW: &str = "*** (new value)";
+    let mut live = live;
+    for field in ["data", "stringData"] {
+        let before = live
+            .as_deref()
+            .and_then(|l| l[field].as_object().cloned())
+            .unwrap_or_default();
+        if let Some(after) = desired[field].as_object_mut() {
+            for (k, v) in after.iter_mut() {
+                let same = before.get(k) == Some(v);
+                *v = Value::from(if same { SAME } else { NEW });
+            }
+        }
+        if let Some(l) = live.as_deref_mut().and_then(|l| l[field].as_object_mut()) {
+            let after = desired[field].as_object();
+            for (k, v) in l.iter_mut() {
+                let same = after.and_then(|a| a.get(k)).is_some_and(|a| a == SAME);
+                *v = Value::from(if same { SAME } else { OLD });
+            }
+        }
+    }
+    // kubectl's client-side apply keeps the whole Secret in an annotation.
+    for side in live.into_iter().chain(std::iter::once(desired)) {
+        if let Some(a) = side
+            .get_mut("metadata")
+            .and_then(|m| m.get_mut("annotations"))
+            .and_then(Value::as_object_mut)
+        {
+            a.remove("kubectl.kubernetes.io/last-applied-configuration");
+        }
+    }
 }
 
 /// Drops what the server owns, so a diff shows what git controls.
@@ -231,4 +273,32 @@ fn clean(v: &serde_json::Value) -> serde_json::Value {
         }
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_secret_diff_shows_which_keys_changed_and_no_value() {
+        let mut live = json!({"kind": "Secret", "data": {"same": "c2FtZQ==", "changed": "b2xk", "gone": "eA=="},
+            "metadata": {"annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{\"data\":{\"same\":\"c2FtZQ==\"}}"}}});
+        let mut desired = json!({"kind": "Secret", "data": {"same": "c2FtZQ==", "changed": "bmV3", "added": "eQ=="},
+            "stringData": {"plain": "hunter2"}});
+        mask_secret(Some(&mut live), &mut desired);
+        assert_eq!(
+            live["data"],
+            json!({"same": "*** (unchanged)", "changed": "*** (old value)", "gone": "*** (old value)"})
+        );
+        assert_eq!(
+            desired["data"],
+            json!({"same": "*** (unchanged)", "changed": "*** (new value)", "added": "*** (new value)"})
+        );
+        assert_eq!(desired["stringData"], json!({"plain": "*** (new value)"}));
+        let text = format!("{live}{desired}");
+        for secret in ["c2FtZQ", "b2xk", "bmV3", "hunter2", "eA==", "eQ=="] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+    }
 }

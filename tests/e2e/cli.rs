@@ -88,3 +88,67 @@ async fn diff_shows_what_a_sync_would_change_and_nothing_after_it() {
         "server fields stay out: {text}"
     );
 }
+
+#[tokio::test]
+async fn diff_never_prints_secret_values() {
+    let Fixture {
+        ns,
+        repo,
+        src,
+        cluster: mut c,
+        cache: _cache,
+        ..
+    } = Fixture::new("diffsecret").await;
+    let secret = |token: &str| {
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: s\nstringData:\n  token: {token}\n  same: unchanged-value\n"
+        )
+    };
+    repo.commit(
+        "main",
+        &[sluice_testenv::git::file(
+            "s.yaml",
+            secret("first-secret-value"),
+        )],
+        "secret",
+    );
+    let id = format!("t-{ns}");
+    sync_once(&mut c, &src, &project(&ns, ""), &settings(&id))
+        .await
+        .expect("sync");
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::create_dir_all(dir.path().join("m")).expect("mkdir");
+    std::fs::write(dir.path().join("m/s.yaml"), secret("second-secret-value")).expect("write");
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        format!("gitops:\n  manifest_projects:\n  - id: local\n    default_namespace: {ns}\n"),
+    )
+    .expect("write");
+    let out = sluice_diff(dir.path(), &id);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("-  token: \"*** (old value)\"")
+            && text.contains("+  token: \"*** (new value)\""),
+        "{text}"
+    );
+    assert!(text.contains("same: \"*** (unchanged)\""), "{text}");
+    assert!(!text.contains("annotations: null"), "{text}");
+    for value in [
+        "first-secret-value",
+        "second-secret-value",
+        "unchanged-value",
+    ] {
+        assert!(!text.contains(value), "{value} printed: {text}");
+    }
+    use base64::Engine;
+    for value in ["first-secret-value", "unchanged-value"] {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(value);
+        assert!(!text.contains(&b64), "{value} printed as base64: {text}");
+    }
+}
