@@ -688,6 +688,20 @@ mod tests {
     }
 
     #[test]
+    fn the_config_project_is_the_path_of_its_repository() {
+        assert_eq!(
+            project_path("https://gitlab.example.com/group/sub/agents.git"),
+            "group/sub/agents"
+        );
+        assert_eq!(
+            project_path("https://oauth2:t@gitlab.example.com/g/a/"),
+            "g/a"
+        );
+        assert_eq!(project_path("ssh://git@host:22/g/a.git"), "g/a");
+        assert_eq!(project_path("file:///srv/a.git"), "file:///srv/a.git");
+    }
+
+    #[test]
     fn durations_are_protobuf_seconds() {
         assert_eq!(parse_duration("3600s"), Ok(Duration::from_secs(3600)));
         assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));

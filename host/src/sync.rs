@@ -221,10 +221,10 @@ pub async fn sync(
         &settings.inventory_id,
         &project.default_namespace,
     )?;
-    check_ownership(cluster, &inv, project, settings).await?;
     // What the ConfigMap holds (None: no ConfigMap yet); writes are skipped when it would
     // not change, so the 5-minute re-apply of an unchanged commit writes nothing.
     let loaded = inventory::load(cluster.client(), &inv).await?;
+    check_ownership(&inv, loaded.as_ref(), project, settings)?;
     let adopted = match (&loaded, &settings.takeover) {
         (None, Takeover::Agentk { agent_id }) => {
             find_agentk_inventory(cluster, &inv, &objects, agent_id.as_deref(), settings).await?
@@ -566,9 +566,9 @@ fn locate_inventory(
 /// An inventory is this project's alone: not another project's id or ConfigMap (of this
 /// agent, or marked as another project's by any sluice), and not a ConfigMap that is
 /// already the inventory of another id.
-async fn check_ownership(
-    cluster: &Cluster,
+fn check_ownership(
     inv: &InventoryRef,
+    live: Option<&inventory::Stored>,
     project: &ManifestProject,
     settings: &Settings,
 ) -> Result<(), Error> {
@@ -588,7 +588,7 @@ async fn check_ownership(
             other.namespace, other.name, other.id
         ));
     }
-    if let Some(live) = inventory::load(cluster.client(), inv).await? {
+    if let Some(live) = live {
         if let Some(id) = live.id.as_deref().filter(|id| *id != inv.id) {
             return refuse(format!(
                 "the ConfigMap already exists as the inventory of id {id:?}"
@@ -873,6 +873,49 @@ pub fn default_cache_dir() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cm(name: &str) -> ObjRef {
+        ObjRef {
+            group: String::new(),
+            kind: "ConfigMap".into(),
+            namespace: "ns".into(),
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn pruning_is_held_for_each_reason_and_only_when_something_would_be_pruned() {
+        let plan = |prune: &[&str]| plan::Plan {
+            stages: Vec::new(),
+            prune: prune.iter().map(|n| cm(n)).collect(),
+        };
+        let rendered: BTreeSet<ObjRef> = [cm("a"), cm("b")].into();
+        let none = BTreeSet::new();
+        assert!(hold_reasons(&plan(&["c"]), &rendered, &[], &none).is_empty());
+        assert!(hold_reasons(&plan(&[]), &rendered, &["p".into()], &none).is_empty());
+        let skipped = hold_reasons(&plan(&["c"]), &rendered, &["p".into()], &none);
+        assert_eq!(skipped.len(), 1);
+        assert!(skipped[0].starts_with("plugin p failed and was skipped"));
+        let dropped = hold_reasons(&plan(&["b", "c"]), &rendered, &[], &none);
+        assert_eq!(
+            dropped,
+            [
+                "the plugins removed 1 objects that are still in git (ConfigMap/ns/b); a transformer must not drop objects it received"
+            ]
+        );
+        let down: BTreeSet<&str> = ["API group x is unavailable"].into();
+        assert_eq!(hold_reasons(&plan(&["c"]), &rendered, &[], &down).len(), 1);
+    }
+
+    #[test]
+    fn agentk_ids_are_two_numbers() {
+        assert!(is_agentk_id("17-42", None));
+        assert!(is_agentk_id("17-42", Some("17")));
+        assert!(!is_agentk_id("17-42", Some("18")));
+        for id in ["17", "17-", "-42", "a-42", "17-42-1", "sluice-g-app"] {
+            assert!(!is_agentk_id(id, None), "{id}");
+        }
+    }
 
     #[test]
     fn urls_and_ids() {
