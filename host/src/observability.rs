@@ -141,13 +141,60 @@ impl Metrics {
     }
 }
 
+/// Connections served at once; more are closed when accepted.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take to send its request headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one connection may stay open, keep-alive included.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Serves `/metrics`, `/liveness` and `/readiness` on `listener` until the task is dropped.
+///
+/// The port is unauthenticated and often reachable from the whole cluster, so a client
+/// cannot hold it: at most [`MAX_CONNECTIONS`] connections (more are closed at once),
+/// request headers within [`HEADER_TIMEOUT`] (slowloris), and every connection closed after
+/// [`CONNECTION_TIMEOUT`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
 ) -> std::io::Result<()> {
+    let app = router(metrics);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors or a reset before accept: wait, then go on.
+                tracing::warn!(error = %e, "failed to accept an observability connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            // HTTP/1 only: protocol sniffing would wait for a first byte with no timeout.
+            let mut builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .http1_only();
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
+            let connection =
+                builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
+            drop(slot);
+        });
+    }
+}
+
+fn router(metrics: Arc<Metrics>) -> axum::Router {
     let m = metrics.clone();
-    let app = axum::Router::new()
+    axum::Router::new()
         .route(
             "/metrics",
             axum::routing::get(move || {
@@ -176,13 +223,67 @@ pub async fn serve(
                     }
                 }
             }),
-        );
-    axum::serve(listener, app).await
+        )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("write");
+        let mut out = String::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await;
+        out
+    }
+
+    /// Closed by the server: the read ends (EOF or reset) instead of waiting.
+    async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+        let mut buf = [0u8; 64];
+        matches!(
+            tokio::time::timeout(within, s.read(&mut buf)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    #[tokio::test]
+    async fn slow_and_surplus_clients_cannot_hold_the_port() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(serve(listener, Arc::new(Metrics::default())));
+        assert!(get(addr, "/liveness").await.starts_with("HTTP/1.1 200"));
+
+        // Slowloris: half a request, never finished, is cut off after the header timeout.
+        let mut slow = TcpStream::connect(addr).await.expect("connect");
+        slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("write");
+        assert!(closed_within(&mut slow, HEADER_TIMEOUT + Duration::from_secs(3)).await);
+
+        // Every slot held by an idle connection: one more is closed at once...
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(TcpStream::connect(addr).await.expect("connect"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut surplus = TcpStream::connect(addr).await.expect("connect");
+        assert!(closed_within(&mut surplus, Duration::from_secs(2)).await);
+        // ...and the port serves again once the idle ones time out.
+        for s in &mut idle {
+            assert!(closed_within(s, HEADER_TIMEOUT + Duration::from_secs(3)).await);
+        }
+        assert!(get(addr, "/liveness").await.starts_with("HTTP/1.1 200"));
+        server.abort();
+    }
 
     #[test]
     fn syncs_are_counted_by_project_and_result() {
