@@ -4,6 +4,12 @@
 //!
 //! agentk's timings: lease duration 15 s, renew deadline 10 s, retry period 2 s. Writes use
 //! the Lease's `resourceVersion`, so two candidates never both win a round.
+//!
+//! As client-go does, a lease is judged expired by this replica's own clock: by how long ago
+//! *it saw the record change*, never by the `renewTime` another replica's clock wrote (clock
+//! skew, or a `renewTime` in the future, cannot steal or freeze the lease). Every Lease call
+//! has a timeout, and a leader whose renewal does not succeed within the renew deadline
+//! stops its work before the lease can expire for the others. [`decide`] is the rule.
 
 use std::time::Duration;
 
@@ -60,16 +66,19 @@ pub async fn run<W, F>(
     F: Future<Output = ()>,
 {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
+    let mut seen: Option<Seen> = None;
     tokio::pin!(shutdown);
     loop {
         // Wait until we hold the lease.
         loop {
-            match try_acquire(&api, &cfg).await {
-                Ok(true) => break,
-                Ok(false) => {}
-                Err(e) => {
+            match tokio::time::timeout(cfg.renew_deadline, try_acquire(&api, &cfg, &mut seen)).await
+            {
+                Ok(Ok(true)) => break,
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => {
                     warn!(lease = %cfg.name, error = %e, "failed to read or write the leader lease")
                 }
+                Err(_) => warn!(lease = %cfg.name, "the leader lease did not answer in time"),
             }
             tokio::select! {
                 _ = tokio::time::sleep(cfg.retry_period) => {}
@@ -82,7 +91,7 @@ pub async fn run<W, F>(
                 release(&api, &cfg).await;
                 return;
             }
-            _ = keep(&api, &cfg) => warn!(lease = %cfg.name, "lost leadership; stopping the workers"),
+            _ = keep(&api, &cfg, &mut seen) => warn!(lease = %cfg.name, "lost leadership; stopping the workers"),
             _ = &mut shutdown => {
                 release(&api, &cfg).await;
                 return;
@@ -91,20 +100,23 @@ pub async fn run<W, F>(
     }
 }
 
-/// Renews every retry period; returns when renewal failed for longer than the deadline or
-/// someone else holds the lease.
-async fn keep(api: &Api<Lease>, cfg: &Config) {
+/// Renews every retry period; returns when someone else holds the lease, or when no renewal
+/// succeeded within the renew deadline (each call is cut off at the deadline, so the work
+/// stops before the lease expires for the other replicas).
+async fn keep(api: &Api<Lease>, cfg: &Config, seen: &mut Option<Seen>) {
     let mut last_renewal = tokio::time::Instant::now();
     loop {
         tokio::time::sleep(cfg.retry_period).await;
-        match try_acquire(api, cfg).await {
-            Ok(true) => last_renewal = tokio::time::Instant::now(),
-            Ok(false) => return,
-            Err(e) if last_renewal.elapsed() > cfg.renew_deadline => {
-                warn!(lease = %cfg.name, error = %e, "could not renew the leader lease before the deadline");
-                return;
-            }
+        let left = cfg.renew_deadline.saturating_sub(last_renewal.elapsed());
+        match tokio::time::timeout(left, try_acquire(api, cfg, seen)).await {
+            Ok(Ok(true)) => last_renewal = tokio::time::Instant::now(),
+            Ok(Ok(false)) => return,
+            Ok(Err(e)) => warn!(lease = %cfg.name, error = %e, "failed to renew the leader lease"),
             Err(_) => {}
+        }
+        if last_renewal.elapsed() >= cfg.renew_deadline {
+            warn!(lease = %cfg.name, "could not renew the leader lease before the deadline");
+            return;
         }
     }
 }
@@ -113,9 +125,83 @@ fn now() -> MicroTime {
     MicroTime(k8s_openapi::jiff::Timestamp::now())
 }
 
+/// The Lease record as far as leadership goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Record {
+    holder: String,
+    renew_time: Option<String>,
+    transitions: i32,
+    duration: Duration,
+}
+
+impl Record {
+    fn of(spec: &LeaseSpec) -> Record {
+        Record {
+            holder: spec.holder_identity.clone().unwrap_or_default(),
+            renew_time: spec.renew_time.as_ref().map(|t| t.0.to_string()),
+            transitions: spec.lease_transitions.unwrap_or(0),
+            duration: Duration::from_secs(
+                u64::try_from(spec.lease_duration_seconds.unwrap_or(15))
+                    .unwrap_or(15)
+                    .max(1),
+            ),
+        }
+    }
+}
+
+/// The record this replica last saw, and when (by its own monotonic clock) it changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    record: Record,
+    since: tokio::time::Instant,
+}
+
+/// What to do with the Lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decision {
+    /// It is ours: renew it.
+    Renew,
+    /// It is free, or its holder stopped renewing: take it.
+    Take,
+    /// Someone else holds it.
+    Wait,
+}
+
+/// client-go's rule. `seen` is updated when the record changed; the holder's lease has
+/// expired when the record has not changed for its duration *by this replica's clock*.
+fn decide(
+    record: &Record,
+    seen: &mut Option<Seen>,
+    now: tokio::time::Instant,
+    identity: &str,
+) -> Decision {
+    if seen.as_ref().is_none_or(|s| s.record != *record) {
+        *seen = Some(Seen {
+            record: record.clone(),
+            since: now,
+        });
+    }
+    if record.holder == identity {
+        return Decision::Renew;
+    }
+    if record.holder.is_empty() {
+        return Decision::Take;
+    }
+    let since = seen.as_ref().map_or(now, |s| s.since);
+    if now.duration_since(since) > record.duration {
+        Decision::Take
+    } else {
+        Decision::Wait
+    }
+}
+
 /// Takes or renews the lease when it is ours, free or expired. `Ok(false)`: someone else
 /// holds it (or won the race for it).
-async fn try_acquire(api: &Api<Lease>, cfg: &Config) -> Result<bool, kube::Error> {
+async fn try_acquire(
+    api: &Api<Lease>,
+    cfg: &Config,
+    seen: &mut Option<Seen>,
+) -> Result<bool, kube::Error> {
     let Some(mut lease) = api.get_opt(&cfg.name).await? else {
         let lease = Lease {
             metadata: ObjectMeta {
@@ -138,20 +224,16 @@ async fn try_acquire(api: &Api<Lease>, cfg: &Config) -> Result<bool, kube::Error
         };
     };
     let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
-    let holder = spec.holder_identity.clone().unwrap_or_default();
-    let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(15).max(1) as u64);
-    let expired = spec.renew_time.as_ref().is_none_or(|t| {
-        let age = k8s_openapi::jiff::Timestamp::now().duration_since(t.0);
-        age.as_secs_f64() > duration.as_secs_f64()
-    });
-    if holder != cfg.identity {
-        if !holder.is_empty() && !expired {
-            return Ok(false);
+    let record = Record::of(spec);
+    match decide(&record, seen, tokio::time::Instant::now(), &cfg.identity) {
+        Decision::Wait => return Ok(false),
+        Decision::Renew => {}
+        Decision::Take => {
+            spec.holder_identity = Some(cfg.identity.clone());
+            spec.acquire_time = Some(now());
+            spec.lease_transitions = Some(record.transitions.saturating_add(1));
+            spec.lease_duration_seconds = Some(cfg.lease_duration.as_secs() as i32);
         }
-        spec.holder_identity = Some(cfg.identity.clone());
-        spec.acquire_time = Some(now());
-        spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
-        spec.lease_duration_seconds = Some(cfg.lease_duration.as_secs() as i32);
     }
     spec.renew_time = Some(now());
     // replace() sends the resourceVersion we read: a concurrent writer makes this a 409.
@@ -162,8 +244,13 @@ async fn try_acquire(api: &Api<Lease>, cfg: &Config) -> Result<bool, kube::Error
     }
 }
 
-/// Gives the lease up so a standby does not wait for it to expire.
+/// Gives the lease up so a standby does not wait for it to expire (within the renew
+/// deadline; a Lease that does not answer expires by itself).
 async fn release(api: &Api<Lease>, cfg: &Config) {
+    let _ = tokio::time::timeout(cfg.renew_deadline, release_now(api, cfg)).await;
+}
+
+async fn release_now(api: &Api<Lease>, cfg: &Config) {
     if let Ok(Some(mut lease)) = api.get_opt(&cfg.name).await
         && let Some(spec) = lease.spec.as_mut()
         && spec.holder_identity.as_deref() == Some(cfg.identity.as_str())
@@ -171,5 +258,53 @@ async fn release(api: &Api<Lease>, cfg: &Config) {
         spec.holder_identity = None;
         spec.renew_time = None;
         let _ = api.replace(&cfg.name, &PostParams::default(), &lease).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(holder: &str, renew: &str) -> Record {
+        Record {
+            holder: holder.into(),
+            renew_time: Some(renew.into()),
+            transitions: 3,
+            duration: Duration::from_secs(15),
+        }
+    }
+
+    #[test]
+    fn expiry_is_judged_by_when_this_replica_saw_the_record_change() {
+        let t0 = tokio::time::Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut seen = None;
+        // (record, seconds since t0, decision): a holder renewing in the future (clock
+        // skew) never freezes the lease, an old renewTime never steals a live one.
+        let table = [
+            (record("other", "2099-01-01T00:00:00Z"), 0, Decision::Wait),
+            (record("other", "2099-01-01T00:00:00Z"), 10, Decision::Wait),
+            (record("other", "2099-01-01T00:00:00Z"), 16, Decision::Take),
+            (record("other", "1970-01-01T00:00:00Z"), 17, Decision::Wait),
+            (record("other", "1970-01-01T00:00:02Z"), 30, Decision::Wait),
+            (record("other", "1970-01-01T00:00:02Z"), 46, Decision::Take),
+            (record("me", "1970-01-01T00:00:02Z"), 46, Decision::Renew),
+            (record("", "1970-01-01T00:00:02Z"), 47, Decision::Take),
+        ];
+        for (i, (r, t, want)) in table.into_iter().enumerate() {
+            assert_eq!(decide(&r, &mut seen, at(t), "me"), want, "row {i}");
+        }
+    }
+
+    #[test]
+    fn transitions_never_overflow() {
+        let spec = LeaseSpec {
+            lease_transitions: Some(i32::MAX),
+            lease_duration_seconds: Some(-5),
+            ..LeaseSpec::default()
+        };
+        let r = Record::of(&spec);
+        assert_eq!(r.transitions.saturating_add(1), i32::MAX);
+        assert_eq!(r.duration, Duration::from_secs(15));
     }
 }

@@ -540,6 +540,8 @@ async fn run(args: RunArgs) -> ExitCode {
         .clone()
         .unwrap_or_else(|| format!("agent-{}-lock", opts.agent_name));
     let cfg = sluice::leader::Config::new(&namespace, &lease, &identity);
+    // A standby is ready: it serves its purpose by waiting (a rollout must not stall on it).
+    metrics.set_ready();
     let levels = std::sync::Arc::new(levels);
     sluice::leader::run(client.clone(), cfg, shutdown_signal(), || {
         let (client, source, opts, levels) =

@@ -264,17 +264,16 @@ pub async fn sync(
         results.extend(apply::namespace_first(cluster, &mut checked, &inv.namespace, &opts).await?);
         // Record everything about to be written before the first write, so an agent killed
         // mid-apply still knows what it may have created (cli-utils' inventory-add step).
-        let upcoming: BTreeSet<ObjRef> = checked.objects().map(Object::obj_ref).collect();
+        let upcoming: BTreeSet<ObjRef> = checked
+            .objects()
+            .map(Object::obj_ref)
+            .chain(results.iter().map(|r: &ObjectResult| r.obj.clone()))
+            .collect();
         let set = stored.union(&upcoming).cloned().collect();
         record(cluster, &inv, project, &mut recorded, set, &malformed).await?;
     }
-    let applied_now = apply::apply(cluster, checked, &opts).await?;
-    let already: BTreeSet<ObjRef> = results.iter().map(|r| r.obj.clone()).collect();
-    results.extend(
-        applied_now
-            .into_iter()
-            .filter(|r| !already.contains(&r.obj)),
-    );
+    // (namespace_first took its Namespace out of the plan: nothing is applied twice.)
+    results.extend(apply::apply(cluster, checked, &opts).await?);
     results.extend(unserved.iter().cloned());
     if dry_run {
         return Ok(Report {

@@ -175,8 +175,9 @@ async fn main() {
     sluice_discovery.sort();
     kubectl_discovery.sort();
     println!(
-        "| discovery, cold (median of 5; {} groups, {versions} group-versions, core included) | {:.0} ms (`kubectl api-resources`, aggregated discovery) | {:.0} ms ({} requests: probe each group-version, then discover the answering ones) |",
+        "| discovery, cold (median of 5; {} groups, {} group-versions, core included) | {:.0} ms (`kubectl api-resources`, aggregated discovery) | {:.0} ms ({} requests: probe each group-version, then discover the answering ones) |",
         groups.groups.len() + 1,
+        versions + 1,
         kubectl_discovery[2].as_secs_f64() * 1000.0,
         sluice_discovery[2].as_secs_f64() * 1000.0,
         2 * (versions + 1) + 2

@@ -1,7 +1,6 @@
 //! The agent loop (`sluice::agent::run`): following commits, isolation between projects,
 //! configuration from a repository, restarts.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -14,28 +13,6 @@ use sluice_testenv::git::{self, file};
 use crate::support::*;
 
 const FOLLOW: Duration = Duration::from_secs(60);
-
-fn options(agent: &str, cache: &std::path::Path) -> agent::Options {
-    agent::Options {
-        agent_name: agent.into(),
-        git_base_url: git::shared().base_url().into(),
-        config_project: "test/config".into(),
-        credentials: HashMap::new(),
-        poll_interval: Duration::from_millis(500),
-        reapply_interval: Duration::from_secs(300),
-        cache_dir: cache.into(),
-        field_manager: "sluice".into(),
-        concurrency: 8,
-        inventory_ids: HashMap::new(),
-        takeover: sluice::sync::Takeover::Agentk { agent_id: None },
-        cleanup_managers: vec!["agentk".into()],
-        allow_empty_prune: false,
-        git_ca: None,
-        plugin_cache_dir: None,
-        limits: Default::default(),
-        metrics: Default::default(),
-    }
-}
 
 /// Starts the agent on this test's runtime; it stops when the returned sender drops.
 fn start(

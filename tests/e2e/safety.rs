@@ -3,7 +3,6 @@
 //! inputs real repositories hold (RBAC names with `_`, short commit ids, credentials in a
 //! URL, a namespace made by the same commit) work.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
@@ -551,23 +550,10 @@ async fn credentials_in_a_project_url_stay_out_of_ids_annotations_and_reports() 
     )
     .expect("write config");
     let opts = sluice::agent::Options {
-        agent_name: "creds".into(),
-        git_base_url: server.base_url().into(),
         config_project: String::new(),
-        credentials: HashMap::new(),
-        poll_interval: Duration::from_secs(1),
-        reapply_interval: Duration::from_secs(300),
-        cache_dir: dir.path().join("cache"),
-        field_manager: "sluice".into(),
-        concurrency: 8,
-        inventory_ids: HashMap::new(),
         takeover: sluice::sync::Takeover::Off,
-        cleanup_managers: vec!["agentk".into()],
-        allow_empty_prune: false,
         git_ca: Some(server.ca_pem().as_bytes().to_vec()),
-        plugin_cache_dir: None,
-        limits: Default::default(),
-        metrics: Default::default(),
+        ..options("creds", &dir.path().join("cache"))
     };
     let outcomes = sluice::agent::run_once(
         client.clone(),
@@ -726,23 +712,9 @@ async fn projects_whose_inventory_ids_collide_are_refused_and_others_sync() {
     )
     .expect("write config");
     let opts = sluice::agent::Options {
-        agent_name: "collide".into(),
-        git_base_url: server.base_url().into(),
         config_project: String::new(),
-        credentials: HashMap::new(),
-        poll_interval: Duration::from_secs(1),
-        reapply_interval: Duration::from_secs(300),
-        cache_dir: dir.path().join("cache"),
-        field_manager: "sluice".into(),
-        concurrency: 8,
-        inventory_ids: HashMap::new(),
         takeover: sluice::sync::Takeover::Off,
-        cleanup_managers: vec![],
-        allow_empty_prune: false,
-        git_ca: None,
-        plugin_cache_dir: None,
-        limits: Default::default(),
-        metrics: Default::default(),
+        ..options("collide", &dir.path().join("cache"))
     };
     let outcomes = sluice::agent::run_once(
         client.clone(),

@@ -9,7 +9,7 @@ use sluice::cluster::Cluster;
 use sluice::config::ManifestProject;
 use sluice::source::{Credentials, Source};
 use sluice::sync::{self, Settings};
-use sluice_testenv::git::Repo;
+use sluice_testenv::git::{self, Repo};
 
 /// Tests that make an API group unavailable (an APIService without a backend), and tests
 /// that need complete discovery (the garbage collector, namespace deletion, pruning a
@@ -168,5 +168,28 @@ where
             "timed out after {timeout:?} waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Agent options for tests: the shared git server, a 500 ms poll, agentk takeover on.
+pub fn options(agent: &str, cache: &std::path::Path) -> sluice::agent::Options {
+    sluice::agent::Options {
+        agent_name: agent.into(),
+        git_base_url: git::shared().base_url().into(),
+        config_project: "test/config".into(),
+        credentials: Default::default(),
+        poll_interval: Duration::from_millis(500),
+        reapply_interval: Duration::from_secs(300),
+        cache_dir: cache.into(),
+        field_manager: "sluice".into(),
+        concurrency: 8,
+        inventory_ids: Default::default(),
+        takeover: sluice::sync::Takeover::Agentk { agent_id: None },
+        cleanup_managers: vec!["agentk".into()],
+        allow_empty_prune: false,
+        git_ca: None,
+        plugin_cache_dir: None,
+        limits: Default::default(),
+        metrics: Default::default(),
     }
 }
