@@ -145,11 +145,9 @@ async fn one_broken_project_never_stops_another() {
         format!("gitops:\n  manifest_projects:\n  - id: group/{bad_ns}\n    default_namespace: {bad_ns}\n  - id: group/{good_ns}\n    default_namespace: {good_ns}\n"),
     )
     .expect("config");
-    let (_stop, _agent) = start(
-        ConfigSource::File(config),
-        options("two", dir.path()),
-        client.clone(),
-    );
+    let opts = options("two", dir.path());
+    let metrics = opts.metrics.clone();
+    let (_stop, _agent) = start(ConfigSource::File(config), opts, client.clone());
 
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &good_ns);
     eventually("good project synced", FOLLOW, || async {
@@ -167,6 +165,14 @@ async fn one_broken_project_never_stops_another() {
             .get("value")
             .cloned();
         (v.as_deref() == Some("2")).then_some(())
+    })
+    .await;
+    // The broken project's syncs are counted as failures.
+    let failed = format!("sluice_syncs_total{{project=\"group/{bad_ns}\",result=\"failure\"}}");
+    eventually("the failed sync in /metrics", FOLLOW, || {
+        let text = metrics.encode();
+        let failed = failed.clone();
+        async move { text.contains(&failed).then_some(()) }
     })
     .await;
     let bad_cms: Api<ConfigMap> = Api::namespaced(client, &bad_ns);
