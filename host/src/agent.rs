@@ -317,17 +317,8 @@ fn prepare(
     opts: &Options,
 ) -> (Source, Settings) {
     let url = sync::project_url(&project.id, &opts.git_base_url);
-    let source = match &project.credentials {
-        // Credentials written into the project's URL win over the host's token.
-        Some(c) => {
-            let s = Source::new(&url, &opts.cache_dir, Some(c.clone()));
-            match &opts.git_ca {
-                Some(pem) => s.with_ca(pem.clone()),
-                None => s,
-            }
-        }
-        None => source_for(&url, opts),
-    };
+    // Credentials written into the project's URL win over the host's token.
+    let source = source_for(&url, opts, project.credentials.clone());
     let settings = Settings {
         inventory_id,
         field_manager: opts.field_manager.clone(),
@@ -507,7 +498,7 @@ async fn load_config(src: &ConfigSource, opts: &Options) -> Result<(AgentConfig,
         opts.config_project.clone(),
     );
     let repo_source = match src {
-        ConfigSource::Repo { url } => Some(source_for(url, opts)),
+        ConfigSource::Repo { url } => Some(source_for(url, opts, None)),
         ConfigSource::File(_) => None,
     };
     tokio::task::spawn_blocking(move || match (source, repo_source) {
@@ -598,8 +589,10 @@ fn fetch_module(url: &str) -> Result<Vec<u8>, String> {
     Ok(bytes.to_vec())
 }
 
-fn source_for(url: &str, opts: &Options) -> Source {
-    let source = Source::new(url, &opts.cache_dir, credentials_for(url, opts));
+/// A source for `url` with `credentials`, else the token of its host, and the extra CA.
+fn source_for(url: &str, opts: &Options, credentials: Option<Credentials>) -> Source {
+    let credentials = credentials.or_else(|| credentials_for(url, opts));
+    let source = Source::new(url, &opts.cache_dir, credentials);
     match &opts.git_ca {
         Some(pem) => source.with_ca(pem.clone()),
         None => source,

@@ -447,23 +447,8 @@ async fn changing_a_plugins_config_in_the_config_repository_takes_effect() {
     config_repo.commit("main", &files("a"), "team a");
     let dir = tempfile::tempdir().expect("dir");
     let opts = sluice::agent::Options {
-        agent_name: "p".into(),
-        git_base_url: server.base_url().into(),
-        config_project: "test/config".into(),
-        credentials: Default::default(),
-        poll_interval: Duration::from_millis(500),
-        reapply_interval: Duration::from_secs(300),
-        cache_dir: dir.path().into(),
-        field_manager: "sluice".into(),
-        concurrency: 8,
-        inventory_ids: Default::default(),
-        takeover: sluice::sync::Takeover::Agentk { agent_id: None },
-        cleanup_managers: vec!["agentk".into()],
-        allow_empty_prune: false,
-        git_ca: None,
         plugin_cache_dir: Some(dir.path().join("wasm")),
-        limits: Default::default(),
-        metrics: Default::default(),
+        ..options("p", dir.path())
     };
     let source = sluice::agent::ConfigSource::Repo {
         url: config_repo.http_url().into(),

@@ -131,15 +131,28 @@ pub fn api(
     kind: &str,
     plural: &str,
 ) -> Api<DynamicObject> {
+    Api::namespaced_with(client.clone(), ns, &resource(api_version, kind, plural))
+}
+
+/// A cluster-scoped dynamic API.
+pub fn api_all(
+    client: &kube::Client,
+    api_version: &str,
+    kind: &str,
+    plural: &str,
+) -> Api<DynamicObject> {
+    Api::all_with(client.clone(), &resource(api_version, kind, plural))
+}
+
+fn resource(api_version: &str, kind: &str, plural: &str) -> ApiResource {
     let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
-    let ar = ApiResource {
+    ApiResource {
         group: group.into(),
         version: version.into(),
         api_version: api_version.into(),
         kind: kind.into(),
         plural: plural.into(),
-    };
-    Api::namespaced_with(client.clone(), ns, &ar)
+    }
 }
 
 /// The inventory ConfigMap's keys, sorted.
