@@ -51,6 +51,20 @@ impl Cluster {
     /// # Errors
     /// When the API server cannot be reached or its group list (`/api`, `/apis`) fails.
     pub async fn connect(client: kube::Client) -> Result<Cluster, DiscoveryError> {
+        // A group removed between the probes and the discovery run (a CRD deleted meanwhile)
+        // answers 404: discover again, a few times, rather than fail every project.
+        let mut attempt = 0;
+        loop {
+            match Cluster::discover(client.clone()).await {
+                Err(DiscoveryError(kube::Error::Api(s))) if s.code == 404 && attempt < 3 => {
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn discover(client: kube::Client) -> Result<Cluster, DiscoveryError> {
         let deadline = |e| DiscoveryError(kube::Error::Service(Box::new(e)));
         // kube's client retries a 503 up to 15 times with growing pauses (minutes in all),
         // so a group that does not answer would stall a plain discovery run. Each group's
