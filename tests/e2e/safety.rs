@@ -669,3 +669,64 @@ async fn sluice_sync_runs_once_with_the_config_project_as_default_id() {
         "{stdout}"
     );
 }
+
+/// Two projects whose default inventory ids reduce to the same string would share one
+/// inventory and prune each other's objects: neither syncs, both say why, and the other
+/// projects of the agent are not affected.
+#[tokio::test]
+async fn projects_whose_inventory_ids_collide_are_refused_and_others_sync() {
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "collide").await;
+    let server = git::shared();
+    let ok = server.create_repo(&format!("group/{ns}-ok"));
+    ok.commit("main", &[file("a.yaml", configmap("a", "1"))], "a");
+    for path in [format!("group/{ns}/web_app"), format!("group/{ns}/web-app")] {
+        server
+            .create_repo(&path)
+            .commit("main", &[file("b.yaml", configmap("b", "1"))], "b");
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "gitops:\n  manifest_projects:\n  - id: group/{ns}/web_app\n    default_namespace: {ns}\n  - id: group/{ns}/web-app\n    default_namespace: {ns}\n  - id: group/{ns}-ok\n    default_namespace: {ns}\n"
+        ),
+    )
+    .expect("write config");
+    let opts = sluice::agent::Options {
+        config_project: String::new(),
+        takeover: sluice::sync::Takeover::Off,
+        ..options("collide", &dir.path().join("cache"))
+    };
+    let outcomes = sluice::agent::run_once(
+        client.clone(),
+        sluice::agent::ConfigSource::File(config),
+        opts,
+    )
+    .await
+    .expect("run once");
+    let id = sluice::sync::inventory_id("collide", &format!("group/{ns}/web-app"));
+    for o in &outcomes[..2] {
+        let err = o.result.as_ref().expect_err("refused");
+        let other = if o.project.ends_with("web_app") {
+            format!("group/{ns}/web-app")
+        } else {
+            format!("group/{ns}/web_app")
+        };
+        assert_eq!(
+            err,
+            &format!(
+                "inventory id {id:?} of project {:?} is also the id of {other:?}: projects sharing an inventory would prune each other's objects; give one of them its own with --inventory-id PROJECT=ID",
+                o.project
+            )
+        );
+    }
+    assert!(outcomes[2].result.is_ok(), "{:?}", outcomes[2].result);
+    let cms: Api<ConfigMap> = Api::namespaced(client, &ns);
+    assert!(cms.get_opt("a").await.expect("get").is_some());
+    assert!(
+        cms.get_opt("b").await.expect("get").is_none(),
+        "neither colliding project applied"
+    );
+}
