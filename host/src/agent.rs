@@ -1,7 +1,7 @@
 //! `sluice run`: keeps the cluster equal to git, one task per manifest project.
 //!
-//! The agent loads the configuration (a local file, or `.gitlab/agents/<name>/config.yaml`
-//! on the default branch of a configuration repository, re-read every poll), starts one
+//! The agent loads the configuration (a local file, or `.gitlab/agents/<name>/sluice.yaml`,
+//! else `.gitlab/agents/<name>/config.yaml`, on the default branch of a configuration repository, re-read every poll), starts one
 //! worker per manifest project, restarts a worker when its entry changes and stops it when
 //! the entry goes (deleting nothing, as agentk). A worker that fails never stops another.
 //!
@@ -19,6 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::cluster::Cluster;
 use crate::config::{self, AgentConfig, GitRef, ManifestProject};
+use crate::history::{self, History};
 use crate::inventory::InventoryRef;
 use crate::plugins::{self, Plugin};
 use crate::report::{self, msg};
@@ -30,7 +31,8 @@ use crate::sync::{self, Settings};
 pub enum ConfigSource {
     /// A local file.
     File(PathBuf),
-    /// `.gitlab/agents/<agent>/config.yaml` on the default branch of a repository.
+    /// `.gitlab/agents/<agent>/sluice.yaml`, else `config.yaml`, on the default branch of a
+    /// repository ([`config_path`]).
     Repo {
         /// Repository URL.
         url: String,
@@ -376,9 +378,28 @@ pub async fn run_once(
                     prepare(project, selected_plugins(loaded, project), inventory, opts);
                 let commit = resolve(source.clone(), project.git_ref.clone()).await?;
                 info!(project_id = %project.id, commit_id = %commit, "{}", msg::SYNCHRONIZING);
-                sync::sync(&mut cluster, &source, project, &commit, &settings)
-                    .await
-                    .map_err(|e| e.to_string())
+                let started = std::time::Instant::now();
+                let result = sync::sync(&mut cluster, &source, project, &commit, &settings).await;
+                let elapsed = started.elapsed();
+                report::sync_finished(
+                    &project.id,
+                    &opts.agent_name,
+                    &commit,
+                    elapsed,
+                    result.as_ref(),
+                );
+                let inventory =
+                    InventoryRef::default_for(&settings.inventory_id, &project.default_namespace);
+                History::new(cluster.client().clone(), instance())
+                    .record(&history::Outcome {
+                        project: &project.id,
+                        commit: &commit,
+                        inventory: &inventory,
+                        elapsed,
+                        result: result.as_ref(),
+                    })
+                    .await;
+                result.map_err(|e| e.to_string())
             }
             .await;
             Once {
@@ -516,11 +537,11 @@ async fn load_config(src: &ConfigSource, opts: &Options) -> Result<(AgentConfig,
             Ok((cfg, modules))
         }
         (ConfigSource::Repo { .. }, Some(source)) => {
-            let path = format!(".gitlab/agents/{agent}/config.yaml");
             let commit = source
                 .resolve(&GitRef::DefaultBranch)
                 .map_err(|e| e.to_string())?;
             let snapshot = source.fetch(&commit).map_err(|e| e.to_string())?;
+            let path = config_path(&agent, |p| snapshot.entries().iter().any(|e| e.path == p));
             let origin = format!("{}@{commit}:{path}", source.url());
             let read = |p: &str| -> Result<Vec<u8>, String> {
                 let p = p.trim_start_matches('/');
@@ -552,6 +573,19 @@ async fn load_config(src: &ConfigSource, opts: &Options) -> Result<(AgentConfig,
     })
     .await
     .map_err(|e| format!("config task failed: {e}"))?
+}
+
+/// The configuration file of agent `agent` in a configuration repository: sluice's own
+/// `.gitlab/agents/<agent>/sluice.yaml` when the repository has it (a file agentk never
+/// parses, for agents that keep agentk running beside sluice), else agentk's
+/// `.gitlab/agents/<agent>/config.yaml` (taking an agentk configuration over as it is).
+pub fn config_path(agent: &str, exists: impl Fn(&str) -> bool) -> String {
+    let own = format!(".gitlab/agents/{agent}/sluice.yaml");
+    if exists(&own) {
+        own
+    } else {
+        format!(".gitlab/agents/{agent}/config.yaml")
+    }
 }
 
 fn read_modules(cfg: &AgentConfig, read_path: impl Fn(&str) -> Result<Vec<u8>, String>) -> Modules {
@@ -633,6 +667,9 @@ async fn worker(
         return std::future::pending().await;
     };
     let (source, settings) = prepare(&project, plugins, inventory, &opts);
+    let default_inventory =
+        InventoryRef::default_for(&settings.inventory_id, &project.default_namespace);
+    let mut history = History::new(cluster.client().clone(), instance());
     let mut state = State::default();
     loop {
         let commit = match resolve(source.clone(), project.git_ref.clone()).await {
@@ -668,51 +705,57 @@ async fn worker(
                     .record_sync(&project.id, "canceled", started.elapsed(), &[]);
                 info!(project_id = %project.id, commit_id = %commit, "{}", msg::CANCELED)
             }
-            Some(Ok(report)) => {
-                info!(
-                    project_id = %project.id, commit_id = %commit, agent_id = %opts.agent_name,
-                    summary = %report::summary(&report.results),
-                    results = %serde_json::to_string(&report.results).unwrap_or_default(),
-                    findings = %serde_json::to_string(&report.findings).unwrap_or_default(),
-                    "{}", msg::SYNCHRONIZED
-                );
-                opts.metrics.record_sync(
+            Some(result) => {
+                let elapsed = started.elapsed();
+                report::sync_finished(
                     &project.id,
-                    "success",
-                    started.elapsed(),
-                    &report.results,
+                    &opts.agent_name,
+                    &commit,
+                    elapsed,
+                    result.as_ref(),
                 );
-                state.synced = Some((commit.clone(), tokio::time::Instant::now()));
-                state.failed = None;
-            }
-            Some(Err(e)) => {
-                opts.metrics
-                    .record_sync(&project.id, "failure", started.elapsed(), &[]);
-                let backoff = match &state.failed {
-                    Some((c, _, b)) if *c == commit => (*b * 2).min(BACKOFF_MAX),
-                    _ => BACKOFF_START,
-                };
-                let message = if e.is_user_error() {
-                    msg::DECODE_FAILED
-                } else {
-                    msg::SYNC_FAILED
-                };
-                if e.is_user_error() {
-                    error!(project_id = %project.id, commit_id = %commit, agent_id = %opts.agent_name, error = %e, "{message}");
-                } else {
-                    warn!(project_id = %project.id, commit_id = %commit, agent_id = %opts.agent_name, error = %e, "{message}");
+                history
+                    .record(&history::Outcome {
+                        project: &project.id,
+                        commit: &commit,
+                        inventory: &default_inventory,
+                        elapsed,
+                        result: result.as_ref(),
+                    })
+                    .await;
+                match result {
+                    Ok(report) => {
+                        opts.metrics
+                            .record_sync(&project.id, "success", elapsed, &report.results);
+                        state.synced = Some((commit.clone(), tokio::time::Instant::now()));
+                        state.failed = None;
+                    }
+                    Err(_) => {
+                        opts.metrics
+                            .record_sync(&project.id, "failure", elapsed, &[]);
+                        let backoff = match &state.failed {
+                            Some((c, _, b)) if *c == commit => (*b * 2).min(BACKOFF_MAX),
+                            _ => BACKOFF_START,
+                        };
+                        state.failed = Some((
+                            commit.clone(),
+                            tokio::time::Instant::now() + backoff,
+                            backoff,
+                        ));
+                        // Discovery may be stale (a CRD appeared or went); refresh before
+                        // retrying.
+                        let _ = cluster.refresh().await;
+                    }
                 }
-                state.failed = Some((
-                    commit.clone(),
-                    tokio::time::Instant::now() + backoff,
-                    backoff,
-                ));
-                // Discovery may be stale (a CRD appeared or went); refresh before retrying.
-                let _ = cluster.refresh().await;
             }
         }
         tokio::time::sleep(opts.poll_interval).await;
     }
+}
+
+/// This replica's name in Events (agentk's `POD_NAME`).
+fn instance() -> Option<String> {
+    std::env::var("POD_NAME").ok().filter(|n| !n.is_empty())
 }
 
 async fn resolve(source: Source, git_ref: GitRef) -> Result<String, String> {
@@ -737,5 +780,23 @@ async fn newer_commit(source: Source, git_ref: GitRef, current: String, every: D
             Ok(c) if c != current => return,
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sluice_yaml_wins_over_agentk_config_yaml() {
+        let both = |p: &str| p.ends_with("sluice.yaml") || p.ends_with("config.yaml");
+        assert_eq!(config_path("a", both), ".gitlab/agents/a/sluice.yaml");
+        let agentk_only = |p: &str| p.ends_with("config.yaml");
+        assert_eq!(
+            config_path("a", agentk_only),
+            ".gitlab/agents/a/config.yaml"
+        );
+        // Neither: agentk's path, read as an empty configuration.
+        assert_eq!(config_path("a", |_| false), ".gitlab/agents/a/config.yaml");
     }
 }

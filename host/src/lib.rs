@@ -16,6 +16,7 @@ pub mod apply;
 pub mod cluster;
 pub mod config;
 pub mod decode;
+pub mod history;
 pub mod inventory;
 pub mod leader;
 pub mod object;
@@ -26,6 +27,7 @@ pub mod render;
 pub mod report;
 pub mod select;
 pub mod source;
+pub mod status;
 pub mod sync;
 pub mod wait;
 

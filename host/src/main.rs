@@ -42,6 +42,19 @@ enum Command {
         #[arg(long, default_value = "sluice-local")]
         inventory_id: String,
     },
+    /// Each project's state, from the cluster alone (KUBECONFIG): synced commit, last sync
+    /// and its result, objects by health, failures. With PROJECT: every object and the
+    /// recent Events.
+    Status {
+        /// A manifest project (as in the configuration, e.g. `group/app`).
+        project: Option<String>,
+        /// Only inventories in this namespace (default: all namespaces).
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// Output format (default: a table).
+        #[arg(short, long, value_enum)]
+        output: Option<Output>,
+    },
     /// Plugin tools.
     #[command(subcommand)]
     Plugin(PluginCommand),
@@ -96,8 +109,8 @@ struct RunArgs {
         required_unless_present = "config_repo"
     )]
     config: Option<PathBuf>,
-    /// Configuration repository; `.gitlab/agents/<agent-name>/config.yaml` is read from its
-    /// default branch and followed.
+    /// Configuration repository: `.gitlab/agents/<agent-name>/sluice.yaml` (else agentk's
+    /// `config.yaml` beside it) is read from its default branch and followed.
     #[arg(long, requires = "agent_name")]
     config_repo: Option<String>,
     /// Agent name: the configuration path and the default inventory id prefix.
@@ -207,8 +220,66 @@ fn main() -> ExitCode {
         Command::Render(args) => rt.block_on(render(args, false)),
         Command::Validate(args) => rt.block_on(render(args, true)),
         Command::Diff { args, inventory_id } => rt.block_on(diff(args, &inventory_id)),
+        Command::Status {
+            project,
+            namespace,
+            output,
+        } => rt.block_on(status(project.as_deref(), namespace.as_deref(), output)),
         Command::Plugin(PluginCommand::Inspect { file, output }) => inspect(&file, output),
     }
+}
+
+/// `status`: 0 when the state could be read, 1 when PROJECT has no inventory, 2 on errors.
+async fn status(
+    project: Option<&str>,
+    namespace: Option<&str>,
+    output: Option<Output>,
+) -> ExitCode {
+    let client = match kube::Client::try_default().await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "error: failed to configure the Kubernetes client (KUBECONFIG or in-cluster): {e}"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let cluster = match sluice::cluster::Cluster::connect(client).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let projects = match sluice::status::collect(&cluster, namespace, project).await {
+        Ok(p) => p,
+        Err(e @ sluice::status::Error::NotFound(_)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let now = k8s_openapi::jiff::Timestamp::now();
+    match (output, project) {
+        (Some(Output::Json), _) => println!(
+            "{}",
+            serde_json::to_string_pretty(&projects).unwrap_or_default()
+        ),
+        (Some(Output::Yaml), _) => {
+            print!("{}", serde_saphyr::to_string(&projects).unwrap_or_default())
+        }
+        (None, Some(_)) => {
+            for p in &projects {
+                print!("{}", sluice::status::detail(p, now));
+            }
+        }
+        (None, None) if projects.is_empty() => eprintln!("no sluice inventories found"),
+        (None, None) => print!("{}", sluice::status::table(&projects, now)),
+    }
+    ExitCode::SUCCESS
 }
 
 /// `render` and `validate`. Exit codes: 0 fine, 1 the commit would be refused (bad input

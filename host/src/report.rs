@@ -72,8 +72,12 @@ fn filter(level: LogLevel) -> EnvFilter {
         .unwrap_or_else(|_| EnvFilter::new(format!("warn,sluice={}", level.as_str())))
 }
 
+/// The format [`init`] installed; what [`sync_finished`] writes depends on it.
+static FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
 /// Installs the global subscriber writing to stderr.
 pub fn init(format: LogFormat, level: LogLevel) -> LevelHandle {
+    let _ = FORMAT.set(format);
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter(level));
     let registry = tracing_subscriber::registry().with(filter);
     match format {
@@ -98,6 +102,76 @@ pub fn init(format: LogFormat, level: LogLevel) -> LevelHandle {
     LevelHandle(handle)
 }
 
+/// Logs how one sync ended. JSON logs carry agentk's message and every result; human logs
+/// say it in one sentence (`group/app: synced 0123456789ab: created 2, unchanged 40 in
+/// 1.2 s`), then one line per object that failed and per finding.
+pub fn sync_finished(
+    project: &str,
+    agent: &str,
+    commit: &str,
+    elapsed: std::time::Duration,
+    result: Result<&crate::sync::Report, &crate::sync::Error>,
+) {
+    use tracing::{error, info, warn};
+    let human = FORMAT.get() == Some(&LogFormat::Human);
+    match result {
+        Ok(report) if human => {
+            info!(
+                "{project}: synced {}: {}",
+                short(&report.commit),
+                sentence(&report.results, elapsed)
+            );
+            for f in &report.findings {
+                warn!("{project}: {f}");
+            }
+            for why in &report.prune_held {
+                warn!("{project}: nothing pruned: {why}");
+            }
+        }
+        Ok(report) => info!(
+            project_id = %project, commit_id = %report.commit, agent_id = %agent,
+            summary = %summary(&report.results),
+            results = %serde_json::to_string(&report.results).unwrap_or_default(),
+            findings = %serde_json::to_string(&report.findings).unwrap_or_default(),
+            prune_held = %report.prune_held.join("; "),
+            "{}", msg::SYNCHRONIZED
+        ),
+        Err(e) if human => {
+            let problems = e.problems();
+            let commit = short(commit);
+            let secs = elapsed.as_secs_f64();
+            if problems.is_empty() {
+                error!("{project}: sync of {commit} failed in {secs:.1} s: {e}");
+            } else {
+                error!(
+                    "{project}: sync of {commit} failed in {secs:.1} s: {} objects failed",
+                    problems.len()
+                );
+                for p in &problems {
+                    let origin = p
+                        .origin
+                        .as_ref()
+                        .map(|o| format!("{o}: "))
+                        .unwrap_or_default();
+                    error!("{project}: {origin}{}: {}", p.obj, p.message);
+                }
+            }
+        }
+        Err(e) => {
+            // User errors wait for a new commit; the rest are retried with backoff.
+            if e.is_user_error() {
+                error!(project_id = %project, commit_id = %commit, agent_id = %agent, error = %e, "{}", msg::DECODE_FAILED);
+            } else {
+                warn!(project_id = %project, commit_id = %commit, agent_id = %agent, error = %e, "{}", msg::SYNC_FAILED);
+            }
+        }
+    }
+}
+
+fn short(commit: &str) -> &str {
+    commit.get(..12).unwrap_or(commit)
+}
+
 /// One line summarising per-object actions, e.g. `created=1 configured=2 unchanged=5`.
 pub fn summary(results: &[crate::apply::ObjectResult]) -> String {
     use std::collections::BTreeMap;
@@ -112,4 +186,77 @@ pub fn summary(results: &[crate::apply::ObjectResult]) -> String {
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// Per-object actions as a sentence, in a fixed order, zeros left out:
+/// `created 2, configured 1, unchanged 40, pruned 1`.
+pub fn counts(results: &[crate::apply::ObjectResult]) -> String {
+    use crate::apply::Action;
+    const ORDER: [(Action, &str); 8] = [
+        (Action::Created, "created"),
+        (Action::Configured, "configured"),
+        (Action::Unchanged, "unchanged"),
+        (Action::Pruned, "pruned"),
+        (Action::Abandoned, "abandoned"),
+        (Action::Retained, "retained"),
+        (Action::Skipped, "skipped"),
+        (Action::Failed, "failed"),
+    ];
+    let parts: Vec<String> = ORDER
+        .iter()
+        .filter_map(|(action, word)| {
+            let n = results.iter().filter(|r| r.action == *action).count();
+            (n > 0).then(|| format!("{word} {n}"))
+        })
+        .collect();
+    if parts.is_empty() {
+        "no objects".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// The human log line of a sync: `created 2, configured 1, unchanged 40, pruned 1 in 1.2 s`.
+pub fn sentence(results: &[crate::apply::ObjectResult], elapsed: std::time::Duration) -> String {
+    format!("{} in {:.1} s", counts(results), elapsed.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::{Action, ObjectResult};
+    use crate::object::ObjRef;
+
+    fn result(action: Action) -> ObjectResult {
+        ObjectResult {
+            obj: ObjRef {
+                group: String::new(),
+                kind: "ConfigMap".into(),
+                namespace: "n".into(),
+                name: "c".into(),
+            },
+            origin: None,
+            action,
+            message: None,
+        }
+    }
+
+    #[test]
+    fn a_sync_reads_as_one_sentence() {
+        let mut results = vec![result(Action::Unchanged); 40];
+        results.extend([
+            result(Action::Pruned),
+            result(Action::Created),
+            result(Action::Configured),
+            result(Action::Created),
+        ]);
+        assert_eq!(
+            sentence(&results, std::time::Duration::from_millis(1234)),
+            "created 2, configured 1, unchanged 40, pruned 1 in 1.2 s"
+        );
+        assert_eq!(
+            sentence(&[], std::time::Duration::ZERO),
+            "no objects in 0.0 s"
+        );
+    }
 }

@@ -55,9 +55,15 @@ pub enum Error {
     /// Apply failed (nothing changed for `Rejected`).
     #[error(transparent)]
     Apply(#[from] apply::Error),
-    /// Some objects did not become healthy in time, or prunes failed.
-    #[error("{0}")]
-    Unhealthy(String),
+    /// Some objects were not applied (their API group is unavailable), failed to prune, or
+    /// did not become healthy in time.
+    #[error("{message}")]
+    Unhealthy {
+        /// The whole story, one part per kind of problem.
+        message: String,
+        /// Each object concerned, with why.
+        problems: Vec<Problem>,
+    },
     /// A plugin failed, refused the commit, or an enforce-mode validator reported errors.
     #[error(transparent)]
     Plugin(#[from] crate::plugins::Error),
@@ -74,7 +80,40 @@ pub enum Error {
     Task(String),
 }
 
+/// One object that made a sync fail, and why.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Problem {
+    /// Which object.
+    pub obj: ObjRef,
+    /// Where git has it (absent for objects only the inventory knows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin: Option<crate::object::Origin>,
+    /// What went wrong.
+    pub message: String,
+}
+
 impl Error {
+    /// The objects this failure is about (none when the commit as a whole failed).
+    pub fn problems(&self) -> Vec<Problem> {
+        let from_results = |results: &[ObjectResult]| -> Vec<Problem> {
+            results
+                .iter()
+                .filter(|r| r.action == Action::Failed)
+                .map(|r| Problem {
+                    obj: r.obj.clone(),
+                    origin: r.origin.clone(),
+                    message: r.message.clone().unwrap_or_default(),
+                })
+                .collect()
+        };
+        match self {
+            Error::Apply(apply::Error::Rejected { failures, .. }) => from_results(failures),
+            Error::Apply(apply::Error::Partial { results }) => from_results(results),
+            Error::Unhealthy { problems, .. } => problems.clone(),
+            _ => Vec::new(),
+        }
+    }
+
     /// True for errors only a new commit (or config) can fix; these are logged as
     /// decode failures and retried slowly.
     pub fn is_user_error(&self) -> bool {
@@ -108,6 +147,9 @@ pub struct Report {
     /// The agentk inventory this sync adopted and retired, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub adopted: Option<String>,
+    /// The inventory this sync used.
+    #[serde(skip)]
+    pub inventory: InventoryRef,
 }
 
 /// How to sync, beyond the project's own configuration.
@@ -283,6 +325,7 @@ pub async fn sync(
             findings,
             prune_held,
             adopted: None,
+            inventory: inv,
         });
     }
 
@@ -336,53 +379,83 @@ pub async fn sync(
         wait::wait_current(cluster, &applied, project.reconcile_timeout),
         wait::wait_gone(cluster, &pruned, project.prune_timeout)
     );
-    let failed_prunes = results
+    let failed_prunes: Vec<&ObjectResult> = results
         .iter()
         .filter(|r| r.action == Action::Failed && r.origin.is_none())
-        .count();
-    let not_ready: Vec<String> = health
+        .collect();
+    let not_ready: Vec<&wait::Health> = health
         .iter()
         .chain(gone.iter())
         .filter(|h| {
             !matches!(h.status, Status::Current | Status::NotFound)
                 || (h.status == Status::NotFound && applied.contains(&h.obj))
         })
-        .map(|h| {
-            format!(
-                "{} is {:?}{}",
-                h.obj,
-                h.status,
-                h.message
-                    .as_ref()
-                    .map(|m| format!(" ({m})"))
-                    .unwrap_or_default()
-            )
-        })
         .collect();
-    if failed_prunes > 0 || !not_ready.is_empty() || !unserved.is_empty() {
+    if !failed_prunes.is_empty() || !not_ready.is_empty() || !unserved.is_empty() {
+        let origins: BTreeMap<&ObjRef, &crate::object::Origin> = results
+            .iter()
+            .filter_map(|r| Some((&r.obj, r.origin.as_ref()?)))
+            .collect();
+        let mut problems = Vec::new();
         let mut parts = Vec::new();
+        let mut part = |what: String, items: Vec<Problem>| {
+            let listed: Vec<String> = items
+                .iter()
+                .map(|p| format!("{}{}{}", p.obj, separator(&p.message), p.message))
+                .collect();
+            parts.push(format!("{} {what}: {}", items.len(), listed.join("; ")));
+            problems.extend(items);
+        };
         if !unserved.is_empty() {
-            parts.push(format!(
-                "{} resources not applied: {}",
-                unserved.len(),
+            part(
+                "resources not applied".into(),
                 unserved
                     .iter()
-                    .map(|r| format!("{}: {}", r.obj, r.message.as_deref().unwrap_or_default()))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            ));
+                    .map(|r| Problem {
+                        obj: r.obj.clone(),
+                        origin: r.origin.clone(),
+                        message: r.message.clone().unwrap_or_default(),
+                    })
+                    .collect(),
+            );
         }
-        if failed_prunes > 0 {
-            parts.push(format!("{failed_prunes} resources failed to prune"));
+        if !failed_prunes.is_empty() {
+            part(
+                "resources failed to prune".into(),
+                failed_prunes
+                    .iter()
+                    .map(|r| Problem {
+                        obj: r.obj.clone(),
+                        origin: None,
+                        message: r.message.clone().unwrap_or_default(),
+                    })
+                    .collect(),
+            );
         }
         if !not_ready.is_empty() {
-            parts.push(format!(
-                "{} resources failed to reconcile before timeout: {}",
-                not_ready.len(),
-                not_ready.join("; ")
-            ));
+            part(
+                "resources failed to reconcile before timeout".into(),
+                not_ready
+                    .iter()
+                    .map(|h| Problem {
+                        obj: h.obj.clone(),
+                        origin: origins.get(&h.obj).map(|o| (*o).clone()),
+                        message: format!(
+                            "is {:?}{}",
+                            h.status,
+                            h.message
+                                .as_ref()
+                                .map(|m| format!(" ({m})"))
+                                .unwrap_or_default()
+                        ),
+                    })
+                    .collect(),
+            );
         }
-        return Err(Error::Unhealthy(parts.join("; ")));
+        return Err(Error::Unhealthy {
+            message: parts.join("; "),
+            problems,
+        });
     }
     Ok(Report {
         commit: commit.into(),
@@ -391,7 +464,18 @@ pub async fn sync(
         findings,
         prune_held,
         adopted: adopted.map(|(old, _)| old.id),
+        inventory: inv,
     })
+}
+
+/// How a problem's message follows its object in a one-line report: `X is InProgress (…)`
+/// reads as a sentence, anything else after a colon.
+fn separator(message: &str) -> &'static str {
+    if message.starts_with("is ") {
+        " "
+    } else {
+        ": "
+    }
 }
 
 /// The plugin stage: transformers, then validators, off the async workers.
