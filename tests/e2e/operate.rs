@@ -25,25 +25,6 @@ fn text(out: &Output) -> (String, String) {
     )
 }
 
-/// sluice's Events about inventory `name`, as `(type, reason, message)`.
-async fn events(client: &kube::Client, ns: &str, name: &str) -> Vec<(String, String, String)> {
-    let api: Api<Event> = Api::namespaced(client.clone(), ns);
-    api.list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
-        .await
-        .expect("list events")
-        .items
-        .into_iter()
-        .filter(|e| e.reporting_component.as_deref() == Some("sluice.dev/agent"))
-        .map(|e| {
-            (
-                e.type_.unwrap_or_default(),
-                e.reason.unwrap_or_default(),
-                e.message.unwrap_or_default(),
-            )
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn a_sync_is_told_in_events_in_status_and_in_one_human_line() {
     let client = cluster::client().await;
@@ -188,7 +169,7 @@ async fn a_sync_is_told_in_events_in_status_and_in_one_human_line() {
         1,
         "{stderr}"
     );
-    let seen = events(&client, &ns, &inventory).await;
+    let seen = sluice_events(&client, &ns, &inventory).await;
     assert!(
         seen.iter().any(|(t, r, m)| t == "Warning"
             && r == "SyncFailed"

@@ -401,6 +401,28 @@ async fn enforce_violation_is_not_applied_and_audit_violation_is_applied_and_rep
         cms.get_opt("ok").await.expect("get").is_none(),
         "nothing applied"
     );
+    // The refusal is an Event about the (not yet existing) inventory.
+    let inventory = sluice::inventory::InventoryRef::default_for(&format!("t-{ns}"), &ns);
+    sluice::history::History::new(client.clone(), None)
+        .record(&sluice::history::Outcome {
+            project: &p.id,
+            commit: "0123456789abcdef",
+            inventory: &inventory,
+            elapsed: std::time::Duration::from_secs(1),
+            result: Err(&err),
+        })
+        .await;
+    let events = sluice_events(&client, &ns, &inventory.name).await;
+    assert_eq!(
+        events,
+        [(
+            "Warning".to_string(),
+            "CommitRefused".to_string(),
+            format!(
+                "commit 0123456789ab refused by plugins, nothing was applied: apps/risky.yaml:1: error: container app is privileged at spec.template.spec.containers[0].securityContext.privileged (no-privileged, Deployment/{ns}/risky)"
+            )
+        )]
+    );
 
     let mut audit_spec = spec("no-privileged", Value::Null);
     audit_spec.mode = Mode::Audit;

@@ -206,3 +206,49 @@ pub fn options(agent: &str, cache: &std::path::Path) -> sluice::agent::Options {
         metrics: Default::default(),
     }
 }
+
+/// Records a sync's outcome as the agent does after each sync ([`sluice::history`]).
+pub async fn record(
+    history: &mut sluice::history::History,
+    project: &ManifestProject,
+    settings: &Settings,
+    result: &sync::Report,
+) {
+    let inventory = sluice::inventory::InventoryRef::default_for(
+        &settings.inventory_id,
+        &project.default_namespace,
+    );
+    history
+        .record(&sluice::history::Outcome {
+            project: &project.id,
+            commit: &result.commit,
+            inventory: &inventory,
+            elapsed: Duration::from_secs(1),
+            result: Ok(result),
+        })
+        .await;
+}
+
+/// sluice's Events about the ConfigMap `name` in `ns`, as `(type, reason, message)`.
+pub async fn sluice_events(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+) -> Vec<(String, String, String)> {
+    use k8s_openapi::api::core::v1::Event;
+    let api: kube::Api<Event> = kube::Api::namespaced(client.clone(), ns);
+    api.list(&kube::api::ListParams::default().fields(&format!("involvedObject.name={name}")))
+        .await
+        .expect("list events")
+        .items
+        .into_iter()
+        .filter(|e| e.reporting_component.as_deref() == Some(sluice::history::CONTROLLER))
+        .map(|e| {
+            (
+                e.type_.unwrap_or_default(),
+                e.reason.unwrap_or_default(),
+                e.message.unwrap_or_default(),
+            )
+        })
+        .collect()
+}

@@ -9,6 +9,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
 use sluice::apply::Action;
+use sluice::history::History;
 use sluice_testenv::cluster;
 use sluice_testenv::git::file;
 
@@ -146,6 +147,8 @@ async fn an_agentk_cluster_is_taken_over_with_nothing_recreated_and_nothing_left
     let s = settings(&format!("t-{ns}"));
     let report = sync_once(&mut c, &src, &p, &s).await.expect("takeover");
     assert_eq!(report.adopted.as_deref(), Some("17-42"));
+    let mut history = History::new(client.clone(), None);
+    record(&mut history, &p, &s, &report).await;
     assert_eq!(uids(&client, &ns).await, before, "nothing recreated");
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     assert!(
@@ -185,6 +188,34 @@ async fn an_agentk_cluster_is_taken_over_with_nothing_recreated_and_nothing_left
         .expect("leaves reported");
     assert_eq!(leaves.action, Action::Pruned);
     assert!(cms.get_opt("leaves").await.expect("get").is_none());
+    record(&mut history, &p, &s, &report).await;
+    // The history on sluice's inventory tells the takeover and the prune.
+    let reasons: Vec<(String, String)> = sluice_events(&client, &ns, &format!("inventory-t-{ns}"))
+        .await
+        .into_iter()
+        .map(|(_, reason, message)| (reason, message))
+        .collect();
+    for (reason, start) in [
+        (
+            "InventoryTakenOver",
+            "took over agentk inventory 17-42: its objects now belong to project test/project"
+                .to_string(),
+        ),
+        (
+            "Pruned",
+            format!(
+                "commit {}: pruned 1 objects that left git: ConfigMap/{ns}/leaves",
+                &report.commit[..12]
+            ),
+        ),
+    ] {
+        assert!(
+            reasons
+                .iter()
+                .any(|(r, m)| r == reason && m.starts_with(&start)),
+            "{reason}: {reasons:?}"
+        );
+    }
     let labels = deploys
         .get("web")
         .await
