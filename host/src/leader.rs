@@ -1,6 +1,8 @@
 //! Leadership through a `coordination.k8s.io/v1` Lease, as agentk does it: only the holder of
-//! `agent-<id>-lock` runs the GitOps workers, so an old and a new agent never apply at once
-//! during a rollout, and extra replicas wait as hot standbys.
+//! the Lease (`sluice-<agent name>-lock`; agentk's is `agent-<agent id>-lock`, which sluice
+//! never touches, so an agentk kept for its other features keeps its own leader) runs the
+//! GitOps workers, so an old and a new agent never apply at once during a rollout, and extra
+//! replicas wait as hot standbys.
 //!
 //! agentk's timings: lease duration 15 s, renew deadline 10 s, retry period 2 s. Writes use
 //! the Lease's `resourceVersion`, so two candidates never both win a round.
@@ -23,7 +25,7 @@ use tracing::{info, warn};
 pub struct Config {
     /// Namespace of the Lease (agentk: the pod's namespace, `POD_NAMESPACE`).
     pub namespace: String,
-    /// Lease name (agentk: `agent-<agent id>-lock`).
+    /// Lease name (sluice: `sluice-<agent name>-lock`; agentk: `agent-<agent id>-lock`).
     pub name: String,
     /// This candidate's identity (agentk: the pod name, `POD_NAME`).
     pub identity: String,

@@ -17,6 +17,7 @@ pub mod cluster;
 pub mod config;
 pub mod decode;
 pub mod history;
+pub mod install;
 pub mod inventory;
 pub mod leader;
 pub mod object;

@@ -55,9 +55,54 @@ enum Command {
         #[arg(short, long, value_enum)]
         output: Option<Output>,
     },
+    /// Print the manifests that install the agent: Namespace, ServiceAccount, RBAC, the git
+    /// token Secret, the Deployment and its Service (`| kubectl apply --server-side -f -`).
+    Generate(GenerateArgs),
     /// Plugin tools.
     #[command(subcommand)]
     Plugin(PluginCommand),
+}
+
+#[derive(Debug, Args)]
+struct GenerateArgs {
+    /// Agent name: `.gitlab/agents/<name>/` in the configuration repository.
+    #[arg(long, default_value = "sluice")]
+    agent_name: String,
+    /// Namespace the agent runs in.
+    #[arg(long, default_value = "sluice-system")]
+    agent_namespace: String,
+    /// Configuration repository the agent follows.
+    #[arg(long, conflicts_with = "config", required_unless_present = "config")]
+    config_repo: Option<String>,
+    /// A configuration file instead, installed as a ConfigMap (its plugins must then be
+    /// `https://` modules).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Base URL project paths resolve against.
+    #[arg(long, default_value = "https://gitlab.com")]
+    git_base_url: String,
+    /// File holding the git token, or `-` for stdin; it goes into a Secret (never argv).
+    #[arg(long)]
+    git_token_file: Option<PathBuf>,
+    /// Container image.
+    #[arg(long, default_value_t = sluice::install::default_image())]
+    image: String,
+    /// 1, or 2 for a warm standby (leader election picks the one that syncs).
+    #[arg(long, default_value_t = 1)]
+    replicas: u32,
+    /// `cluster-admin` (as agentk's install), or `namespaced`: only what syncing into
+    /// --namespace needs.
+    #[arg(long, value_enum, default_value_t = RbacMode::ClusterAdmin)]
+    rbac: RbacMode,
+    /// With `--rbac namespaced`: the namespaces the agent may sync into (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    namespace: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RbacMode {
+    ClusterAdmin,
+    Namespaced,
 }
 
 #[derive(Debug, Subcommand)]
@@ -189,8 +234,8 @@ struct RunArgs {
     /// This replica's identity in the Lease (agentk: POD_NAME; default: the host name).
     #[arg(long, env = "POD_NAME")]
     leader_election_identity: Option<String>,
-    /// Lease name (default `agent-<agent-name>-lock`; use agentk's `agent-<agent id>-lock`
-    /// when replacing agentk in place, so old and new never apply at once).
+    /// Lease name (default `sluice-<agent-name>-lock`, never one of agentk's, which keeps
+    /// its own leader election when it runs beside sluice).
     #[arg(long)]
     lease_name: Option<String>,
     /// Address of /metrics, /liveness and /readiness (agentk's flag and default).
@@ -204,7 +249,45 @@ fn parse_pair(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("expected PROJECT=ID, got {s:?}"))
 }
 
+/// Flags of agentk's command line (its Helm chart passes `--token-file` and `--kas-address`
+/// and no subcommand).
+const AGENTK_FLAGS: &[&str] = &[
+    "--token-file",
+    "--kas-address",
+    "--kas-ca-cert-file",
+    "--kas-header",
+    "--kas-insecure-skip-tls-verify",
+    "--kas-tls-server-name",
+];
+
+/// The agentk flags in `args` (without the program name) when they start without a sluice
+/// subcommand: the image of agentk's chart was swapped for sluice's, args unchanged.
+fn agentk_invocation(args: &[String]) -> Vec<&str> {
+    if args.first().is_none_or(|a| !a.starts_with('-')) {
+        return Vec::new();
+    }
+    args.iter()
+        .filter_map(|a| {
+            let flag = a.split('=').next().unwrap_or(a);
+            AGENTK_FLAGS.iter().copied().find(|f| *f == flag)
+        })
+        .collect()
+}
+
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let agentk = agentk_invocation(&args);
+    if !agentk.is_empty() {
+        eprintln!(
+            "error: sluice was started with agentk's command line ({}). sluice does not connect to GitLab's KAS: it reads its configuration and manifests from git itself.\n\
+             Change the container's args (in agentk's Helm chart: replace the chart, or override its args) to, for example:\n\
+             \x20 run --config-repo=https://gitlab.example.com/GROUP/AGENT-CONFIG-PROJECT.git --agent-name=AGENT-NAME --git-base-url=https://gitlab.example.com --git-token-file=/etc/sluice/git/token\n\
+             The agent token of --token-file cannot read repositories: give sluice a project or group access token with read_repository.\n\
+             `sluice generate` prints complete install manifests; docs/migrating-from-agentk.md has the steps.",
+            agentk.join(", ")
+        );
+        return ExitCode::from(2);
+    }
     let cli = Cli::parse();
     sluice::install_crypto_provider();
     let rt = match tokio::runtime::Runtime::new() {
@@ -225,7 +308,67 @@ fn main() -> ExitCode {
             namespace,
             output,
         } => rt.block_on(status(project.as_deref(), namespace.as_deref(), output)),
+        Command::Generate(args) => generate(args),
         Command::Plugin(PluginCommand::Inspect { file, output }) => inspect(&file, output),
+    }
+}
+
+/// `generate`: exit 0 with the manifests on stdout, 2 on bad flags or unreadable files.
+fn generate(args: GenerateArgs) -> ExitCode {
+    use sluice::install::{ConfigFrom, Params, Rbac};
+    use std::io::Read;
+    let fail = |message: String| {
+        eprintln!("error: {message}");
+        ExitCode::from(2)
+    };
+    let git_token = match &args.git_token_file {
+        Some(path) if path.as_os_str() == "-" => {
+            let mut token = String::new();
+            if let Err(e) = std::io::stdin().read_to_string(&mut token) {
+                return fail(format!("failed to read the git token from stdin: {e}"));
+            }
+            Some(token)
+        }
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(t) => Some(t),
+            Err(e) => return fail(format!("failed to read {}: {e}", path.display())),
+        },
+        None => None,
+    };
+    if git_token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        return fail("the git token is empty".into());
+    }
+    let config = match (&args.config_repo, &args.config) {
+        (Some(url), _) => ConfigFrom::Repo(url.clone()),
+        (None, Some(path)) => match std::fs::read_to_string(path) {
+            Ok(text) => ConfigFrom::File(text),
+            Err(e) => return fail(format!("failed to read {}: {e}", path.display())),
+        },
+        (None, None) => unreachable!("clap requires --config-repo or --config"),
+    };
+    let rbac = match args.rbac {
+        RbacMode::ClusterAdmin if !args.namespace.is_empty() => {
+            return fail("--namespace needs --rbac namespaced".into());
+        }
+        RbacMode::ClusterAdmin => Rbac::ClusterAdmin,
+        RbacMode::Namespaced => Rbac::Namespaced(args.namespace.clone()),
+    };
+    let params = Params {
+        agent_name: args.agent_name,
+        namespace: args.agent_namespace,
+        image: args.image,
+        replicas: args.replicas,
+        rbac,
+        config,
+        git_base_url: args.git_base_url,
+        git_token,
+    };
+    match sluice::install::manifests(&params) {
+        Ok(objects) => {
+            print!("{}", sluice::install::to_yaml(&objects));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e.to_string()),
     }
 }
 
@@ -609,7 +752,7 @@ async fn run(args: RunArgs) -> ExitCode {
     let lease = args
         .lease_name
         .clone()
-        .unwrap_or_else(|| format!("agent-{}-lock", opts.agent_name));
+        .unwrap_or_else(|| sluice::install::lease_name(&opts.agent_name));
     let cfg = sluice::leader::Config::new(&namespace, &lease, &identity);
     // A standby is ready: it serves its purpose by waiting (a rollout must not stall on it).
     metrics.set_ready();
@@ -646,5 +789,32 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn agentk_chart_arguments_are_recognised() {
+        assert_eq!(
+            agentk_invocation(&args(&[
+                "--token-file=/etc/agentk/secrets/token",
+                "--kas-address",
+                "wss://kas.gitlab.com"
+            ])),
+            ["--token-file", "--kas-address"]
+        );
+        // A sluice subcommand first: sluice's own flags, whatever follows.
+        assert!(agentk_invocation(&args(&["run", "--token-file=x"])).is_empty());
+        assert!(agentk_invocation(&args(&["--version"])).is_empty());
+        assert!(agentk_invocation(&args(&[])).is_empty());
+        Cli::command().debug_assert();
     }
 }

@@ -6,6 +6,7 @@ mod cli;
 mod corpus;
 mod harness_cluster;
 mod harness_git;
+mod install;
 mod leader;
 mod operate;
 mod plugins;
