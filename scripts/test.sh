@@ -4,7 +4,8 @@
 #
 # Needs: rustup (the toolchain and wasm targets come from rust-toolchain.toml), Go >= 1.26
 # (the control plane is built from the Go module proxy, once per version, cached under
-# ~/.cache/sluice), and git (its http-backend serves test repositories).
+# ~/.cache/sluice), git (its http-backend serves test repositories), and musl-gcc (Debian's
+# musl-tools, installed by scripts/build-static.sh when missing) for the static binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,7 +17,7 @@ done
 
 step "Rust toolchain (rust-toolchain.toml)"
 rustup toolchain install >&2
-rustup target add wasm32-wasip2 wasm32-wasip1 >&2
+rustup target add wasm32-wasip2 wasm32-wasip1 x86_64-unknown-linux-musl >&2
 
 step "control plane binaries (built once per version; the first build takes minutes)"
 tests/cluster/build.sh >/dev/null
@@ -39,3 +40,8 @@ cargo clippy --release --target wasm32-wasip2 $plugins -- -D warnings
 
 step "cargo test (unit, integration, end-to-end)"
 cargo test --workspace
+
+step "static binary (musl) for the container image: build, then run it in an empty root"
+static_bin=$(scripts/build-static.sh --debug | tail -1)
+cargo build --release --target wasm32-wasip2 -p allowed-registries
+scripts/smoke-static.sh "$static_bin" target/wasm32-wasip2/release/allowed_registries.wasm
