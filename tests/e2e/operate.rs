@@ -220,3 +220,27 @@ async fn a_sync_is_told_in_events_in_status_and_in_one_human_line() {
         "error: no sluice inventory of project \"no/such-project\" in the cluster"
     );
 }
+
+/// agentk's Helm chart with only the image swapped starts sluice with agentk's flags and no
+/// subcommand: sluice says what to change instead of printing clap's usage.
+#[test]
+fn agentk_chart_arguments_get_a_clear_message() {
+    let out = sluice(&[
+        "--token-file=/etc/agentk/secrets/token",
+        "--kas-address",
+        "wss://kas.gitlab.example.com",
+    ]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.starts_with(
+            "error: sluice was started with agentk's command line (--token-file, --kas-address)."
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("  run --config-repo=") && stderr.contains("sluice generate"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("Usage:"), "{stderr}");
+}
