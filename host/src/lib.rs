@@ -8,7 +8,9 @@
 //! [`inventory`] → [`wait`] → [`report`]
 //!
 //! [`agent`] runs that path per manifest project whenever the commit changes or the re-apply
-//! timer fires. Start reading there.
+//! timer fires, and records each outcome with [`history`] (Events, last sync), which
+//! [`status`] reads back. [`install`] generates the manifests that install the agent. Start
+//! reading at [`agent`].
 #![deny(missing_docs)]
 
 pub mod agent;
