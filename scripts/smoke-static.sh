@@ -37,9 +37,11 @@ run() { chroot --userspec=65532:65532 "$root" /sluice "$@"; }
 
 version=$(run --version)
 [ "$version" = "sluice $(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)" ] || fail "--version printed: $version"
-run generate --config-repo https://gitlab.example.com/ops/agents.git --agent-name smoke \
-  | grep -q "^kind: Deployment" || fail "generate printed no Deployment"
+# (Outputs are captured before they are searched: `grep -q` would close the pipe early.)
+generated=$(run generate --config-repo https://gitlab.example.com/ops/agents.git --agent-name smoke)
+grep -q "^kind: Deployment" <<<"$generated" || fail "generate printed no Deployment"
 rendered=$(run render /work/nginx --config /work/config.yaml -o json)
 grep -q '"kind": "Deployment"' <<<"$rendered" || fail "render: $rendered"
-HOME=/tmp run plugin inspect /work/plugin.wasm -o json | grep -q '"world"' || fail "plugin inspect failed"
+inspected=$(run plugin inspect /work/plugin.wasm -o json)
+grep -q '"world"' <<<"$inspected" || fail "plugin inspect printed: $inspected"
 echo "static smoke test passed: $bin ($(du -h "$bin" | cut -f1)) runs in an empty root as uid 65532" >&2

@@ -11,7 +11,7 @@
 //! *it saw the record change*, never by the `renewTime` another replica's clock wrote (clock
 //! skew, or a `renewTime` in the future, cannot steal or freeze the lease). Every Lease call
 //! has a timeout, and a leader whose renewal does not succeed within the renew deadline
-//! stops its work before the lease can expire for the others. [`decide`] is the rule.
+//! stops its work before the lease can expire for the others. `decide` is the rule.
 
 use std::time::Duration;
 
