@@ -545,7 +545,7 @@ fn inspect(file: &std::path::Path, output: Output) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let info = sluice::plugins::Runtime::new(None)
+    let info = sluice::plugins::Runtime::for_cli()
         .map_err(|e| e.to_string())
         .and_then(|rt| rt.inspect(&bytes).map_err(|e| e.to_string()));
     match info {

@@ -129,7 +129,7 @@ fn load_plugins(
     if names.is_empty() {
         return Ok(Vec::new());
     }
-    let runtime = Runtime::new(None).map_err(sync::Error::Task)?;
+    let runtime = Runtime::for_cli().map_err(sync::Error::Task)?;
     cfg.plugins
         .iter()
         .filter(|p| names.contains(&&p.name))

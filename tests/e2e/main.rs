@@ -7,6 +7,7 @@ mod corpus;
 mod harness_cluster;
 mod harness_git;
 mod install;
+mod languages;
 mod leader;
 mod operate;
 mod plugins;

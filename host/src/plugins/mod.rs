@@ -231,6 +231,8 @@ impl std::fmt::Display for Finding {
 /// The process's plugin runtime: one engine, one epoch ticker.
 pub struct Runtime {
     engine: Engine,
+    /// The compilation cache, when there is one (to tell a cache hit from a compile).
+    cache: Option<wasmtime::Cache>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -250,6 +252,7 @@ impl Runtime {
         // Epochs rather than fuel: a deadline in wall-clock time at a fraction of fuel's
         // cost. They interrupt guest code only; host calls here never block.
         config.epoch_interruption(true);
+        let mut cached = None;
         if let Some(dir) = cache_dir {
             std::fs::create_dir_all(dir)
                 .map_err(|e| format!("failed to create {}: {e}", dir.display()))?;
@@ -257,7 +260,8 @@ impl Runtime {
             cache_config.with_directory(dir);
             let cache = wasmtime::Cache::new(cache_config)
                 .map_err(|e| format!("failed to open the compilation cache: {e}"))?;
-            config.cache(Some(cache));
+            config.cache(Some(cache.clone()));
+            cached = Some(cache);
         }
         let engine = Engine::new(&config)
             .map_err(|e| format!("failed to build the WebAssembly engine: {e}"))?;
@@ -273,7 +277,40 @@ impl Runtime {
                 }
             })
             .map_err(|e| format!("failed to start the epoch ticker: {e}"))?;
-        Ok(Runtime { engine })
+        Ok(Runtime {
+            engine,
+            cache: cached,
+        })
+    }
+
+    /// The runtime of the CLI (`render`, `validate`, `diff`, `plugin inspect`): with the
+    /// agent's default compilation cache (`<cache dir>/wasm`), or none when it cannot be used,
+    /// so a plugin is compiled once, not on every command.
+    ///
+    /// # Errors
+    /// When no engine can be built at all.
+    pub fn for_cli() -> Result<Runtime, String> {
+        let dir = crate::sync::default_cache_dir().join("wasm");
+        Runtime::new(Some(&dir)).or_else(|e| {
+            tracing::warn!(error = %e, "plugin compilation cache unavailable; compiling");
+            Runtime::new(None)
+        })
+    }
+
+    /// `hit`, `miss`, or `off`: where the last compilation came from, given the cache's
+    /// hits and misses before it.
+    fn cache_outcome(&self, before: Option<(usize, usize)>) -> &'static str {
+        match (&self.cache, before) {
+            (Some(c), Some((hits, _))) if c.cache_hits() > hits => "hit",
+            (Some(_), _) => "miss",
+            (None, _) => "off",
+        }
+    }
+
+    fn cache_counts(&self) -> Option<(usize, usize)> {
+        self.cache
+            .as_ref()
+            .map(|c| (c.cache_hits(), c.cache_misses()))
     }
 
     /// Compiles a module and describes it, without checking any configuration.
@@ -286,9 +323,11 @@ impl Runtime {
             message,
         };
         let started = Instant::now();
+        let before = self.cache_counts();
         let component = Component::from_binary(&self.engine, bytes)
             .map_err(|e| load_err(format!("failed to compile: {e:#}")))?;
         let compile_ms = started.elapsed().as_secs_f64() * 1e3;
+        let cache = self.cache_outcome(before);
         let world = world_of(&self.engine, &component).map_err(load_err)?;
         let ty = component.component_type();
         let exports: Vec<String> = ty
@@ -317,6 +356,7 @@ impl Runtime {
             size: bytes.len(),
             sha256: hex::encode(sha2::Sha256::digest(bytes)),
             compile_ms,
+            cache,
         })
     }
 
@@ -415,6 +455,9 @@ pub struct Info {
     pub sha256: String,
     /// Compile (or cache load) time in milliseconds.
     pub compile_ms: f64,
+    /// `hit`: loaded from the compilation cache; `miss`: compiled (and cached); `off`: no
+    /// cache.
+    pub cache: &'static str,
 }
 
 impl Plugin {
@@ -548,6 +591,8 @@ pub fn run(
     let mut objects = objects;
     let mut findings = Vec::new();
     let mut skipped = Vec::new();
+    // Every validator runs, so a refused commit lists what all of them found.
+    let mut blocking = Vec::new();
     let ordered = plugins
         .iter()
         .filter(|p| p.world == World::Transformer)
@@ -579,19 +624,18 @@ pub fn run(
             },
             World::Validator => match call_validate(plugin, subject, &objects) {
                 Ok(found) => {
-                    let blocking: Vec<Finding> = found
-                        .iter()
-                        .filter(|f| f.severity == "error" && plugin.spec.mode == Mode::Enforce)
-                        .cloned()
-                        .collect();
-                    if !blocking.is_empty() {
-                        return Err(Error::Denied(blocking));
-                    }
-                    findings.extend(found);
+                    let (errors, others): (Vec<Finding>, Vec<Finding>) = found
+                        .into_iter()
+                        .partition(|f| f.severity == "error" && plugin.spec.mode == Mode::Enforce);
+                    blocking.extend(errors);
+                    findings.extend(others);
                 }
                 Err(e) => ignore(e, &mut findings)?,
             },
         }
+    }
+    if !blocking.is_empty() {
+        return Err(Error::Denied(blocking));
     }
     Ok(Outcome {
         objects,

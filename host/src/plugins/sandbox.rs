@@ -3,9 +3,17 @@
 //!
 //! Every plugin gets the `sluice:plugin/host` import (logging) and the parts of WASI that
 //! carry no authority: streams, exit, an empty environment, no preopened directories, stdin
-//! empty and stdout/stderr forwarded to the log. Clocks, randomness and sockets are linked
-//! only when granted; an ungranted WASI function is defined as a trap, so calling it fails
-//! the call with a message naming the import.
+//! empty and stdout/stderr forwarded to the log.
+//!
+//! Clocks and randomness are always linked, because language runtimes read them at
+//! start-up (CPython seeds its `random` module, hash tables take a seed): without the
+//! capability they are deterministic stand-ins, so a plugin's output stays a function of its
+//! input and configuration and `sluice render` shows what the cluster gets. The wall clock
+//! reads [`FIXED_WALL_CLOCK`], the monotonic clock advances 1 µs per reading, and random
+//! bytes are a fixed SHA-256 stream (see [`stand_in_bytes`]). The `clocks` and `random`
+//! capabilities give the real ones. Sockets are linked only when granted; an ungranted socket
+//! function is defined as a trap, so calling it fails the call with a message naming the
+//! import.
 
 use wasmtime::component::{HasData, HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, StoreLimits};
@@ -40,6 +48,15 @@ impl State {
         }
         if capabilities.contains(&Capability::Environment) {
             wasi.inherit_env();
+        }
+        if !capabilities.contains(&Capability::Random) {
+            wasi.secure_random(wasmtime_wasi::Deterministic::new(stand_in_bytes()))
+                .insecure_random(wasmtime_wasi::Deterministic::new(stand_in_bytes()))
+                .insecure_random_seed(STAND_IN_SEED);
+        }
+        if !capabilities.contains(&Capability::Clocks) {
+            wasi.wall_clock(FixedWallClock)
+                .monotonic_clock(SteppingClock(std::sync::atomic::AtomicU64::new(0)));
         }
         State {
             wasi: wasi.build(),
@@ -92,18 +109,66 @@ impl bindings::transformer::sluice::plugin::host::Host for State {
     }
 }
 
+/// What the wall clock of a plugin without the `clocks` capability reads:
+/// 2024-01-01T00:00:00Z, in seconds since the Unix epoch.
+pub const FIXED_WALL_CLOCK: u64 = 1_704_067_200;
+
+/// `wasi:random/insecure-seed` without the `random` capability.
+const STAND_IN_SEED: u128 = 0x736c_7569_6365_2d70_6c75_6769_6e2d_7365;
+
+/// The byte stream `wasi:random` returns without the `random` capability: SHA-256 of
+/// `sluice-plugin-random-<n>` for n = 0, 1, … (64 KiB, then it repeats). Fixed across
+/// releases, so a plugin's output never changes with the host.
+pub fn stand_in_bytes() -> Vec<u8> {
+    use sha2::Digest;
+    static BYTES: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    BYTES
+        .get_or_init(|| {
+            (0..2048u32)
+                .flat_map(|n| sha2::Sha256::digest(format!("sluice-plugin-random-{n}")).to_vec())
+                .collect()
+        })
+        .clone()
+}
+
+/// The wall clock without the `clocks` capability.
+struct FixedWallClock;
+
+impl wasmtime_wasi::HostWallClock for FixedWallClock {
+    fn resolution(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(1)
+    }
+    fn now(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(FIXED_WALL_CLOCK)
+    }
+}
+
+/// The monotonic clock without the `clocks` capability: 1 µs later at every reading, so a
+/// runtime that waits for time to pass (or divides by elapsed time) still makes progress.
+struct SteppingClock(std::sync::atomic::AtomicU64);
+
+impl wasmtime_wasi::HostMonotonicClock for SteppingClock {
+    fn resolution(&self) -> u64 {
+        1_000
+    }
+    fn now(&self) -> u64 {
+        self.0
+            .fetch_add(1_000, std::sync::atomic::Ordering::Relaxed)
+            + 1_000
+    }
+}
+
 struct Io;
 impl HasData for Io {
     type Data<'a> = &'a mut ResourceTable;
 }
 
-/// The capability an interface needs, for the interfaces that need one.
+/// The capability an interface needs, for the interfaces that are not linked without one
+/// (clocks and randomness always are: real, or deterministic stand-ins).
 fn capability_of(import: &str) -> Option<Capability> {
-    if import.starts_with("wasi:clocks/") {
-        Some(Capability::Clocks)
-    } else if import.starts_with("wasi:random/") {
-        Some(Capability::Random)
-    } else if import.starts_with("wasi:sockets/") {
+    // wasi:http is never linked (componentize-js imports it by default): its functions trap
+    // like those of sockets.
+    if import.starts_with("wasi:sockets/") || import.starts_with("wasi:http/") {
         Some(Capability::Network)
     } else {
         None
@@ -202,15 +267,12 @@ pub fn linker(engine: &Engine, capabilities: &[Capability]) -> wasmtime::Result<
     filesystem::preopens::add_to_linker::<State, WasiFilesystem>(&mut l, State::filesystem)?;
     sync::filesystem::types::add_to_linker::<State, WasiFilesystem>(&mut l, State::filesystem)?;
 
-    if capabilities.contains(&Capability::Clocks) {
-        clocks::wall_clock::add_to_linker::<State, WasiClocks>(&mut l, State::clocks)?;
-        clocks::monotonic_clock::add_to_linker::<State, WasiClocks>(&mut l, State::clocks)?;
-    }
-    if capabilities.contains(&Capability::Random) {
-        random::random::add_to_linker::<State, WasiRandom>(&mut l, |s| s.wasi.random())?;
-        random::insecure::add_to_linker::<State, WasiRandom>(&mut l, |s| s.wasi.random())?;
-        random::insecure_seed::add_to_linker::<State, WasiRandom>(&mut l, |s| s.wasi.random())?;
-    }
+    // Real or stand-ins, as `State::new` built them.
+    clocks::wall_clock::add_to_linker::<State, WasiClocks>(&mut l, State::clocks)?;
+    clocks::monotonic_clock::add_to_linker::<State, WasiClocks>(&mut l, State::clocks)?;
+    random::random::add_to_linker::<State, WasiRandom>(&mut l, |s| s.wasi.random())?;
+    random::insecure::add_to_linker::<State, WasiRandom>(&mut l, |s| s.wasi.random())?;
+    random::insecure_seed::add_to_linker::<State, WasiRandom>(&mut l, |s| s.wasi.random())?;
     if capabilities.contains(&Capability::Network) {
         let options = sockets::network::LinkOptions::default();
         sockets::tcp_create_socket::add_to_linker::<State, WasiSockets>(&mut l, State::sockets)?;

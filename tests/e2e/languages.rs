@@ -1,0 +1,207 @@
+//! Plugins written in other languages than Rust (`examples/plugins/<language>/`), built with
+//! their own toolchains (`examples/plugins/build.sh`) and run by the host with no
+//! capability granted: `sluice validate` and `sluice render` from the command line, and a
+//! sync into the real cluster.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::api::Api;
+use serde_json::{Value, json};
+use sluice::plugins::{FailurePolicy, Limits, Mode, Runtime, Spec};
+use sluice_testenv::{git, wasm};
+
+use crate::support::*;
+
+const LANGUAGES: &[&str] = &["python", "javascript"];
+
+fn deployment_with(image: &str) -> String {
+    deployment("web", 1).replace("image: nginx:1.27", &format!("image: {image}"))
+}
+
+/// A directory with `m/web.yaml` and a config running `<language>`'s set-labels, then its
+/// no-latest-tag.
+fn workspace(language: &str, image: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::create_dir_all(dir.path().join("m")).expect("mkdir");
+    std::fs::write(dir.path().join("m/web.yaml"), deployment_with(image)).expect("write");
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        format!(
+            "plugins:\n- name: labels\n  module: {}\n  config: {{labels: {{team: {language}}}}}\n- name: no-latest-tag\n  module: {}\ngitops:\n  manifest_projects:\n  - id: local\n    default_namespace: demo\n",
+            wasm::example_plugin(&format!("{language}_set_labels")).display(),
+            wasm::example_plugin(&format!("{language}_no_latest_tag")).display(),
+        ),
+    )
+    .expect("write");
+    dir
+}
+
+fn sluice(dir: &Path, args: &[&str]) -> Output {
+    Command::new(wasm::sluice_binary())
+        .args(args)
+        .current_dir(dir)
+        // A fresh compilation cache per test: the first command compiles, the next loads.
+        .env("XDG_CACHE_HOME", dir.join("cache"))
+        .output()
+        .expect("run sluice")
+}
+
+#[test]
+fn python_and_javascript_plugins_run_without_capabilities_and_deterministically() {
+    for language in LANGUAGES {
+        let bad = workspace(language, "nginx:latest");
+        let out = sluice(bad.path(), &["validate", "m", "--config", "config.yaml"]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{language}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            stdout.trim(),
+            "web.yaml:1: error: image nginx:latest uses the latest tag; pin a version or a digest at spec.template.spec.containers[0].image (no-latest-tag, Deployment/demo/web)",
+            "{language}"
+        );
+
+        let good = workspace(language, "nginx:1.27");
+        let render = || {
+            sluice(
+                good.path(),
+                &["render", "m", "--config", "config.yaml", "-o", "json"],
+            )
+        };
+        let first = render();
+        assert!(
+            first.status.success(),
+            "{language}: {}",
+            String::from_utf8_lossy(&first.stderr)
+        );
+        let list: Value = serde_json::from_slice(&first.stdout).expect("JSON");
+        assert_eq!(
+            list["items"][0]["metadata"]["labels"],
+            json!({"team": language}),
+            "{language}"
+        );
+        // Same input, same output (the runtimes' random seeds and clocks are fixed).
+        assert_eq!(render().stdout, first.stdout, "{language}");
+
+        // The compilation cache: `plugin inspect` says where the module came from.
+        let module = wasm::example_plugin(&format!("{language}_no_latest_tag"));
+        let inspect = |dir: &Path| -> Value {
+            let out = sluice(
+                dir,
+                &[
+                    "plugin",
+                    "inspect",
+                    &module.display().to_string(),
+                    "-o",
+                    "json",
+                ],
+            );
+            serde_json::from_slice(&out.stdout).expect("inspect JSON")
+        };
+        assert_eq!(
+            inspect(good.path())["cache"],
+            "hit",
+            "{language}: render cached it"
+        );
+        let fresh = tempfile::tempdir().expect("dir");
+        assert_eq!(inspect(fresh.path())["cache"], "miss", "{language}");
+        assert_eq!(inspect(fresh.path())["cache"], "hit", "{language}");
+    }
+}
+
+#[test]
+fn every_validator_runs_and_a_refusal_lists_all_their_findings() {
+    let dir = workspace("python", "nginx:latest");
+    // Both languages' validators, both in enforce mode.
+    let config = std::fs::read_to_string(dir.path().join("config.yaml")).expect("read");
+    let config = config.replace(
+        "gitops:",
+        &format!(
+            "- name: no-latest-tag-js\n  module: {}\ngitops:",
+            wasm::example_plugin("javascript_no_latest_tag").display()
+        ),
+    );
+    std::fs::write(dir.path().join("config.yaml"), config).expect("write");
+    let out = sluice(dir.path(), &["validate", "m", "--config", "config.yaml"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let plugins: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.rsplit_once(" (")?.1.split(',').next())
+        .collect();
+    assert_eq!(plugins, ["no-latest-tag", "no-latest-tag-js"], "{stdout}");
+}
+
+#[tokio::test]
+async fn a_python_transformer_and_a_javascript_validator_sync_a_commit() {
+    let Fixture {
+        client,
+        ns,
+        repo,
+        src,
+        cluster: mut c,
+        cache: _cache,
+    } = Fixture::new("lang").await;
+    repo.commit(
+        "main",
+        &[git::file("web.yaml", deployment_with("nginx:1.27"))],
+        "web",
+    );
+    let runtime = Runtime::new(None).expect("runtime");
+    let load = |name: &str, module: &str, config: Value| {
+        let spec = Spec {
+            name: name.into(),
+            module: module.into(),
+            sha256: None,
+            config,
+            limits: Limits::default(),
+            capabilities: Vec::new(),
+            failure_policy: FailurePolicy::Fail,
+            mode: Mode::Enforce,
+        };
+        let bytes = std::fs::read(wasm::example_plugin(module)).expect("built");
+        Arc::new(
+            runtime
+                .load(&spec, &bytes)
+                .expect("loads without capabilities"),
+        )
+    };
+    let plugins = vec![
+        load(
+            "labels",
+            "python_set_labels",
+            json!({"labels": {"team": "py"}}),
+        ),
+        load("no-latest-tag", "javascript_no_latest_tag", Value::Null),
+    ];
+    let settings = sluice::sync::Settings {
+        plugins: Ok(plugins),
+        ..settings(&format!("t-{ns}"))
+    };
+    sync_once(
+        &mut c,
+        &src,
+        &project(&ns, "    reconcile_timeout: 60s\n"),
+        &settings,
+    )
+    .await
+    .expect("sync");
+    let web = Api::<Deployment>::namespaced(client, &ns)
+        .get("web")
+        .await
+        .expect("applied");
+    assert_eq!(
+        web.metadata
+            .labels
+            .unwrap_or_default()
+            .get("team")
+            .map(String::as_str),
+        Some("py")
+    );
+}
