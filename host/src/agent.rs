@@ -518,6 +518,7 @@ async fn load_config(src: &ConfigSource, opts: &Options) -> Result<(AgentConfig,
         opts.agent_name.clone(),
         opts.config_project.clone(),
     );
+    let cache_dir = opts.cache_dir.clone();
     let repo_source = match src {
         ConfigSource::Repo { url } => Some(source_for(url, opts, None)),
         ConfigSource::File(_) => None,
@@ -530,7 +531,7 @@ async fn load_config(src: &ConfigSource, opts: &Options) -> Result<(AgentConfig,
                 config::parse_with_origin(&text, &config_project, &path.display().to_string())
                     .map_err(|e| e.to_string())?;
             let base = path.parent().map(PathBuf::from).unwrap_or_default();
-            let modules = read_modules(&cfg, |p| {
+            let modules = read_modules(&cfg, &cache_dir, |p| {
                 std::fs::read(base.join(p))
                     .map_err(|e| format!("failed to read module {}: {e}", base.join(p).display()))
             });
@@ -566,7 +567,7 @@ async fn load_config(src: &ConfigSource, opts: &Options) -> Result<(AgentConfig,
             };
             let cfg = config::parse_with_origin(&text, &config_project, &origin)
                 .map_err(|e| e.to_string())?;
-            let modules = read_modules(&cfg, read);
+            let modules = read_modules(&cfg, &cache_dir, read);
             Ok((cfg, modules))
         }
         (ConfigSource::Repo { .. }, None) => unreachable!("repo_source is set for repositories"),
@@ -588,12 +589,16 @@ pub fn config_path(agent: &str, exists: impl Fn(&str) -> bool) -> String {
     }
 }
 
-fn read_modules(cfg: &AgentConfig, read_path: impl Fn(&str) -> Result<Vec<u8>, String>) -> Modules {
+fn read_modules(
+    cfg: &AgentConfig,
+    cache_dir: &std::path::Path,
+    read_path: impl Fn(&str) -> Result<Vec<u8>, String>,
+) -> Modules {
     cfg.plugins
         .iter()
         .map(|s| {
             let bytes = if s.module.starts_with("https://") {
-                fetch_module(&s.module)
+                fetch_module(&s.module, s.sha256.as_deref(), cache_dir, MAX_MODULE_BYTES)
             } else {
                 read_path(&s.module)
             };
@@ -602,9 +607,28 @@ fn read_modules(cfg: &AgentConfig, read_path: impl Fn(&str) -> Result<Vec<u8>, S
         .collect()
 }
 
-/// Downloads a module over https (its sha256 is checked at load). At most 100 MiB.
-fn fetch_module(url: &str) -> Result<Vec<u8>, String> {
-    const MAX: u64 = 100 << 20;
+/// The largest module downloaded over https.
+const MAX_MODULE_BYTES: u64 = 100 << 20;
+
+/// A module from `url`, downloaded once per digest: `<cache_dir>/modules/<sha256>.wasm` is
+/// used while its content has that digest (the configuration re-read every poll does not
+/// download again). A download has a 60 s deadline and reads at most `max` bytes, whatever
+/// the server announces; a body whose digest is not `sha256` is refused and not cached.
+fn fetch_module(
+    url: &str,
+    sha256: Option<&str>,
+    cache_dir: &std::path::Path,
+    max: u64,
+) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let shown = without_credentials(url);
+    let cached = sha256.map(|h| cache_dir.join("modules").join(format!("{h}.wasm")));
+    if let (Some(path), Some(want)) = (&cached, sha256)
+        && let Ok(bytes) = std::fs::read(path)
+        && crate::object::sha256_bytes_hex(&bytes) == want
+    {
+        return Ok(bytes);
+    }
     let client = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()
@@ -613,14 +637,48 @@ fn fetch_module(url: &str) -> Result<Vec<u8>, String> {
         .get(url)
         .send()
         .and_then(|r| r.error_for_status())
-        .map_err(|e| format!("failed to download {url}: {e}"))?;
-    if resp.content_length().is_some_and(|n| n > MAX) {
-        return Err(format!("{url}: module larger than {MAX} bytes"));
+        .map_err(|e| format!("failed to download {shown}: {}", e.without_url()))?;
+    if resp.content_length().is_some_and(|n| n > max) {
+        return Err(format!("{shown}: module larger than {max} bytes"));
     }
-    let bytes = resp
-        .bytes()
-        .map_err(|e| format!("failed to download {url}: {e}"))?;
-    Ok(bytes.to_vec())
+    let mut bytes = Vec::new();
+    resp.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("failed to download {shown}: {e}"))?;
+    if bytes.len() as u64 > max {
+        return Err(format!("{shown}: module larger than {max} bytes"));
+    }
+    if let (Some(path), Some(want)) = (&cached, sha256) {
+        let got = crate::object::sha256_bytes_hex(&bytes);
+        if got != want {
+            return Err(format!(
+                "{shown}: sha256 is {got}, the configuration says {want}"
+            ));
+        }
+        // Written whole, then renamed: a reader never sees half a module.
+        let dir = path.parent().unwrap_or(cache_dir);
+        let tmp = dir.join(format!("{want}.tmp-{}", std::process::id()));
+        let stored = std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::write(&tmp, &bytes))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = stored {
+            let _ = std::fs::remove_file(&tmp);
+            warn!(module = %shown, error = %e, "failed to cache a downloaded module; it is downloaded again next time");
+        }
+    }
+    Ok(bytes)
+}
+
+/// `url` without user name and password, for messages.
+fn without_credentials(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.to_string()
+        }
+        Err(_) => "(module URL)".into(),
+    }
 }
 
 /// A source for `url` with `credentials`, else the token of its host, and the extra CA.
@@ -798,5 +856,63 @@ mod tests {
         );
         // Neither: agentk's path, read as an empty configuration.
         assert_eq!(config_path("a", |_| false), ".gitlab/agents/a/config.yaml");
+    }
+}
+
+#[cfg(test)]
+mod module_tests {
+    use super::*;
+
+    /// A one-shot HTTP server on loopback answering with `body` and no Content-Length.
+    fn serve(body: Vec<u8>) -> String {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            if let Ok((mut conn, _)) = listener.accept() {
+                let mut request = [0u8; 1024];
+                let _ = conn.read(&mut request);
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+                let _ = conn.write_all(&body);
+            }
+        });
+        format!("http://user:secret-token@{addr}/plugin.wasm")
+    }
+
+    #[test]
+    fn a_module_is_downloaded_once_per_digest_and_bounded() {
+        let cache = tempfile::tempdir().expect("dir");
+        let module = b"\0asm pretend".to_vec();
+        let digest = crate::object::sha256_bytes_hex(&module);
+        let url = serve(module.clone());
+        assert_eq!(
+            fetch_module(&url, Some(&digest), cache.path(), 1024),
+            Ok(module.clone())
+        );
+        // The server is gone: the cached copy is used.
+        assert_eq!(
+            fetch_module(&url, Some(&digest), cache.path(), 1024),
+            Ok(module)
+        );
+
+        // A body past the limit, without a Content-Length: refused after max + 1 bytes.
+        let url = serve(vec![b'x'; 4096]);
+        let err =
+            fetch_module(&url, Some(&"0".repeat(64)), cache.path(), 1024).expect_err("too large");
+        assert!(err.ends_with("module larger than 1024 bytes"), "{err}");
+        assert!(!err.contains("secret-token"), "{err}");
+
+        // A body with another digest is refused and not cached.
+        let url = serve(b"other".to_vec());
+        let err =
+            fetch_module(&url, Some(&"0".repeat(64)), cache.path(), 1024).expect_err("digest");
+        assert!(err.contains("the configuration says 0000"), "{err}");
+        assert!(
+            !cache
+                .path()
+                .join("modules")
+                .join(format!("{}.wasm", "0".repeat(64)))
+                .exists()
+        );
     }
 }

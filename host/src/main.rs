@@ -480,6 +480,11 @@ async fn render(args: RenderArgs, validate: bool) -> ExitCode {
             );
             ExitCode::from(1)
         }
+        // A plugin configuration the plugin rejects is bad input, like a bad manifest.
+        Err(e @ sluice::sync::Error::Plugin(sluice::plugins::Error::Config { .. })) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
         Err(e) if e.is_user_error() => {
             eprintln!("error: {e}");
             ExitCode::from(1)

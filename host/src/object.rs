@@ -120,8 +120,13 @@ impl fmt::Display for ObjRef {
 /// The SHA-256 of `text`, in lowercase hex: the one hash for anything persisted (ids,
 /// names, cache directories), stable across Rust releases unlike `DefaultHasher`.
 pub fn sha256_hex(text: &str) -> String {
+    sha256_bytes_hex(text.as_bytes())
+}
+
+/// The SHA-256 of `bytes`, in lowercase hex (module digests).
+pub fn sha256_bytes_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(text.as_bytes()))
+    hex::encode(sha2::Sha256::digest(bytes))
 }
 
 /// The group part of an `apiVersion` (`apps/v1` → `apps`, `v1` → ``).

@@ -89,6 +89,21 @@ fn python_and_javascript_plugins_run_without_capabilities_and_deterministically(
         // Same input, same output (the runtimes' random seeds and clocks are fixed).
         assert_eq!(render().stdout, first.stdout, "{language}");
 
+        // A configuration the plugin rejects fails at load, with the plugin's own message.
+        let config = std::fs::read_to_string(good.path().join("config.yaml")).expect("read");
+        std::fs::write(
+            good.path().join("bad.yaml"),
+            config.replace(&format!("{{labels: {{team: {language}}}}}"), "{labels: 5}"),
+        )
+        .expect("write");
+        let out = sluice(good.path(), &["render", "m", "--config", "bad.yaml"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{language}: {stderr}");
+        assert!(
+            stderr.contains(r#"set-labels needs {"labels": {"name": "value", ...}}"#),
+            "{language}: {stderr}"
+        );
+
         // The compilation cache: `plugin inspect` says where the module came from.
         let module = wasm::example_plugin(&format!("{language}_no_latest_tag"));
         let inspect = |dir: &Path| -> Value {

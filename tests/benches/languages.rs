@@ -1,0 +1,138 @@
+//! The same validator (`no-latest-tag`) written in Rust, Python and JavaScript, side by side
+//! in one run: module size, cold compile (empty cache), load from the on-disk cache,
+//! instantiate (a call on one object), and per-object time on 10,000 Deployments (one in
+//! ten with an untagged image, so findings are built and returned too).
+//!
+//! `cargo bench -p sluice-testenv --bench languages` (builds the components: the Rust one
+//! with cargo, the others with `examples/plugins/build.sh`). Median of several runs; no
+//! timing assertions. Figures: docs/performance.md.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sluice::object::{Object, Origin};
+use sluice::plugins::{self, FailurePolicy, Limits, Mode, Runtime, Spec, Subject};
+use sluice_testenv::wasm;
+
+const OBJECTS: usize = 10_000;
+const RUNS: usize = 5;
+
+fn deployment(i: usize) -> Value {
+    let image = if i.is_multiple_of(10) { "nginx" } else { "nginx:1.27" };
+    json!({"apiVersion": "apps/v1", "kind": "Deployment",
+           "metadata": {"name": format!("app-{i}"), "namespace": "dev", "labels": {"app": format!("app-{i}")}},
+           "spec": {"replicas": 2, "selector": {"matchLabels": {"app": format!("app-{i}")}},
+                    "template": {"metadata": {"labels": {"app": format!("app-{i}")}},
+                                 "spec": {"initContainers": [{"name": "init", "image": "busybox:1.36"}],
+                                          "containers": [{"name": "web", "image": image},
+                                                         {"name": "sidecar", "image": "envoy:1.30"}]}}}})
+}
+
+fn spec() -> Spec {
+    Spec {
+        name: "no-latest-tag".into(),
+        module: String::new(),
+        sha256: None,
+        config: Value::Null,
+        limits: Limits {
+            timeout: Duration::from_secs(120),
+            memory_bytes: 1 << 30,
+            max_output_bytes: 1 << 30,
+        },
+        capabilities: Vec::new(),
+        failure_policy: FailurePolicy::Fail,
+        // Audit: findings are returned, not a refusal, so every run does the same work.
+        mode: Mode::Audit,
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> String {
+    match d.as_secs_f64() * 1e3 {
+        m if m < 10.0 => format!("{m:.2} ms"),
+        m => format!("{m:.0} ms"),
+    }
+}
+
+fn main() {
+    let objects: Vec<Object> = (0..OBJECTS)
+        .map(|i| Object {
+            value: deployment(i),
+            origin: Origin {
+                path: format!("apps/{i}.yaml"),
+                line: 1,
+                ..Origin::default()
+            },
+        })
+        .collect();
+    let subject = Subject {
+        agent: "bench".into(),
+        project: "bench".into(),
+        commit: "0".repeat(40),
+    };
+    let modules = [
+        ("Rust (SDK)", wasm::component("no-latest-tag")),
+        (
+            "Python (componentize-py 0.25.1)",
+            wasm::example_plugin("python_no_latest_tag"),
+        ),
+        (
+            "JavaScript (componentize-js 0.23.0)",
+            wasm::example_plugin("javascript_no_latest_tag"),
+        ),
+    ];
+    println!(
+        "| language | module | cold compile | load from cache | instantiate + 1 object | per object (10,000 Deployments) | findings |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (language, path) in modules {
+        let bytes = std::fs::read(&path).expect("built");
+        let cache = tempfile::tempdir().expect("cache dir");
+        let t = Instant::now();
+        let cold = Runtime::new(Some(cache.path()))
+            .expect("runtime")
+            .load(&spec(), &bytes)
+            .expect("loads");
+        let cold_time = t.elapsed();
+        drop(cold);
+        let runtime = Runtime::new(Some(cache.path())).expect("runtime");
+        let t = Instant::now();
+        let plugin = std::sync::Arc::new(runtime.load(&spec(), &bytes).expect("loads"));
+        let warm_time = t.elapsed();
+        let chain = [plugin];
+        let one = median(
+            (0..RUNS)
+                .map(|_| {
+                    let t = Instant::now();
+                    plugins::run(&chain, &subject, objects[..1].to_vec()).expect("runs");
+                    t.elapsed()
+                })
+                .collect(),
+        );
+        let mut findings = 0;
+        let all = median(
+            (0..RUNS)
+                .map(|_| {
+                    let input = objects.clone();
+                    let t = Instant::now();
+                    let out = plugins::run(&chain, &subject, input).expect("runs");
+                    let d = t.elapsed();
+                    findings = out.findings.len();
+                    d
+                })
+                .collect(),
+        );
+        println!(
+            "| {language} | {:.1} MB | {} | {} | {} | {:.1} µs | {findings} |",
+            bytes.len() as f64 / 1e6,
+            ms(cold_time),
+            ms(warm_time),
+            ms(one),
+            all.saturating_sub(one).as_secs_f64() * 1e6 / (OBJECTS - 1) as f64,
+        );
+    }
+}
