@@ -18,7 +18,11 @@ const OBJECTS: usize = 10_000;
 const RUNS: usize = 5;
 
 fn deployment(i: usize) -> Value {
-    let image = if i.is_multiple_of(10) { "nginx" } else { "nginx:1.27" };
+    let image = if i.is_multiple_of(10) {
+        "nginx"
+    } else {
+        "nginx:1.27"
+    };
     json!({"apiVersion": "apps/v1", "kind": "Deployment",
            "metadata": {"name": format!("app-{i}"), "namespace": "dev", "labels": {"app": format!("app-{i}")}},
            "spec": {"replicas": 2, "selector": {"matchLabels": {"app": format!("app-{i}")}},
