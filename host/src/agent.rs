@@ -380,24 +380,15 @@ pub async fn run_once(
                 info!(project_id = %project.id, commit_id = %commit, "{}", msg::SYNCHRONIZING);
                 let started = std::time::Instant::now();
                 let result = sync::sync(&mut cluster, &source, project, &commit, &settings).await;
-                let elapsed = started.elapsed();
-                report::sync_finished(
-                    &project.id,
-                    &opts.agent_name,
-                    &commit,
-                    elapsed,
-                    result.as_ref(),
-                );
-                let inventory =
-                    InventoryRef::default_for(&settings.inventory_id, &project.default_namespace);
-                History::new(cluster.client().clone(), instance())
-                    .record(&history::Outcome {
-                        project: &project.id,
-                        commit: &commit,
-                        inventory: &inventory,
-                        elapsed,
-                        result: result.as_ref(),
-                    })
+                let mut history = History::new(cluster.client().clone(), instance());
+                let ended = Ended {
+                    project,
+                    settings: &settings,
+                    commit: &commit,
+                    elapsed: started.elapsed(),
+                };
+                ended
+                    .tell(&mut history, &opts.agent_name, result.as_ref())
                     .await;
                 result.map_err(|e| e.to_string())
             }
@@ -725,8 +716,6 @@ async fn worker(
         return std::future::pending().await;
     };
     let (source, settings) = prepare(&project, plugins, inventory, &opts);
-    let default_inventory =
-        InventoryRef::default_for(&settings.inventory_id, &project.default_namespace);
     let mut history = History::new(cluster.client().clone(), instance());
     let mut state = State::default();
     loop {
@@ -765,21 +754,14 @@ async fn worker(
             }
             Some(result) => {
                 let elapsed = started.elapsed();
-                report::sync_finished(
-                    &project.id,
-                    &opts.agent_name,
-                    &commit,
+                let ended = Ended {
+                    project: &project,
+                    settings: &settings,
+                    commit: &commit,
                     elapsed,
-                    result.as_ref(),
-                );
-                history
-                    .record(&history::Outcome {
-                        project: &project.id,
-                        commit: &commit,
-                        inventory: &default_inventory,
-                        elapsed,
-                        result: result.as_ref(),
-                    })
+                };
+                ended
+                    .tell(&mut history, &opts.agent_name, result.as_ref())
                     .await;
                 match result {
                     Ok(report) => {
@@ -808,6 +790,38 @@ async fn worker(
             }
         }
         tokio::time::sleep(opts.poll_interval).await;
+    }
+}
+
+/// A sync that ended, for the logs and the cluster's history.
+struct Ended<'a> {
+    project: &'a ManifestProject,
+    settings: &'a Settings,
+    commit: &'a str,
+    elapsed: Duration,
+}
+
+impl Ended<'_> {
+    /// Logs the outcome ([`report::sync_finished`]) and records it on the project's
+    /// inventory ([`History::record`]).
+    async fn tell(
+        &self,
+        history: &mut History,
+        agent: &str,
+        result: Result<&sync::Report, &sync::Error>,
+    ) {
+        report::sync_finished(&self.project.id, agent, self.commit, self.elapsed, result);
+        let inventory =
+            InventoryRef::default_for(&self.settings.inventory_id, &self.project.default_namespace);
+        history
+            .record(&history::Outcome {
+                project: &self.project.id,
+                commit: self.commit,
+                inventory: &inventory,
+                elapsed: self.elapsed,
+                result,
+            })
+            .await;
     }
 }
 

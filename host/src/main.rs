@@ -378,14 +378,9 @@ async fn status(
     namespace: Option<&str>,
     output: Option<Output>,
 ) -> ExitCode {
-    let client = match kube::Client::try_default().await {
+    let client = match kube_client().await {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!(
-                "error: failed to configure the Kubernetes client (KUBECONFIG or in-cluster): {e}"
-            );
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let cluster = match sluice::cluster::Cluster::connect(client).await {
         Ok(c) => c,
@@ -496,6 +491,16 @@ async fn render(args: RenderArgs, validate: bool) -> ExitCode {
     }
 }
 
+/// A client from KUBECONFIG or the in-cluster configuration; exit code 2 when there is none.
+async fn kube_client() -> Result<kube::Client, ExitCode> {
+    kube::Client::try_default().await.map_err(|e| {
+        eprintln!(
+            "error: failed to configure the Kubernetes client (KUBECONFIG or in-cluster): {e}"
+        );
+        ExitCode::from(2)
+    })
+}
+
 /// `diff`: kubectl's exit codes (0 no change, 1 changes, >1 error).
 async fn diff(args: RenderArgs, inventory_id: &str) -> ExitCode {
     let input = match (&args.dir, &args.repo) {
@@ -503,14 +508,9 @@ async fn diff(args: RenderArgs, inventory_id: &str) -> ExitCode {
         (None, Some(r)) => sluice::render::Input::Repo(r.clone(), args.git_ref.clone()),
         (None, None) => unreachable!("clap requires DIR or --repo"),
     };
-    let client = match kube::Client::try_default().await {
+    let client = match kube_client().await {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!(
-                "error: failed to configure the Kubernetes client (KUBECONFIG or in-cluster): {e}"
-            );
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     match sluice::render::diff(
         &input,

@@ -296,8 +296,9 @@ pub fn kapply() -> PathBuf {
         .unwrap_or_else(|e| panic!("kapply could not be built: {e}"))
 }
 
-/// The path a script of this crate prints on its last line.
-fn run_script(name: &str) -> Result<PathBuf, String> {
+/// The path a script (relative to this crate) prints on its last line; its progress goes to
+/// stderr.
+pub(crate) fn run_script(name: &str) -> Result<PathBuf, String> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(name);
     let out = Command::new("bash")
         .arg(&script)

@@ -94,25 +94,7 @@ static EXAMPLES: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 /// When the build fails; the script's output is on stderr.
 pub fn example_plugin(name: &str) -> PathBuf {
     let dir = EXAMPLES
-        .get_or_init(|| {
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/plugins/build.sh");
-            let out = Command::new("bash")
-                .arg(&script)
-                .stderr(std::process::Stdio::inherit())
-                .output()
-                .map_err(|e| format!("failed to run {}: {e}", script.display()))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "{} failed ({}); its output is above",
-                    script.display(),
-                    out.status
-                ));
-            }
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            Ok(PathBuf::from(
-                stdout.lines().last().unwrap_or_default().trim(),
-            ))
-        })
+        .get_or_init(|| crate::cluster::run_script("../examples/plugins/build.sh"))
         .as_ref()
         .unwrap_or_else(|e| panic!("building the example plugins failed: {e}"));
     let path = dir.join(format!("{name}.wasm"));
