@@ -3,6 +3,9 @@
 #
 #   python_<name>.wasm       componentize-py (PyPI), in a venv under ~/.cache/sluice
 #   javascript_<name>.wasm   componentize-js (npm), under ~/.cache/sluice
+#   go_<name>.wasm           KRM functions: the standard Go toolchain, GOOS=wasip1
+#                            GOARCH=wasm; modules (kyaml) from the Go module proxy, pinned
+#                            by each go.mod/go.sum
 #
 # Tool versions are pinned below. A component is rebuilt only when its source, the WIT
 # package or the tool version changed (a stamp beside it). Prints the output directory on
@@ -68,6 +71,14 @@ for dir in "$here"/javascript/*/; do
   build "$name" "$(stamp "js-$COMPONENTIZE_JS_VERSION" "$dir"/*.js)" \
     node "$js/node_modules/@bytecodealliance/componentize-js/src/cli.js" \
     --wit "$root/wit" --world-name "$world" -o "$out/$name.wasm" "$dir/plugin.js"
+done
+
+# Go: KRM functions (WASI preview 1 commands), with the machine's Go toolchain.
+for dir in "$here"/go/*/; do
+  plugin=$(basename "$dir")
+  name="go_${plugin//-/_}"
+  build "$name" "$(stamp "go-$(go env GOVERSION)" "$dir"/*.go "$dir/go.mod" "$dir/go.sum")" \
+    bash -c "cd '$dir' && GOOS=wasip1 GOARCH=wasm go build -o '$out/$name.wasm' ."
 done
 
 echo "$out"

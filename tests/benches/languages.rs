@@ -1,4 +1,5 @@
-//! The same validator (`no-latest-tag`) written in Rust, Python and JavaScript, side by side
+//! The same validator (`no-latest-tag`) written in Rust, Python, JavaScript and Go (a KRM
+//! function), side by side
 //! in one run: module size, cold compile (empty cache), load from the on-disk cache,
 //! instantiate (a call on one object), and per-object time on 10,000 Deployments (one in
 //! ten with an untagged image, so findings are built and returned too).

@@ -220,3 +220,72 @@ async fn a_python_transformer_and_a_javascript_validator_sync_a_commit() {
         Some("py")
     );
 }
+
+/// A KRM function written in Go against kyaml's `fn/framework`, compiled with the standard
+/// toolchain (`GOOS=wasip1 GOARCH=wasm`), runs unchanged as a plugin: its `results` are
+/// findings, its `items` what is applied, with no capability granted.
+#[test]
+fn a_go_krm_function_runs_as_a_plugin() {
+    let module = wasm::example_plugin("go_no_latest_tag");
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::create_dir_all(dir.path().join("m")).expect("mkdir");
+    let config = format!(
+        "plugins:\n- name: no-latest-tag\n  module: {}\n  limits: {{timeout: 30s}}\ngitops:\n  manifest_projects:\n  - id: local\n    default_namespace: demo\n",
+        module.display()
+    );
+    std::fs::write(dir.path().join("config.yaml"), config).expect("write");
+
+    std::fs::write(
+        dir.path().join("m/web.yaml"),
+        deployment_with("nginx:latest"),
+    )
+    .expect("write");
+    let out = sluice(dir.path(), &["validate", "m", "--config", "config.yaml"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.trim(),
+        "web.yaml:1: error: image nginx:latest uses the latest tag; pin a version or a digest at spec.template.spec.containers[0].image (no-latest-tag, Deployment/demo/web)"
+    );
+
+    // A passing commit comes back as it went in: no annotation of the round trip is left.
+    std::fs::write(dir.path().join("m/web.yaml"), deployment_with("nginx:1.27")).expect("write");
+    let with = sluice(
+        dir.path(),
+        &["render", "m", "--config", "config.yaml", "-o", "json"],
+    );
+    assert!(
+        with.status.success(),
+        "{}",
+        String::from_utf8_lossy(&with.stderr)
+    );
+    std::fs::write(
+        dir.path().join("plain.yaml"),
+        "gitops:\n  manifest_projects:\n  - id: local\n    default_namespace: demo\n",
+    )
+    .expect("write");
+    let without = sluice(
+        dir.path(),
+        &["render", "m", "--config", "plain.yaml", "-o", "json"],
+    );
+    let parse = |o: &Output| -> Value { serde_json::from_slice(&o.stdout).expect("JSON") };
+    assert_eq!(parse(&with), parse(&without));
+
+    let inspect = sluice(
+        dir.path(),
+        &[
+            "plugin",
+            "inspect",
+            &module.display().to_string(),
+            "-o",
+            "json",
+        ],
+    );
+    let info: Value = serde_json::from_slice(&inspect.stdout).expect("inspect JSON");
+    assert_eq!(info["world"], "function");
+}

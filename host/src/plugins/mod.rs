@@ -18,6 +18,7 @@
 //! to return any.
 
 mod bindings;
+mod krm;
 mod sandbox;
 
 use std::collections::BTreeMap;
@@ -174,6 +175,9 @@ pub enum World {
     Transformer,
     /// Exports `validate`.
     Validator,
+    /// A KRM function: a WASI preview 1 command reading a ResourceList on stdin (see
+    /// `krm.rs`). It runs with the transformers, in configuration order.
+    Function,
 }
 
 /// A finding, with where it points in git.
@@ -324,6 +328,27 @@ impl Runtime {
         };
         let started = Instant::now();
         let before = self.cache_counts();
+        if krm::is_core_module(bytes) {
+            let module = wasmtime::Module::from_binary(&self.engine, bytes)
+                .map_err(|e| load_err(format!("failed to compile: {e:#}")))?;
+            let compile_ms = started.elapsed().as_secs_f64() * 1e3;
+            let cache = self.cache_outcome(before);
+            // (Compiled again from the cache just written: this checks _start and imports.)
+            krm::prepare(&self.engine, bytes).map_err(load_err)?;
+            let mut imports: Vec<String> =
+                module.imports().map(|i| i.module().to_string()).collect();
+            imports.dedup();
+            return Ok(Info {
+                world: World::Function,
+                exports: module.exports().map(|e| e.name().to_string()).collect(),
+                imports,
+                wit_version: "none (KRM function, WASI preview 1)".into(),
+                size: bytes.len(),
+                sha256: hex::encode(sha2::Sha256::digest(bytes)),
+                compile_ms,
+                cache,
+            });
+        }
         let component = Component::from_binary(&self.engine, bytes)
             .map_err(|e| load_err(format!("failed to compile: {e:#}")))?;
         let compile_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -379,6 +404,18 @@ impl Runtime {
             )));
         }
         let started = Instant::now();
+        if krm::is_core_module(bytes) {
+            // A KRM function: its configuration is its functionConfig, read at each call.
+            let pre = krm::prepare(&self.engine, bytes).map_err(load_err)?;
+            return Ok(Plugin {
+                spec: spec.clone(),
+                world: World::Function,
+                sha256,
+                compile_time: started.elapsed(),
+                engine: self.engine.clone(),
+                pre: Pre::Function(pre),
+            });
+        }
         let component = Component::from_binary(&self.engine, bytes)
             .map_err(|e| load_err(format!("failed to compile: {e:#}")))?;
         let compile_time = started.elapsed();
@@ -399,6 +436,7 @@ impl Runtime {
             World::Validator => {
                 Pre::Validator(ValidatorPre::new(pre).map_err(|e| load_err(format!("{e:#}")))?)
             }
+            World::Function => unreachable!("world_of never returns Function"),
         };
         let plugin = Plugin {
             spec: spec.clone(),
@@ -426,6 +464,7 @@ pub struct Plugin {
 enum Pre {
     Transformer(TransformerPre<State>),
     Validator(ValidatorPre<State>),
+    Function(krm::FunctionPre),
 }
 
 impl std::fmt::Debug for Plugin {
@@ -537,6 +576,7 @@ impl Plugin {
                     .map_err(|e| err(format!("failed to instantiate: {e:#}")))?;
                 i.call_validate_config(&mut store, &config)
             }
+            Pre::Function(_) => return Ok(()),
         };
         match result {
             Ok(Ok(())) => Ok(()),
@@ -595,7 +635,7 @@ pub fn run(
     let mut blocking = Vec::new();
     let ordered = plugins
         .iter()
-        .filter(|p| p.world == World::Transformer)
+        .filter(|p| p.world != World::Validator)
         .chain(plugins.iter().filter(|p| p.world == World::Validator));
     for plugin in ordered {
         let mut ignore = |e: Error, findings: &mut Vec<Finding>| {
@@ -619,6 +659,14 @@ pub fn run(
         match plugin.world {
             World::Transformer => match call_transform(plugin, subject, &objects) {
                 Ok(Ok(next)) => objects = next,
+                Ok(Err(refusal)) => return Err(Error::Denied(refusal)),
+                Err(e) => ignore(e, &mut findings)?,
+            },
+            World::Function => match call_function(plugin, subject, &objects) {
+                Ok(Ok((next, found))) => {
+                    objects = next;
+                    findings.extend(found);
+                }
                 Ok(Err(refusal)) => return Err(Error::Denied(refusal)),
                 Err(e) => ignore(e, &mut findings)?,
             },
@@ -739,6 +787,103 @@ fn call_validate(
         .into_iter()
         .map(|f| finding(plugin, objects, f))
         .collect())
+}
+
+/// Runs a KRM function: the objects go in as `items` (each marked with its index, to keep
+/// its origin), `items` come back as the objects, `results` as findings; an `error` result
+/// refuses the commit.
+#[allow(clippy::type_complexity)]
+fn call_function(
+    plugin: &Plugin,
+    subject: &Subject,
+    objects: &[Object],
+) -> Result<Result<(Vec<Object>, Vec<Finding>), Vec<Finding>>, Error> {
+    let Pre::Function(pre) = &plugin.pre else {
+        unreachable!("called only for functions")
+    };
+    let items: Vec<serde_json::Value> = objects
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let mut v = o.value.clone();
+            if let Some(meta) = v["metadata"].as_object_mut() {
+                let annotations = meta
+                    .entry("annotations")
+                    .or_insert_with(|| serde_json::Value::Object(Default::default()));
+                if let Some(a) = annotations.as_object_mut() {
+                    a.insert(krm::ORIGIN_ANNOTATION.into(), i.to_string().into());
+                }
+            }
+            v
+        })
+        .collect();
+    let limits = &plugin.spec.limits;
+    let out = krm::call(&plugin.engine, pre, items, &plugin.spec, TICK, |e| {
+        trap_message(e, limits)
+    })
+    .map_err(|e| match e {
+        krm::CallError::Failed(m) => plugin.failed(subject, m),
+        krm::CallError::Invalid(m) => plugin.invalid(subject, m),
+    })?;
+    let mut next = Vec::with_capacity(out.items.len());
+    for (i, mut value) in out.items.into_iter().enumerate() {
+        let origin = krm::take_origin(&mut value).and_then(|n| objects.get(n));
+        let has = |v: &serde_json::Value| v.as_str().is_some_and(|s| !s.is_empty());
+        if !(has(&value["apiVersion"]) && has(&value["kind"]) && has(&value["metadata"]["name"])) {
+            return Err(plugin.invalid(
+                subject,
+                format!(
+                    "item {i} {} is missing apiVersion, kind or metadata.name",
+                    ObjRef::of(&value)
+                ),
+            ));
+        }
+        next.push(Object {
+            value,
+            origin: origin.map(|o| o.origin.clone()).unwrap_or_else(|| Origin {
+                project: subject.project.clone(),
+                commit: subject.commit.clone(),
+                ..Origin::default()
+            }),
+        });
+    }
+    let findings: Vec<Finding> = out
+        .results
+        .iter()
+        .map(|r| {
+            let reference = &r["resourceRef"];
+            let object = reference.is_object().then(|| ObjRef {
+                group: crate::object::group_of(reference["apiVersion"].as_str().unwrap_or(""))
+                    .to_string(),
+                kind: reference["kind"].as_str().unwrap_or_default().into(),
+                namespace: reference["namespace"].as_str().unwrap_or_default().into(),
+                name: reference["name"].as_str().unwrap_or_default().into(),
+            });
+            let origin = object.as_ref().and_then(|want| {
+                objects
+                    .iter()
+                    .find(|o| o.obj_ref() == *want)
+                    .map(|o| o.origin.clone())
+            });
+            Finding {
+                plugin: plugin.spec.name.clone(),
+                severity: krm::severity(r),
+                message: r["message"].as_str().unwrap_or_default().into(),
+                object,
+                origin,
+                field: r["field"]["path"].as_str().map(String::from),
+                proposed_value: None,
+                rule: None,
+            }
+        })
+        .collect();
+    if findings.iter().any(|f| f.severity == "error") {
+        return Ok(Err(findings
+            .into_iter()
+            .filter(|f| f.severity == "error")
+            .collect()));
+    }
+    Ok(Ok((next, findings)))
 }
 
 /// Parses and checks a transformer's output: size, JSON, and the fields every object needs.

@@ -49,15 +49,7 @@ impl State {
         if capabilities.contains(&Capability::Environment) {
             wasi.inherit_env();
         }
-        if !capabilities.contains(&Capability::Random) {
-            wasi.secure_random(wasmtime_wasi::Deterministic::new(stand_in_bytes()))
-                .insecure_random(wasmtime_wasi::Deterministic::new(stand_in_bytes()))
-                .insecure_random_seed(STAND_IN_SEED);
-        }
-        if !capabilities.contains(&Capability::Clocks) {
-            wasi.wall_clock(FixedWallClock)
-                .monotonic_clock(SteppingClock(std::sync::atomic::AtomicU64::new(0)));
-        }
+        stand_ins(&mut wasi, capabilities);
         State {
             wasi: wasi.build(),
             table: ResourceTable::new(),
@@ -106,6 +98,20 @@ impl bindings::transformer::sluice::plugin::host::Host for State {
             Level::Warn => tracing::warn!(plugin, "{message}"),
             Level::Error => tracing::error!(plugin, "{message}"),
         }
+    }
+}
+
+/// Gives `wasi` the deterministic clocks and randomness, unless `capabilities` grant the
+/// real ones.
+pub fn stand_ins(wasi: &mut wasmtime_wasi::WasiCtxBuilder, capabilities: &[Capability]) {
+    if !capabilities.contains(&Capability::Random) {
+        wasi.secure_random(wasmtime_wasi::Deterministic::new(stand_in_bytes()))
+            .insecure_random(wasmtime_wasi::Deterministic::new(stand_in_bytes()))
+            .insecure_random_seed(STAND_IN_SEED);
+    }
+    if !capabilities.contains(&Capability::Clocks) {
+        wasi.wall_clock(FixedWallClock)
+            .monotonic_clock(SteppingClock(std::sync::atomic::AtomicU64::new(0)));
     }
 }
 
