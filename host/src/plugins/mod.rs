@@ -877,7 +877,9 @@ fn call_function(
             }
         })
         .collect();
-    if findings.iter().any(|f| f.severity == "error") {
+    // `mode: audit` reports a function's errors instead of refusing the commit, as for
+    // validators.
+    if plugin.spec.mode == Mode::Enforce && findings.iter().any(|f| f.severity == "error") {
         return Ok(Err(findings
             .into_iter()
             .filter(|f| f.severity == "error")
