@@ -25,13 +25,13 @@ fi
 root=$(mktemp -d)
 chmod 755 "$root"
 trap 'rm -rf "$root"' EXIT
-mkdir -p "$root/etc/ssl/certs" "$root/work/nginx" "$root/tmp"
+mkdir -p "$root/etc/ssl/certs" "$root/input/nginx" "$root/tmp"
 chmod 1777 "$root/tmp"
 cp "$bin" "$root/sluice"
 cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/" 2>/dev/null || true
-cp examples/config.yaml "$root/work/config.yaml"
-cp examples/nginx/deployment.yaml "$root/work/nginx/"
-cp "$component" "$root/work/plugin.wasm"
+cp examples/config.yaml "$root/input/config.yaml"
+cp examples/nginx/deployment.yaml "$root/input/nginx/"
+cp "$component" "$root/input/plugin.wasm"
 
 run() { chroot --userspec=65532:65532 "$root" /sluice "$@"; }
 
@@ -40,8 +40,8 @@ version=$(run --version)
 # (Outputs are captured before they are searched: `grep -q` would close the pipe early.)
 generated=$(run generate --config-repo https://gitlab.example.com/ops/agents.git --agent-name smoke)
 grep -q "^kind: Deployment" <<<"$generated" || fail "generate printed no Deployment"
-rendered=$(run render /work/nginx --config /work/config.yaml -o json)
+rendered=$(run render /input/nginx --config /input/config.yaml -o json)
 grep -q '"kind": "Deployment"' <<<"$rendered" || fail "render: $rendered"
-inspected=$(run plugin inspect /work/plugin.wasm -o json)
+inspected=$(run plugin inspect /input/plugin.wasm -o json)
 grep -q '"world"' <<<"$inspected" || fail "plugin inspect printed: $inspected"
 echo "static smoke test passed: $bin ($(du -h "$bin" | cut -f1)) runs in an empty root as uid 65532" >&2

@@ -188,15 +188,12 @@ pub fn notes(outcome: &Outcome<'_>) -> Vec<Note> {
 /// The [`LAST_SYNC`] record of an outcome, given the previous one (pure).
 pub fn last_sync(outcome: &Outcome<'_>, previous: Option<&LastSync>, now: Timestamp) -> LastSync {
     let (result, commit, counts, message) = match outcome.result {
-        Ok(report) => {
-            let mut counts = BTreeMap::new();
-            for r in &report.results {
-                *counts
-                    .entry(format!("{:?}", r.action).to_lowercase())
-                    .or_default() += 1;
-            }
-            (SyncResult::Succeeded, report.commit.clone(), counts, None)
-        }
+        Ok(report) => (
+            SyncResult::Succeeded,
+            report.commit.clone(),
+            crate::report::count_by_action(&report.results),
+            None,
+        ),
         Err(e) => (
             SyncResult::Failed,
             outcome.commit.to_string(),

@@ -172,16 +172,22 @@ fn short(commit: &str) -> &str {
     commit.get(..12).unwrap_or(commit)
 }
 
-/// One line summarising per-object actions, e.g. `created=1 configured=2 unchanged=5`.
-pub fn summary(results: &[crate::apply::ObjectResult]) -> String {
-    use std::collections::BTreeMap;
-    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+/// Objects per action, by the action's lowercase name (`created`, `unchanged`, …).
+pub fn count_by_action(
+    results: &[crate::apply::ObjectResult],
+) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
     for r in results {
         *counts
             .entry(format!("{:?}", r.action).to_lowercase())
             .or_default() += 1;
     }
     counts
+}
+
+/// One line summarising per-object actions, e.g. `created=1 configured=2 unchanged=5`.
+pub fn summary(results: &[crate::apply::ObjectResult]) -> String {
+    count_by_action(results)
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()

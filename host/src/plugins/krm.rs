@@ -40,13 +40,19 @@ pub struct P1 {
 /// A compiled, linked function.
 pub struct FunctionPre(InstancePre<P1>);
 
-/// Compiles `bytes` and links it against WASI preview 1.
+/// Compiles `bytes` (or loads them from the engine's cache).
 ///
 /// # Errors
-/// When it does not compile, has no `_start`, or imports anything but preview 1.
-pub fn prepare(engine: &Engine, bytes: &[u8]) -> Result<FunctionPre, String> {
-    let module =
-        Module::from_binary(engine, bytes).map_err(|e| format!("failed to compile: {e:#}"))?;
+/// When it does not compile.
+pub fn compile(engine: &Engine, bytes: &[u8]) -> Result<Module, String> {
+    Module::from_binary(engine, bytes).map_err(|e| format!("failed to compile: {e:#}"))
+}
+
+/// Links a compiled module against WASI preview 1.
+///
+/// # Errors
+/// When it has no `_start`, or imports anything but preview 1.
+pub fn prepare(engine: &Engine, module: &Module) -> Result<FunctionPre, String> {
     if module.get_export("_start").is_none() {
         return Err(
             "a core module must be a WASI command (export _start) reading a KRM ResourceList on stdin"
@@ -57,7 +63,7 @@ pub fn prepare(engine: &Engine, bytes: &[u8]) -> Result<FunctionPre, String> {
     wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut P1| &mut s.wasi)
         .map_err(|e| format!("{e:#}"))?;
     linker
-        .instantiate_pre(&module)
+        .instantiate_pre(module)
         .map(FunctionPre)
         .map_err(|e| format!("{e:#}"))
 }

@@ -329,12 +329,11 @@ impl Runtime {
         let started = Instant::now();
         let before = self.cache_counts();
         if krm::is_core_module(bytes) {
-            let module = wasmtime::Module::from_binary(&self.engine, bytes)
-                .map_err(|e| load_err(format!("failed to compile: {e:#}")))?;
+            let module = krm::compile(&self.engine, bytes).map_err(load_err)?;
             let compile_ms = started.elapsed().as_secs_f64() * 1e3;
             let cache = self.cache_outcome(before);
-            // (Compiled again from the cache just written: this checks _start and imports.)
-            krm::prepare(&self.engine, bytes).map_err(load_err)?;
+            // Checks `_start` and the imports, as a load would.
+            krm::prepare(&self.engine, &module).map_err(load_err)?;
             let mut imports: Vec<String> =
                 module.imports().map(|i| i.module().to_string()).collect();
             imports.dedup();
@@ -406,7 +405,8 @@ impl Runtime {
         let started = Instant::now();
         if krm::is_core_module(bytes) {
             // A KRM function: its configuration is its functionConfig, read at each call.
-            let pre = krm::prepare(&self.engine, bytes).map_err(load_err)?;
+            let module = krm::compile(&self.engine, bytes).map_err(load_err)?;
+            let pre = krm::prepare(&self.engine, &module).map_err(load_err)?;
             return Ok(Plugin {
                 spec: spec.clone(),
                 world: World::Function,
