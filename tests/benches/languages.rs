@@ -1,8 +1,7 @@
-//! The same validator (`no-latest-tag`) written in Rust, Python, JavaScript and Go (a KRM
-//! function), side by side
-//! in one run: module size, cold compile (empty cache), load from the on-disk cache,
-//! instantiate (a call on one object), and per-object time on 10,000 Deployments (one in
-//! ten with an untagged image, so findings are built and returned too).
+//! The same validator (`no-latest-tag`) written in Rust, Python, JavaScript, C and Go (a
+//! KRM function), side by side in one run: module size, cold compile (empty cache), load
+//! from the on-disk cache, instantiate (a call on one object), and per-object time on 10,000
+//! Deployments (one in ten with an untagged image, so findings are built and returned too).
 //!
 //! `cargo bench -p sluice-testenv --bench languages` (builds the components: the Rust one
 //! with cargo, the others with `examples/plugins/build.sh`). Median of several runs; no
@@ -88,6 +87,10 @@ fn main() {
         (
             "JavaScript (componentize-js 0.23.0)",
             wasm::example_plugin("javascript_no_latest_tag"),
+        ),
+        (
+            "C (clang 14, wasi-libc, wit-bindgen 0.57.1)",
+            wasm::example_plugin("c_no_latest_tag"),
         ),
         (
             "Go KRM function (wasip1, kyaml v0.20.1)",

@@ -1,6 +1,6 @@
-//! Plugins written in other languages than Rust (`examples/plugins/<language>/`), built with
-//! their own toolchains (`examples/plugins/build.sh`) and run by the host with no
-//! capability granted: `sluice validate` and `sluice render` from the command line, and a
+//! Plugins written in other languages than Rust (Python, JavaScript, C, and Go as a KRM
+//! function; `examples/plugins/<language>/`), built with their own toolchains
+//! (`examples/plugins/build.sh`) and run by the host with no capability granted: `sluice validate` and `sluice render` from the command line, and a
 //! sync into the real cluster.
 
 use std::path::Path;
@@ -15,7 +15,7 @@ use sluice_testenv::{git, wasm};
 
 use crate::support::*;
 
-const LANGUAGES: &[&str] = &["python", "javascript"];
+const LANGUAGES: &[&str] = &["python", "javascript", "c"];
 
 fn deployment_with(image: &str) -> String {
     deployment("web", 1).replace("image: nginx:1.27", &format!("image: {image}"))
@@ -50,7 +50,7 @@ fn sluice(dir: &Path, args: &[&str]) -> Output {
 }
 
 #[test]
-fn python_and_javascript_plugins_run_without_capabilities_and_deterministically() {
+fn python_javascript_and_c_plugins_run_without_capabilities_and_deterministically() {
     for language in LANGUAGES {
         let bad = workspace(language, "nginx:latest");
         let out = sluice(bad.path(), &["validate", "m", "--config", "config.yaml"]);

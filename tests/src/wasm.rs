@@ -88,7 +88,8 @@ static EXAMPLES: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 
 /// The example plugin `<language>_<name>.wasm` (e.g. `python_set_labels`), built by
 /// `examples/plugins/build.sh` from `examples/plugins/<language>/<name>/` with the pinned
-/// toolchains of that language (installed from PyPI and npm on first use, then cached).
+/// toolchains of that language (installed from PyPI, npm, crates.io and Debian on first
+/// use, then cached).
 ///
 /// # Panics
 /// When the build fails; the script's output is on stderr.
