@@ -7,13 +7,15 @@
 //!
 //! Each worker is a small state machine: poll the ref (advertisement only); when the commit
 //! changes, when the last sync failed and its backoff expired, or when the re-apply timer
-//! fires, sync. A newer commit cancels a running sync.
+//! fires, sync. A newer commit cancels a running sync. A push webhook ([`crate::webhook`])
+//! wakes a worker (or the configuration loader) before its next poll.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
@@ -25,6 +27,7 @@ use crate::plugins::{self, Plugin};
 use crate::report::{self, msg};
 use crate::source::{Credentials, Source};
 use crate::sync::{self, Settings};
+use crate::webhook::{self, Triggers};
 
 /// Where the configuration comes from.
 #[derive(Debug, Clone)]
@@ -76,6 +79,8 @@ pub struct Options {
     pub limits: crate::select::Limits,
     /// Where syncs are recorded for `/metrics`.
     pub metrics: Arc<crate::observability::Metrics>,
+    /// What push webhooks can wake: the agent registers its workers here.
+    pub triggers: Arc<Triggers>,
 }
 
 /// A loaded configuration: the file, the module bytes of its plugins, and the plugins.
@@ -124,6 +129,19 @@ pub async fn run(
     let runtime = Arc::new(runtime);
     let mut workers = Workers::default();
     let mut last: Option<(AgentConfig, BTreeMap<String, String>)> = None;
+    // A push to the configuration repository reloads the configuration at once.
+    let config_target = match &config_source {
+        ConfigSource::Repo { url } => Some(webhook::Target {
+            id: url.clone(),
+            url: url.clone(),
+            git_ref: GitRef::DefaultBranch,
+            wake: Arc::new(Notify::new()),
+        }),
+        ConfigSource::File(_) => None,
+    };
+    let config_wake = config_target
+        .as_ref()
+        .map_or_else(|| Arc::new(Notify::new()), |t| t.wake.clone());
     tokio::pin!(shutdown);
     loop {
         match load_config(&config_source, &opts).await {
@@ -150,6 +168,13 @@ pub async fn run(
                     let loaded =
                         load_plugins(&runtime, cfg.clone(), modules, digests.clone()).await;
                     reconcile_workers(&mut workers, &loaded, &cluster, &opts);
+                    opts.triggers.set(
+                        workers
+                            .values()
+                            .map(|w| w.target.clone())
+                            .chain(config_target.clone())
+                            .collect(),
+                    );
                     opts.metrics.set_ready();
                     last = Some((cfg, digests));
                 }
@@ -158,21 +183,30 @@ pub async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep(opts.poll_interval) => {}
+            _ = config_wake.notified() => {}
             _ = &mut shutdown => break,
         }
     }
+    opts.triggers.set(Vec::new());
     drop(workers);
     info!("agent stopped");
     Ok(())
 }
 
+/// A running worker: what it was started with, its task, and what wakes it.
+struct Running {
+    key: WorkerKey,
+    handle: JoinHandle<()>,
+    target: webhook::Target,
+}
+
 /// The running workers by project id. Dropping it aborts them all: when the agent's future
 /// is dropped (shutdown, or leadership lost), no worker keeps applying.
 #[derive(Default)]
-struct Workers(HashMap<String, (WorkerKey, JoinHandle<()>)>);
+struct Workers(HashMap<String, Running>);
 
 impl std::ops::Deref for Workers {
-    type Target = HashMap<String, (WorkerKey, JoinHandle<()>)>;
+    type Target = HashMap<String, Running>;
     fn deref(&self) -> &Self::Target {
         &self.0
     }
@@ -186,7 +220,7 @@ impl std::ops::DerefMut for Workers {
 
 impl Drop for Workers {
     fn drop(&mut self) {
-        for (id, (_, handle)) in self.0.drain() {
+        for (id, Running { handle, .. }) in self.0.drain() {
             handle.abort();
             info!(worker_id = %id, "Stopped worker");
         }
@@ -202,17 +236,17 @@ struct WorkerKey {
 }
 
 fn reconcile_workers(
-    workers: &mut HashMap<String, (WorkerKey, JoinHandle<()>)>,
+    workers: &mut HashMap<String, Running>,
     loaded: &Loaded,
     cluster: &Cluster,
     opts: &Options,
 ) {
     let cfg = &loaded.config;
-    workers.retain(|id, (_, handle)| {
+    workers.retain(|id, w| {
         let keep = cfg.manifest_projects.iter().any(|p| &p.id == id);
         if !keep {
             info!(worker_id = %id, "{}", msg::STOPPING_WORKER);
-            handle.abort();
+            w.handle.abort();
         }
         keep
     });
@@ -237,10 +271,10 @@ fn reconcile_workers(
                 .collect(),
         };
         match workers.get(&project.id) {
-            Some((old, _)) if *old == key => continue,
-            Some((_, handle)) => {
+            Some(w) if w.key == key => continue,
+            Some(w) => {
                 info!(worker_id = %project.id, "{}", msg::RESTARTING_WORKER);
-                handle.abort();
+                w.handle.abort();
             }
             None => info!(worker_id = %project.id, "{}", msg::STARTING_WORKER),
         }
@@ -252,14 +286,28 @@ fn reconcile_workers(
         if let Err(e) = &inventory {
             error!(worker_id = %project.id, error = %e, "this project does not sync until it has an inventory of its own");
         }
+        let target = webhook::Target {
+            id: project.id.clone(),
+            url: sync::project_url(&project.id, &opts.git_base_url),
+            git_ref: project.git_ref.clone(),
+            wake: Arc::new(Notify::new()),
+        };
         let handle = tokio::spawn(worker(
             cluster.clone(),
             project.clone(),
             selected,
             inventory,
             opts.clone(),
+            target.wake.clone(),
         ));
-        workers.insert(project.id.clone(), (key, handle));
+        workers.insert(
+            project.id.clone(),
+            Running {
+                key,
+                handle,
+                target,
+            },
+        );
     }
 }
 
@@ -709,7 +757,15 @@ async fn worker(
     plugins: Result<Vec<Arc<Plugin>>, plugins::Error>,
     inventory: Result<(String, Vec<InventoryRef>), String>,
     opts: Options,
+    wake: Arc<Notify>,
 ) {
+    // Until the next poll, or a push webhook for this project.
+    let pause = || async {
+        tokio::select! {
+            _ = tokio::time::sleep(opts.poll_interval) => {}
+            _ = wake.notified() => {}
+        }
+    };
     let Ok(inventory) = inventory else {
         // The error was logged when the worker started; it never syncs (nothing it could
         // do is safe) until the configuration changes.
@@ -723,7 +779,7 @@ async fn worker(
             Ok(c) => c,
             Err(e) => {
                 warn!(project_id = %project.id, agent_id = %opts.agent_name, git_ref = %project.git_ref, error = %e, "{}", msg::POLL_FAILED);
-                tokio::time::sleep(opts.poll_interval).await;
+                pause().await;
                 continue;
             }
         };
@@ -734,7 +790,7 @@ async fn worker(
             _ => true,
         };
         if !due {
-            tokio::time::sleep(opts.poll_interval).await;
+            pause().await;
             continue;
         }
         if state.synced.as_ref().is_none_or(|(c, _)| *c != commit) {
@@ -744,13 +800,15 @@ async fn worker(
         let started = std::time::Instant::now();
         let outcome = tokio::select! {
             r = sync::sync(&mut cluster, &source, &project, &commit, &settings) => Some(r),
-            _ = newer_commit(source.clone(), project.git_ref.clone(), commit.clone(), opts.poll_interval) => None,
+            _ = newer_commit(source.clone(), project.git_ref.clone(), commit.clone(), opts.poll_interval, &wake) => None,
         };
         match outcome {
             None => {
                 opts.metrics
                     .record_sync(&project.id, "canceled", started.elapsed(), &[]);
-                info!(project_id = %project.id, commit_id = %commit, "{}", msg::CANCELED)
+                info!(project_id = %project.id, commit_id = %commit, "{}", msg::CANCELED);
+                // A newer commit is there: sync it now, not after a poll interval.
+                continue;
             }
             Some(result) => {
                 let elapsed = started.elapsed();
@@ -789,7 +847,7 @@ async fn worker(
                 }
             }
         }
-        tokio::time::sleep(opts.poll_interval).await;
+        pause().await;
     }
 }
 
@@ -841,13 +899,23 @@ async fn resolve(source: Source, git_ref: GitRef) -> Result<String, String> {
     .map_err(|e| e.to_string())
 }
 
-/// Resolves when the ref moves away from `current` (never for a commit ref).
-async fn newer_commit(source: Source, git_ref: GitRef, current: String, every: Duration) {
+/// Resolves when the ref moves away from `current` (never for a commit ref); looks every
+/// `every`, or when a push wakes it.
+async fn newer_commit(
+    source: Source,
+    git_ref: GitRef,
+    current: String,
+    every: Duration,
+    wake: &Notify,
+) {
     if matches!(git_ref, GitRef::Commit(_)) {
         return std::future::pending().await;
     }
     loop {
-        tokio::time::sleep(every).await;
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = wake.notified() => {}
+        }
         match resolve(source.clone(), git_ref.clone()).await {
             Ok(c) if c != current => return,
             _ => {}

@@ -55,6 +55,8 @@ pub struct Params {
     pub git_base_url: String,
     /// The git token, if the repositories need one (it goes into a Secret only).
     pub git_token: Option<String>,
+    /// The push webhooks' secret, if they are wanted (a Secret only).
+    pub webhook_secret: Option<String>,
 }
 
 /// The default image: this version's.
@@ -145,16 +147,20 @@ pub fn manifests(p: &Params) -> Result<Vec<Value>, Error> {
                "metadata": {"name": ns, "labels": labels(p)}}),
         json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(&name)}),
     ];
-    if let Some(token) = &p.git_token {
-        // `data`, base64 as the API stores it (server-side apply of `stringData` leaves
-        // ownership behind on later applies).
+    // `data`, base64 as the API stores it (server-side apply of `stringData` leaves
+    // ownership behind on later applies).
+    let secret = |suffix: &str, key: &str, value: &str| {
         let encoded =
-            serde_json::to_value(k8s_openapi::ByteString(token.trim().as_bytes().to_vec()))
+            serde_json::to_value(k8s_openapi::ByteString(value.trim().as_bytes().to_vec()))
                 .unwrap_or_default();
-        out.push(
-            json!({"apiVersion": "v1", "kind": "Secret", "metadata": meta(&format!("{name}-git")),
-                        "type": "Opaque", "data": {"token": encoded}}),
-        );
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": meta(&format!("{name}-{suffix}")),
+               "type": "Opaque", "data": {key: encoded}})
+    };
+    if let Some(token) = &p.git_token {
+        out.push(secret("git", "token", token));
+    }
+    if let Some(webhook) = &p.webhook_secret {
+        out.push(secret("webhook", "secret", webhook));
     }
     if let ConfigFrom::File(text) = &p.config {
         out.push(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(&format!("{name}-config")),
@@ -243,6 +249,12 @@ fn deployment(p: &Params, name: &str) -> Value {
         volumes.push(json!({"name": "git", "secret": {"secretName": format!("{name}-git"), "defaultMode": 0o440}}));
         mounts.push(json!({"name": "git", "mountPath": "/etc/sluice/git", "readOnly": true}));
     }
+    if p.webhook_secret.is_some() {
+        args.push("--webhook-secret-file=/etc/sluice/webhook/secret".into());
+        volumes.push(json!({"name": "webhook", "secret": {"secretName": format!("{name}-webhook"), "defaultMode": 0o440}}));
+        mounts
+            .push(json!({"name": "webhook", "mountPath": "/etc/sluice/webhook", "readOnly": true}));
+    }
     args.extend([
         "--cache-dir=/var/cache/sluice".to_string(),
         format!("--lease-name={}", lease_name(&p.agent_name)),
@@ -314,7 +326,34 @@ mod tests {
             config: ConfigFrom::Repo("https://gitlab.example.com/ops/agents.git".into()),
             git_base_url: "https://gitlab.example.com".into(),
             git_token: Some("glpat-secret\n".into()),
+            webhook_secret: None,
         }
+    }
+
+    #[test]
+    fn a_webhook_secret_goes_into_its_own_secret_and_turns_the_hooks_on() {
+        let out = manifests(&Params {
+            webhook_secret: Some("s3cr3t-value\n".into()),
+            ..params(Rbac::ClusterAdmin)
+        })
+        .expect("valid");
+        let hook = out
+            .iter()
+            .find(|o| o["metadata"]["name"] == "sluice-prod-webhook")
+            .expect("the webhook Secret");
+        assert_eq!(hook["data"]["secret"], "czNjcjN0LXZhbHVl");
+        assert!(!to_yaml(&out).contains("s3cr3t-value"));
+        let deployment = out.last().expect("deployment");
+        let c = &deployment["spec"]["template"]["spec"]["containers"][0];
+        assert!(
+            c["args"]
+                .as_array()
+                .expect("args")
+                .contains(&json!("--webhook-secret-file=/etc/sluice/webhook/secret"))
+        );
+        assert!(c["volumeMounts"].as_array().expect("mounts").contains(
+            &json!({"name": "webhook", "mountPath": "/etc/sluice/webhook", "readOnly": true})
+        ));
     }
 
     fn kinds(objects: &[Value]) -> Vec<String> {

@@ -33,6 +33,7 @@ pub mod source;
 pub mod status;
 pub mod sync;
 pub mod wait;
+pub mod webhook;
 
 /// Selects rustls' `ring` provider for the process. Two providers end up linked (kube uses
 /// ring, gix's HTTP client aws-lc-rs), and rustls then refuses to guess; call this once

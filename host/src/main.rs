@@ -84,6 +84,10 @@ struct GenerateArgs {
     /// File holding the git token, or `-` for stdin; it goes into a Secret (never argv).
     #[arg(long)]
     git_token_file: Option<PathBuf>,
+    /// File holding a webhook secret, or `-` for stdin: turns on the push webhooks
+    /// (`/hooks/gitlab`, `/hooks/github`, `/hooks/generic` on the Service's port 8080).
+    #[arg(long)]
+    webhook_secret_file: Option<PathBuf>,
     /// Container image.
     #[arg(long, default_value_t = sluice::install::default_image())]
     image: String,
@@ -238,9 +242,15 @@ struct RunArgs {
     /// its own leader election when it runs beside sluice).
     #[arg(long)]
     lease_name: Option<String>,
-    /// Address of /metrics, /liveness and /readiness (agentk's flag and default).
+    /// Address of /metrics, /liveness and /readiness (agentk's flag and default), and of the
+    /// webhook receivers.
     #[arg(long, default_value = "0.0.0.0:8080")]
     observability_listen_address: String,
+    /// File holding the webhook secret: turns on `POST /hooks/gitlab` (the secret is the
+    /// webhook's "Secret token"), `/hooks/github` (its HMAC secret) and `/hooks/generic`
+    /// (`Authorization: Bearer <secret>`); a valid push syncs its project at once.
+    #[arg(long, env = "SLUICE_WEBHOOK_SECRET_FILE")]
+    webhook_secret_file: Option<PathBuf>,
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {
@@ -321,23 +331,37 @@ fn generate(args: GenerateArgs) -> ExitCode {
         eprintln!("error: {message}");
         ExitCode::from(2)
     };
-    let git_token = match &args.git_token_file {
-        Some(path) if path.as_os_str() == "-" => {
-            let mut token = String::new();
-            if let Err(e) = std::io::stdin().read_to_string(&mut token) {
-                return fail(format!("failed to read the git token from stdin: {e}"));
-            }
-            Some(token)
-        }
-        Some(path) => match std::fs::read_to_string(path) {
-            Ok(t) => Some(t),
-            Err(e) => return fail(format!("failed to read {}: {e}", path.display())),
-        },
-        None => None,
-    };
-    if git_token.as_deref().is_some_and(|t| t.trim().is_empty()) {
-        return fail("the git token is empty".into());
+    let is_stdin = |p: &Option<PathBuf>| p.as_ref().is_some_and(|p| p.as_os_str() == "-");
+    if is_stdin(&args.git_token_file) && is_stdin(&args.webhook_secret_file) {
+        return fail("only one of --git-token-file and --webhook-secret-file can be `-`".into());
     }
+    // A secret from a file or stdin; never empty.
+    let read = |path: &Option<PathBuf>, what: &str| -> Result<Option<String>, String> {
+        let text = match path {
+            Some(path) if path.as_os_str() == "-" => {
+                let mut text = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut text)
+                    .map_err(|e| format!("failed to read the {what} from stdin: {e}"))?;
+                text
+            }
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| format!("failed to read {}: {e}", path.display()))?,
+            None => return Ok(None),
+        };
+        if text.trim().is_empty() {
+            return Err(format!("the {what} is empty"));
+        }
+        Ok(Some(text))
+    };
+    let git_token = match read(&args.git_token_file, "git token") {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
+    let webhook_secret = match read(&args.webhook_secret_file, "webhook secret") {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
     let config = match (&args.config_repo, &args.config) {
         (Some(url), _) => ConfigFrom::Repo(url.clone()),
         (None, Some(path)) => match std::fs::read_to_string(path) {
@@ -362,6 +386,7 @@ fn generate(args: GenerateArgs) -> ExitCode {
         config,
         git_base_url: args.git_base_url,
         git_token,
+        webhook_secret,
     };
     match sluice::install::manifests(&params) {
         Ok(objects) => {
@@ -658,6 +683,7 @@ async fn setup(args: &RunArgs) -> Result<Setup, ExitCode> {
         git_ca,
         plugin_cache_dir: Some(cache_root.join("wasm")),
         metrics: metrics.clone(),
+        triggers: Default::default(),
         limits: sluice::select::Limits {
             max_files: args.max_files,
             max_file_bytes: args.max_file_bytes,
@@ -727,9 +753,33 @@ async fn run(args: RunArgs) -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
+    let hooks = match &args.webhook_secret_file {
+        None => None,
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(secret) if !secret.trim().is_empty() => {
+                Some(std::sync::Arc::new(sluice::webhook::Receiver::new(
+                    secret.trim().to_string().into(),
+                    opts.triggers.clone(),
+                    metrics.clone(),
+                )))
+            }
+            Ok(_) => {
+                tracing::error!(path = %path.display(), "the webhook secret file is empty");
+                return ExitCode::from(2);
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "failed to read the webhook secret file");
+                return ExitCode::from(2);
+            }
+        },
+    };
     match tokio::net::TcpListener::bind(&args.observability_listen_address).await {
         Ok(listener) => {
-            tokio::spawn(sluice::observability::serve(listener, metrics.clone()));
+            tokio::spawn(sluice::observability::serve(
+                listener,
+                metrics.clone(),
+                hooks,
+            ));
         }
         Err(e) => {
             tracing::error!(address = %args.observability_listen_address, error = %e, "failed to listen for /metrics, /liveness and /readiness");

@@ -30,6 +30,12 @@ struct ProjectLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WebhookLabels {
+    provider: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ActionLabels {
     project: String,
     action: String,
@@ -43,6 +49,7 @@ pub struct Metrics {
     duration: Family<ProjectLabels, Histogram>,
     objects: Family<ActionLabels, Counter>,
     last_success: Family<ProjectLabels, Gauge>,
+    webhooks: Family<WebhookLabels, Counter>,
     ready: AtomicBool,
 }
 
@@ -55,6 +62,7 @@ impl Default for Metrics {
         });
         let objects = Family::<ActionLabels, Counter>::default();
         let last_success = Family::<ProjectLabels, Gauge>::default();
+        let webhooks = Family::<WebhookLabels, Counter>::default();
         registry.register(
             "syncs",
             "Syncs by project and result (success, failure, canceled)",
@@ -75,12 +83,18 @@ impl Default for Metrics {
             "Unix time of the last successful sync of each project",
             last_success.clone(),
         );
+        registry.register(
+            "webhook_requests",
+            "Webhook requests by provider and result (triggered, no_match, ignored, unauthorized, bad_request, rate_limited)",
+            webhooks.clone(),
+        );
         Metrics {
             registry,
             syncs,
             duration,
             objects,
             last_success,
+            webhooks,
             ready: AtomicBool::new(false),
         }
     }
@@ -127,6 +141,16 @@ impl Metrics {
         }
     }
 
+    /// Records one webhook request ([`crate::webhook`]).
+    pub fn record_webhook(&self, provider: &str, result: &str) {
+        self.webhooks
+            .get_or_create(&WebhookLabels {
+                provider: provider.into(),
+                result: result.into(),
+            })
+            .inc();
+    }
+
     /// Marks the agent ready (configuration loaded, workers started).
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Relaxed);
@@ -148,7 +172,8 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one connection may stay open, keep-alive included.
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Serves `/metrics`, `/liveness` and `/readiness` on `listener` until the task is dropped.
+/// Serves `/metrics`, `/liveness` and `/readiness` on `listener` until the task is dropped,
+/// and the webhook receivers (`/hooks/*`, [`crate::webhook`]) when `hooks` is given.
 ///
 /// The port is unauthenticated and often reachable from the whole cluster, so a client
 /// cannot hold it: at most [`MAX_CONNECTIONS`] connections (more are closed at once),
@@ -157,8 +182,12 @@ pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
+    hooks: Option<Arc<crate::webhook::Receiver>>,
 ) -> std::io::Result<()> {
-    let app = router(metrics);
+    let app = match hooks {
+        Some(receiver) => router(metrics).merge(crate::webhook::routes(receiver)),
+        None => router(metrics),
+    };
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = match listener.accept().await {
@@ -259,7 +288,7 @@ mod tests {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let server = tokio::spawn(serve(listener, Arc::new(Metrics::default())));
+        let server = tokio::spawn(serve(listener, Arc::new(Metrics::default()), None));
         assert!(get(addr, "/liveness").await.starts_with("HTTP/1.1 200"));
 
         // Slowloris: half a request, never finished, is cut off after the header timeout.

@@ -75,7 +75,7 @@ async fn seed_scenario_the_cluster_follows_a_commit_within_seconds() {
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    tokio::spawn(sluice::observability::serve(listener, metrics));
+    tokio::spawn(sluice::observability::serve(listener, metrics, None));
     let (_stop, _agent) = start(ConfigSource::File(config), opts, client.clone());
 
     let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
@@ -190,6 +190,181 @@ async fn one_broken_project_never_stops_another() {
                 .unwrap_or_default()
                 .starts_with("inventory-"))
     );
+}
+
+/// A plain HTTP/1.1 POST with extra headers; returns the status code and the body.
+async fn http_post(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut request = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
+    (status, body.unwrap_or_default())
+}
+
+/// With polling effectively off (one poll an hour), only a push webhook can make the agent
+/// see a new commit: GitLab's token and GitHub's signature are checked, a wrong one wakes
+/// nothing, and every request is counted in `/metrics`.
+#[tokio::test]
+async fn a_push_webhook_syncs_its_project_at_once() {
+    use hmac::Mac;
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "hook").await;
+    let project = format!("group/{ns}");
+    let repo = git::shared().create_repo(&project);
+    repo.commit("main", &[file("web.yaml", deployment("web", 1))], "one");
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, format!("gitops:\n  manifest_projects:\n  - id: {project}\n    default_namespace: {ns}\n    reconcile_timeout: 60s\n")).expect("config");
+    let opts = agent::Options {
+        poll_interval: Duration::from_secs(3600),
+        ..options("hook", dir.path())
+    };
+    let secret = "s3cret-token";
+    let receiver = std::sync::Arc::new(sluice::webhook::Receiver::new(
+        secret.to_string().into(),
+        opts.triggers.clone(),
+        opts.metrics.clone(),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(sluice::observability::serve(
+        listener,
+        opts.metrics.clone(),
+        Some(receiver),
+    ));
+    let (_stop, _agent) = start(ConfigSource::File(config), opts, client.clone());
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    eventually("the first commit", FOLLOW, || async {
+        (replicas(&deploys, "web").await == Some(1)).then_some(())
+    })
+    .await;
+
+    // GitLab: a wrong token is refused and wakes nothing; the right one syncs the commit.
+    repo.commit("main", &[file("web.yaml", deployment("web", 2))], "two");
+    let gitlab = format!(
+        r#"{{"object_kind":"push","ref":"refs/heads/main","project":{{"path_with_namespace":"{project}","default_branch":"main"}}}}"#
+    );
+    let (status, body) = http_post(
+        addr,
+        "/hooks/gitlab",
+        &[("X-Gitlab-Token", "wrong"), ("X-Gitlab-Event", "Push Hook")],
+        &gitlab,
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (401, "missing or wrong secret\n"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        replicas(&deploys, "web").await,
+        Some(1),
+        "a refused push syncs nothing"
+    );
+    let pushed = std::time::Instant::now();
+    let (status, body) = http_post(
+        addr,
+        "/hooks/gitlab",
+        &[("X-Gitlab-Token", secret), ("X-Gitlab-Event", "Push Hook")],
+        &gitlab,
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).expect("JSON"),
+        serde_json::json!({"triggered": [project]})
+    );
+    eventually("the commit the GitLab push announced", FOLLOW, || async {
+        (replicas(&deploys, "web").await == Some(2)).then_some(())
+    })
+    .await;
+    eprintln!("GitLab push to applied: {:?}", pushed.elapsed());
+
+    // GitHub: the body's HMAC-SHA256 under the secret; a push to another branch wakes
+    // nothing.
+    repo.commit("main", &[file("web.yaml", deployment("web", 3))], "three");
+    let github = |git_ref: &str| {
+        format!(
+            r#"{{"ref":"{git_ref}","repository":{{"full_name":"{project}","clone_url":"{}/{project}.git","default_branch":"main"}}}}"#,
+            git::shared().base_url()
+        )
+    };
+    let sign = |body: &str| {
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("key");
+        mac.update(body.as_bytes());
+        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    };
+    let other = github("refs/heads/feature");
+    let (status, body) = http_post(
+        addr,
+        "/hooks/github",
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-Hub-Signature-256", &sign(&other)),
+        ],
+        &other,
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (200, r#"{"triggered":[]}"#));
+    let main = github("refs/heads/main");
+    let (status, body) = http_post(
+        addr,
+        "/hooks/github",
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-Hub-Signature-256", &sign(&other)),
+        ],
+        &main,
+    )
+    .await;
+    assert_eq!(status, 401, "a signature of another body: {body}");
+    let (status, body) = http_post(
+        addr,
+        "/hooks/github",
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-Hub-Signature-256", &sign(&main)),
+        ],
+        &main,
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    eventually("the commit the GitHub push announced", FOLLOW, || async {
+        (replicas(&deploys, "web").await == Some(3)).then_some(())
+    })
+    .await;
+
+    let metrics = http_get(addr, "/metrics").await;
+    for line in [
+        r#"sluice_webhook_requests_total{provider="gitlab",result="unauthorized"} 1"#,
+        r#"sluice_webhook_requests_total{provider="gitlab",result="triggered"} 1"#,
+        r#"sluice_webhook_requests_total{provider="github",result="no_match"} 1"#,
+        r#"sluice_webhook_requests_total{provider="github",result="unauthorized"} 1"#,
+        r#"sluice_webhook_requests_total{provider="github",result="triggered"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    assert!(!metrics.contains(secret));
 }
 
 #[tokio::test]

@@ -204,6 +204,7 @@ pub fn options(agent: &str, cache: &std::path::Path) -> sluice::agent::Options {
         plugin_cache_dir: None,
         limits: Default::default(),
         metrics: Default::default(),
+        triggers: Default::default(),
     }
 }
 
