@@ -1,11 +1,24 @@
 //! Health of applied objects, by kstatus rules, within a deadline.
 //!
 //! [`status`] computes one object's status from its live state (pure); [`wait_current`]
-//! polls until every object is `Current` (or `Failed`), and [`wait_gone`] until pruned
+//! waits until every object is `Current` (or `Failed`), and [`wait_gone`] until pruned
 //! objects are `NotFound`. A newer commit cancels a wait by dropping its future.
+//!
+//! Waits watch, as kstatus' status watcher does: one watch per resource and namespace among
+//! the objects (a LIST, then a WATCH that the API server streams changes on), whatever
+//! their number, instead of a GET per object every half second. A resource and namespace
+//! with a single object is watched by name (`metadata.name=` field selector), so an
+//! unrelated crowd of the same kind is never listed. Statuses that depend on time (a Pod
+//! gets 15 s to be scheduled) are judged again every second from what the watch last
+//! delivered, without a request.
 
-use std::time::{Duration, Instant};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
 
+use futures::StreamExt;
+use kube::api::{Api, DynamicObject};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher;
 use serde_json::Value;
 
 use crate::cluster::Cluster;
@@ -444,9 +457,9 @@ fn crd(o: &Value) -> Computed {
     in_progress("Installing", "Install in progress")
 }
 
-/// Polls until every object is Current or Failed, or until `timeout` (zero: no limit).
+/// Watches until every object is Current or Failed, or until `timeout` (zero: no limit).
 pub async fn wait_current(cluster: &Cluster, objects: &[ObjRef], timeout: Duration) -> Vec<Health> {
-    poll(
+    watch(
         cluster,
         objects,
         timeout,
@@ -459,9 +472,9 @@ pub async fn wait_current(cluster: &Cluster, objects: &[ObjRef], timeout: Durati
     .await
 }
 
-/// Polls until every object is NotFound, or until `timeout` (zero: no limit).
+/// Watches until every object is NotFound, or until `timeout` (zero: no limit).
 pub async fn wait_gone(cluster: &Cluster, objects: &[ObjRef], timeout: Duration) -> Vec<Health> {
-    poll(
+    watch(
         cluster,
         objects,
         timeout,
@@ -474,14 +487,29 @@ pub async fn wait_gone(cluster: &Cluster, objects: &[ObjRef], timeout: Duration)
     .await
 }
 
-async fn poll(
+/// The objects of one resource in one namespace, watched together.
+struct Group {
+    api: Api<DynamicObject>,
+    /// Object name → index in the wait's list.
+    members: HashMap<String, usize>,
+}
+
+/// What a wait knows about each object.
+struct Seen {
+    /// The live object as last delivered (`None`: absent).
+    live: Vec<Option<Value>>,
+    /// Whether its watch has finished its first list (before that, absence means nothing).
+    known: Vec<bool>,
+}
+
+async fn watch(
     cluster: &Cluster,
     objects: &[ObjRef],
     timeout: Duration,
     judge: impl Fn(Option<&Value>) -> (Status, Option<String>),
     done: impl Fn(Status) -> bool,
 ) -> Vec<Health> {
-    let start = Instant::now();
+    let deadline = (!timeout.is_zero()).then(|| tokio::time::Instant::now() + timeout);
     let mut health: Vec<Health> = objects
         .iter()
         .map(|o| Health {
@@ -490,19 +518,137 @@ async fn poll(
             message: None,
         })
         .collect();
-    loop {
-        for h in health.iter_mut().filter(|h| !done(h.status)) {
-            match cluster.get(&h.obj).await {
-                Ok(live) => (h.status, h.message) = judge(live.as_ref()),
-                Err(e) => h.message = Some(format!("failed to read: {e}")),
+    let mut seen = Seen {
+        live: vec![None; objects.len()],
+        known: vec![false; objects.len()],
+    };
+    let mut groups: BTreeMap<(String, String, String), Group> = BTreeMap::new();
+    for (i, o) in objects.iter().enumerate() {
+        match cluster.resolve_ref(o) {
+            Some((ar, caps)) => {
+                let namespaced = caps.scope == kube::discovery::Scope::Namespaced;
+                let ns = if namespaced {
+                    o.namespace.clone()
+                } else {
+                    String::new()
+                };
+                groups
+                    .entry((ar.api_version.clone(), ar.plural.clone(), ns))
+                    .or_insert_with(|| Group {
+                        api: cluster.api(&ar, &caps, &o.namespace),
+                        members: HashMap::new(),
+                    })
+                    .members
+                    .insert(o.name.clone(), i);
+            }
+            // A kind the cluster does not serve: nothing of it exists.
+            None => {
+                seen.known[i] = true;
             }
         }
-        if health.iter().all(|h| done(h.status))
-            || (!timeout.is_zero() && start.elapsed() >= timeout)
-        {
+    }
+    let groups: Vec<Group> = groups.into_values().collect();
+    let streams = groups.iter().enumerate().map(|(g, group)| {
+        let mut config = watcher::Config::default();
+        if group.members.len() == 1 {
+            let name = group
+                .members
+                .keys()
+                .next()
+                .map(String::as_str)
+                .unwrap_or_default();
+            config = config.fields(&format!("metadata.name={name}"));
+        }
+        watcher(group.api.clone(), config)
+            .default_backoff()
+            .map(move |event| (g, event))
+            .boxed()
+    });
+    let mut events = futures::stream::select_all(streams);
+    // Objects of the group whose (re)list is under way, and those it delivered so far.
+    let mut listing: HashMap<usize, HashSet<usize>> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Objects to judge again: those an event touched; all of them on each tick.
+    let mut dirty: Vec<usize> = Vec::new();
+    let mut remaining = objects.len();
+    loop {
+        for i in dirty.drain(..) {
+            let h = &mut health[i];
+            if seen.known[i] && !done(h.status) {
+                (h.status, h.message) = judge(seen.live[i].as_ref());
+                if done(h.status) {
+                    remaining -= 1;
+                }
+            }
+        }
+        if remaining == 0 {
             return health;
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        let expired = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            event = events.next() => {
+                let Some((g, event)) = event else {
+                    // No watch at all (every kind unserved) and something not done yet:
+                    // nothing will change; wait for the deadline.
+                    match deadline {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                    return health;
+                };
+                let members = &groups[g].members;
+                let index = |o: &DynamicObject| o.metadata.name.as_ref().and_then(|n| members.get(n)).copied();
+                match event {
+                    Ok(watcher::Event::Init) => {
+                        listing.insert(g, HashSet::new());
+                    }
+                    Ok(watcher::Event::InitApply(o)) => {
+                        if let Some(i) = index(&o) {
+                            seen.live[i] = serde_json::to_value(&o).ok();
+                            listing.entry(g).or_default().insert(i);
+                            dirty.push(i);
+                        }
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        let delivered = listing.remove(&g).unwrap_or_default();
+                        for &i in members.values() {
+                            if !delivered.contains(&i) {
+                                seen.live[i] = None;
+                            }
+                            seen.known[i] = true;
+                            dirty.push(i);
+                        }
+                    }
+                    Ok(watcher::Event::Apply(o)) => {
+                        if let Some(i) = index(&o) {
+                            seen.live[i] = serde_json::to_value(&o).ok();
+                            dirty.push(i);
+                        }
+                    }
+                    Ok(watcher::Event::Delete(o)) => {
+                        if let Some(i) = index(&o) {
+                            seen.live[i] = None;
+                            dirty.push(i);
+                        }
+                    }
+                    Err(e) => {
+                        // The watch retries with backoff; say why it is not progressing.
+                        for &i in members.values() {
+                            if !done(health[i].status) {
+                                health[i].message = Some(format!("failed to watch: {e}"));
+                            }
+                        }
+                    }
+                }
+            }
+            _ = tick.tick() => dirty.extend(0..objects.len()),
+            _ = expired => return health,
+        }
     }
 }
 

@@ -5,10 +5,28 @@
 //! and a second apply of the same manifests (nothing changes). sluice's time is a whole sync:
 //! fetch, select, decode, discovery, server-side dry-run of the set, apply, inventory, and the
 //! health wait; kubectl's is `kubectl apply --server-side -f DIR` alone, with no wait.
+//!
+//! Requests are counted from the API server's audit log, per client (`User-Agent`: kubectl's
+//! own, and `sluice-bench` for sluice's client): all of them, and the writes among them
+//! (create, update, patch, delete; dry runs excluded).
 
 use std::time::{Duration, Instant};
 
+use sluice_testenv::cluster::Request;
 use sluice_testenv::{cluster, git};
+
+/// Requests since `mark` by clients whose User-Agent starts with `agent`: (all, writes).
+fn count(mark: u64, agent: &str) -> (usize, usize) {
+    let requests: Vec<Request> = cluster::shared()
+        .requests_since(mark)
+        .into_iter()
+        .filter(|r| r.user_agent.starts_with(agent))
+        .collect();
+    (
+        requests.len(),
+        requests.iter().filter(|r| r.is_write()).count(),
+    )
+}
 
 const N: usize = 200;
 
@@ -71,7 +89,11 @@ async fn main() {
         std::fs::write(p, text).expect("write");
     }
     let kns = cluster::namespace(&client, "bench-kubectl").await;
+    let cp = cluster::shared();
+    let mark = cp.audit_mark();
     let k1 = kubectl_apply(&kubectl, &kubeconfig, dir.path(), &kns);
+    let k1_requests = count(mark, "kubectl/");
+    let mark = cp.audit_mark();
     // sluice waits for health; so does this, to compare like with like.
     let t = Instant::now();
     let out = std::process::Command::new(&kubectl)
@@ -93,7 +115,10 @@ async fn main() {
         String::from_utf8_lossy(&out.stderr)
     );
     let kwait = t.elapsed();
+    let kwait_requests = count(mark, "kubectl/");
+    let mark = cp.audit_mark();
     let k2 = kubectl_apply(&kubectl, &kubeconfig, dir.path(), &kns);
+    let k2_requests = count(mark, "kubectl/");
 
     // sluice: the same files in a git repository, one sync each.
     let sns = cluster::namespace(&client, "bench-sluice").await;
@@ -121,7 +146,7 @@ async fn main() {
         others: Vec::new(),
         takeover: sluice::sync::Takeover::Off,
     };
-    let mut c = sluice::cluster::Cluster::connect(client.clone())
+    let mut c = sluice::cluster::Cluster::connect(cluster::client_as("sluice-bench").await)
         .await
         .expect("discovery");
     let commit = {
@@ -131,16 +156,20 @@ async fn main() {
             .expect("task")
             .expect("resolve")
     };
+    let mark = cp.audit_mark();
     let t = Instant::now();
     sluice::sync::sync(&mut c, &source, &project, &commit, &settings)
         .await
         .expect("first sync");
     let s1 = t.elapsed();
+    let s1_requests = count(mark, "sluice-bench");
+    let mark = cp.audit_mark();
     let t = Instant::now();
     let report = sluice::sync::sync(&mut c, &source, &project, &commit, &settings)
         .await
         .expect("second sync");
     let s2 = t.elapsed();
+    let s2_requests = count(mark, "sluice-bench");
     assert!(
         report
             .results
@@ -196,8 +225,22 @@ async fn main() {
         s1.as_secs_f64()
     );
     println!(
+        "| requests (writes), first apply | {} ({}) apply + {} ({}) wait = {} | {} ({}) |",
+        k1_requests.0,
+        k1_requests.1,
+        kwait_requests.0,
+        kwait_requests.1,
+        k1_requests.0 + kwait_requests.0,
+        s1_requests.0,
+        s1_requests.1
+    );
+    println!(
         "| second apply (nothing changed) | {:.2} s | {:.2} s (dry-run only, nothing written) |",
         k2.as_secs_f64(),
         s2.as_secs_f64()
+    );
+    println!(
+        "| requests (writes), second apply | {} ({}) | {} ({}) |",
+        k2_requests.0, k2_requests.1, s2_requests.0, s2_requests.1
     );
 }

@@ -41,6 +41,58 @@ pub struct ControlPlane {
     pub dir: PathBuf,
 }
 
+/// One request, as the API server's audit log records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// `get`, `list`, `watch`, `create`, `patch`, `update`, `delete`, …
+    pub verb: String,
+    /// The client's `User-Agent` (`kubectl/v1.36.3 …`, `kapply/…`, `kube-rs/…`).
+    pub user_agent: String,
+    /// The request path.
+    pub uri: String,
+}
+
+impl Request {
+    /// Whether it changed something (`create`, `update`, `patch`, `delete`), dry runs aside.
+    pub fn is_write(&self) -> bool {
+        matches!(
+            self.verb.as_str(),
+            "create" | "update" | "patch" | "delete" | "deletecollection"
+        ) && !self.uri.contains("dryRun=All")
+    }
+}
+
+impl ControlPlane {
+    /// A position in the audit log: [`Self::requests_since`] returns what came after it.
+    pub fn audit_mark(&self) -> u64 {
+        std::fs::metadata(self.dir.join("audit.log")).map_or(0, |m| m.len())
+    }
+
+    /// The requests the API server received since `mark` (its audit log, every request at
+    /// Metadata level, written before the response is sent).
+    ///
+    /// # Panics
+    /// When the audit log cannot be read (a control plane not started by this harness).
+    pub fn requests_since(&self, mark: u64) -> Vec<Request> {
+        use std::io::{Read, Seek};
+        let mut file = std::fs::File::open(self.dir.join("audit.log")).expect("audit log");
+        file.seek(std::io::SeekFrom::Start(mark)).expect("seek");
+        let mut text = String::new();
+        file.read_to_string(&mut text).expect("read audit log");
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["stage"] == "ResponseComplete" || e["stage"] == "ResponseStarted")
+            // A watch is logged when it starts and when it ends: count it once.
+            .filter(|e| !(e["verb"] == "watch" && e["stage"] == "ResponseComplete"))
+            .map(|e| Request {
+                verb: e["verb"].as_str().unwrap_or_default().into(),
+                user_agent: e["userAgent"].as_str().unwrap_or_default().into(),
+                uri: e["requestURI"].as_str().unwrap_or_default().into(),
+            })
+            .collect()
+    }
+}
+
 static SHARED: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
 
 /// The control plane of this test run, started on first use.
@@ -88,12 +140,30 @@ pub async fn namespace(client: &Client, prefix: &str) -> String {
 
 /// Builds a client from a kubeconfig file.
 pub async fn client_for(kubeconfig: &Path) -> Result<Client, String> {
+    client_with(kubeconfig, None).await
+}
+
+/// A new admin client that sends `user_agent`, so that its requests can be told apart in
+/// the audit log ([`ControlPlane::requests_since`]).
+pub async fn client_as(user_agent: &str) -> Client {
+    client_with(&shared().kubeconfig, Some(user_agent))
+        .await
+        .unwrap_or_else(|e| panic!("client for the test control plane: {e}"))
+}
+
+async fn client_with(kubeconfig: &Path, user_agent: Option<&str>) -> Result<Client, String> {
     // Test binaries may link two rustls providers (see sluice::install_crypto_provider).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let kc = Kubeconfig::read_from(kubeconfig).map_err(|e| e.to_string())?;
-    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+    let mut config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
         .map_err(|e| e.to_string())?;
+    if let Some(ua) = user_agent {
+        config.headers.push((
+            http::header::USER_AGENT,
+            http::HeaderValue::from_str(ua).map_err(|e| e.to_string())?,
+        ));
+    }
     Client::try_from(config).map_err(|e| e.to_string())
 }
 
@@ -165,6 +235,12 @@ async fn start(children: &mut Vec<(String, Child, PathBuf)>) -> Result<ControlPl
     )
     .await?;
 
+    let audit_policy = dir.join("audit-policy.yaml");
+    std::fs::write(
+        &audit_policy,
+        "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n",
+    )
+    .map_err(|e| format!("failed to write the audit policy: {e}"))?;
     let mut api = Command::new(bin.join("kube-apiserver"));
     api.args([
         format!("--etcd-servers={etcd_url}"),
@@ -182,6 +258,12 @@ async fn start(children: &mut Vec<(String, Child, PathBuf)>) -> Result<ControlPl
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
         format!("--service-account-key-file={}", p(&pki.sa_public)),
         format!("--service-account-signing-key-file={}", p(&pki.sa_private)),
+        // Every request at Metadata level, so benchmarks count requests per client
+        // (`requests_by`).
+        format!("--audit-policy-file={}", p(&audit_policy)),
+        format!("--audit-log-path={}", p(&dir.join("audit.log"))),
+        "--audit-log-format=json".into(),
+        "--audit-log-maxsize=0".into(),
     ]);
     launch(children, "kube-apiserver", api, &dir)?;
     let client = client_for(&kubeconfig).await?;
