@@ -19,14 +19,17 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
+use crate::apply::Action;
 use crate::cluster::Cluster;
 use crate::config::{self, AgentConfig, GitRef, ManifestProject};
+use crate::drift::Drift;
 use crate::history::{self, History};
 use crate::inventory::InventoryRef;
 use crate::plugins::{self, Plugin};
 use crate::report::{self, msg};
 use crate::source::{Credentials, Source};
 use crate::sync::{self, Settings};
+use crate::wait;
 use crate::webhook::{self, Triggers};
 
 /// Where the configuration comes from.
@@ -55,7 +58,8 @@ pub struct Options {
     pub credentials: HashMap<String, Credentials>,
     /// How often refs are polled. Default 10 s.
     pub poll_interval: Duration,
-    /// How often a synced commit is applied again to correct drift. Default 5 min.
+    /// How often a synced commit is applied again in full (the safety net behind the drift
+    /// watches, [`crate::drift`]). Default 1 h.
     pub reapply_interval: Duration,
     /// Git cache directory.
     pub cache_dir: PathBuf,
@@ -742,7 +746,15 @@ struct State {
     synced: Option<(String, tokio::time::Instant)>,
     /// The commit that last failed, and when it may be retried.
     failed: Option<(String, tokio::time::Instant, Duration)>,
+    /// Live objects drifted from the last sync: sync again now.
+    drifted: bool,
+    /// When the last sync started because of drift.
+    last_drift_sync: Option<tokio::time::Instant>,
 }
+
+/// Drift is restored at most this often per project, so a controller that rewrites a field
+/// git sets does not make the agent apply in a loop.
+const DRIFT_MIN_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How long one ref listing may take before the poll counts as failed.
 const GIT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -759,13 +771,6 @@ async fn worker(
     opts: Options,
     wake: Arc<Notify>,
 ) {
-    // Until the next poll, or a push webhook for this project.
-    let pause = || async {
-        tokio::select! {
-            _ = tokio::time::sleep(opts.poll_interval) => {}
-            _ = wake.notified() => {}
-        }
-    };
     let Ok(inventory) = inventory else {
         // The error was logged when the worker started; it never syncs (nothing it could
         // do is safe) until the configuration changes.
@@ -774,24 +779,69 @@ async fn worker(
     let (source, settings) = prepare(&project, plugins, inventory, &opts);
     let mut history = History::new(cluster.client().clone(), instance());
     let mut state = State::default();
+    // Watches the objects of the last successful sync; none while a sync runs.
+    let mut drift: Option<Drift> = None;
+    // Until the next poll, a push webhook for this project, or drift.
+    let pause = async |drift: &mut Option<Drift>, state: &mut State| {
+        let drifted = async {
+            match drift.as_mut() {
+                Some(d) => d.changed().await,
+                None => std::future::pending().await,
+            }
+        };
+        // The next poll, or sooner when a failed sync's backoff or the re-apply timer ends
+        // (only those still ahead: one that passed did not make the sync due).
+        let now = tokio::time::Instant::now();
+        let next = [
+            Some(now + opts.poll_interval),
+            state.failed.as_ref().map(|(_, at, _)| *at),
+            state
+                .synced
+                .as_ref()
+                .map(|(_, at)| *at + opts.reapply_interval),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|at| *at > now)
+        .min();
+        let why = tokio::select! {
+            _ = tokio::time::sleep_until(next.unwrap_or(now + opts.poll_interval)) => return,
+            _ = wake.notified() => return,
+            why = drifted => why,
+        };
+        info!(project_id = %project.id, drift = %why, "live objects drifted from git; syncing again");
+        *drift = None;
+        state.drifted = true;
+        // A controller that fights git is answered at most every DRIFT_MIN_INTERVAL.
+        if let Some(at) = state.last_drift_sync {
+            tokio::time::sleep_until(at + DRIFT_MIN_INTERVAL).await;
+        }
+    };
     loop {
         let commit = match resolve(source.clone(), project.git_ref.clone()).await {
             Ok(c) => c,
             Err(e) => {
                 warn!(project_id = %project.id, agent_id = %opts.agent_name, git_ref = %project.git_ref, error = %e, "{}", msg::POLL_FAILED);
-                pause().await;
+                pause(&mut drift, &mut state).await;
                 continue;
             }
         };
         let now = tokio::time::Instant::now();
         let due = match (&state.synced, &state.failed) {
             (_, Some((c, at, _))) if *c == commit => now >= *at,
-            (Some((c, at)), _) if *c == commit => now.duration_since(*at) >= opts.reapply_interval,
+            (Some((c, at)), _) if *c == commit => {
+                state.drifted || now.duration_since(*at) >= opts.reapply_interval
+            }
             _ => true,
         };
         if !due {
-            pause().await;
+            pause(&mut drift, &mut state).await;
             continue;
+        }
+        // The sync's own writes are not drift.
+        drift = None;
+        if std::mem::take(&mut state.drifted) {
+            state.last_drift_sync = Some(tokio::time::Instant::now());
         }
         if state.synced.as_ref().is_none_or(|(c, _)| *c != commit) {
             info!(project_id = %project.id, commit_id = %commit, "{}", msg::NEW_COMMIT);
@@ -825,12 +875,39 @@ async fn worker(
                     Ok(report) => {
                         opts.metrics
                             .record_sync(&project.id, "success", elapsed, &report.results);
+                        let applied: Vec<_> = report
+                            .results
+                            .iter()
+                            .filter(|r| {
+                                matches!(
+                                    r.action,
+                                    Action::Created | Action::Configured | Action::Unchanged
+                                )
+                            })
+                            .map(|r| r.obj.clone())
+                            .collect();
+                        drift = Some(Drift::watch(&cluster, &applied));
                         state.synced = Some((commit.clone(), tokio::time::Instant::now()));
                         state.failed = None;
                     }
-                    Err(_) => {
+                    Err(e) => {
                         opts.metrics
                             .record_sync(&project.id, "failure", elapsed, &[]);
+                        let problems = e.problems();
+                        if !problems.is_empty()
+                            && problems
+                                .iter()
+                                .all(|p| p.message.contains(wait::DELETED_DURING_WAIT))
+                        {
+                            // Someone deleted what this sync applied, before it was ready:
+                            // drift, restored now rather than after a failure's backoff.
+                            info!(project_id = %project.id, "objects were deleted during the health wait; syncing again");
+                            state.drifted = true;
+                            if let Some(at) = state.last_drift_sync {
+                                tokio::time::sleep_until(at + DRIFT_MIN_INTERVAL).await;
+                            }
+                            continue;
+                        }
                         let backoff = match &state.failed {
                             Some((c, _, b)) if *c == commit => (*b * 2).min(BACKOFF_MAX),
                             _ => BACKOFF_START,
@@ -847,7 +924,7 @@ async fn worker(
                 }
             }
         }
-        pause().await;
+        pause(&mut drift, &mut state).await;
     }
 }
 

@@ -18,6 +18,7 @@ pub mod apply;
 pub mod cluster;
 pub mod config;
 pub mod decode;
+pub mod drift;
 pub mod history;
 pub mod install;
 pub mod inventory;
@@ -40,6 +41,35 @@ pub mod webhook;
 /// before building a Kubernetes client. Calling it again is harmless.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The `User-Agent` of sluice's requests to the API server (`sluice/<version>`), so audit
+/// logs and API priority and fairness can tell sluice apart from agentk and kubectl.
+pub const USER_AGENT: &str = concat!("sluice/", env!("CARGO_PKG_VERSION"));
+
+/// Why no Kubernetes client could be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Neither KUBECONFIG nor the in-cluster environment gave a configuration.
+    #[error("no Kubernetes configuration (KUBECONFIG or in-cluster): {0}")]
+    Config(#[source] kube::config::InferConfigError),
+    /// The configuration could not be turned into a client.
+    #[error("failed to build the Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+}
+
+/// A Kubernetes client from KUBECONFIG or the in-cluster environment, sending
+/// [`USER_AGENT`].
+///
+/// # Errors
+/// [`ClientError`] when no configuration is found or it is unusable.
+pub async fn kube_client() -> Result<kube::Client, ClientError> {
+    let mut config = kube::Config::infer().await.map_err(ClientError::Config)?;
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(USER_AGENT),
+    ));
+    kube::Client::try_from(config).map_err(ClientError::Client)
 }
 
 /// The version of this build, as Cargo knows it.

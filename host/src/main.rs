@@ -188,8 +188,9 @@ struct RunArgs {
     /// Ref poll interval.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     poll_interval: Duration,
-    /// Interval of the drift-correcting re-apply.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    /// Interval of the full re-apply (every object dry-run, changed ones applied): the
+    /// safety net behind the watches, which restore drift within seconds.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     reapply_interval: Duration,
     /// Server-side apply field manager.
     #[arg(long, default_value = "sluice")]
@@ -518,10 +519,8 @@ async fn render(args: RenderArgs, validate: bool) -> ExitCode {
 
 /// A client from KUBECONFIG or the in-cluster configuration; exit code 2 when there is none.
 async fn kube_client() -> Result<kube::Client, ExitCode> {
-    kube::Client::try_default().await.map_err(|e| {
-        eprintln!(
-            "error: failed to configure the Kubernetes client (KUBECONFIG or in-cluster): {e}"
-        );
+    sluice::kube_client().await.map_err(|e| {
+        eprintln!("error: {e}");
         ExitCode::from(2)
     })
 }
@@ -637,10 +636,10 @@ async fn setup(args: &RunArgs) -> Result<Setup, ExitCode> {
         },
         None => None,
     };
-    let client = match kube::Client::try_default().await {
+    let client = match sluice::kube_client().await {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!(error = %e, "failed to configure the Kubernetes client (KUBECONFIG or in-cluster)");
+            tracing::error!(error = %e, "failed to configure the Kubernetes client");
             return Err(ExitCode::from(2));
         }
     };

@@ -457,12 +457,20 @@ fn crd(o: &Value) -> Computed {
     in_progress("Installing", "Install in progress")
 }
 
+/// The message of an object that [`wait_current`] saw and then saw deleted.
+pub const DELETED_DURING_WAIT: &str = "deleted while waiting for it to become ready";
+
 /// Watches until every object is Current or Failed, or until `timeout` (zero: no limit).
+///
+/// An object that was there and is deleted while the wait runs (by someone else: sluice
+/// waits only for what it applied) is Failed at once, rather than awaited until the
+/// deadline: the next sync recreates it.
 pub async fn wait_current(cluster: &Cluster, objects: &[ObjRef], timeout: Duration) -> Vec<Health> {
     watch(
         cluster,
         objects,
         timeout,
+        Some(DELETED_DURING_WAIT),
         |live| match live {
             Some(v) => status(v),
             None => (Status::NotFound, Some("not found".into())),
@@ -478,6 +486,7 @@ pub async fn wait_gone(cluster: &Cluster, objects: &[ObjRef], timeout: Duration)
         cluster,
         objects,
         timeout,
+        None,
         |live| match live {
             Some(_) => (Status::Terminating, None),
             None => (Status::NotFound, None),
@@ -500,12 +509,16 @@ struct Seen {
     live: Vec<Option<Value>>,
     /// Whether its watch has finished its first list (before that, absence means nothing).
     known: Vec<bool>,
+    /// Whether it has been seen to exist during this wait.
+    present: Vec<bool>,
 }
 
 async fn watch(
     cluster: &Cluster,
     objects: &[ObjRef],
     timeout: Duration,
+    // When set, an object that disappears after it was seen is Failed with this message.
+    deleted: Option<&str>,
     judge: impl Fn(Option<&Value>) -> (Status, Option<String>),
     done: impl Fn(Status) -> bool,
 ) -> Vec<Health> {
@@ -521,6 +534,7 @@ async fn watch(
     let mut seen = Seen {
         live: vec![None; objects.len()],
         known: vec![false; objects.len()],
+        present: vec![false; objects.len()],
     };
     let mut groups: BTreeMap<(String, String, String), Group> = BTreeMap::new();
     for (i, o) in objects.iter().enumerate() {
@@ -575,7 +589,13 @@ async fn watch(
         for i in dirty.drain(..) {
             let h = &mut health[i];
             if seen.known[i] && !done(h.status) {
-                (h.status, h.message) = judge(seen.live[i].as_ref());
+                (h.status, h.message) = match (&seen.live[i], deleted) {
+                    (None, Some(message)) if seen.present[i] => {
+                        (Status::Failed, Some(message.to_string()))
+                    }
+                    (live, _) => judge(live.as_ref()),
+                };
+                seen.present[i] |= seen.live[i].is_some();
                 if done(h.status) {
                     remaining -= 1;
                 }

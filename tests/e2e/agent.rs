@@ -367,6 +367,97 @@ async fn a_push_webhook_syncs_its_project_at_once() {
     assert!(!metrics.contains(secret));
 }
 
+/// Successful syncs of `project` so far, from the agent's metrics.
+fn successes(metrics: &sluice::observability::Metrics, project: &str) -> u64 {
+    let prefix = format!("sluice_syncs_total{{project=\"{project}\",result=\"success\"}} ");
+    metrics
+        .encode()
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Drift is seen on watches: with polling and the full re-apply both an hour away, an
+/// object edited or deleted by someone else is restored within seconds, while the status
+/// writes of controllers on a healthy Deployment cause no sync at all.
+#[tokio::test]
+async fn drift_is_restored_from_watches_and_status_writes_are_not_drift() {
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "drift").await;
+    let project = format!("group/{ns}");
+    let repo = git::shared().create_repo(&project);
+    repo.commit(
+        "main",
+        &[
+            file("web.yaml", deployment("web", 2)),
+            file("cm.yaml", configmap("settings", "git")),
+        ],
+        "web and settings",
+    );
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, format!("gitops:\n  manifest_projects:\n  - id: {project}\n    default_namespace: {ns}\n    reconcile_timeout: 60s\n")).expect("config");
+    let opts = agent::Options {
+        poll_interval: Duration::from_secs(3600),
+        reapply_interval: Duration::from_secs(3600),
+        ..options("drift", dir.path())
+    };
+    let metrics = opts.metrics.clone();
+    let (_stop, _agent) = start(ConfigSource::File(config), opts, client.clone());
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    eventually("the first sync", FOLLOW, || async {
+        (successes(&metrics, &project) == 1).then_some(())
+    })
+    .await;
+    // The Deployment rolls out meanwhile: its controller writes status and the revision
+    // annotation. None of that is drift.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(
+        successes(&metrics, &project),
+        1,
+        "status writes caused a sync"
+    );
+
+    // Someone edits the ConfigMap: git's value is back within seconds.
+    let edit = kube::api::Patch::Merge(serde_json::json!({"data": {"value": "edited"}}));
+    cms.patch("settings", &kube::api::PatchParams::default(), &edit)
+        .await
+        .expect("edit");
+    let edited = std::time::Instant::now();
+    eventually("the ConfigMap restored", FOLLOW, || async {
+        let cm = cms.get("settings").await.ok()?;
+        (cm.data?.get("value").map(String::as_str) == Some("git")).then_some(())
+    })
+    .await;
+    eprintln!("an edited ConfigMap was restored in {:?}", edited.elapsed());
+
+    // Someone scales the Deployment, then deletes it: restored each time.
+    let scale = kube::api::Patch::Merge(serde_json::json!({"spec": {"replicas": 5}}));
+    deploys
+        .patch("web", &kube::api::PatchParams::default(), &scale)
+        .await
+        .expect("scale");
+    eventually("replicas restored", FOLLOW, || async {
+        (replicas(&deploys, "web").await == Some(2)).then_some(())
+    })
+    .await;
+    deploys
+        .delete("web", &Default::default())
+        .await
+        .expect("delete");
+    let deleted = std::time::Instant::now();
+    eventually("the Deployment recreated", FOLLOW, || async {
+        let d = deploys.get_opt("web").await.ok()??;
+        (d.metadata.deletion_timestamp.is_none() && d.spec?.replicas == Some(2)).then_some(())
+    })
+    .await;
+    eprintln!(
+        "a deleted Deployment was recreated in {:?}",
+        deleted.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn configuration_repository_changes_are_picked_up_without_restart() {
     let client = cluster::client().await;

@@ -1,0 +1,283 @@
+//! Drift: notices, from watches, that someone else changed or deleted an object a project
+//! applied, so the agent restores it within seconds instead of at its next full re-apply.
+//!
+//! After a successful sync the agent starts a [`Drift`] over the applied objects: one
+//! metadata-only watch per resource and namespace among them (a single object is watched
+//! by name), whose first list is the baseline. An object drifted when it is deleted, when
+//! its `metadata.generation` moves (the API server bumps it for spec changes only, so the
+//! status writes of controllers are not drift), when its labels or annotations change, or,
+//! for kinds without a generation (ConfigMap, Secret, RBAC, …), when its resourceVersion
+//! moves. A sync stops the watch before it writes (its own writes are not drift) and
+//! starts a new one after.
+//!
+//! Not drift: annotations that controllers write on the objects they manage
+//! ([`CONTROLLER_ANNOTATIONS`]). A change made between the end of a sync and the watch's
+//! first list is not seen (it becomes the baseline); the periodic full re-apply catches it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use futures::StreamExt;
+use kube::api::{Api, DynamicObject, ObjectMeta, PartialObjectMeta};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher;
+use tokio::task::JoinHandle;
+
+use crate::cluster::Cluster;
+use crate::object::ObjRef;
+
+/// Annotations that controllers maintain on objects users apply; a change of these is not
+/// drift.
+pub const CONTROLLER_ANNOTATIONS: &[&str] = &[
+    "deployment.kubernetes.io/revision",
+    "deprecated.daemonset.template.generation",
+];
+
+/// What a drift check compares: the parts of an object's metadata that only a change of
+/// what was applied moves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fingerprint {
+    /// `metadata.generation` when the kind has one, else the resourceVersion.
+    version: String,
+    labels: BTreeMap<String, String>,
+    annotations: BTreeMap<String, String>,
+}
+
+impl Fingerprint {
+    /// The fingerprint of an object's metadata.
+    pub fn of(meta: &ObjectMeta) -> Fingerprint {
+        let version = match meta.generation {
+            Some(g) if g > 0 => format!("g{g}"),
+            _ => format!("rv{}", meta.resource_version.as_deref().unwrap_or_default()),
+        };
+        let mut annotations = meta.annotations.clone().unwrap_or_default();
+        annotations.retain(|k, _| !CONTROLLER_ANNOTATIONS.contains(&k.as_str()));
+        Fingerprint {
+            version,
+            labels: meta.labels.clone().unwrap_or_default(),
+            annotations,
+        }
+    }
+
+    /// Why `now` differs from `self` (the baseline), if it does.
+    pub fn changed(&self, now: &Fingerprint) -> Option<&'static str> {
+        if self.version != now.version {
+            Some(if self.version.starts_with('g') {
+                "its spec was changed"
+            } else {
+                "it was changed"
+            })
+        } else if self.labels != now.labels {
+            Some("its labels were changed")
+        } else if self.annotations != now.annotations {
+            Some("its annotations were changed")
+        } else {
+            None
+        }
+    }
+}
+
+/// A running drift watch; dropping it stops the watches.
+#[derive(Debug)]
+pub struct Drift {
+    found: tokio::sync::mpsc::Receiver<String>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Drift {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Drift {
+    /// Starts watching `objects` (their state now is the baseline).
+    pub fn watch(cluster: &Cluster, objects: &[ObjRef]) -> Drift {
+        let mut groups: BTreeMap<(String, String, String), Group> = BTreeMap::new();
+        for o in objects {
+            if let Some((ar, caps)) = cluster.resolve_ref(o) {
+                let namespaced = caps.scope == kube::discovery::Scope::Namespaced;
+                let ns = if namespaced {
+                    o.namespace.clone()
+                } else {
+                    String::new()
+                };
+                let client = cluster.client().clone();
+                groups
+                    .entry((ar.api_version.clone(), ar.plural.clone(), ns.clone()))
+                    .or_insert_with(|| Group {
+                        api: if namespaced {
+                            Api::namespaced_with(client, &ns, &ar)
+                        } else {
+                            Api::all_with(client, &ar)
+                        },
+                        members: Vec::new(),
+                    })
+                    .members
+                    .push(o.clone());
+            }
+        }
+        let (tx, found) = tokio::sync::mpsc::channel(1);
+        let task = tokio::spawn(async move {
+            let watches = groups.into_values().map(|group| {
+                let tx = tx.clone();
+                async move {
+                    if let Some(why) = watch_group(group).await {
+                        let _ = tx.send(why).await;
+                    }
+                }
+            });
+            futures::future::join_all(watches).await;
+        });
+        Drift { found, task }
+    }
+
+    /// Resolves with a description of the first drift seen (never, when there is none).
+    pub async fn changed(&mut self) -> String {
+        match self.found.recv().await {
+            Some(why) => why,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// The objects of one resource in one namespace, watched together (metadata only).
+struct Group {
+    api: Api<PartialObjectMeta<DynamicObject>>,
+    members: Vec<ObjRef>,
+}
+
+/// Watches one resource in one namespace until one of its members drifts.
+async fn watch_group(Group { api, members }: Group) -> Option<String> {
+    let mut config = watcher::Config::default();
+    if let [only] = members.as_slice() {
+        config = config.fields(&format!("metadata.name={}", only.name));
+    }
+    let by_name: HashMap<String, ObjRef> =
+        members.into_iter().map(|o| (o.name.clone(), o)).collect();
+    let mut baseline: Option<HashMap<String, Fingerprint>> = None;
+    // The (re)list under way: what it delivered so far.
+    let mut listing: HashMap<String, Fingerprint> = HashMap::new();
+    let mut events = watcher(api, config).default_backoff().boxed();
+    while let Some(event) = events.next().await {
+        let Ok(event) = event else {
+            // The watcher retries with backoff.
+            continue;
+        };
+        let seen = |meta: &ObjectMeta| -> Option<(String, Fingerprint)> {
+            let name = meta.name.clone()?;
+            by_name
+                .contains_key(&name)
+                .then(|| (name, Fingerprint::of(meta)))
+        };
+        match event {
+            watcher::Event::Init => listing.clear(),
+            watcher::Event::InitApply(o) => {
+                if let Some((name, f)) = seen(&o.metadata) {
+                    listing.insert(name, f);
+                }
+            }
+            watcher::Event::InitDone => match &baseline {
+                None => baseline = Some(std::mem::take(&mut listing)),
+                Some(base) => {
+                    // A re-list (the watch expired): compare everything against the baseline.
+                    let names: HashSet<&String> = base.keys().chain(listing.keys()).collect();
+                    for name in names {
+                        if let Some(why) = differs(base.get(name), listing.get(name)) {
+                            return Some(describe(&by_name[name.as_str()], why));
+                        }
+                    }
+                }
+            },
+            watcher::Event::Apply(o) => {
+                if let (Some(base), Some((name, f))) = (&baseline, seen(&o.metadata))
+                    && let Some(why) = differs(base.get(&name), Some(&f))
+                {
+                    return Some(describe(&by_name[name.as_str()], why));
+                }
+            }
+            watcher::Event::Delete(o) => {
+                if let (Some(base), Some((name, _))) = (&baseline, seen(&o.metadata))
+                    && base.contains_key(&name)
+                {
+                    return Some(describe(&by_name[name.as_str()], "it was deleted"));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Whether an object drifted from its baseline (`None`: absent).
+fn differs(base: Option<&Fingerprint>, now: Option<&Fingerprint>) -> Option<&'static str> {
+    match (base, now) {
+        (Some(b), Some(n)) => b.changed(n),
+        (Some(_), None) => Some("it was deleted"),
+        // Absent at the baseline: not ours to judge (it failed to apply, or is pruned).
+        (None, _) => None,
+    }
+}
+
+fn describe(o: &ObjRef, why: &str) -> String {
+    format!("{o} drifted: {why}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(
+        generation: Option<i64>,
+        rv: &str,
+        labels: &[(&str, &str)],
+        annotations: &[(&str, &str)],
+    ) -> ObjectMeta {
+        let map = |kv: &[(&str, &str)]| {
+            Some(
+                kv.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect::<BTreeMap<_, _>>(),
+            )
+        };
+        ObjectMeta {
+            generation,
+            resource_version: Some(rv.into()),
+            labels: map(labels),
+            annotations: map(annotations),
+            ..ObjectMeta::default()
+        }
+    }
+
+    #[test]
+    fn status_writes_and_controller_annotations_are_not_drift() {
+        let base = Fingerprint::of(&meta(Some(1), "100", &[("app", "web")], &[]));
+        // The Deployment controller writes status (new resourceVersion, same generation)
+        // and its revision annotation.
+        let after = Fingerprint::of(&meta(
+            Some(1),
+            "180",
+            &[("app", "web")],
+            &[("deployment.kubernetes.io/revision", "1")],
+        ));
+        assert_eq!(base.changed(&after), None);
+    }
+
+    #[test]
+    fn spec_label_annotation_and_data_changes_are_drift() {
+        let base = Fingerprint::of(&meta(Some(1), "100", &[("app", "web")], &[("a", "1")]));
+        let spec = Fingerprint::of(&meta(Some(2), "101", &[("app", "web")], &[("a", "1")]));
+        assert_eq!(base.changed(&spec), Some("its spec was changed"));
+        let label = Fingerprint::of(&meta(Some(1), "101", &[("app", "db")], &[("a", "1")]));
+        assert_eq!(base.changed(&label), Some("its labels were changed"));
+        let annotation = Fingerprint::of(&meta(Some(1), "101", &[("app", "web")], &[]));
+        assert_eq!(
+            base.changed(&annotation),
+            Some("its annotations were changed")
+        );
+        // A ConfigMap has no generation: any write is a change.
+        let cm = Fingerprint::of(&meta(None, "100", &[], &[]));
+        let edited = Fingerprint::of(&meta(None, "102", &[], &[]));
+        assert_eq!(cm.changed(&edited), Some("it was changed"));
+        assert_eq!(differs(Some(&cm), None), Some("it was deleted"));
+        assert_eq!(differs(None, Some(&cm)), None);
+    }
+}
