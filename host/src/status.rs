@@ -275,7 +275,7 @@ async fn object_states(
             .into_iter()
             .filter_map(|o| {
                 let name = o.metadata.name.clone()?;
-                Some((name, serde_json::to_value(o).ok()?))
+                Some((name, wait::live_value(&o, &ar)))
             })
             .collect();
         for r in refs {

@@ -65,6 +65,17 @@ pub struct Computed {
     pub message: String,
 }
 
+/// A listed or watched object as JSON, with the `apiVersion` and `kind` of its resource:
+/// the items of a LIST or WATCH come without them, and [`status`] dispatches on `kind`.
+pub fn live_value(o: &DynamicObject, ar: &kube::api::ApiResource) -> Value {
+    let mut v = serde_json::to_value(o).unwrap_or_default();
+    if let Some(map) = v.as_object_mut() {
+        map.insert("apiVersion".into(), ar.api_version.clone().into());
+        map.insert("kind".into(), ar.kind.clone().into());
+    }
+    v
+}
+
 /// The kstatus status of a live object, with its message when it is not Current.
 pub fn status(live: &Value) -> (Status, Option<String>) {
     let c = compute(live, std::time::SystemTime::now());
@@ -499,6 +510,7 @@ pub async fn wait_gone(cluster: &Cluster, objects: &[ObjRef], timeout: Duration)
 /// The objects of one resource in one namespace, watched together.
 struct Group {
     api: Api<DynamicObject>,
+    resource: kube::api::ApiResource,
     /// Object name → index in the wait's list.
     members: HashMap<String, usize>,
 }
@@ -550,6 +562,7 @@ async fn watch(
                     .entry((ar.api_version.clone(), ar.plural.clone(), ns))
                     .or_insert_with(|| Group {
                         api: cluster.api(&ar, &caps, &o.namespace),
+                        resource: ar.clone(),
                         members: HashMap::new(),
                     })
                     .members
@@ -629,7 +642,7 @@ async fn watch(
                     }
                     Ok(watcher::Event::InitApply(o)) => {
                         if let Some(i) = index(&o) {
-                            seen.live[i] = serde_json::to_value(&o).ok();
+                            seen.live[i] = Some(live_value(&o, &groups[g].resource));
                             listing.entry(g).or_default().insert(i);
                             dirty.push(i);
                         }
@@ -646,7 +659,7 @@ async fn watch(
                     }
                     Ok(watcher::Event::Apply(o)) => {
                         if let Some(i) = index(&o) {
-                            seen.live[i] = serde_json::to_value(&o).ok();
+                            seen.live[i] = Some(live_value(&o, &groups[g].resource));
                             dirty.push(i);
                         }
                     }
@@ -679,6 +692,31 @@ mod tests {
 
     /// Every case of kstatus' own table (`wait/kstatus_cases.yaml`) computes the same
     /// status and reason here.
+    /// Items of a LIST or WATCH carry no kind: judged without it, a Deployment that no
+    /// controller has seen yet looked Current.
+    #[test]
+    fn a_listed_object_is_judged_by_its_resources_kind() {
+        let listed: DynamicObject = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "dev", "generation": 1},
+            "spec": {"replicas": 3}
+        }))
+        .expect("object");
+        let ar = kube::api::ApiResource {
+            group: "apps".into(),
+            version: "v1".into(),
+            api_version: "apps/v1".into(),
+            kind: "Deployment".into(),
+            plural: "deployments".into(),
+        };
+        let (s, message) = status(&live_value(&listed, &ar));
+        assert_eq!(s, Status::InProgress, "{message:?}");
+        assert_eq!(
+            status(&serde_json::to_value(&listed).expect("json")).0,
+            Status::Current,
+            "without its kind, kstatus' generic rules find nothing wrong"
+        );
+    }
+
     #[test]
     fn kstatus_cases() {
         let text = include_str!("wait/kstatus_cases.yaml");

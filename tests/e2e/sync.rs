@@ -661,3 +661,57 @@ async fn a_force_push_onto_a_shallow_cache_is_followed() {
         .and_then(|d| d.get("value").cloned());
     assert_eq!(value.as_deref(), Some("rewritten"));
 }
+
+/// A sync returns once its Deployments are Available (kstatus Current), watched rather than
+/// polled; one that cannot become Available (no node matches its selector) fails at the
+/// reconcile timeout, naming the object and its status.
+#[tokio::test]
+async fn a_sync_waits_until_its_deployments_are_available() {
+    let Fixture {
+        client,
+        ns,
+        repo,
+        src,
+        cluster: mut c,
+        cache: _cache,
+    } = Fixture::new("health").await;
+    repo.commit(
+        "main",
+        &[file("web.yaml", deployment("web", 3))],
+        "three replicas",
+    );
+    let p = project(&ns, "    reconcile_timeout: 120s\n");
+    let s = settings(&format!("t-{ns}"));
+    let report = sync_once(&mut c, &src, &p, &s).await.expect("sync");
+    assert_eq!(report.health[0].status, sluice::wait::Status::Current);
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let web = deploys.get("web").await.expect("web");
+    let status = web.status.expect("status");
+    assert_eq!(status.available_replicas, Some(3), "{status:?}");
+    assert_eq!(status.observed_generation, web.metadata.generation);
+
+    let stuck = deployment("stuck", 1).replace(
+        "    spec:\n      containers:",
+        "    spec:\n      nodeSelector: {no-such-node: \"true\"}\n      containers:",
+    );
+    repo.commit(
+        "main",
+        &[
+            file("web.yaml", deployment("web", 3)),
+            file("stuck.yaml", stuck),
+        ],
+        "a Deployment no node can run",
+    );
+    let p = project(&ns, "    reconcile_timeout: 5s\n");
+    let e = sync_once(&mut c, &src, &p, &s)
+        .await
+        .expect_err("never Available");
+    let problems = e.problems();
+    assert_eq!(problems.len(), 1, "{e}");
+    assert_eq!(problems[0].obj.name, "stuck");
+    assert!(
+        problems[0].message.starts_with("is InProgress"),
+        "{}",
+        problems[0].message
+    );
+}
