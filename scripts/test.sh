@@ -6,6 +6,9 @@
 # (the control plane is built from the Go module proxy, once per version, cached under
 # ~/.cache/sluice), git (its http-backend serves test repositories), and musl-gcc (Debian's
 # musl-tools, installed by scripts/build-static.sh when missing) for the static binary.
+# The example plugins' toolchains (componentize-py, componentize-js, and for C Debian's
+# clang and wasi-libc plus wit-bindgen and wasm-tools from crates.io) are installed by
+# examples/plugins/build.sh, which the tests run, and cached under ~/.cache/sluice.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
