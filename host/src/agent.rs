@@ -384,6 +384,7 @@ fn prepare(
         plugins,
         others,
         takeover: opts.takeover.clone(),
+        known: Arc::default(),
     };
     (source, settings)
 }
@@ -750,6 +751,9 @@ struct State {
     drifted: bool,
     /// When the last sync started because of drift.
     last_drift_sync: Option<tokio::time::Instant>,
+    /// What the last successful sync applied, while no drift was seen since
+    /// ([`sync::Settings::known`]).
+    known: Arc<BTreeMap<crate::object::ObjRef, String>>,
 }
 
 /// Drift is restored at most this often per project, so a controller that rewrites a field
@@ -812,6 +816,7 @@ async fn worker(
         info!(project_id = %project.id, drift = %why, "live objects drifted from git; syncing again");
         *drift = None;
         state.drifted = true;
+        state.known = Default::default();
         // A controller that fights git is answered at most every DRIFT_MIN_INTERVAL.
         if let Some(at) = state.last_drift_sync {
             tokio::time::sleep_until(at + DRIFT_MIN_INTERVAL).await;
@@ -838,11 +843,25 @@ async fn worker(
             pause(&mut drift, &mut state).await;
             continue;
         }
-        // The sync's own writes are not drift.
-        drift = None;
+        // The sync's own writes are not drift. What the watch saw of the objects stays
+        // the expectation for those the sync leaves alone.
+        let expected = drift.take().map(|d| d.baseline()).unwrap_or_default();
         if std::mem::take(&mut state.drifted) {
             state.last_drift_sync = Some(tokio::time::Instant::now());
         }
+        // Objects the last sync applied and no one changed since need no request, unless
+        // this is the periodic full re-apply (the safety net checks everything).
+        let full = state.synced.as_ref().is_some_and(|(c, at)| {
+            *c == commit && now.duration_since(*at) >= opts.reapply_interval
+        });
+        let settings = Settings {
+            known: if full {
+                Default::default()
+            } else {
+                state.known.clone()
+            },
+            ..settings.clone()
+        };
         if state.synced.as_ref().is_none_or(|(c, _)| *c != commit) {
             info!(project_id = %project.id, commit_id = %commit, "{}", msg::NEW_COMMIT);
         }
@@ -857,6 +876,7 @@ async fn worker(
                 opts.metrics
                     .record_sync(&project.id, "canceled", started.elapsed(), &[]);
                 info!(project_id = %project.id, commit_id = %commit, "{}", msg::CANCELED);
+                state.known = Default::default();
                 // A newer commit is there: sync it now, not after a poll interval.
                 continue;
             }
@@ -875,24 +895,23 @@ async fn worker(
                     Ok(report) => {
                         opts.metrics
                             .record_sync(&project.id, "success", elapsed, &report.results);
-                        let applied: Vec<_> = report
+                        let applied: Vec<_> = report.applied.keys().cloned().collect();
+                        let untouched: BTreeMap<_, _> = report
                             .results
                             .iter()
-                            .filter(|r| {
-                                matches!(
-                                    r.action,
-                                    Action::Created | Action::Configured | Action::Unchanged
-                                )
-                            })
-                            .map(|r| r.obj.clone())
+                            .filter(|r| r.action == Action::Unchanged)
+                            .filter_map(|r| Some((r.obj.clone(), expected.get(&r.obj)?.clone())))
                             .collect();
-                        drift = Some(Drift::watch(&cluster, &applied));
+                        drift = Some(Drift::watch(&cluster, &applied, &untouched));
+                        state.known = report.applied.clone();
                         state.synced = Some((commit.clone(), tokio::time::Instant::now()));
                         state.failed = None;
                     }
                     Err(e) => {
                         opts.metrics
                             .record_sync(&project.id, "failure", elapsed, &[]);
+                        // Unknown what the cluster holds now: the next sync checks it all.
+                        state.known = Default::default();
                         let problems = e.problems();
                         if !problems.is_empty()
                             && problems

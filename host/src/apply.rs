@@ -14,6 +14,8 @@
 //! With `dry_run_strategy: client` nothing is sent but reads; with `server` step 3 sends
 //! only dry-run requests.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -142,6 +144,19 @@ pub struct Options {
     pub dry_run: DryRunStrategy,
     /// How long to wait for CRDs to become Established. Default 60 s.
     pub crd_timeout: Duration,
+    /// Objects known to be in the cluster exactly as applied: the [`digest`] of each
+    /// object the last successful sync applied, when nothing drifted since (the agent's
+    /// watches say so). An object whose digest matches is Unchanged without a request; the
+    /// others are read, dry-run and applied as usual. Empty (the default): check them all.
+    pub known: Arc<BTreeMap<ObjRef, String>>,
+}
+
+/// A fixed digest (sha256) of an object as it would be applied (annotated), for
+/// [`Options::known`].
+pub fn digest(o: &Object) -> String {
+    use sha2::{Digest, Sha256};
+    let bytes = serde_json::to_vec(&o.value).unwrap_or_default();
+    hex::encode(Sha256::digest(&bytes))
 }
 
 impl Options {
@@ -157,6 +172,7 @@ impl Options {
             inventory_policy: InventoryPolicy::MustMatch,
             dry_run: DryRunStrategy::None,
             crd_timeout: Duration::from_secs(60),
+            known: Arc::default(),
         }
     }
 }
@@ -190,9 +206,21 @@ pub async fn check(cluster: &Cluster, plan: &Plan, opts: &Options) -> Result<Che
             new_namespaces.insert(o.name().to_string());
         }
     }
+    // What the last sync left as it is now needs no request (dry runs check everything).
+    let skipped: BTreeSet<ObjRef> = if opts.dry_run == DryRunStrategy::None {
+        stages
+            .iter()
+            .flatten()
+            .filter(|o| opts.known.get(&o.obj_ref()) == Some(&digest(o)))
+            .map(Object::obj_ref)
+            .collect()
+    } else {
+        BTreeSet::new()
+    };
     let known: Vec<&Object> = stages
         .iter()
         .flatten()
+        .filter(|o| !skipped.contains(&o.obj_ref()))
         .filter(|o| cluster.resolve(o.api_version(), o.kind()).is_some())
         .filter(|o| !o.namespace().is_some_and(|ns| new_namespaces.contains(ns)))
         .collect();
@@ -202,7 +230,11 @@ pub async fn check(cluster: &Cluster, plan: &Plan, opts: &Options) -> Result<Che
     if !failures.is_empty() {
         return Err(Error::Rejected { failures, total });
     }
-    Ok(Checked { stages, preflights })
+    Ok(Checked {
+        stages,
+        preflights,
+        skipped,
+    })
 }
 
 /// A plan that passed [`check`]: annotated objects and what preflight learned.
@@ -210,6 +242,8 @@ pub async fn check(cluster: &Cluster, plan: &Plan, opts: &Options) -> Result<Che
 pub struct Checked {
     stages: Vec<Vec<Object>>,
     preflights: Preflights,
+    /// Objects [`Options::known`] says are unchanged: no request.
+    skipped: BTreeSet<ObjRef>,
 }
 
 impl Checked {
@@ -224,6 +258,7 @@ impl Checked {
     /// view: they would be created.
     pub fn changes(&self, opts: &Options) -> Vec<(&Object, Option<Value>, Option<Value>)> {
         self.objects()
+            .filter(|o| !self.skipped.contains(&o.obj_ref()))
             .filter_map(
                 |o| match self.preflights.iter().find(|(k, _)| *k == o.obj_ref()) {
                     Some((_, Ok(p))) => match (&p.live, &p.dry_run) {
@@ -282,12 +317,29 @@ pub async fn apply(
     let Checked {
         stages,
         mut preflights,
+        skipped,
     } = checked;
     let mut results = Vec::new();
     for stage in &stages {
+        results.extend(
+            stage
+                .iter()
+                .filter(|o| skipped.contains(&o.obj_ref()))
+                .map(|o| ObjectResult {
+                    obj: o.obj_ref(),
+                    origin: Some(o.origin.clone()),
+                    action: Action::Unchanged,
+                    message: None,
+                }),
+        );
+        let stage: Vec<&Object> = stage
+            .iter()
+            .filter(|o| !skipped.contains(&o.obj_ref()))
+            .collect();
         // CRs whose CRD arrived in an earlier stage are checked now that the kind exists.
         let late: Vec<&Object> = stage
             .iter()
+            .copied()
             .filter(|o| !preflights.iter().any(|(k, _)| *k == o.obj_ref()))
             .collect();
         if !late.is_empty() && opts.dry_run != DryRunStrategy::None {
@@ -311,6 +363,7 @@ pub async fn apply(
         }
         let work: Vec<(&Object, &Preflight)> = stage
             .iter()
+            .copied()
             .filter_map(|o| {
                 let p = preflights
                     .iter()
@@ -336,6 +389,7 @@ pub async fn apply(
         {
             let crds: Vec<&Object> = stage
                 .iter()
+                .copied()
                 .filter(|o| o.kind() == "CustomResourceDefinition")
                 .collect();
             if let Err(message) = wait_established(cluster, &crds, opts.crd_timeout).await {

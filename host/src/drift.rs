@@ -15,6 +15,7 @@
 //! first list is not seen (it becomes the baseline); the periodic full re-apply catches it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use kube::api::{Api, DynamicObject, ObjectMeta, PartialObjectMeta};
@@ -81,6 +82,8 @@ impl Fingerprint {
 pub struct Drift {
     found: tokio::sync::mpsc::Receiver<String>,
     task: JoinHandle<()>,
+    /// The baseline of every watched object that exists, once its watch has listed.
+    baseline: Arc<Mutex<BTreeMap<ObjRef, Fingerprint>>>,
 }
 
 impl Drop for Drift {
@@ -90,8 +93,14 @@ impl Drop for Drift {
 }
 
 impl Drift {
-    /// Starts watching `objects` (their state now is the baseline).
-    pub fn watch(cluster: &Cluster, objects: &[ObjRef]) -> Drift {
+    /// Starts watching `objects`. Their state now is the baseline, except for those in
+    /// `expected` (what an earlier watch saw of objects the last sync did not write): a
+    /// difference from that is drift at once, which closes the window between two watches.
+    pub fn watch(
+        cluster: &Cluster,
+        objects: &[ObjRef],
+        expected: &BTreeMap<ObjRef, Fingerprint>,
+    ) -> Drift {
         let mut groups: BTreeMap<(String, String, String), Group> = BTreeMap::new();
         for o in objects {
             if let Some((ar, caps)) = cluster.resolve_ref(o) {
@@ -117,18 +126,31 @@ impl Drift {
             }
         }
         let (tx, found) = tokio::sync::mpsc::channel(1);
+        let baseline = Arc::new(Mutex::new(BTreeMap::new()));
+        let expected = Arc::new(expected.clone());
+        let (shared, expected_all) = (baseline.clone(), expected.clone());
         let task = tokio::spawn(async move {
             let watches = groups.into_values().map(|group| {
                 let tx = tx.clone();
+                let (shared, expected) = (shared.clone(), expected_all.clone());
                 async move {
-                    if let Some(why) = watch_group(group).await {
+                    if let Some(why) = watch_group(group, &expected, &shared).await {
                         let _ = tx.send(why).await;
                     }
                 }
             });
             futures::future::join_all(watches).await;
         });
-        Drift { found, task }
+        Drift {
+            found,
+            task,
+            baseline,
+        }
+    }
+
+    /// What the watches listed (the baseline), for the next watch's `expected`.
+    pub fn baseline(&self) -> BTreeMap<ObjRef, Fingerprint> {
+        self.baseline.lock().map(|b| b.clone()).unwrap_or_default()
     }
 
     /// Resolves with a description of the first drift seen (never, when there is none).
@@ -147,7 +169,11 @@ struct Group {
 }
 
 /// Watches one resource in one namespace until one of its members drifts.
-async fn watch_group(Group { api, members }: Group) -> Option<String> {
+async fn watch_group(
+    Group { api, members }: Group,
+    expected: &BTreeMap<ObjRef, Fingerprint>,
+    shared: &Mutex<BTreeMap<ObjRef, Fingerprint>>,
+) -> Option<String> {
     let mut config = watcher::Config::default();
     if let [only] = members.as_slice() {
         config = config.fields(&format!("metadata.name={}", only.name));
@@ -177,7 +203,22 @@ async fn watch_group(Group { api, members }: Group) -> Option<String> {
                 }
             }
             watcher::Event::InitDone => match &baseline {
-                None => baseline = Some(std::mem::take(&mut listing)),
+                None => {
+                    let listed = std::mem::take(&mut listing);
+                    for (name, o) in &by_name {
+                        if let Some(want) = expected.get(o)
+                            && let Some(why) = differs(Some(want), listed.get(name))
+                        {
+                            return Some(describe(o, why));
+                        }
+                    }
+                    if let Ok(mut shared) = shared.lock() {
+                        for (name, f) in &listed {
+                            shared.insert(by_name[name.as_str()].clone(), f.clone());
+                        }
+                    }
+                    baseline = Some(listed);
+                }
                 Some(base) => {
                     // A re-list (the watch expired): compare everything against the baseline.
                     let names: HashSet<&String> = base.keys().chain(listing.keys()).collect();

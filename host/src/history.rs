@@ -404,6 +404,7 @@ mod tests {
             prune_held: Vec::new(),
             adopted: None,
             inventory: InventoryRef::default_for("a-b", "web"),
+            applied: Default::default(),
         }
     }
 

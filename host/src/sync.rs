@@ -150,6 +150,10 @@ pub struct Report {
     /// The inventory this sync used.
     #[serde(skip)]
     pub inventory: InventoryRef,
+    /// The [`apply::digest`] of each object now in the cluster as applied (created,
+    /// configured or unchanged): the next sync's [`Settings::known`] while nothing drifts.
+    #[serde(skip)]
+    pub applied: Arc<BTreeMap<ObjRef, String>>,
 }
 
 /// How to sync, beyond the project's own configuration.
@@ -178,6 +182,9 @@ pub struct Settings {
     /// Adopt an agentk inventory (`inventory-<agentId>-<projectId>`) found in the
     /// project's namespace when this project has no inventory yet.
     pub takeover: Takeover,
+    /// Objects known to be in the cluster as applied ([`apply::Options::known`]): the
+    /// agent passes the last sync's [`Report::applied`] while its watches see no drift.
+    pub known: Arc<BTreeMap<ObjRef, String>>,
 }
 
 /// Which agentk inventory a project without an inventory of its own may adopt.
@@ -294,10 +301,15 @@ pub async fn sync(
         adopt_ids: adopted.iter().map(|(old, _)| old.id.clone()).collect(),
         inventory_policy: project.inventory_policy,
         dry_run: project.dry_run_strategy,
+        known: settings.known.clone(),
         ..apply::Options::new(&inv.id)
     };
     let dry_run = project.dry_run_strategy != DryRunStrategy::None;
     let mut checked = apply::check(cluster, &plan, &opts).await?;
+    let digests: BTreeMap<ObjRef, String> = checked
+        .objects()
+        .map(|o| (o.obj_ref(), apply::digest(o)))
+        .collect();
     let mut results = Vec::new();
     if !dry_run {
         // The inventory's own namespace may come with this commit (a fresh cluster,
@@ -326,6 +338,7 @@ pub async fn sync(
             prune_held,
             adopted: None,
             inventory: inv,
+            applied: Arc::default(),
         });
     }
 
@@ -457,6 +470,18 @@ pub async fn sync(
             problems,
         });
     }
+    let applied = Arc::new(
+        results
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r.action,
+                    Action::Created | Action::Configured | Action::Unchanged
+                )
+            })
+            .filter_map(|r| Some((r.obj.clone(), digests.get(&r.obj)?.clone())))
+            .collect(),
+    );
     Ok(Report {
         commit: commit.into(),
         results,
@@ -464,6 +489,7 @@ pub async fn sync(
         findings,
         prune_held,
         adopted: adopted.map(|(old, _)| old.id),
+        applied,
         inventory: inv,
     })
 }

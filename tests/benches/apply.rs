@@ -1,14 +1,21 @@
-//! sluice versus `kubectl apply --server-side`, on the same API server, in one run.
+//! sluice versus `kubectl apply --server-side` and agentk's engine (cli-utils' `kapply`), on
+//! the same API server, in one run.
 //!
 //! `cargo bench -p sluice-testenv --bench apply` starts the test control plane, writes N
-//! Deployments + N ConfigMaps, and times, for each tool, a first apply (everything created)
-//! and a second apply of the same manifests (nothing changes). sluice's time is a whole sync:
-//! fetch, select, decode, discovery, server-side dry-run of the set, apply, inventory, and the
-//! health wait; kubectl's is `kubectl apply --server-side -f DIR` alone, with no wait.
+//! Deployments + N ConfigMaps (N = `SLUICE_BENCH_N`, default 200), and times, for each tool,
+//! a first apply (everything created, until every Deployment is Available) and a second
+//! apply of the same manifests (nothing changes). sluice's time is a whole sync: fetch,
+//! select, decode, discovery, server-side dry-run of the set, apply, inventory, and the
+//! health wait; kubectl's is `kubectl apply --server-side` then `kubectl wait`; kapply's is
+//! `kapply apply --server-side --reconcile-timeout` (its own inventory and status watcher).
 //!
-//! Requests are counted from the API server's audit log, per client (`User-Agent`: kubectl's
-//! own, and `sluice-bench` for sluice's client): all of them, and the writes among them
-//! (create, update, patch, delete; dry runs excluded).
+//! Then the agent (`sluice::agent::run`) on the same files: requests while it idles for 60 s
+//! after its first sync (the no-op resync: drift watches instead of re-applying), and the
+//! time from a push webhook to the change of one object in the cluster.
+//!
+//! Requests are counted from the API server's audit log, per client (`User-Agent`:
+//! kubectl's, kapply's, `sluice-bench` and `sluice-agent-bench` for sluice's clients): all
+//! of them, and the writes among them (create, update, patch, delete; dry runs excluded).
 
 use std::time::{Duration, Instant};
 
@@ -28,10 +35,15 @@ fn count(mark: u64, agent: &str) -> (usize, usize) {
     )
 }
 
-const N: usize = 200;
+fn n() -> usize {
+    std::env::var("SLUICE_BENCH_N")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(200)
+}
 
 fn manifests() -> Vec<(String, String)> {
-    (0..N)
+    (0..n())
         .flat_map(|i| {
             [
                 (format!("apps/web-{i}.yaml"), format!(
@@ -145,6 +157,7 @@ async fn main() {
         plugins: Ok(Vec::new()),
         others: Vec::new(),
         takeover: sluice::sync::Takeover::Off,
+        known: Default::default(),
     };
     let mut c = sluice::cluster::Cluster::connect(cluster::client_as("sluice-bench").await)
         .await
@@ -170,6 +183,61 @@ async fn main() {
         .expect("second sync");
     let s2 = t.elapsed();
     let s2_requests = count(mark, "sluice-bench");
+
+    // kapply, cli-utils' reference CLI: agentk's applier, inventory and status watcher.
+    let kapply_ns = cluster::namespace(&client, "bench-kapply").await;
+    let kdir = tempfile::tempdir().expect("dir");
+    std::fs::write(
+        kdir.path().join("inventory-template.yaml"),
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: inventory-bench\n  namespace: {kapply_ns}\n  labels:\n    cli-utils.sigs.k8s.io/inventory-id: bench\n"
+        ),
+    )
+    .expect("inventory template");
+    for (path, text) in &files {
+        // kapply reads one flat directory; it has no default namespace flag.
+        let text = text.replacen(
+            "metadata:\n",
+            &format!("metadata:\n  namespace: {kapply_ns}\n"),
+            1,
+        );
+        std::fs::write(kdir.path().join(path.replace('/', "-")), text).expect("write");
+    }
+    let kapply = |dir: &std::path::Path| {
+        let t = Instant::now();
+        let out = std::process::Command::new(cluster::kapply())
+            .arg("apply")
+            .arg(dir)
+            .args([
+                "--server-side",
+                "--reconcile-timeout",
+                "600s",
+                "--inventory-policy",
+                "strict",
+                "--output",
+                "events",
+            ])
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .output()
+            .expect("run kapply");
+        assert!(
+            out.status.success(),
+            "kapply failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        t.elapsed()
+    };
+    let mark = cp.audit_mark();
+    let a1 = kapply(kdir.path());
+    let a1_requests = count(mark, "kapply/");
+    let mark = cp.audit_mark();
+    let a2 = kapply(kdir.path());
+    let a2_requests = count(mark, "kapply/");
+
+    // The agent on the same files: idle cost after its first sync, then push to applied.
+    let (idle_requests, push_latency, push_requests) = agent_phase(&files).await;
     assert!(
         report
             .results
@@ -212,9 +280,10 @@ async fn main() {
         2 * (versions + 1) + 2
     );
     println!();
+    let n = n();
     println!(
-        "| {} objects ({N} Deployments + {N} ConfigMaps) | kubectl apply --server-side | sluice sync |",
-        2 * N
+        "| {} objects ({n} Deployments + {n} ConfigMaps) | kubectl apply --server-side | sluice sync |",
+        2 * n
     );
     println!("|---|---|---|");
     println!(
@@ -243,4 +312,190 @@ async fn main() {
         "| requests (writes), second apply | {} ({}) | {} ({}) |",
         k2_requests.0, k2_requests.1, s2_requests.0, s2_requests.1
     );
+    println!();
+    println!(
+        "| agentk's engine, kapply (cli-utils {}) | |",
+        cli_utils_version()
+    );
+    println!("|---|---|");
+    println!(
+        "| first apply until reconciled | {:.2} s, {} requests ({} writes) |",
+        a1.as_secs_f64(),
+        a1_requests.0,
+        a1_requests.1
+    );
+    println!(
+        "| second apply (nothing changed) | {:.2} s, {} requests ({} writes) |",
+        a2.as_secs_f64(),
+        a2_requests.0,
+        a2_requests.1
+    );
+    println!();
+    println!("| the agent (`sluice run`) | |");
+    println!("|---|---|");
+    println!(
+        "| idle 60 s after the first sync (no-op: watches, no re-apply) | {} requests ({} writes) |",
+        idle_requests.0, idle_requests.1
+    );
+    println!(
+        "| push webhook to one changed ConfigMap in the cluster | {:.0} ms, {} requests ({} writes) for that sync |",
+        push_latency.as_secs_f64() * 1000.0,
+        push_requests.0,
+        push_requests.1
+    );
+}
+
+fn cli_utils_version() -> String {
+    let env = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/versions.env"),
+    )
+    .unwrap_or_default();
+    env.lines()
+        .find_map(|l| l.strip_prefix("CLI_UTILS_VERSION="))
+        .unwrap_or("?")
+        .trim_matches('"')
+        .to_string()
+}
+
+/// Runs the agent over `files` in a new repository and namespace: requests while it idles
+/// 60 s after its first sync, then the time from a push webhook to one changed ConfigMap,
+/// and the requests of that sync.
+async fn agent_phase(files: &[(String, String)]) -> ((usize, usize), Duration, (usize, usize)) {
+    let client = cluster::client().await;
+    let cp = cluster::shared();
+    let ns = cluster::namespace(&client, "bench-agent").await;
+    let repo = git::shared().create_repo(&format!("bench/{ns}"));
+    let entries: Vec<git::Entry> = files.iter().map(|(p, t)| git::file(p, t)).collect();
+    repo.commit("main", &entries, "bench");
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "gitops:\n  manifest_projects:\n  - id: {}\n    default_namespace: {ns}\n    reconcile_timeout: 600s\n",
+            repo.http_url()
+        ),
+    )
+    .expect("config");
+    let metrics = std::sync::Arc::new(sluice::observability::Metrics::default());
+    let opts = sluice::agent::Options {
+        agent_name: "bench".into(),
+        git_base_url: git::shared().base_url().into(),
+        config_project: String::new(),
+        credentials: Default::default(),
+        poll_interval: Duration::from_secs(3600),
+        reapply_interval: Duration::from_secs(3600),
+        cache_dir: dir.path().join("cache"),
+        field_manager: "sluice".into(),
+        concurrency: 8,
+        inventory_ids: Default::default(),
+        takeover: sluice::sync::Takeover::Off,
+        cleanup_managers: Vec::new(),
+        allow_empty_prune: false,
+        git_ca: None,
+        plugin_cache_dir: None,
+        limits: Default::default(),
+        metrics: metrics.clone(),
+        triggers: Default::default(),
+    };
+    let receiver = std::sync::Arc::new(sluice::webhook::Receiver::new(
+        "bench-secret".to_string().into(),
+        opts.triggers.clone(),
+        metrics.clone(),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(sluice::observability::serve(
+        listener,
+        metrics.clone(),
+        Some(receiver),
+    ));
+    let agent_client = cluster::client_as("sluice-agent-bench").await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(sluice::agent::run(
+        agent_client,
+        sluice::agent::ConfigSource::File(config),
+        opts,
+        None,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let successes = || {
+        metrics
+            .encode()
+            .lines()
+            .filter(|l| l.starts_with("sluice_syncs_total{") && l.contains("result=\"success\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    let started = Instant::now();
+    while successes() == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(900),
+            "the agent's first sync did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Let the watches settle (the Deployments' rollouts write status meanwhile).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mark = cp.audit_mark();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let idle = count(mark, "sluice-agent-bench");
+
+    // One ConfigMap changes in git; a generic push webhook says so.
+    let (path, text) = files
+        .iter()
+        .find(|(p, _)| p.starts_with("config/"))
+        .expect("a ConfigMap");
+    let changed = text.replace("value: \"", "value: \"changed-");
+    // A commit is a whole tree: every file, one of them changed.
+    let tree: Vec<git::Entry> = files
+        .iter()
+        .map(|(p, t)| git::file(p, if p == path { &changed } else { t }))
+        .collect();
+    repo.commit("main", &tree, "one change");
+    let name = path
+        .trim_start_matches("config/")
+        .trim_end_matches(".yaml")
+        .to_string();
+    let cms: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+        kube::Api::namespaced(client.clone(), &ns);
+    let mark = cp.audit_mark();
+    let pushed = Instant::now();
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"POST /hooks/generic HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer bench-secret\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut response = String::new();
+        s.read_to_string(&mut response).await.expect("read");
+        assert!(response.starts_with("HTTP/1.1 202"), "{response}");
+    }
+    loop {
+        let cm = cms.get(&name).await.expect("get");
+        if cm
+            .data
+            .and_then(|d| d.get("value").cloned())
+            .is_some_and(|v| v.starts_with("changed-"))
+        {
+            break;
+        }
+        assert!(
+            pushed.elapsed() < Duration::from_secs(300),
+            "the push was not applied"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let latency = pushed.elapsed();
+    while successes() < 2 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let push = count(mark, "sluice-agent-bench");
+    let _ = stop.send(());
+    let _ = agent.await;
+    (idle, latency, push)
 }

@@ -63,6 +63,7 @@ pub fn settings(inventory_id: &str) -> Settings {
         plugins: Ok(Vec::new()),
         others: Vec::new(),
         takeover: sluice::sync::Takeover::Agentk { agent_id: None },
+        known: Default::default(),
     }
 }
 

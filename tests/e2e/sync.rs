@@ -715,3 +715,80 @@ async fn a_sync_waits_until_its_deployments_are_available() {
         problems[0].message
     );
 }
+
+/// With the last sync's digests as `known` (what the agent passes while its watches see no
+/// drift), objects that did not change in git cost no request; a changed one is applied as
+/// usual, and an object changed in the cluster behind a stale `known` is not the sync's to
+/// see (that is the drift watch's job, tested in agent.rs).
+#[tokio::test]
+async fn known_objects_cost_no_request_and_changed_ones_are_applied() {
+    let Fixture {
+        client,
+        ns,
+        repo,
+        src,
+        cache: _cache,
+        ..
+    } = Fixture::new("known").await;
+    let agent = format!("sluice-e2e-{ns}");
+    let mut c = sluice::cluster::Cluster::connect(cluster::client_as(&agent).await)
+        .await
+        .expect("discovery");
+    let files = |changed: &str| -> Vec<Entry> {
+        (0..20)
+            .map(|i| {
+                let name = format!("cm-{i}");
+                let value = if name == changed { "new" } else { "old" };
+                file(&format!("{name}.yaml"), configmap(&name, value))
+            })
+            .collect()
+    };
+    repo.commit("main", &files(""), "twenty");
+    let p = project(&ns, "    reconcile_timeout: 60s\n");
+    let s = settings(&format!("t-{ns}"));
+    let first = sync_once(&mut c, &src, &p, &s).await.expect("first sync");
+    assert_eq!(first.applied.len(), 20);
+
+    repo.commit("main", &files("cm-7"), "one changed");
+    let known = sluice::sync::Settings {
+        known: first.applied.clone(),
+        ..s.clone()
+    };
+    let cp = cluster::shared();
+    let mark = cp.audit_mark();
+    let second = sync_once(&mut c, &src, &p, &known)
+        .await
+        .expect("second sync");
+    let requests: Vec<_> = cp
+        .requests_since(mark)
+        .into_iter()
+        .filter(|r| r.user_agent == agent)
+        .collect();
+    let changed: Vec<_> = second
+        .results
+        .iter()
+        .filter(|r| r.action != Action::Unchanged)
+        .map(|r| (r.obj.name.as_str(), r.action))
+        .collect();
+    assert_eq!(changed, [("cm-7", Action::Configured)]);
+    // cm-7: read, dry-run, apply; the other 19 nothing. Plus the inventory and the watch.
+    let per_object: Vec<_> = requests
+        .iter()
+        .filter(|r| r.uri.contains("/configmaps/cm-"))
+        .map(|r| format!("{} {}", r.verb, r.uri))
+        .collect();
+    assert!(
+        per_object.iter().all(|r| r.contains("/configmaps/cm-7")),
+        "{per_object:#?}"
+    );
+    assert!(requests.len() < 15, "{requests:#?}");
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let cm7 = cms.get("cm-7").await.expect("cm-7");
+    assert_eq!(
+        cm7.data
+            .unwrap_or_default()
+            .get("value")
+            .map(String::as_str),
+        Some("new")
+    );
+}
