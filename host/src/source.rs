@@ -56,6 +56,14 @@ pub enum Error {
         /// Cause.
         message: String,
     },
+    /// A fetch ran past its deadline and was interrupted.
+    #[error("fetching {url} took longer than {after:?} and was interrupted")]
+    TimedOut {
+        /// Repository URL without credentials.
+        url: String,
+        /// The deadline.
+        after: std::time::Duration,
+    },
     /// The local cache directory could not be used.
     #[error("failed to open the git cache {path}: {message}")]
     Cache {
@@ -234,6 +242,47 @@ impl Source {
     /// [`Error::Fetch`] when the download fails, [`Error::Read`] when the commit is still
     /// missing afterwards or its tree cannot be read.
     pub fn fetch(&self, commit: &str) -> Result<Snapshot> {
+        self.fetch_until(commit, &AtomicBool::new(false))
+    }
+
+    /// [`Self::fetch`] on the blocking pool within `deadline`, then `then` on the snapshot
+    /// there too (a snapshot stays on its thread). When the deadline passes, the transfer is
+    /// interrupted (gix checks the flag on every read of the pack, and every read has
+    /// reqwest's 30 s timeout), so a slow or stalled server cannot hold a thread for long.
+    ///
+    /// # Errors
+    /// As [`Self::fetch`], [`Error::TimedOut`], and what `then` returns.
+    pub async fn fetch_within<T, E>(
+        &self,
+        commit: &str,
+        deadline: std::time::Duration,
+        then: impl FnOnce(Snapshot) -> std::result::Result<T, E> + Send + 'static,
+    ) -> std::result::Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<Error> + Send + 'static,
+    {
+        let interrupt = std::sync::Arc::new(AtomicBool::new(false));
+        let (source, commit, flag) = (self.clone(), commit.to_string(), interrupt.clone());
+        let task = tokio::task::spawn_blocking(move || then(source.fetch_until(&commit, &flag)?));
+        match tokio::time::timeout(deadline, task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => Err(E::from(Error::Fetch {
+                url: self.url.clone(),
+                message: format!("the fetch task failed: {e}"),
+            })),
+            Err(_) => {
+                interrupt.store(true, std::sync::atomic::Ordering::Relaxed);
+                Err(E::from(Error::TimedOut {
+                    url: self.url.clone(),
+                    after: deadline,
+                }))
+            }
+        }
+    }
+
+    /// [`Self::fetch`], stopping the transfer when `interrupt` becomes true.
+    fn fetch_until(&self, commit: &str, interrupt: &AtomicBool) -> Result<Snapshot> {
         let repo = self.open()?;
         let read_err = |message: String| Error::Read {
             url: self.url.clone(),
@@ -242,7 +291,7 @@ impl Source {
         };
         let id = match gix::ObjectId::from_hex(commit.as_bytes()) {
             Ok(id) => {
-                self.ensure_commit(&repo, id)?;
+                self.ensure_commit(&repo, id, interrupt)?;
                 id
             }
             // A short commit id (`ref.commit: abc1234`, which kas handed to Gitaly as a
@@ -251,9 +300,9 @@ impl Source {
             Err(_) => match self.find_prefix(&repo, commit).map_err(read_err)? {
                 Some(id) => id,
                 None => {
-                    self.download(&repo, Shallow::NoChange)?;
+                    self.download(&repo, Shallow::NoChange, interrupt)?;
                     if repo.is_shallow().unwrap_or(true) {
-                        self.download(&repo, Shallow::undo())?;
+                        self.download(&repo, Shallow::undo(), interrupt)?;
                     }
                     self.find_prefix(&repo, commit)
                         .map_err(read_err)?
@@ -295,7 +344,12 @@ impl Source {
     }
 
     /// Fetches until `id` is in the cache.
-    fn ensure_commit(&self, repo: &gix::Repository, id: gix::ObjectId) -> Result<()> {
+    fn ensure_commit(
+        &self,
+        repo: &gix::Repository,
+        id: gix::ObjectId,
+        interrupt: &AtomicBool,
+    ) -> Result<()> {
         if repo.find_commit(id).is_err() {
             // An empty cache fetches only the tips (depth 1); later fetches extend from the
             // local shallow boundary. A commit older than the boundary (a `commit:` ref, or a
@@ -312,9 +366,9 @@ impl Source {
             } else {
                 Shallow::NoChange
             };
-            self.download(repo, shallow)?;
+            self.download(repo, shallow, interrupt)?;
             if repo.find_commit(id).is_err() && repo.is_shallow().unwrap_or(true) {
-                self.download(repo, Shallow::undo())?;
+                self.download(repo, Shallow::undo(), interrupt)?;
             }
         }
         Ok(())
@@ -343,7 +397,12 @@ impl Source {
         }
     }
 
-    fn download(&self, repo: &gix::Repository, shallow: Shallow) -> Result<()> {
+    fn download(
+        &self,
+        repo: &gix::Repository,
+        shallow: Shallow,
+        interrupt: &AtomicBool,
+    ) -> Result<()> {
         let fetch_err = |message: String| Error::Fetch {
             url: self.url.clone(),
             message,
@@ -353,11 +412,10 @@ impl Source {
             .connect(gix::remote::Direction::Fetch)
             .map_err(|e| fetch_err(chain(&e)))?;
         let conn = self.authenticate(conn);
-        let interrupt = AtomicBool::new(false);
         conn.prepare_fetch(gix::progress::Discard, Default::default())
             .map_err(|e| fetch_err(chain(&e)))?
             .with_shallow(shallow)
-            .receive(gix::progress::Discard, &interrupt)
+            .receive(gix::progress::Discard, interrupt)
             .map_err(|e| fetch_err(chain(&e)))?;
         Ok(())
     }
@@ -517,6 +575,49 @@ fn chain(e: &impl std::fmt::Display) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server that accepts connections and never answers (a tarpit, or a stalled
+    /// proxy): the fetch ends at its deadline, well before reqwest's 30 s read timeout,
+    /// and says so.
+    #[tokio::test]
+    async fn a_fetch_from_a_silent_server_ends_at_its_deadline() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                // Silent for 5 s, then gone (so the test's blocking thread ends soon after).
+                std::thread::spawn(move || {
+                    std::thread::sleep(std::time::Duration::from_secs(5));
+                    drop(stream);
+                });
+            }
+        });
+        let cache = tempfile::tempdir().expect("cache");
+        let source = Source::new(&format!("http://{addr}/g/p.git"), cache.path(), None);
+        let started = std::time::Instant::now();
+        let deadline = std::time::Duration::from_secs(2);
+        let result = source
+            .fetch_within(&"a".repeat(40), deadline, |_| Ok::<_, Error>(()))
+            .await;
+        let took = started.elapsed();
+        match result {
+            Err(Error::TimedOut { url, after }) => {
+                assert_eq!(url, format!("http://{addr}/g/p.git"));
+                assert_eq!(after, deadline);
+            }
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("fetched from nothing"),
+        }
+        assert!(took < std::time::Duration::from_secs(10), "{took:?}");
+        assert_eq!(
+            Error::TimedOut {
+                url: "http://h/g/p.git".into(),
+                after: deadline
+            }
+            .to_string(),
+            "fetching http://h/g/p.git took longer than 2s and was interrupted"
+        );
+    }
 
     #[test]
     fn credentials_in_urls_are_taken_out() {

@@ -202,6 +202,10 @@ pub enum Takeover {
     },
 }
 
+/// How long fetching one commit may take before it is interrupted and the sync fails (and
+/// is retried with backoff).
+pub const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Fetches, selects and decodes `commit`: the offline part of the path. Returns the
 /// objects and the full commit id (`commit` may be a short id).
 ///
@@ -213,22 +217,18 @@ pub async fn render(
     commit: &str,
     limits: select::Limits,
 ) -> Result<(Vec<Object>, String), Error> {
-    let (source, commit, globs, id) = (
-        source.clone(),
-        commit.to_string(),
-        project.paths.clone(),
-        project.id.clone(),
-    );
-    // Fetch, select and decode are CPU and blocking I/O: all off the async workers.
-    let task = tokio::task::spawn_blocking(move || -> Result<(Vec<Object>, String), Error> {
-        let snapshot = source.fetch(&commit)?;
-        let files = select::select(&snapshot, &globs, &limits)?;
-        Ok((
-            decode::decode(&files, &id, &snapshot.commit)?,
-            snapshot.commit.clone(),
-        ))
-    });
-    task.await.map_err(|e| Error::Task(e.to_string()))?
+    let (globs, id) = (project.paths.clone(), project.id.clone());
+    // Fetch (within its deadline), select and decode are blocking I/O and CPU: all off
+    // the async workers.
+    source
+        .fetch_within(commit, FETCH_TIMEOUT, move |snapshot| {
+            let files = select::select(&snapshot, &globs, &limits)?;
+            Ok((
+                decode::decode(&files, &id, &snapshot.commit)?,
+                snapshot.commit.clone(),
+            ))
+        })
+        .await
 }
 
 /// Runs the whole path for `commit`.
