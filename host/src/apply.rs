@@ -257,17 +257,17 @@ impl Checked {
     /// in their stage (CRs of new CRDs, objects in new namespaces) come with no server
     /// view: they would be created.
     pub fn changes(&self, opts: &Options) -> Vec<(&Object, Option<Value>, Option<Value>)> {
+        let preflights: BTreeMap<&ObjRef, _> =
+            self.preflights.iter().map(|(k, p)| (k, p)).collect();
         self.objects()
             .filter(|o| !self.skipped.contains(&o.obj_ref()))
-            .filter_map(
-                |o| match self.preflights.iter().find(|(k, _)| *k == o.obj_ref()) {
-                    Some((_, Ok(p))) => match (&p.live, &p.dry_run) {
-                        (Some(live), Some(dry)) if !drifted(live, dry, opts) => None,
-                        (live, dry) => Some((o, live.as_ref().map(strip), dry.as_ref().map(strip))),
-                    },
-                    _ => Some((o, None, None)),
+            .filter_map(|o| match preflights.get(&o.obj_ref()) {
+                Some(Ok(p)) => match (&p.live, &p.dry_run) {
+                    (Some(live), Some(dry)) if !drifted(live, dry, opts) => None,
+                    (live, dry) => Some((o, live.as_ref().map(strip), dry.as_ref().map(strip))),
                 },
-            )
+                _ => Some((o, None, None)),
+            })
             .collect()
     }
 }
@@ -316,9 +316,12 @@ pub async fn apply(
 ) -> Result<Vec<ObjectResult>, Error> {
     let Checked {
         stages,
-        mut preflights,
+        preflights,
         skipped,
     } = checked;
+    // By object: a lookup per object, not a scan (10,000 objects).
+    let mut preflights: BTreeMap<ObjRef, Result<Preflight, ObjectResult>> =
+        preflights.into_iter().collect();
     let mut results = Vec::new();
     for stage in &stages {
         results.extend(
@@ -340,7 +343,7 @@ pub async fn apply(
         let late: Vec<&Object> = stage
             .iter()
             .copied()
-            .filter(|o| !preflights.iter().any(|(k, _)| *k == o.obj_ref()))
+            .filter(|o| !preflights.contains_key(&o.obj_ref()))
             .collect();
         if !late.is_empty() && opts.dry_run != DryRunStrategy::None {
             // Their namespace or kind would only exist after a real apply.
@@ -365,12 +368,7 @@ pub async fn apply(
             .iter()
             .copied()
             .filter_map(|o| {
-                let p = preflights
-                    .iter()
-                    .find(|(k, _)| *k == o.obj_ref())?
-                    .1
-                    .as_ref()
-                    .ok()?;
+                let p = preflights.get(&o.obj_ref())?.as_ref().ok()?;
                 Some((o, p))
             })
             .collect();
