@@ -471,15 +471,12 @@ pub async fn sync(
         });
     }
     let applied = Arc::new(
-        results
-            .iter()
-            .filter(|r| {
-                matches!(
-                    r.action,
-                    Action::Created | Action::Configured | Action::Unchanged
-                )
+        applied_refs(&results)
+            .into_iter()
+            .filter_map(|r| {
+                let digest = digests.get(&r)?.clone();
+                Some((r, digest))
             })
-            .filter_map(|r| Some((r.obj.clone(), digests.get(&r.obj)?.clone())))
             .collect(),
     );
     Ok(Report {

@@ -207,20 +207,12 @@ fn parse(
             if event != "Push Hook" && event != "Tag Push Hook" {
                 return Ok(Event::Ignored(format!("event {event:?} is not a push")));
             }
-            let v = json(body)?;
-            let project = &v["project"];
-            Ok(Event::Push(Push {
-                path: str_at(project, "path_with_namespace"),
-                urls: ["git_http_url", "git_ssh_url", "web_url", "http_url", "url"]
-                    .iter()
-                    .filter_map(|k| str_at(project, k).or_else(|| str_at(&v["repository"], k)))
-                    .collect(),
-                git_ref: Some(
-                    str_at(&v, "ref").ok_or_else(|| Rejection::BadRequest("no \"ref\"".into()))?,
-                ),
-                default_branch: str_at(project, "default_branch"),
-                everything: false,
-            }))
+            push(
+                &json(body)?,
+                "project",
+                "path_with_namespace",
+                &["git_http_url", "git_ssh_url", "web_url", "http_url", "url"],
+            )
         }
         Provider::Github => {
             let signature = header("x-hub-signature-256")
@@ -236,20 +228,12 @@ fn parse(
             if event != "push" {
                 return Ok(Event::Ignored(format!("event {event:?} is not a push")));
             }
-            let v = json(body)?;
-            let repo = &v["repository"];
-            Ok(Event::Push(Push {
-                path: str_at(repo, "full_name"),
-                urls: ["clone_url", "ssh_url", "html_url", "git_url"]
-                    .iter()
-                    .filter_map(|k| str_at(repo, k))
-                    .collect(),
-                git_ref: Some(
-                    str_at(&v, "ref").ok_or_else(|| Rejection::BadRequest("no \"ref\"".into()))?,
-                ),
-                default_branch: str_at(repo, "default_branch"),
-                everything: false,
-            }))
+            push(
+                &json(body)?,
+                "repository",
+                "full_name",
+                &["clone_url", "ssh_url", "html_url", "git_url"],
+            )
         }
         Provider::Generic => {
             let token = header("authorization")
@@ -273,6 +257,22 @@ fn parse(
             }))
         }
     }
+}
+
+/// A GitLab or GitHub push payload: the repository under `repo` (GitLab also repeats its
+/// URLs under `repository`), its path under `path`, its URLs under `urls`, and `ref`.
+fn push(v: &Value, repo: &str, path: &str, urls: &[&str]) -> Result<Event, Rejection> {
+    let r = &v[repo];
+    Ok(Event::Push(Push {
+        path: str_at(r, path),
+        urls: urls
+            .iter()
+            .filter_map(|k| str_at(r, k).or_else(|| str_at(&v["repository"], k)))
+            .collect(),
+        git_ref: Some(str_at(v, "ref").ok_or_else(|| Rejection::BadRequest("no \"ref\"".into()))?),
+        default_branch: str_at(r, "default_branch"),
+        everything: false,
+    }))
 }
 
 fn equal(a: &[u8], b: &[u8]) -> bool {
