@@ -15,7 +15,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
@@ -139,13 +138,13 @@ pub async fn run(
             id: url.clone(),
             url: url.clone(),
             git_ref: GitRef::DefaultBranch,
-            wake: Arc::new(Notify::new()),
+            wake: Arc::new(webhook::Wake::default()),
         }),
         ConfigSource::File(_) => None,
     };
     let config_wake = config_target
         .as_ref()
-        .map_or_else(|| Arc::new(Notify::new()), |t| t.wake.clone());
+        .map_or_else(|| Arc::new(webhook::Wake::default()), |t| t.wake.clone());
     tokio::pin!(shutdown);
     loop {
         match load_config(&config_source, &opts).await {
@@ -294,7 +293,7 @@ fn reconcile_workers(
             id: project.id.clone(),
             url: sync::project_url(&project.id, &opts.git_base_url),
             git_ref: project.git_ref.clone(),
-            wake: Arc::new(Notify::new()),
+            wake: Arc::new(webhook::Wake::default()),
         };
         let handle = tokio::spawn(worker(
             cluster.clone(),
@@ -773,7 +772,7 @@ async fn worker(
     plugins: Result<Vec<Arc<Plugin>>, plugins::Error>,
     inventory: Result<(String, Vec<InventoryRef>), String>,
     opts: Options,
-    wake: Arc<Notify>,
+    wake: Arc<webhook::Wake>,
 ) {
     let Ok(inventory) = inventory else {
         // The error was logged when the worker started; it never syncs (nothing it could
@@ -823,6 +822,8 @@ async fn worker(
         }
     };
     loop {
+        // A push after this point means: list the ref again before waiting.
+        let pushes = wake.pushes();
         let commit = match resolve(source.clone(), project.git_ref.clone()).await {
             Ok(c) => c,
             Err(e) => {
@@ -840,7 +841,9 @@ async fn worker(
             _ => true,
         };
         if !due {
-            pause(&mut drift, &mut state).await;
+            if wake.pushes() == pushes {
+                pause(&mut drift, &mut state).await;
+            }
             continue;
         }
         // The sync's own writes are not drift. What the watch saw of the objects stays
@@ -943,7 +946,11 @@ async fn worker(
                 }
             }
         }
-        pause(&mut drift, &mut state).await;
+        // A push during the sync may have been taken by a wait that the sync's end
+        // abandoned: look at the ref again instead of sleeping.
+        if wake.pushes() == pushes {
+            pause(&mut drift, &mut state).await;
+        }
     }
 }
 
@@ -1002,7 +1009,7 @@ async fn newer_commit(
     git_ref: GitRef,
     current: String,
     every: Duration,
-    wake: &Notify,
+    wake: &webhook::Wake,
 ) {
     if matches!(git_ref, GitRef::Commit(_)) {
         return std::future::pending().await;

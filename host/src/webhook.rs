@@ -54,8 +54,35 @@ pub struct Target {
     /// The ref it follows.
     pub git_ref: GitRef,
     /// Woken on a matching push. A wake-up while the worker is busy is kept for when it
-    /// next waits.
-    pub wake: Arc<Notify>,
+    /// next waits, and counted.
+    pub wake: Arc<Wake>,
+}
+
+/// A wake-up signal that also counts pushes, so a worker can tell that one arrived while
+/// it was busy even if the wake-up itself was consumed by a wait it then abandoned.
+#[derive(Debug, Default)]
+pub struct Wake {
+    notify: Notify,
+    pushes: std::sync::atomic::AtomicU64,
+}
+
+impl Wake {
+    /// Signals a push.
+    pub fn push(&self) {
+        self.pushes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.notify.notify_one();
+    }
+
+    /// How many pushes were signalled so far.
+    pub fn pushes(&self) -> u64 {
+        self.pushes.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Resolves at the next push (at once when one came since the last wait).
+    pub async fn notified(&self) {
+        self.notify.notified().await;
+    }
 }
 
 /// The targets the agent registers and the receivers wake.
@@ -77,7 +104,7 @@ impl Triggers {
             .iter()
             .filter(|t| matches(push, t))
             .map(|t| {
-                t.wake.notify_one();
+                t.wake.push();
                 t.id.clone()
             })
             .collect()
@@ -430,7 +457,7 @@ mod tests {
             id: id.into(),
             url: url.into(),
             git_ref,
-            wake: Arc::new(Notify::new()),
+            wake: Arc::new(Wake::default()),
         }
     }
 
