@@ -11,8 +11,10 @@
 //! starts a new one after.
 //!
 //! Not drift: annotations that controllers write on the objects they manage
-//! ([`CONTROLLER_ANNOTATIONS`]). A change made between the end of a sync and the watch's
-//! first list is not seen (it becomes the baseline); the periodic full re-apply catches it.
+//! ([`CONTROLLER_ANNOTATIONS`]). Between two watches (while a sync runs), objects the sync
+//! left alone are compared with what the previous watch saw (`expected`); a change made
+//! to an object the sync wrote, between its write and the new watch's first list, is not
+//! seen (it becomes the baseline), and the periodic full re-apply catches it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -206,6 +208,10 @@ async fn watch_group(
                 None => {
                     let listed = std::mem::take(&mut listing);
                     for (name, o) in &by_name {
+                        // The sync just applied every member: one missing was deleted since.
+                        if !listed.contains_key(name) {
+                            return Some(describe(o, "it was deleted"));
+                        }
                         if let Some(want) = expected.get(o)
                             && let Some(why) = differs(Some(want), listed.get(name))
                         {
