@@ -41,6 +41,9 @@ done
 # shellcheck disable=SC2086 # one -p per plugin crate
 cargo clippy --release --target wasm32-wasip2 $plugins -- -D warnings
 
+step "example plugins in Python, JavaScript, C and Go (toolchains installed and cached on first use)"
+examples/plugins/build.sh >/dev/null
+
 step "cargo test (unit, integration, end-to-end)"
 cargo test --workspace
 
