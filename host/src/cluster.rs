@@ -11,6 +11,19 @@ use kube::discovery::{ApiCapabilities, ApiResource, Discovery, Scope};
 use crate::decode::Scopes;
 use crate::object::ObjRef;
 
+/// Objects of one resource in one namespace ([`Cluster::by_resource`]).
+#[derive(Debug, Clone)]
+pub struct ResourceGroup {
+    /// The resource.
+    pub resource: ApiResource,
+    /// Its scope and verbs.
+    pub caps: ApiCapabilities,
+    /// The namespace (empty for a cluster-scoped resource).
+    pub namespace: String,
+    /// Indices into the objects given.
+    pub members: Vec<usize>,
+}
+
 /// Discovery failed (the API server's group list could not be read). Retryable.
 #[derive(Debug, thiserror::Error)]
 #[error("failed to discover the cluster's API resources: {0}")]
@@ -182,6 +195,39 @@ impl Cluster {
             .groups()
             .find(|g| g.name() == r.group)
             .and_then(|g| g.recommended_kind(&r.kind))
+    }
+
+    /// `objects` by resource and namespace, as indices into `objects` (what a watch per
+    /// resource and namespace covers), and the indices of those whose kind the cluster
+    /// does not serve.
+    pub fn by_resource(&self, objects: &[ObjRef]) -> (Vec<ResourceGroup>, Vec<usize>) {
+        let mut groups: BTreeMap<(String, String, String), ResourceGroup> = BTreeMap::new();
+        let mut unserved = Vec::new();
+        for (i, o) in objects.iter().enumerate() {
+            let Some((resource, caps)) = self.resolve_ref(o) else {
+                unserved.push(i);
+                continue;
+            };
+            let namespace = match caps.scope {
+                Scope::Namespaced => o.namespace.clone(),
+                Scope::Cluster => String::new(),
+            };
+            groups
+                .entry((
+                    resource.api_version.clone(),
+                    resource.plural.clone(),
+                    namespace.clone(),
+                ))
+                .or_insert_with(|| ResourceGroup {
+                    resource,
+                    caps,
+                    namespace,
+                    members: Vec::new(),
+                })
+                .members
+                .push(i);
+        }
+        (groups.into_values().collect(), unserved)
     }
 
     /// A dynamic API for one resource in one namespace (ignored for cluster-scoped ones).

@@ -103,36 +103,29 @@ impl Drift {
         objects: &[ObjRef],
         expected: &BTreeMap<ObjRef, Fingerprint>,
     ) -> Drift {
-        let mut groups: BTreeMap<(String, String, String), Group> = BTreeMap::new();
-        for o in objects {
-            if let Some((ar, caps)) = cluster.resolve_ref(o) {
-                let namespaced = caps.scope == kube::discovery::Scope::Namespaced;
-                let ns = if namespaced {
-                    o.namespace.clone()
-                } else {
-                    String::new()
-                };
+        // Objects of kinds the cluster does not serve cannot drift: nothing of them exists.
+        let (by_resource, _unserved) = cluster.by_resource(objects);
+        let groups: Vec<Group> = by_resource
+            .into_iter()
+            .map(|g| {
                 let client = cluster.client().clone();
-                groups
-                    .entry((ar.api_version.clone(), ar.plural.clone(), ns.clone()))
-                    .or_insert_with(|| Group {
-                        api: if namespaced {
-                            Api::namespaced_with(client, &ns, &ar)
-                        } else {
-                            Api::all_with(client, &ar)
-                        },
-                        members: Vec::new(),
-                    })
-                    .members
-                    .push(o.clone());
-            }
-        }
+                Group {
+                    api: match g.caps.scope {
+                        kube::discovery::Scope::Namespaced => {
+                            Api::namespaced_with(client, &g.namespace, &g.resource)
+                        }
+                        kube::discovery::Scope::Cluster => Api::all_with(client, &g.resource),
+                    },
+                    members: g.members.iter().map(|&i| objects[i].clone()).collect(),
+                }
+            })
+            .collect();
         let (tx, found) = tokio::sync::mpsc::channel(1);
         let baseline = Arc::new(Mutex::new(BTreeMap::new()));
         let expected = Arc::new(expected.clone());
         let (shared, expected_all) = (baseline.clone(), expected.clone());
         let task = tokio::spawn(async move {
-            let watches = groups.into_values().map(|group| {
+            let watches = groups.into_iter().map(|group| {
                 let tx = tx.clone();
                 let (shared, expected) = (shared.clone(), expected_all.clone());
                 async move {

@@ -12,7 +12,7 @@
 //! gets 15 s to be scheduled) are judged again every second from what the watch last
 //! delivered, without a request.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -548,33 +548,23 @@ async fn watch(
         known: vec![false; objects.len()],
         present: vec![false; objects.len()],
     };
-    let mut groups: BTreeMap<(String, String, String), Group> = BTreeMap::new();
-    for (i, o) in objects.iter().enumerate() {
-        match cluster.resolve_ref(o) {
-            Some((ar, caps)) => {
-                let namespaced = caps.scope == kube::discovery::Scope::Namespaced;
-                let ns = if namespaced {
-                    o.namespace.clone()
-                } else {
-                    String::new()
-                };
-                groups
-                    .entry((ar.api_version.clone(), ar.plural.clone(), ns))
-                    .or_insert_with(|| Group {
-                        api: cluster.api(&ar, &caps, &o.namespace),
-                        resource: ar.clone(),
-                        members: HashMap::new(),
-                    })
-                    .members
-                    .insert(o.name.clone(), i);
-            }
-            // A kind the cluster does not serve: nothing of it exists.
-            None => {
-                seen.known[i] = true;
-            }
-        }
+    let (by_resource, unserved) = cluster.by_resource(objects);
+    // A kind the cluster does not serve: nothing of it exists.
+    for i in unserved {
+        seen.known[i] = true;
     }
-    let groups: Vec<Group> = groups.into_values().collect();
+    let groups: Vec<Group> = by_resource
+        .into_iter()
+        .map(|g| Group {
+            api: cluster.api(&g.resource, &g.caps, &g.namespace),
+            members: g
+                .members
+                .iter()
+                .map(|&i| (objects[i].name.clone(), i))
+                .collect(),
+            resource: g.resource,
+        })
+        .collect();
     let streams = groups.iter().enumerate().map(|(g, group)| {
         let mut config = watcher::Config::default();
         if group.members.len() == 1 {
