@@ -1,28 +1,41 @@
 //! WASM plugins versus the same logic in native Rust, side by side in one run.
 //!
-//! `cargo bench -p sluice-testenv --bench plugins` prints a table (also used in
-//! docs/performance.md):
+//! `cargo bench -p sluice-testenv --bench plugins` (divan: every input is built outside
+//! the timed region, each figure is the median of its samples with the fastest and slowest
+//! beside it; docs/performance.md divides by the 10,000 objects):
 //!
-//! - per-object time on 10,000 Deployments for `set-namespace` and `pin-images`:
-//!   native on `serde_json::Value` (what a built-in transformer would cost), and the
-//!   component through the host (serialise, call, parse, check: what sluice pays);
-//! - instantiate time (fresh Store + instance from the InstancePre);
-//! - cold start: load (compile) with an empty cache, and again with the on-disk cache warm.
+//! - `native_in_place`: the plugin crates' own functions on `serde_json::Value`s, as
+//!   transformers built into the host would run: set-namespace, pin-images, no-latest-tag,
+//!   and the three as one chain;
+//! - `native_round_trip`: the same chain plus the JSON text passes the contract asks for
+//!   (each plugin: objects to text, parsed, worked on, written back, parsed by the host);
+//! - `wasm`: the components through `sluice::plugins::run`, one by one and as one chain,
+//!   and the cost of a call with no objects (a fresh Store and instance);
+//! - `cold_start`: loading set-namespace with an empty compilation cache, and with the
+//!   on-disk cache a previous load wrote (a new engine, as after a restart).
 //!
-//! Median of several runs; no timing assertions (speed goals live here, not in tests).
+//! No timing assertions: speed goals live here, not in tests.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
 
+use divan::Bencher;
+use divan::counter::ItemsCount;
 use serde_json::{Value, json};
 use sluice::object::{Object, Origin};
-use sluice::plugins::{self, FailurePolicy, Limits, Mode, Runtime, Spec, Subject};
+use sluice::plugins::{self, FailurePolicy, Limits, Mode, Plugin, Runtime, Spec, Subject};
 
 const OBJECTS: usize = 10_000;
-const RUNS: usize = 7;
 const DIGEST: &str = "sha256:00000000000000000000000000000000000000000000000000000000000000aa";
 
+fn main() {
+    divan::main();
+}
+
+/// A Deployment with an init container and two containers; one in ten has an untagged
+/// image, so no-latest-tag reports 1,000 findings.
 fn deployment(i: usize) -> Value {
+    let sidecar = if i % 10 == 0 { "envoy" } else { "envoy:1.30" };
     json!({"apiVersion": "apps/v1", "kind": "Deployment",
            "metadata": {"name": format!("app-{i}"), "namespace": "dev", "labels": {"app": format!("app-{i}"), "tier": "web"}},
            "spec": {"replicas": 2, "selector": {"matchLabels": {"app": format!("app-{i}")}},
@@ -30,27 +43,45 @@ fn deployment(i: usize) -> Value {
                                  "spec": {"initContainers": [{"name": "init", "image": "busybox:1.36"}],
                                           "containers": [{"name": "web", "image": "nginx:1.27", "ports": [{"containerPort": 80}],
                                                           "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}},
-                                                         {"name": "sidecar", "image": "envoy:1.30"}]}}}})
+                                                         {"name": "sidecar", "image": sidecar}]}}}})
 }
 
-/// A plugin's logic called natively.
-type NativeTransform = Box<dyn Fn(&mut Vec<Value>)>;
+static VALUES: LazyLock<Vec<Value>> = LazyLock::new(|| (0..OBJECTS).map(deployment).collect());
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn time<F: FnMut()>(mut f: F) -> Duration {
-    let runs: Vec<Duration> = (0..RUNS)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed()
+static INPUT: LazyLock<Vec<Object>> = LazyLock::new(|| {
+    VALUES
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Object {
+            value: v.clone(),
+            origin: Origin {
+                project: "bench".into(),
+                commit: "0".repeat(40),
+                path: format!("apps/{i}.yaml"),
+                line: 1,
+                ..Origin::default()
+            },
         })
-        .collect();
-    median(runs)
-}
+        .collect()
+});
+
+static SUBJECT: LazyLock<Subject> = LazyLock::new(|| Subject {
+    agent: "bench".into(),
+    project: "bench".into(),
+    commit: "0".repeat(40),
+});
+
+static NS_CONFIG: LazyLock<set_namespace::Config> = LazyLock::new(|| set_namespace::Config {
+    namespace: "prod".into(),
+    cluster_scoped_kinds: vec![],
+});
+
+static PIN_CONFIG: LazyLock<pin_images::Config> = LazyLock::new(|| pin_images::Config {
+    images: [("nginx:1.27", DIGEST), ("busybox:1.36", DIGEST)]
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .into(),
+    require_pinned: false,
+});
 
 fn spec(name: &str, config: Value) -> Spec {
     Spec {
@@ -65,152 +96,193 @@ fn spec(name: &str, config: Value) -> Spec {
         },
         capabilities: Vec::new(),
         failure_policy: FailurePolicy::Fail,
-        mode: Mode::Enforce,
+        // Audit: the findings are reported, the chain's output still comes back.
+        mode: Mode::Audit,
     }
 }
 
-fn per_object(d: Duration) -> String {
-    format!("{:.2} µs", d.as_secs_f64() * 1e6 / OBJECTS as f64)
-}
-
-fn main() {
-    let values: Vec<Value> = (0..OBJECTS).map(deployment).collect();
-    let objects: Vec<Object> = values
-        .iter()
-        .enumerate()
-        .map(|(i, v)| Object {
-            value: v.clone(),
-            origin: Origin {
-                path: format!("apps/{i}.yaml"),
-                line: 1,
-                ..Origin::default()
-            },
-        })
-        .collect();
-    let subject = Subject {
-        agent: "bench".into(),
-        project: "bench".into(),
-        commit: "0".repeat(40),
-    };
-    let runtime = Runtime::new(None).expect("runtime");
-
-    println!(
-        "| measurement | native Rust, in place | native Rust, same JSON round trip | WASM plugin | WASM / in place | WASM / round trip |"
-    );
-    println!("|---|---|---|---|---|---|");
-    let ns_config = set_namespace::Config {
-        namespace: "prod".into(),
-        cluster_scoped_kinds: vec![],
-    };
-    let pin_config = pin_images::Config {
-        images: [
-            ("nginx:1.27", DIGEST),
-            ("busybox:1.36", DIGEST),
-            ("envoy:1.30", DIGEST),
-        ]
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .into(),
-        require_pinned: false,
-    };
-    let cases: [(&str, Value, NativeTransform); 2] = [
-        (
-            "set-namespace",
-            json!({"namespace": "prod"}),
-            Box::new(move |v: &mut Vec<Value>| set_namespace::transform(&ns_config, v)),
-        ),
+fn configs() -> [(&'static str, Value); 3] {
+    [
+        ("set-namespace", json!({"namespace": "prod"})),
         (
             "pin-images",
-            json!({"images": {"nginx:1.27": DIGEST, "busybox:1.36": DIGEST, "envoy:1.30": DIGEST}}),
-            Box::new(move |v: &mut Vec<Value>| {
-                pin_images::transform(&pin_config, v).expect("pinned")
-            }),
+            json!({"images": {"nginx:1.27": DIGEST, "busybox:1.36": DIGEST}}),
         ),
-    ];
-    for (name, config, native) in cases {
-        let bytes = std::fs::read(sluice_testenv::wasm::component(name)).expect("component");
-        let plugin = Arc::new(runtime.load(&spec(name, config), &bytes).expect("load"));
-        let native_time = time(|| {
-            let mut v = values.clone();
-            native(&mut v);
-            std::hint::black_box(v);
-        });
-        // The clone is part of both sides: the host hands the chain an owned list too.
-        let clone_time = time(|| {
-            std::hint::black_box(values.clone());
-        });
-        // The plugin contract's work without WebAssembly: objects to JSON text, parsed,
-        // transformed, serialised and parsed back, as the host and guest do.
-        let round_trip = time(|| {
-            let texts: Vec<String> = values.iter().map(|v| v.to_string()).collect();
-            let mut parsed: Vec<Value> = texts
-                .iter()
-                .map(|t| serde_json::from_str(t).expect("json"))
-                .collect();
-            native(&mut parsed);
-            let back: Vec<String> = parsed.iter().map(|v| v.to_string()).collect();
-            let out: Vec<Value> = back
-                .iter()
-                .map(|t| serde_json::from_str(t).expect("json"))
-                .collect();
-            std::hint::black_box(out);
-        });
-        let wasm_time = time(|| {
-            let out = plugins::run(std::slice::from_ref(&plugin), &subject, objects.clone())
-                .expect("run");
-            std::hint::black_box(out);
-        });
-        let (n, w) = (
-            native_time.saturating_sub(clone_time),
-            wasm_time.saturating_sub(clone_time),
-        );
-        println!(
-            "| {name}, per object ({OBJECTS} Deployments) | {} | {} | {} | {:.2}× | {:.2}× |",
-            per_object(n),
-            per_object(round_trip),
-            per_object(w),
-            w.as_secs_f64() / n.as_secs_f64(),
-            w.as_secs_f64() / round_trip.as_secs_f64()
-        );
+        ("no-latest-tag", Value::Null),
+    ]
+}
+
+/// set-namespace, pin-images and no-latest-tag, loaded once (no compilation cache).
+static CHAIN: LazyLock<Vec<Arc<Plugin>>> = LazyLock::new(|| {
+    let runtime = Runtime::new(None).expect("runtime");
+    configs()
+        .into_iter()
+        .map(|(name, config)| {
+            let bytes = std::fs::read(sluice_testenv::wasm::component(name)).expect("component");
+            Arc::new(runtime.load(&spec(name, config), &bytes).expect("load"))
+        })
+        .collect()
+});
+
+fn native_set_namespace(v: &mut [Value]) {
+    set_namespace::transform(&NS_CONFIG, v);
+}
+
+fn native_pin_images(v: &mut [Value]) {
+    pin_images::transform(&PIN_CONFIG, v).expect("pinned");
+}
+
+fn native_no_latest_tag(v: &mut [Value]) -> usize {
+    no_latest_tag::validate(v).len()
+}
+
+fn native_chain(v: &mut [Value]) -> usize {
+    native_set_namespace(v);
+    native_pin_images(v);
+    native_no_latest_tag(v)
+}
+
+/// One plugin's share of the contract: the host writes the objects as text, the guest
+/// parses them, works, writes them back, and the host parses its output.
+fn round_trip(v: &mut Vec<Value>, work: impl FnOnce(&mut [Value])) {
+    let texts: Vec<String> = v.iter().map(Value::to_string).collect();
+    let mut parsed: Vec<Value> = texts
+        .iter()
+        .map(|t| serde_json::from_str(t).expect("json"))
+        .collect();
+    work(&mut parsed);
+    let back: Vec<String> = parsed.iter().map(Value::to_string).collect();
+    *v = back
+        .iter()
+        .map(|t| serde_json::from_str(t).expect("json"))
+        .collect();
+}
+
+#[divan::bench_group(sample_count = 15, sample_size = 1)]
+mod native_in_place {
+    use super::*;
+
+    #[divan::bench]
+    fn set_namespace(b: Bencher) {
+        b.counter(ItemsCount::new(OBJECTS))
+            .with_inputs(|| VALUES.clone())
+            .bench_local_refs(|v| native_set_namespace(v));
     }
 
-    // Instantiate: a fresh Store and instance per call, with an empty object list.
-    let bytes = std::fs::read(sluice_testenv::wasm::component("set-namespace")).expect("component");
-    let plugin = Arc::new(
-        runtime
-            .load(&spec("set-namespace", json!({"namespace": "prod"})), &bytes)
-            .expect("load"),
-    );
-    let calls = 200;
-    let inst = time(|| {
-        for _ in 0..calls {
-            std::hint::black_box(
-                plugins::run(std::slice::from_ref(&plugin), &subject, Vec::new()).expect("run"),
-            );
-        }
-    });
-    println!(
-        "| instantiate + call with no objects | — | — | {:.1} µs | — | — |",
-        inst.as_secs_f64() * 1e6 / calls as f64
-    );
+    #[divan::bench]
+    fn pin_images(b: Bencher) {
+        b.counter(ItemsCount::new(OBJECTS))
+            .with_inputs(|| VALUES.clone())
+            .bench_local_refs(|v| native_pin_images(v));
+    }
 
-    // Cold start: compile with an empty on-disk cache, then load from the warm cache.
-    let cache = tempfile::tempdir().expect("cache dir");
-    let cold = Runtime::new(Some(cache.path())).expect("runtime");
-    let t = Instant::now();
-    cold.load(&spec("set-namespace", json!({"namespace": "prod"})), &bytes)
-        .expect("load");
-    let compile = t.elapsed();
-    // A new engine, as after a restart, reading the same cache.
-    let warm = Runtime::new(Some(cache.path())).expect("runtime");
-    let t = Instant::now();
-    warm.load(&spec("set-namespace", json!({"namespace": "prod"})), &bytes)
-        .expect("load");
-    let cached = t.elapsed();
-    println!(
-        "| cold start of set-namespace ({} KiB): compile / from on-disk cache | — | — | {:.1} ms / {:.1} ms | {:.1}× faster | — |",
-        bytes.len() / 1024,
-        compile.as_secs_f64() * 1e3,
-        cached.as_secs_f64() * 1e3,
-        compile.as_secs_f64() / cached.as_secs_f64()
-    );
+    #[divan::bench]
+    fn no_latest_tag(b: Bencher) {
+        b.counter(ItemsCount::new(OBJECTS))
+            .with_inputs(|| VALUES.clone())
+            .bench_local_refs(|v| native_no_latest_tag(v));
+    }
+
+    #[divan::bench]
+    fn chain(b: Bencher) {
+        b.counter(ItemsCount::new(OBJECTS))
+            .with_inputs(|| VALUES.clone())
+            .bench_local_refs(|v| native_chain(v));
+    }
+}
+
+#[divan::bench_group(sample_count = 10, sample_size = 1)]
+mod native_round_trip {
+    use super::*;
+
+    /// The chain with each plugin's JSON passes: two transformers (text out and back) and
+    /// a validator (text out).
+    #[divan::bench]
+    fn chain(b: Bencher) {
+        b.counter(ItemsCount::new(OBJECTS))
+            .with_inputs(|| VALUES.clone())
+            .bench_local_refs(|v| {
+                round_trip(v, native_set_namespace);
+                round_trip(v, native_pin_images);
+                let texts: Vec<String> = v.iter().map(Value::to_string).collect();
+                let mut parsed: Vec<Value> = texts
+                    .iter()
+                    .map(|t| serde_json::from_str(t).expect("json"))
+                    .collect();
+                native_no_latest_tag(&mut parsed)
+            });
+    }
+}
+
+#[divan::bench_group(sample_count = 10, sample_size = 1)]
+mod wasm {
+    use super::*;
+
+    fn run(b: Bencher, plugins: &[Arc<Plugin>]) {
+        b.counter(ItemsCount::new(OBJECTS))
+            .with_inputs(|| INPUT.clone())
+            .bench_local_values(|objects| plugins::run(plugins, &SUBJECT, objects).expect("run"));
+    }
+
+    #[divan::bench]
+    fn set_namespace(b: Bencher) {
+        run(b, &CHAIN[0..1]);
+    }
+
+    #[divan::bench]
+    fn pin_images(b: Bencher) {
+        run(b, &CHAIN[1..2]);
+    }
+
+    #[divan::bench]
+    fn no_latest_tag(b: Bencher) {
+        run(b, &CHAIN[2..3]);
+    }
+
+    #[divan::bench]
+    fn chain(b: Bencher) {
+        run(b, &CHAIN);
+    }
+
+    /// A call with no objects: a fresh Store and instance from the InstancePre.
+    #[divan::bench(sample_count = 200)]
+    fn instantiate_and_call_with_no_objects(b: Bencher) {
+        b.bench_local(|| plugins::run(&CHAIN[0..1], &SUBJECT, Vec::new()).expect("run"));
+    }
+}
+
+#[divan::bench_group(sample_count = 5, sample_size = 1)]
+mod cold_start {
+    use super::*;
+
+    fn set_namespace() -> (Spec, Vec<u8>) {
+        let (name, config) = configs().into_iter().next().expect("set-namespace");
+        let bytes = std::fs::read(sluice_testenv::wasm::component(name)).expect("component");
+        (spec(name, config), bytes)
+    }
+
+    /// Compile, type-check and `validate-config`, with an empty compilation cache.
+    #[divan::bench]
+    fn compile(b: Bencher) {
+        let (spec, bytes) = set_namespace();
+        b.with_inputs(|| {
+            let dir = tempfile::tempdir().expect("cache dir");
+            let runtime = Runtime::new(Some(dir.path())).expect("runtime");
+            (dir, runtime)
+        })
+        .bench_local_refs(|(_, runtime)| runtime.load(&spec, &bytes).expect("load"));
+    }
+
+    /// The same load by a new engine reading the cache a first load wrote.
+    #[divan::bench]
+    fn from_disk_cache(b: Bencher) {
+        let (spec, bytes) = set_namespace();
+        let dir = tempfile::tempdir().expect("cache dir");
+        Runtime::new(Some(dir.path()))
+            .expect("runtime")
+            .load(&spec, &bytes)
+            .expect("load");
+        b.with_inputs(|| Runtime::new(Some(dir.path())).expect("runtime"))
+            .bench_local_refs(|runtime| runtime.load(&spec, &bytes).expect("load"));
+    }
 }

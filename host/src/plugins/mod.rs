@@ -628,7 +628,7 @@ pub fn run(
     subject: &Subject,
     objects: Vec<Object>,
 ) -> Result<Outcome, Error> {
-    let mut objects = objects;
+    let mut batch = Batch::Values(objects);
     let mut findings = Vec::new();
     let mut skipped = Vec::new();
     // Every validator runs, so a refused commit lists what all of them found.
@@ -657,23 +657,34 @@ pub fn run(
             }
         };
         match plugin.world {
-            World::Transformer => match call_transform(plugin, subject, &objects) {
-                Ok(Ok(next)) => objects = next,
-                Ok(Err(refusal)) => return Err(Error::Denied(refusal)),
-                Err(e) => ignore(e, &mut findings)?,
-            },
-            World::Function => match call_function(plugin, subject, &objects) {
-                Ok(Ok((next, found))) => {
-                    objects = next;
-                    findings.extend(found);
+            World::Transformer => match call_transform(plugin, subject, batch.texts()) {
+                Ok(Ok(next)) => batch = Batch::Texts(next, plugin.clone()),
+                Ok(Err(refusal)) => {
+                    return Err(Error::Denied(
+                        refusal
+                            .into_iter()
+                            .map(|f| finding(plugin, &batch, subject, f))
+                            .collect(),
+                    ));
                 }
-                Ok(Err(refusal)) => return Err(Error::Denied(refusal)),
                 Err(e) => ignore(e, &mut findings)?,
             },
-            World::Validator => match call_validate(plugin, subject, &objects) {
+            World::Function => {
+                let objects = batch.values(subject)?;
+                match call_function(plugin, subject, objects) {
+                    Ok(Ok((next, found))) => {
+                        batch = Batch::Values(next);
+                        findings.extend(found);
+                    }
+                    Ok(Err(refusal)) => return Err(Error::Denied(refusal)),
+                    Err(e) => ignore(e, &mut findings)?,
+                }
+            }
+            World::Validator => match call_validate(plugin, subject, batch.texts()) {
                 Ok(found) => {
                     let (errors, others): (Vec<Finding>, Vec<Finding>) = found
                         .into_iter()
+                        .map(|f| finding(plugin, &batch, subject, f))
                         .partition(|f| f.severity == "error" && plugin.spec.mode == Mode::Enforce);
                     blocking.extend(errors);
                     findings.extend(others);
@@ -686,10 +697,112 @@ pub fn run(
         return Err(Error::Denied(blocking));
     }
     Ok(Outcome {
-        objects,
+        objects: batch.into_values(subject)?,
         findings,
         skipped,
     })
+}
+
+/// The objects between two plugins of a chain, in the form the last stage left them:
+/// values (decoded from git, or a KRM function's output) or the JSON text a component
+/// returned and the host checked. A component receives text, so a chain of components
+/// hands each one's output to the next as is and parses the objects into values once, at
+/// the end: per object and per added plugin, one host-side parse and one serialisation
+/// fewer than a round trip through values.
+enum Batch {
+    Values(Vec<Object>),
+    /// Checked by [`check_output`] (each is a JSON object with the required fields), and
+    /// the plugin that returned them.
+    Texts(Vec<bindings::Object>, Arc<Plugin>),
+    /// Both forms of the same objects.
+    Both(Vec<Object>, Vec<bindings::Object>),
+}
+
+impl Batch {
+    /// The objects as the contract's text, written once.
+    fn texts(&mut self) -> &[bindings::Object] {
+        if let Batch::Values(values) = self {
+            let texts = wit_objects(values);
+            *self = Batch::Both(std::mem::take(values), texts);
+        }
+        match self {
+            Batch::Texts(texts, _) | Batch::Both(_, texts) => texts,
+            Batch::Values(_) => unreachable!("written above"),
+        }
+    }
+
+    /// The objects as values, parsed once.
+    fn values(&mut self, subject: &Subject) -> Result<&[Object], Error> {
+        if let Batch::Texts(texts, plugin) = self {
+            let values = parse_checked(texts, plugin, subject)?;
+            *self = Batch::Both(values, std::mem::take(texts));
+        }
+        match self {
+            Batch::Values(values) | Batch::Both(values, _) => Ok(values),
+            Batch::Texts(..) => unreachable!("parsed above"),
+        }
+    }
+
+    fn into_values(self, subject: &Subject) -> Result<Vec<Object>, Error> {
+        match self {
+            Batch::Values(values) | Batch::Both(values, _) => Ok(values),
+            Batch::Texts(texts, plugin) => parse_checked(&texts, &plugin, subject),
+        }
+    }
+
+    /// Where the object at `index` came from.
+    fn origin(&self, index: usize, subject: &Subject) -> Option<Origin> {
+        match self {
+            Batch::Values(values) | Batch::Both(values, _) => {
+                values.get(index).map(|o| o.origin.clone())
+            }
+            Batch::Texts(texts, _) => texts.get(index).map(|o| origin(&o.origin, subject)),
+        }
+    }
+}
+
+/// Parses texts [`check_output`] accepted from `plugin`. The check reads the syntax and
+/// the required fields; only building the values can refuse a number out of `f64`'s
+/// range, which is then `plugin`'s invalid output (and fails the chain whatever its
+/// failure policy, as the objects it replaced are gone).
+fn parse_checked(
+    texts: &[bindings::Object],
+    plugin: &Plugin,
+    subject: &Subject,
+) -> Result<Vec<Object>, Error> {
+    texts
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let value = serde_json::from_str(&o.json).map_err(|e| {
+                plugin.invalid(subject, format!("{} is not JSON: {e}", at(i, &o.origin)))
+            })?;
+            Ok(Object {
+                value,
+                origin: origin(&o.origin, subject),
+            })
+        })
+        .collect()
+}
+
+/// How an error names a component's output object: its index, and its origin when it has
+/// one.
+fn at(index: usize, origin: &bindings::Origin) -> String {
+    if origin.path.is_empty() {
+        format!("object {index}")
+    } else {
+        format!("object {index} ({}:{})", origin.path, origin.line)
+    }
+}
+
+fn origin(o: &bindings::Origin, subject: &Subject) -> Origin {
+    Origin {
+        project: subject.project.clone(),
+        commit: subject.commit.clone(),
+        path: o.path.clone(),
+        doc_index: o.index as usize,
+        line: u64::from(o.line),
+    }
 }
 
 fn wit_objects(objects: &[Object]) -> Vec<bindings::Object> {
@@ -715,11 +828,13 @@ fn wit_context(plugin: &Plugin, subject: &Subject) -> bindings::Context {
     }
 }
 
+/// Calls a transformer: its checked output, or the findings it refused the commit with.
+#[allow(clippy::type_complexity)]
 fn call_transform(
     plugin: &Plugin,
     subject: &Subject,
-    objects: &[Object],
-) -> Result<Result<Vec<Object>, Vec<Finding>>, Error> {
+    objects: &[bindings::Object],
+) -> Result<Result<Vec<bindings::Object>, Vec<bindings::Finding>>, Error> {
     let Pre::Transformer(pre) = &plugin.pre else {
         unreachable!("called only for transformers")
     };
@@ -732,26 +847,19 @@ fn call_transform(
         ))
     })?;
     let result = instance
-        .call_transform(
-            &mut store,
-            &wit_context(plugin, subject),
-            &wit_objects(objects),
-        )
+        .call_transform(&mut store, &wit_context(plugin, subject), objects)
         .map_err(|e| call_err(trap_message(&e, &plugin.spec.limits)))?;
     match result {
         Ok(out) => check_output(plugin, subject, out).map(Ok),
-        Err(found) => Ok(Err(found
-            .into_iter()
-            .map(|f| finding(plugin, objects, f))
-            .collect())),
+        Err(found) => Ok(Err(found)),
     }
 }
 
 fn call_validate(
     plugin: &Plugin,
     subject: &Subject,
-    objects: &[Object],
-) -> Result<Vec<Finding>, Error> {
+    objects: &[bindings::Object],
+) -> Result<Vec<bindings::Finding>, Error> {
     let Pre::Validator(pre) = &plugin.pre else {
         unreachable!("called only for validators")
     };
@@ -764,11 +872,7 @@ fn call_validate(
         ))
     })?;
     let found = instance
-        .call_validate(
-            &mut store,
-            &wit_context(plugin, subject),
-            &wit_objects(objects),
-        )
+        .call_validate(&mut store, &wit_context(plugin, subject), objects)
         .map_err(|e| call_err(trap_message(&e, &plugin.spec.limits)))?;
     let size: usize = found
         .iter()
@@ -783,10 +887,7 @@ fn call_validate(
             ),
         ));
     }
-    Ok(found
-        .into_iter()
-        .map(|f| finding(plugin, objects, f))
-        .collect())
+    Ok(found)
 }
 
 /// Runs a KRM function: the objects go in as `items` (each marked with its index, to keep
@@ -888,12 +989,14 @@ fn call_function(
     Ok(Ok((next, findings)))
 }
 
-/// Parses and checks a transformer's output: size, JSON, and the fields every object needs.
+/// Checks a transformer's output: its size, and that each object is a JSON object with
+/// `apiVersion`, `kind` and `metadata.name`. The text is only scanned (see [`Head`]);
+/// [`Batch`] parses it when a stage needs values.
 fn check_output(
     plugin: &Plugin,
     subject: &Subject,
     out: Vec<bindings::Object>,
-) -> Result<Vec<Object>, Error> {
+) -> Result<Vec<bindings::Object>, Error> {
     let invalid = |message: String| plugin.invalid(subject, message);
     let size: usize = out.iter().map(|o| o.json.len() + o.origin.path.len()).sum();
     if size > plugin.spec.limits.max_output_bytes {
@@ -902,13 +1005,12 @@ fn check_output(
             plugin.spec.limits.max_output_bytes
         )));
     }
-    let mut objects = Vec::with_capacity(out.len());
-    for (i, o) in out.into_iter().enumerate() {
-        let at = if o.origin.path.is_empty() {
-            format!("object {i}")
-        } else {
-            format!("object {i} ({}:{})", o.origin.path, o.origin.line)
-        };
+    for (i, o) in out.iter().enumerate() {
+        if Head::complete(&o.json) {
+            continue;
+        }
+        // The slow path, for the error only: parse it all to say what is wrong.
+        let at = at(i, &o.origin);
         let value: serde_json::Value =
             serde_json::from_str(&o.json).map_err(|e| invalid(format!("{at} is not JSON: {e}")))?;
         let has = |v: &serde_json::Value| v.as_str().is_some_and(|s| !s.is_empty());
@@ -928,22 +1030,53 @@ fn check_output(
                 missing.join(", ")
             )));
         }
-        objects.push(Object {
-            value,
-            origin: Origin {
-                project: subject.project.clone(),
-                commit: subject.commit.clone(),
-                path: o.origin.path,
-                doc_index: o.origin.index as usize,
-                line: u64::from(o.origin.line),
-            },
-        });
+        // Valid after all (e.g. a required field given twice, which JSON allows and the
+        // API server reads as the last one).
     }
-    Ok(objects)
+    Ok(out)
 }
 
-fn finding(plugin: &Plugin, inputs: &[Object], f: bindings::Finding) -> Finding {
-    let input = f.object.as_ref().and_then(|r| inputs.get(r.index as usize));
+/// The fields every returned object needs, read without building the object: everything
+/// else is skipped by serde (still checked as JSON syntax), and strings without escapes
+/// are borrowed from the text.
+#[derive(Deserialize)]
+struct Head<'a> {
+    #[serde(rename = "apiVersion", borrow, default)]
+    api_version: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    kind: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    metadata: Option<HeadMetadata<'a>>,
+}
+
+#[derive(Deserialize)]
+struct HeadMetadata<'a> {
+    #[serde(borrow, default)]
+    name: Option<std::borrow::Cow<'a, str>>,
+}
+
+impl Head<'_> {
+    /// Whether `json` is one JSON object with a non-empty `apiVersion`, `kind` and
+    /// `metadata.name`. False for anything else, including shapes serde would accept for a
+    /// struct but that are not an object (an array).
+    fn complete(json: &str) -> bool {
+        if !json.trim_start().starts_with('{') {
+            return false;
+        }
+        let filled = |s: &Option<std::borrow::Cow<'_, str>>| s.as_ref().is_some_and(|s| !s.is_empty());
+        serde_json::from_str::<Head<'_>>(json).is_ok_and(|h| {
+            filled(&h.api_version)
+                && filled(&h.kind)
+                && h.metadata.as_ref().is_some_and(|m| filled(&m.name))
+        })
+    }
+}
+
+fn finding(plugin: &Plugin, inputs: &Batch, subject: &Subject, f: bindings::Finding) -> Finding {
+    let origin = f
+        .object
+        .as_ref()
+        .and_then(|r| inputs.origin(r.index as usize, subject));
     Finding {
         plugin: plugin.spec.name.clone(),
         severity: match f.severity {
@@ -958,7 +1091,7 @@ fn finding(plugin: &Plugin, inputs: &[Object], f: bindings::Finding) -> Finding 
             namespace: r.namespace.clone(),
             name: r.name.clone(),
         }),
-        origin: input.map(|o| o.origin.clone()),
+        origin,
         field: f.field,
         proposed_value: f.proposed_value,
         rule: f.rule,
@@ -1008,3 +1141,33 @@ fn world_of(engine: &Engine, component: &Component) -> Result<World, String> {
 
 /// Plugins by name, as loaded for one configuration.
 pub type Loaded = BTreeMap<String, Result<Arc<Plugin>, Error>>;
+
+#[cfg(test)]
+mod tests {
+    use super::Head;
+
+    #[test]
+    fn a_transformer_object_is_complete_only_with_its_identity_fields() {
+        let complete = [
+            r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"a"}}"#,
+            r#" {"kind":"ConfigMap","data":{"x":[1,{"y":null}]},"metadata":{"labels":{},"name":"a"},"apiVersion":"v1"}"#,
+            r#"{"apiVersion":"v1","kind":"Config\u004dap","metadata":{"name":"a"}}"#,
+        ];
+        for json in complete {
+            assert!(Head::complete(json), "{json}");
+        }
+        let incomplete = [
+            r#"["v1","ConfigMap",{"name":"a"}]"#,
+            r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":""}}"#,
+            r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":null}"#,
+            r#"{"apiVersion":5,"kind":"ConfigMap","metadata":{"name":"a"}}"#,
+            r#"{"apiVersion":"v1","kind":"ConfigMap"}"#,
+            r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"a"}"#,
+            r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"a"}} trailing"#,
+            r#"{"apiVersion":"v1","apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"a"}}"#,
+        ];
+        for json in incomplete {
+            assert!(!Head::complete(json), "{json}");
+        }
+    }
+}
