@@ -384,6 +384,7 @@ fn prepare(
         others,
         takeover: opts.takeover.clone(),
         known: Arc::default(),
+        render_cache: Some(plugins::OutcomeCache::new(opts.cache_dir.join("rendered"))),
     };
     (source, settings)
 }

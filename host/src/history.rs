@@ -405,6 +405,7 @@ mod tests {
             adopted: None,
             inventory: InventoryRef::default_for("a-b", "web"),
             applied: Default::default(),
+            plugins_cached: false,
         }
     }
 

@@ -5,7 +5,7 @@ use std::fmt;
 use serde_json::Value;
 
 /// Where an object was written: project, commit, file, document, line.
-#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Origin {
     /// Manifest project id (path or URL).
     pub project: String,
@@ -74,7 +74,9 @@ pub fn annotation<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
 }
 
 /// An object's identity without version, as cli-utils' `ObjMetadata`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct ObjRef {
     /// API group (`""` for core).
     pub group: String,

@@ -91,7 +91,12 @@ pub async fn render(
     let scopes = decode::Scopes::offline(&objects);
     decode::set_namespaces(&mut objects, &entry.default_namespace, &scopes)?;
     let plugins = load_plugins(&cfg, &entry, &base)?;
-    let outcome = sync::transform(objects, plugins, "local", &entry.id, &commit).await?;
+    let subject = crate::plugins::Subject {
+        agent: "local".into(),
+        project: entry.id.clone(),
+        commit: commit.clone(),
+    };
+    let outcome = sync::transform(objects, plugins, &subject, None).await?;
     let (mut objects, findings) = (outcome.objects, outcome.findings);
     let scopes = decode::Scopes::offline(&objects);
     decode::set_namespaces(&mut objects, &entry.default_namespace, &scopes)?;

@@ -15,7 +15,7 @@ use crate::cluster::Cluster;
 use crate::config::{DryRunStrategy, ManifestProject, PropagationPolicy};
 use crate::inventory::{self, INVENTORY_LABEL, InventoryRef, Ownership};
 use crate::object::{ObjRef, Object};
-use crate::plugins::{self as plugin_stage, Plugin};
+use crate::plugins::{self as plugin_stage, OutcomeCache, Plugin};
 use crate::source::Source;
 use crate::wait::{self, Status};
 use crate::{decode, plan, select};
@@ -154,6 +154,10 @@ pub struct Report {
     /// configured or unchanged): the next sync's [`Settings::known`] while nothing drifts.
     #[serde(skip)]
     pub applied: Arc<BTreeMap<ObjRef, String>>,
+    /// The plugins' outcome came from the render cache ([`Settings::render_cache`]): no
+    /// plugin ran this sync.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub plugins_cached: bool,
 }
 
 /// How to sync, beyond the project's own configuration.
@@ -185,6 +189,10 @@ pub struct Settings {
     /// Objects known to be in the cluster as applied ([`apply::Options::known`]): the
     /// agent passes the last sync's [`Report::applied`] while its watches see no drift.
     pub known: Arc<BTreeMap<ObjRef, String>>,
+    /// Where the plugin chain's outcome is kept per project ([`OutcomeCache`]), so a
+    /// resync or restart does not run the plugins again over the same input. `None`: the
+    /// plugins run every sync.
+    pub render_cache: Option<OutcomeCache>,
 }
 
 /// Which agentk inventory a project without an inventory of its own may adopt.
@@ -259,7 +267,18 @@ pub async fn sync(
     // What git says, before any plugin: a plugin must not make the sync prune any of it.
     let rendered: BTreeSet<ObjRef> = objects.iter().map(Object::obj_ref).collect();
     let plugins = settings.plugins.clone()?;
-    let outcome = transform(objects, plugins, &settings.agent, &project.id, commit).await?;
+    let outcome = transform(
+        objects,
+        plugins,
+        &plugin_stage::Subject {
+            agent: settings.agent.clone(),
+            project: project.id.clone(),
+            commit: commit.into(),
+        },
+        settings.render_cache.as_ref(),
+    )
+    .await?;
+    let cached = outcome.cached;
     let (mut objects, findings) = (outcome.objects, outcome.findings);
     // Plugins may add objects or kinds: the namespace rules hold for their output too.
     scopes.add_crds(&objects);
@@ -339,6 +358,7 @@ pub async fn sync(
             adopted: None,
             inventory: inv,
             applied: Arc::default(),
+            plugins_cached: cached,
         });
     }
 
@@ -488,6 +508,7 @@ pub async fn sync(
         adopted: adopted.map(|(old, _)| old.id),
         applied,
         inventory: inv,
+        plugins_cached: cached,
     })
 }
 
@@ -501,33 +522,42 @@ fn separator(message: &str) -> &'static str {
     }
 }
 
-/// The plugin stage: transformers, then validators, off the async workers.
+/// The plugin stage: transformers, then validators, off the async workers. With a
+/// `cache`, an outcome stored for the same input is returned without running a plugin,
+/// and a new one is stored.
 ///
 /// # Errors
 /// [`Error::Plugin`] when a plugin fails or the commit is denied.
 pub async fn transform(
     objects: Vec<Object>,
     plugins: Vec<Arc<Plugin>>,
-    agent: &str,
-    project: &str,
-    commit: &str,
+    subject: &plugin_stage::Subject,
+    cache: Option<&OutcomeCache>,
 ) -> Result<plugin_stage::Outcome, Error> {
     if plugins.is_empty() {
         return Ok(plugin_stage::Outcome {
             objects,
-            findings: Vec::new(),
-            skipped: Vec::new(),
+            ..Default::default()
         });
     }
-    let subject = plugin_stage::Subject {
-        agent: agent.into(),
-        project: project.into(),
-        commit: commit.into(),
-    };
-    let outcome =
-        tokio::task::spawn_blocking(move || plugin_stage::run(&plugins, &subject, objects))
-            .await
-            .map_err(|e| Error::Task(e.to_string()))??;
+    let (subject, cache) = (subject.clone(), cache.cloned());
+    let outcome = tokio::task::spawn_blocking(move || {
+        let key = cache
+            .as_ref()
+            .and_then(|_| OutcomeCache::key(&plugins, &subject, &objects));
+        if let (Some(cache), Some(key)) = (&cache, &key)
+            && let Some(hit) = cache.get(&subject.project, key)
+        {
+            return Ok(hit);
+        }
+        let outcome = plugin_stage::run(&plugins, &subject, objects)?;
+        if let (Some(cache), Some(key)) = (&cache, &key) {
+            cache.put(&subject.project, key, &outcome);
+        }
+        Ok::<_, crate::plugins::Error>(outcome)
+    })
+    .await
+    .map_err(|e| Error::Task(e.to_string()))??;
     Ok(outcome)
 }
 

@@ -158,6 +158,7 @@ async fn main() {
         others: Vec::new(),
         takeover: sluice::sync::Takeover::Off,
         known: Default::default(),
+        render_cache: None,
     };
     let mut c = sluice::cluster::Cluster::connect(cluster::client_as("sluice-bench").await)
         .await

@@ -386,6 +386,73 @@ async fn a_commit_lands_transformed_by_set_namespace_and_pin_images() {
 }
 
 #[tokio::test]
+async fn a_resync_takes_the_plugins_outcome_from_the_render_cache_until_an_input_changes() {
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "rcache").await;
+    let repo = git::shared().create_repo(&format!("group/{ns}"));
+    repo.commit(
+        "main",
+        &[git::file("web.yaml", deployment("web", 1))],
+        "web",
+    );
+    let (src, _cache) = source(&repo, None);
+    let dir = tempfile::tempdir().expect("render cache dir");
+    let mut c = cluster().await;
+    let p = project("default", "    reconcile_timeout: 60s\n");
+    let chain = |digest: &str| {
+        vec![
+            load(&spec("set-namespace", json!({"namespace": ns}))).expect("load"),
+            load(&spec(
+                "pin-images",
+                json!({"images": {"nginx:1.27": digest}}),
+            ))
+            .expect("load"),
+        ]
+    };
+    let settings = |digest: &str| sluice::sync::Settings {
+        // A new cache value on the same directory each time, as after a restart.
+        render_cache: Some(sluice::plugins::OutcomeCache::new(dir.path())),
+        ..settings_with(&format!("t-{ns}"), chain(digest))
+    };
+    let deploys: Api<Deployment> = Api::namespaced(client, &ns);
+    let image = || async {
+        deploys
+            .get("web")
+            .await
+            .expect("in the plugin's namespace")
+            .spec
+            .and_then(|s| s.template.spec)
+            .and_then(|s| s.containers[0].image.clone())
+            .unwrap_or_default()
+    };
+
+    let mut cached = Vec::new();
+    for _ in 0..2 {
+        let report = sync_once(&mut c, &src, &p, &settings(DIGEST))
+            .await
+            .expect("sync");
+        cached.push(report.plugins_cached);
+        assert_eq!(image().await, format!("nginx:1.27@{DIGEST}"));
+    }
+    assert_eq!(cached, [false, true], "the second sync ran no plugin");
+
+    // Another plugin configuration is another key: the plugins run, and the cluster gets
+    // their new output, not the stored one.
+    let other = "sha256:00000000000000000000000000000000000000000000000000000000000000bb";
+    let report = sync_once(&mut c, &src, &p, &settings(other))
+        .await
+        .expect("sync");
+    assert!(!report.plugins_cached);
+    assert_eq!(image().await, format!("nginx:1.27@{other}"));
+    // One entry per project: the newest.
+    assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 1);
+    let report = sync_once(&mut c, &src, &p, &settings(other))
+        .await
+        .expect("sync");
+    assert!(report.plugins_cached);
+}
+
+#[tokio::test]
 async fn enforce_violation_is_not_applied_and_audit_violation_is_applied_and_reported() {
     let client = cluster::client().await;
     let ns = cluster::namespace(&client, "policy").await;

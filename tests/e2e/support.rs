@@ -64,6 +64,7 @@ pub fn settings(inventory_id: &str) -> Settings {
         others: Vec::new(),
         takeover: sluice::sync::Takeover::Agentk { agent_id: None },
         known: Default::default(),
+        render_cache: None,
     }
 }
 

@@ -18,6 +18,7 @@
 //! to return any.
 
 mod bindings;
+mod cache;
 mod krm;
 mod sandbox;
 
@@ -35,6 +36,8 @@ use crate::object::{ObjRef, Object, Origin};
 use bindings::transformer::TransformerPre;
 use bindings::validator::ValidatorPre;
 use sandbox::State;
+
+pub use cache::OutcomeCache;
 
 /// How often the epoch advances; deadlines are multiples of it.
 pub const TICK: Duration = Duration::from_millis(10);
@@ -614,6 +617,8 @@ pub struct Outcome {
     /// with a skipped plugin applies but never prunes: the set it would prune against is
     /// not the set the plugins were meant to produce.
     pub skipped: Vec<String>,
+    /// Read from the [`OutcomeCache`]: no plugin ran.
+    pub cached: bool,
 }
 
 /// Runs `plugins` over `objects`: transformers in order, then validators. Blocking: call
@@ -700,6 +705,7 @@ pub fn run(
         objects: batch.into_values(subject)?,
         findings,
         skipped,
+        cached: false,
     })
 }
 
@@ -1063,7 +1069,8 @@ impl Head<'_> {
         if !json.trim_start().starts_with('{') {
             return false;
         }
-        let filled = |s: &Option<std::borrow::Cow<'_, str>>| s.as_ref().is_some_and(|s| !s.is_empty());
+        let filled =
+            |s: &Option<std::borrow::Cow<'_, str>>| s.as_ref().is_some_and(|s| !s.is_empty());
         serde_json::from_str::<Head<'_>>(json).is_ok_and(|h| {
             filled(&h.api_version)
                 && filled(&h.kind)
