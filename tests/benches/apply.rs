@@ -1,22 +1,35 @@
 //! sluice versus `kubectl apply --server-side` and agentk's engine (cli-utils' `kapply`), on
-//! the same API server, in one run.
+//! the same API server, in one run, and the agent as a process.
 //!
-//! `cargo bench -p sluice-testenv --bench apply` starts the test control plane, writes N
-//! Deployments + N ConfigMaps (N = `SLUICE_BENCH_N`, default 200), and times, for each tool,
-//! a first apply (everything created, until every Deployment is Available) and a second
-//! apply of the same manifests (nothing changes). sluice's time is a whole sync: fetch,
-//! select, decode, discovery, server-side dry-run of the set, apply, inventory, and the
-//! health wait; kubectl's is `kubectl apply --server-side` then `kubectl wait`; kapply's is
-//! `kapply apply --server-side --reconcile-timeout` (its own inventory and status watcher).
+//! `cargo bench -p sluice-testenv --bench apply` starts the test control plane and writes N
+//! each of Deployments, Services, ConfigMaps and ServiceAccounts (N = `SLUICE_BENCH_N`,
+//! default 50: 200 objects; 500 gives the 2,000 of issue #11), ten of each kind per file.
+//! Each tool, in its own namespace, then goes through four operations:
 //!
-//! Then the agent (`sluice::agent::run`) on the same files: requests while it idles for 60 s
-//! after its first sync (the no-op resync: drift watches instead of re-applying), and the
-//! time from a push webhook to the change of one object in the cluster.
+//! 1. **first apply**, until every Deployment is Available;
+//! 2. **no-op**: the same manifests again;
+//! 3. **one change**: one ConfigMap's data changed;
+//! 4. **prune**: the last 10 % of each kind removed from the manifests.
 //!
-//! Requests are counted from the API server's audit log, per client (`User-Agent`:
-//! kubectl's, kapply's, `sluice-bench` and `sluice-agent-bench` for sluice's clients): all
-//! of them, and the writes among them (create, update, patch, delete; dry runs excluded).
+//! - kubectl: `kubectl apply --server-side` of the directory (`kubectl wait` after the
+//!   first; the prune step adds `--prune -l sluice-bench=yes` with the four kinds
+//!   allowed, and kubectl does not wait for the deletions);
+//! - kapply (cli-utils, agentk's applier): `kapply apply --server-side` with its inventory
+//!   and status wait (it prunes by inventory and waits for the deletions);
+//! - sluice sync: `sluice::sync::sync`, a whole sync each (fetch, select, decode,
+//!   discovery, dry-run, apply, inventory, health wait, prune and its wait), given the last
+//!   sync's applied digests as the agent does while nothing drifts;
+//! - the agent: the release `sluice run` binary as its own process, with push webhooks:
+//!   its first sync, 60 s idle, five one-object changes pushed (p50 and max from the push
+//!   to the object changed in the cluster), and the 10 % prune pushed (until the objects
+//!   are gone); its CPU seconds and peak RSS from /proc.
+//!
+//! Requests are counted from the API server's audit log, per client `User-Agent`
+//! (kubectl's, kapply's, `sluice-bench` for the library syncs, `sluice/` for the agent):
+//! all of them, and the writes among them (create, update, patch, delete; dry runs
+//! excluded).
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use sluice_testenv::cluster::Request;
@@ -39,31 +52,131 @@ fn n() -> usize {
     std::env::var("SLUICE_BENCH_N")
         .ok()
         .and_then(|n| n.parse().ok())
-        .unwrap_or(200)
+        .unwrap_or(50)
 }
 
-fn manifests() -> Vec<(String, String)> {
-    (0..n())
-        .flat_map(|i| {
-            [
-                (format!("apps/web-{i}.yaml"), format!(
-                    "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web-{i}\nspec:\n  replicas: 1\n  selector:\n    matchLabels: {{app: web-{i}}}\n  template:\n    metadata:\n      labels: {{app: web-{i}}}\n    spec:\n      containers:\n      - name: web\n        image: nginx:1.27\n"
-                )),
-                (format!("config/cfg-{i}.yaml"), format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cfg-{i}\ndata:\n  value: \"{i}\"\n")),
-            ]
+/// One operation of one tool: wall time and the requests it sent.
+#[derive(Clone, Copy, Default)]
+struct Op {
+    time: Duration,
+    requests: usize,
+    writes: usize,
+}
+
+impl Op {
+    fn measured(time: Duration, (requests, writes): (usize, usize)) -> Op {
+        Op {
+            time,
+            requests,
+            writes,
+        }
+    }
+
+    fn cell(&self) -> String {
+        format!(
+            "{:.2} s, {} ({})",
+            self.time.as_secs_f64(),
+            self.requests,
+            self.writes
+        )
+    }
+}
+
+/// The manifests of a step.
+#[derive(Clone, Copy, PartialEq)]
+enum Step {
+    First,
+    OneChange,
+    Pruned,
+}
+
+/// Ten `i`s per file, four objects each; `Pruned` drops the last 10 % of the `i`s (so 10 %
+/// of every kind); `OneChange` and `Pruned` change `cfg-0`'s data.
+fn manifests(step: Step) -> Vec<(String, String)> {
+    let n = n();
+    let keep = if step == Step::Pruned { n - n / 10 } else { n };
+    let changed = step != Step::First;
+    (0..keep)
+        .collect::<Vec<_>>()
+        .chunks(10)
+        .map(|is| {
+            let docs: Vec<String> = is.iter().map(|&i| objects(i, changed && i == 0)).collect();
+            (
+                format!("apps/group-{}.yaml", is[0] / 10),
+                docs.join("---\n"),
+            )
         })
         .collect()
 }
 
-fn kubectl_apply(
-    kubectl: &std::path::Path,
-    kubeconfig: &std::path::Path,
-    dir: &std::path::Path,
-    ns: &str,
-) -> Duration {
-    let t = Instant::now();
-    let out = std::process::Command::new(kubectl)
-        .args([
+fn objects(i: usize, changed: bool) -> String {
+    let value = if changed {
+        format!("changed-{i}")
+    } else {
+        i.to_string()
+    };
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web-{i}\n  labels: {{sluice-bench: \"yes\"}}\nspec:\n  replicas: 1\n  selector:\n    matchLabels: {{app: web-{i}}}\n  template:\n    metadata:\n      labels: {{app: web-{i}}}\n    spec:\n      serviceAccountName: web-{i}\n      containers:\n      - name: web\n        image: nginx:1.27\n        ports:\n        - containerPort: 80\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata:\n  name: web-{i}\n  labels: {{sluice-bench: \"yes\"}}\nspec:\n  selector: {{app: web-{i}}}\n  ports:\n  - port: 80\n    targetPort: 80\n---\n\
+         apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cfg-{i}\n  labels: {{sluice-bench: \"yes\"}}\ndata:\n  value: \"{value}\"\n---\n\
+         apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: web-{i}\n  labels: {{sluice-bench: \"yes\"}}\n"
+    )
+}
+
+/// Replaces `dir`'s files with `files` (flattened to one directory with `flat`, for kapply,
+/// with every object given `namespace`, which kapply has no flag for).
+fn write_dir(dir: &Path, files: &[(String, String)], flat: Option<&str>) {
+    for entry in std::fs::read_dir(dir).expect("dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path).expect("clear");
+        } else if path
+            .file_name()
+            .is_some_and(|n| n != "inventory-template.yaml")
+        {
+            std::fs::remove_file(&path).expect("clear");
+        }
+    }
+    for (path, text) in files {
+        let (path, text) = match flat {
+            Some(ns) => (
+                path.replace('/', "-"),
+                format!("\n{text}")
+                    .replace(
+                        "\nmetadata:\n",
+                        &format!("\nmetadata:\n  namespace: {ns}\n"),
+                    )
+                    .trim_start()
+                    .to_string(),
+            ),
+            None => (path.clone(), text.clone()),
+        };
+        let p = dir.join(path);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(p, text).expect("write");
+    }
+}
+
+fn run(cmd: &mut std::process::Command, what: &str) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// kubectl's four operations.
+fn kubectl_ops(kubectl: &Path, kubeconfig: &Path, ns: &str) -> [Op; 4] {
+    let cp = cluster::shared();
+    let dir = tempfile::tempdir().expect("dir");
+    let apply = |step: Step| {
+        write_dir(dir.path(), &manifests(step), None);
+        let mark = cp.audit_mark();
+        let t = Instant::now();
+        let mut cmd = std::process::Command::new(kubectl);
+        cmd.args([
             "apply",
             "--server-side",
             "--force-conflicts",
@@ -72,82 +185,111 @@ fn kubectl_apply(
             ns,
             "-f",
         ])
-        .arg(dir)
-        .env("KUBECONFIG", kubeconfig)
-        .output()
-        .expect("run kubectl");
-    assert!(
-        out.status.success(),
-        "kubectl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        .arg(dir.path())
+        .env("KUBECONFIG", kubeconfig);
+        if step == Step::Pruned {
+            cmd.args(["--prune", "-l", "sluice-bench=yes"]);
+            for kind in [
+                "core/v1/ConfigMap",
+                "core/v1/Service",
+                "core/v1/ServiceAccount",
+                "apps/v1/Deployment",
+            ] {
+                cmd.args(["--prune-allowlist", kind]);
+            }
+        }
+        run(&mut cmd, "kubectl apply");
+        Op::measured(t.elapsed(), count(mark, "kubectl/"))
+    };
+    let applied = apply(Step::First);
+    // sluice and kapply wait for health; so does this, to compare like with like.
+    let mark = cp.audit_mark();
+    let t = Instant::now();
+    run(
+        std::process::Command::new(kubectl)
+            .args([
+                "wait",
+                "--for=condition=Available",
+                "--timeout=1800s",
+                "deployment",
+                "--all",
+                "-n",
+                ns,
+            ])
+            .env("KUBECONFIG", kubeconfig),
+        "kubectl wait",
     );
-    t.elapsed()
+    let waited = Op::measured(t.elapsed(), count(mark, "kubectl/"));
+    let first = Op {
+        time: applied.time + waited.time,
+        requests: applied.requests + waited.requests,
+        writes: applied.writes + waited.writes,
+    };
+    [
+        first,
+        apply(Step::First),
+        apply(Step::OneChange),
+        apply(Step::Pruned),
+    ]
 }
 
-#[tokio::main]
-async fn main() {
-    let client = cluster::client().await;
-    let kubeconfig = cluster::shared().kubeconfig.clone();
-    let kubectl = cluster::build()
-        .expect("control plane binaries")
-        .join("kubectl");
-    let files = manifests();
-
-    // kubectl: the same files in a directory.
-    let dir = tempfile::tempdir().expect("dir");
-    for (path, text) in &files {
-        let p = dir.path().join(path);
-        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
-        std::fs::write(p, text).expect("write");
-    }
-    let kns = cluster::namespace(&client, "bench-kubectl").await;
+/// kapply's four operations.
+fn kapply_ops(kubeconfig: &Path, ns: &str) -> [Op; 4] {
     let cp = cluster::shared();
-    let mark = cp.audit_mark();
-    let k1 = kubectl_apply(&kubectl, &kubeconfig, dir.path(), &kns);
-    let k1_requests = count(mark, "kubectl/");
-    let mark = cp.audit_mark();
-    // sluice waits for health; so does this, to compare like with like.
-    let t = Instant::now();
-    let out = std::process::Command::new(&kubectl)
-        .args([
-            "wait",
-            "--for=condition=Available",
-            "--timeout=600s",
-            "deployment",
-            "--all",
-            "-n",
-            &kns,
-        ])
-        .env("KUBECONFIG", &kubeconfig)
-        .output()
-        .expect("run kubectl wait");
-    assert!(
-        out.status.success(),
-        "kubectl wait failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let kwait = t.elapsed();
-    let kwait_requests = count(mark, "kubectl/");
-    let mark = cp.audit_mark();
-    let k2 = kubectl_apply(&kubectl, &kubeconfig, dir.path(), &kns);
-    let k2_requests = count(mark, "kubectl/");
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(
+        dir.path().join("inventory-template.yaml"),
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: inventory-bench\n  namespace: {ns}\n  labels:\n    cli-utils.sigs.k8s.io/inventory-id: bench-{ns}\n"
+        ),
+    )
+    .expect("inventory template");
+    let apply = |step: Step| {
+        write_dir(dir.path(), &manifests(step), Some(ns));
+        let mark = cp.audit_mark();
+        let t = Instant::now();
+        run(
+            std::process::Command::new(cluster::kapply())
+                .arg("apply")
+                .arg(dir.path())
+                .args([
+                    "--server-side",
+                    "--reconcile-timeout",
+                    "1800s",
+                    "--inventory-policy",
+                    "strict",
+                    "--output",
+                    "events",
+                ])
+                .arg("--kubeconfig")
+                .arg(kubeconfig),
+            "kapply apply",
+        );
+        Op::measured(t.elapsed(), count(mark, "kapply/"))
+    };
+    [
+        apply(Step::First),
+        apply(Step::First),
+        apply(Step::OneChange),
+        apply(Step::Pruned),
+    ]
+}
 
-    // sluice: the same files in a git repository, one sync each.
-    let sns = cluster::namespace(&client, "bench-sluice").await;
-    let repo = git::shared().create_repo(&format!("bench/{sns}"));
-    let entries: Vec<git::Entry> = files.iter().map(|(p, t)| git::file(p, t)).collect();
-    repo.commit("main", &entries, "bench");
+/// sluice's four operations, one library sync each.
+async fn sluice_ops(ns: &str) -> [Op; 4] {
+    let cp = cluster::shared();
+    let repo = git::shared().create_repo(&format!("bench/{ns}"));
     let cache = tempfile::tempdir().expect("cache");
     let source = sluice::source::Source::new(repo.http_url(), cache.path(), None);
     let yaml = format!(
-        "gitops:\n  manifest_projects:\n  - id: bench\n    default_namespace: {sns}\n    reconcile_timeout: 300s\n"
+        "gitops:\n  manifest_projects:\n  - id: bench\n    default_namespace: {ns}\n    reconcile_timeout: 1800s\n"
     );
     let project = sluice::config::parse(&yaml, "bench")
         .expect("config")
         .manifest_projects
         .remove(0);
-    let settings = sluice::sync::Settings {
-        inventory_id: format!("bench-{sns}"),
+    let mut settings = sluice::sync::Settings {
+        inventory_id: format!("bench-{ns}"),
         field_manager: "sluice".into(),
         cleanup_managers: Vec::new(),
         concurrency: 8,
@@ -163,89 +305,116 @@ async fn main() {
     let mut c = sluice::cluster::Cluster::connect(cluster::client_as("sluice-bench").await)
         .await
         .expect("discovery");
-    let commit = {
-        let s = source.clone();
-        tokio::task::spawn_blocking(move || s.resolve(&sluice::config::GitRef::DefaultBranch))
-            .await
-            .expect("task")
-            .expect("resolve")
-    };
-    let mark = cp.audit_mark();
-    let t = Instant::now();
-    sluice::sync::sync(&mut c, &source, &project, &commit, &settings)
-        .await
-        .expect("first sync");
-    let s1 = t.elapsed();
-    let s1_requests = count(mark, "sluice-bench");
-    let mark = cp.audit_mark();
-    let t = Instant::now();
-    let report = sluice::sync::sync(&mut c, &source, &project, &commit, &settings)
-        .await
-        .expect("second sync");
-    let s2 = t.elapsed();
-    let s2_requests = count(mark, "sluice-bench");
-
-    // kapply, cli-utils' reference CLI: agentk's applier, inventory and status watcher.
-    let kapply_ns = cluster::namespace(&client, "bench-kapply").await;
-    let kdir = tempfile::tempdir().expect("dir");
-    std::fs::write(
-        kdir.path().join("inventory-template.yaml"),
-        format!(
-            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: inventory-bench\n  namespace: {kapply_ns}\n  labels:\n    cli-utils.sigs.k8s.io/inventory-id: bench\n"
-        ),
-    )
-    .expect("inventory template");
-    for (path, text) in &files {
-        // kapply reads one flat directory; it has no default namespace flag.
-        let text = text.replacen(
-            "metadata:\n",
-            &format!("metadata:\n  namespace: {kapply_ns}\n"),
-            1,
-        );
-        std::fs::write(kdir.path().join(path.replace('/', "-")), text).expect("write");
-    }
-    let kapply = |dir: &std::path::Path| {
+    let mut ops = Vec::new();
+    for step in [Step::First, Step::First, Step::OneChange, Step::Pruned] {
+        if ops.is_empty() || step != Step::First {
+            let tree: Vec<git::Entry> = manifests(step)
+                .iter()
+                .map(|(p, t)| git::file(p, t))
+                .collect();
+            repo.commit("main", &tree, "bench");
+        }
+        let commit = {
+            let s = source.clone();
+            tokio::task::spawn_blocking(move || s.resolve(&sluice::config::GitRef::DefaultBranch))
+                .await
+                .expect("task")
+                .expect("resolve")
+        };
+        let mark = cp.audit_mark();
         let t = Instant::now();
-        let out = std::process::Command::new(cluster::kapply())
-            .arg("apply")
-            .arg(dir)
-            .args([
-                "--server-side",
-                "--reconcile-timeout",
-                "600s",
-                "--inventory-policy",
-                "strict",
-                "--output",
-                "events",
-            ])
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .output()
-            .expect("run kapply");
-        assert!(
-            out.status.success(),
-            "kapply failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        t.elapsed()
-    };
-    let mark = cp.audit_mark();
-    let a1 = kapply(kdir.path());
-    let a1_requests = count(mark, "kapply/");
-    let mark = cp.audit_mark();
-    let a2 = kapply(kdir.path());
-    let a2_requests = count(mark, "kapply/");
+        let report = sluice::sync::sync(&mut c, &source, &project, &commit, &settings)
+            .await
+            .expect("sync");
+        ops.push(Op::measured(t.elapsed(), count(mark, "sluice-bench")));
+        settings.known = report.applied.clone();
+    }
+    ops.try_into()
+        .unwrap_or_else(|_| unreachable!("four steps"))
+}
 
-    // The agent on the same files: idle cost after its first sync, then push to applied.
-    let (idle_requests, push_latency, push_requests) = agent_phase(&files).await;
-    assert!(
-        report
-            .results
-            .iter()
-            .all(|r| r.action == sluice::apply::Action::Unchanged)
+#[tokio::main]
+async fn main() {
+    let client = cluster::client().await;
+    let kubeconfig = cluster::shared().kubeconfig.clone();
+    let kubectl_bin = cluster::build()
+        .expect("control plane binaries")
+        .join("kubectl");
+    let agent_binary = sluice_testenv::wasm::sluice_release_binary();
+
+    let kubectl_ns = cluster::namespace(&client, "bench-kubectl").await;
+    let kubectl = kubectl_ops(&kubectl_bin, &kubeconfig, &kubectl_ns);
+    let kapply_ns = cluster::namespace(&client, "bench-kapply").await;
+    let kapply = kapply_ops(&kubeconfig, &kapply_ns);
+    let sluice_ns = cluster::namespace(&client, "bench-sluice").await;
+    let sluice = sluice_ops(&sluice_ns).await;
+    let agent = agent_phase(&agent_binary).await;
+
+    let n = n();
+    let objects = 4 * n;
+    println!(
+        "| {objects} objects ({n} each of Deployment, Service, ConfigMap, ServiceAccount): time, requests (writes) | `kubectl apply --server-side` | kapply (cli-utils {}) | sluice sync |",
+        cli_utils_version()
     );
-
+    println!("|---|---|---|---|");
+    let rows = [
+        "first apply, until every Deployment is Available (kubectl: + `kubectl wait`)".to_string(),
+        "no-op (the same manifests again)".to_string(),
+        "one ConfigMap changed".to_string(),
+        format!(
+            "{} objects removed (10 %), pruned (kubectl: `--prune -l`, no wait)",
+            4 * (n / 10)
+        ),
+    ];
+    for (i, row) in rows.iter().enumerate() {
+        println!(
+            "| {row} | {} | {} | {} |",
+            kubectl[i].cell(),
+            kapply[i].cell(),
+            sluice[i].cell()
+        );
+    }
+    println!(
+        "| requests per object, first apply | {:.2} | {:.2} | {:.2} |",
+        kubectl[0].requests as f64 / objects as f64,
+        kapply[0].requests as f64 / objects as f64,
+        sluice[0].requests as f64 / objects as f64
+    );
+    println!();
+    println!("| the agent (release `sluice run` process, push webhooks) | |");
+    println!("|---|---|");
+    println!(
+        "| first sync, from start to synced | {} |",
+        agent.first.cell()
+    );
+    println!(
+        "| idle 60 s after the first sync (no-op: watches, no re-apply) | {} requests ({} writes) |",
+        agent.idle.0, agent.idle.1
+    );
+    let mut latencies: Vec<Duration> = agent.pushes.iter().map(|o| o.time).collect();
+    latencies.sort();
+    println!(
+        "| push → one changed ConfigMap in the cluster, {} pushes | p50 {:.0} ms, max {:.0} ms; {} requests ({} writes) per sync (median) |",
+        latencies.len(),
+        latencies[latencies.len() / 2].as_secs_f64() * 1000.0,
+        latencies[latencies.len() - 1].as_secs_f64() * 1000.0,
+        median(agent.pushes.iter().map(|o| o.requests).collect()),
+        median(agent.pushes.iter().map(|o| o.writes).collect()),
+    );
+    println!(
+        "| push → 10 % removed, pruned and gone | {} |",
+        agent.prune.cell()
+    );
+    println!(
+        "| CPU time of the agent process, all of the above | {:.2} s |",
+        agent.cpu_seconds
+    );
+    println!(
+        "| peak RSS (VmHWM) / RSS at the end | {:.1} MiB / {:.1} MiB |",
+        agent.peak_rss_kib as f64 / 1024.0,
+        agent.end_rss_kib as f64 / 1024.0
+    );
+    println!();
     // Discovery: sluice probes every group-version, then runs kube's discovery without the
     // groups that failed (2V+4 requests for V group-versions); kubectl uses aggregated
     // discovery (cache disabled here so both start cold).
@@ -261,7 +430,7 @@ async fn main() {
         sluice_discovery.push(t.elapsed());
         let cache = tempfile::tempdir().expect("cache");
         let t = Instant::now();
-        let out = std::process::Command::new(&kubectl)
+        let out = std::process::Command::new(&kubectl_bin)
             .args(["api-resources", "--cache-dir"])
             .arg(cache.path())
             .env("KUBECONFIG", &kubeconfig)
@@ -280,70 +449,6 @@ async fn main() {
         sluice_discovery[2].as_secs_f64() * 1000.0,
         2 * (versions + 1) + 2
     );
-    println!();
-    let n = n();
-    println!(
-        "| {} objects ({n} Deployments + {n} ConfigMaps) | kubectl apply --server-side | sluice sync |",
-        2 * n
-    );
-    println!("|---|---|---|");
-    println!(
-        "| first apply (all created), until every Deployment is Available | {:.2} s apply + {:.2} s `kubectl wait` = {:.2} s | {:.2} s (fetch, dry-run of the set, apply, inventory, health wait) |",
-        k1.as_secs_f64(),
-        kwait.as_secs_f64(),
-        (k1 + kwait).as_secs_f64(),
-        s1.as_secs_f64()
-    );
-    println!(
-        "| requests (writes), first apply | {} ({}) apply + {} ({}) wait = {} | {} ({}) |",
-        k1_requests.0,
-        k1_requests.1,
-        kwait_requests.0,
-        kwait_requests.1,
-        k1_requests.0 + kwait_requests.0,
-        s1_requests.0,
-        s1_requests.1
-    );
-    println!(
-        "| second apply (nothing changed) | {:.2} s | {:.2} s (dry-run only, nothing written) |",
-        k2.as_secs_f64(),
-        s2.as_secs_f64()
-    );
-    println!(
-        "| requests (writes), second apply | {} ({}) | {} ({}) |",
-        k2_requests.0, k2_requests.1, s2_requests.0, s2_requests.1
-    );
-    println!();
-    println!(
-        "| agentk's engine, kapply (cli-utils {}) | |",
-        cli_utils_version()
-    );
-    println!("|---|---|");
-    println!(
-        "| first apply until reconciled | {:.2} s, {} requests ({} writes) |",
-        a1.as_secs_f64(),
-        a1_requests.0,
-        a1_requests.1
-    );
-    println!(
-        "| second apply (nothing changed) | {:.2} s, {} requests ({} writes) |",
-        a2.as_secs_f64(),
-        a2_requests.0,
-        a2_requests.1
-    );
-    println!();
-    println!("| the agent (`sluice run`) | |");
-    println!("|---|---|");
-    println!(
-        "| idle 60 s after the first sync (no-op: watches, no re-apply) | {} requests ({} writes) |",
-        idle_requests.0, idle_requests.1
-    );
-    println!(
-        "| push webhook to one changed ConfigMap in the cluster | {:.0} ms, {} requests ({} writes) for that sync |",
-        push_latency.as_secs_f64() * 1000.0,
-        push_requests.0,
-        push_requests.1
-    );
 }
 
 fn cli_utils_version() -> String {
@@ -358,145 +463,220 @@ fn cli_utils_version() -> String {
         .to_string()
 }
 
-/// Runs the agent over `files` in a new repository and namespace: requests while it idles
-/// 60 s after its first sync, then the time from a push webhook to one changed ConfigMap,
-/// and the requests of that sync.
-async fn agent_phase(files: &[(String, String)]) -> ((usize, usize), Duration, (usize, usize)) {
+/// What the agent process did.
+struct Agent {
+    first: Op,
+    idle: (usize, usize),
+    pushes: Vec<Op>,
+    prune: Op,
+    cpu_seconds: f64,
+    peak_rss_kib: u64,
+    end_rss_kib: u64,
+}
+
+fn median(mut v: Vec<usize>) -> usize {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+/// One HTTP/1.1 request to the agent's server; the whole response.
+async fn http(addr: &str, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut response = String::new();
+    s.read_to_string(&mut response).await.expect("read");
+    response
+}
+
+/// Successful syncs so far, from the agent's /metrics.
+async fn successes(addr: &str) -> u64 {
+    http(
+        addr,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .lines()
+    .filter(|l| l.starts_with("sluice_syncs_total{") && l.contains("result=\"success\""))
+    .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+    .sum()
+}
+
+async fn push(addr: &str) {
+    let response = http(
+        addr,
+        "POST /hooks/generic HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer bench-secret\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 202"), "{response}");
+}
+
+async fn until(what: &str, limit: Duration, mut done: impl AsyncFnMut() -> bool) {
+    let started = Instant::now();
+    while !done().await {
+        assert!(
+            started.elapsed() < limit,
+            "{what} did not happen in {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// /proc/<pid>: (CPU seconds, VmHWM KiB, VmRSS KiB). /proc counts CPU time in USER_HZ,
+/// which Linux fixes at 100 per second.
+fn usage(pid: u32) -> (f64, u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after = &stat[stat.rfind(')').expect("comm") + 1..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15; `after` starts at field 3.
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("field of /proc/pid/status")
+    };
+    (ticks as f64 / 100.0, kib("VmHWM:"), kib("VmRSS:"))
+}
+
+/// Runs the release agent over the manifests in a new repository and namespace.
+async fn agent_phase(binary: &Path) -> Agent {
     let client = cluster::client().await;
     let cp = cluster::shared();
     let ns = cluster::namespace(&client, "bench-agent").await;
     let repo = git::shared().create_repo(&format!("bench/{ns}"));
-    let entries: Vec<git::Entry> = files.iter().map(|(p, t)| git::file(p, t)).collect();
-    repo.commit("main", &entries, "bench");
+    let commit = |files: Vec<(String, String)>| {
+        let tree: Vec<git::Entry> = files.iter().map(|(p, t)| git::file(p, t)).collect();
+        repo.commit("main", &tree, "bench");
+    };
+    commit(manifests(Step::First));
     let dir = tempfile::tempdir().expect("dir");
     let config = dir.path().join("config.yaml");
     std::fs::write(
         &config,
         format!(
-            "gitops:\n  manifest_projects:\n  - id: {}\n    default_namespace: {ns}\n    reconcile_timeout: 600s\n",
+            "gitops:\n  manifest_projects:\n  - id: {}\n    default_namespace: {ns}\n    reconcile_timeout: 1800s\n",
             repo.http_url()
         ),
     )
     .expect("config");
-    let metrics = std::sync::Arc::new(sluice::observability::Metrics::default());
-    let opts = sluice::agent::Options {
-        agent_name: "bench".into(),
-        git_base_url: git::shared().base_url().into(),
-        config_project: String::new(),
-        credentials: Default::default(),
-        poll_interval: Duration::from_secs(3600),
-        reapply_interval: Duration::from_secs(3600),
-        cache_dir: dir.path().join("cache"),
-        field_manager: "sluice".into(),
-        concurrency: 8,
-        inventory_ids: Default::default(),
-        takeover: sluice::sync::Takeover::Off,
-        cleanup_managers: Vec::new(),
-        allow_empty_prune: false,
-        git_ca: None,
-        plugin_cache_dir: None,
-        limits: Default::default(),
-        metrics: metrics.clone(),
-        triggers: Default::default(),
+    let secret = dir.path().join("webhook-secret");
+    std::fs::write(&secret, "bench-secret").expect("secret");
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").to_string()
     };
-    let receiver = std::sync::Arc::new(sluice::webhook::Receiver::new(
-        "bench-secret".to_string().into(),
-        opts.triggers.clone(),
-        metrics.clone(),
-    ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(sluice::observability::serve(
-        listener,
-        metrics.clone(),
-        Some(receiver),
-    ));
-    let agent_client = cluster::client_as("sluice-agent-bench").await;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(sluice::agent::run(
-        agent_client,
-        sluice::agent::ConfigSource::File(config),
-        opts,
-        None,
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    let successes = || {
-        metrics
-            .encode()
-            .lines()
-            .filter(|l| l.starts_with("sluice_syncs_total{") && l.contains("result=\"success\""))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum::<u64>()
-    };
+    let log = std::fs::File::create(dir.path().join("agent.log")).expect("log");
+    let mark = cp.audit_mark();
     let started = Instant::now();
-    while successes() == 0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(900),
-            "the agent's first sync did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let mut child = std::process::Command::new(binary)
+        .args([
+            "run",
+            "--agent-name",
+            "bench",
+            "--poll-interval",
+            "1h",
+            "--reapply-interval",
+            "1h",
+        ])
+        .arg("--config")
+        .arg(&config)
+        .arg("--git-base-url")
+        .arg(git::shared().base_url())
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache"))
+        .arg("--webhook-secret-file")
+        .arg(&secret)
+        .args(["--observability-listen-address", &addr])
+        .env("KUBECONFIG", &cp.kubeconfig)
+        .env_remove("POD_NAMESPACE")
+        .env_remove("POD_NAME")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start the agent");
+    let pid = child.id();
+    until(
+        "the agent's first sync",
+        Duration::from_secs(1800),
+        async || tokio::net::TcpStream::connect(&addr).await.is_ok() && successes(&addr).await >= 1,
+    )
+    .await;
+    let first = Op::measured(started.elapsed(), count(mark, "sluice/"));
+
     // Let the watches settle (the Deployments' rollouts write status meanwhile).
     tokio::time::sleep(Duration::from_secs(5)).await;
     let mark = cp.audit_mark();
     tokio::time::sleep(Duration::from_secs(60)).await;
-    let idle = count(mark, "sluice-agent-bench");
+    let idle = count(mark, "sluice/");
 
-    // One ConfigMap changes in git; a generic push webhook says so.
-    let (path, text) = files
-        .iter()
-        .find(|(p, _)| p.starts_with("config/"))
-        .expect("a ConfigMap");
-    let changed = text.replace("value: \"", "value: \"changed-");
-    // A commit is a whole tree: every file, one of them changed.
-    let tree: Vec<git::Entry> = files
-        .iter()
-        .map(|(p, t)| git::file(p, if p == path { &changed } else { t }))
-        .collect();
-    repo.commit("main", &tree, "one change");
-    let name = path
-        .trim_start_matches("config/")
-        .trim_end_matches(".yaml")
-        .to_string();
     let cms: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
         kube::Api::namespaced(client.clone(), &ns);
+    let mut pushes = Vec::new();
+    for k in 0..5 {
+        let value = format!("push-{k}");
+        let files: Vec<(String, String)> = manifests(Step::First)
+            .into_iter()
+            .map(|(p, t)| {
+                (
+                    p,
+                    t.replacen("value: \"0\"", &format!("value: \"{value}\""), 1),
+                )
+            })
+            .collect();
+        commit(files);
+        let before = successes(&addr).await;
+        let mark = cp.audit_mark();
+        let pushed = Instant::now();
+        push(&addr).await;
+        until("a pushed change", Duration::from_secs(300), async || {
+            cms.get("cfg-0")
+                .await
+                .ok()
+                .and_then(|cm| cm.data?.get("value").cloned())
+                .is_some_and(|v| v == value)
+        })
+        .await;
+        let latency = pushed.elapsed();
+        until(
+            "the pushed sync's end",
+            Duration::from_secs(300),
+            async || successes(&addr).await > before,
+        )
+        .await;
+        pushes.push(Op::measured(latency, count(mark, "sluice/")));
+    }
+
+    let n = n();
+    commit(manifests(Step::Pruned));
+    let before = successes(&addr).await;
     let mark = cp.audit_mark();
     let pushed = Instant::now();
-    {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        s.write_all(b"POST /hooks/generic HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer bench-secret\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            .await
-            .expect("write");
-        let mut response = String::new();
-        s.read_to_string(&mut response).await.expect("read");
-        assert!(response.starts_with("HTTP/1.1 202"), "{response}");
+    push(&addr).await;
+    until("the pruning sync", Duration::from_secs(1800), async || {
+        successes(&addr).await > before
+    })
+    .await;
+    let prune = Op::measured(pushed.elapsed(), count(mark, "sluice/"));
+    let last = format!("cfg-{}", n - 1);
+    assert!(
+        cms.get_opt(&last).await.expect("get").is_none(),
+        "{last} was pruned"
+    );
+
+    let (cpu_seconds, peak_rss_kib, end_rss_kib) = usage(pid);
+    let _ = child.kill();
+    let _ = child.wait();
+    Agent {
+        first,
+        idle,
+        pushes,
+        prune,
+        cpu_seconds,
+        peak_rss_kib,
+        end_rss_kib,
     }
-    loop {
-        let cm = cms.get(&name).await.expect("get");
-        if cm
-            .data
-            .and_then(|d| d.get("value").cloned())
-            .is_some_and(|v| v.starts_with("changed-"))
-        {
-            break;
-        }
-        assert!(
-            pushed.elapsed() < Duration::from_secs(300),
-            "the push was not applied"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let latency = pushed.elapsed();
-    while successes() < 2 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let push = count(mark, "sluice-agent-bench");
-    let _ = stop.send(());
-    let _ = agent.await;
-    (idle, latency, push)
 }

@@ -36,6 +36,7 @@ pub fn component(name: &str) -> PathBuf {
 }
 
 static AGENT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+static RELEASE_AGENT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 
 /// The `sluice` binary, built from the workspace (debug profile), for tests that run the
 /// agent as a real process.
@@ -44,23 +45,42 @@ static AGENT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 /// When the build fails; the message quotes cargo's output.
 pub fn sluice_binary() -> PathBuf {
     AGENT
-        .get_or_init(|| {
-            let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .expect("tests/ is inside the workspace");
-            let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .current_dir(workspace)
-                .args(["build", "-p", "sluice", "--bin", "sluice"])
-                .env("CARGO_TARGET_DIR", workspace.join("target"))
-                .output()
-                .map_err(|e| format!("failed to run cargo: {e}"))?;
-            if !out.status.success() {
-                return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-            }
-            Ok(workspace.join("target/debug/sluice"))
-        })
+        .get_or_init(|| build_sluice(false))
         .clone()
         .unwrap_or_else(|e| panic!("building sluice failed: {e}"))
+}
+
+/// The `sluice` binary of the release profile, for benchmarks that measure the agent as a
+/// process (CPU time, peak RSS).
+///
+/// # Panics
+/// When the build fails; the message quotes cargo's output.
+pub fn sluice_release_binary() -> PathBuf {
+    RELEASE_AGENT
+        .get_or_init(|| build_sluice(true))
+        .clone()
+        .unwrap_or_else(|e| panic!("building sluice failed: {e}"))
+}
+
+fn build_sluice(release: bool) -> Result<PathBuf, String> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the workspace");
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace)
+        .args(["build", "-p", "sluice", "--bin", "sluice"]);
+    if release {
+        cmd.arg("--release");
+    }
+    let out = cmd
+        .env("CARGO_TARGET_DIR", workspace.join("target"))
+        .output()
+        .map_err(|e| format!("failed to run cargo: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let profile = if release { "release" } else { "debug" };
+    Ok(workspace.join("target").join(profile).join("sluice"))
 }
 
 fn build() -> Result<PathBuf, String> {
