@@ -12,8 +12,9 @@
 //! 4. **prune**: the last 10 % of each kind removed from the manifests.
 //!
 //! - kubectl: `kubectl apply --server-side` of the directory (`kubectl wait` after the
-//!   first; the prune step adds `--prune -l sluice-bench=yes` with the four kinds
-//!   allowed, and kubectl does not wait for the deletions);
+//!   first; every apply prunes with an ApplySet, `--prune --applyset=bench`, alpha behind
+//!   `KUBECTL_APPLYSET=true`, since `--prune -l` refuses objects created by server-side
+//!   apply; kubectl does not wait for the deletions);
 //! - kapply (cli-utils, agentk's applier): `kapply apply --server-side` with its inventory
 //!   and status wait (it prunes by inventory and waits for the deletions);
 //! - sluice sync: `sluice::sync::sync`, a whole sync each (fetch, select, decode,
@@ -175,29 +176,24 @@ fn kubectl_ops(kubectl: &Path, kubeconfig: &Path, ns: &str) -> [Op; 4] {
         write_dir(dir.path(), &manifests(step), None);
         let mark = cp.audit_mark();
         let t = Instant::now();
+        // Pruning with server-side apply needs an ApplySet (alpha in kubectl, behind
+        // KUBECTL_APPLYSET=true): `--prune -l` refuses objects created by server-side
+        // apply. Every apply uses it, as a user who prunes would.
         let mut cmd = std::process::Command::new(kubectl);
         cmd.args([
             "apply",
             "--server-side",
             "--force-conflicts",
+            "--prune",
+            "--applyset=bench",
             "-R",
             "-n",
             ns,
             "-f",
         ])
         .arg(dir.path())
-        .env("KUBECONFIG", kubeconfig);
-        if step == Step::Pruned {
-            cmd.args(["--prune", "-l", "sluice-bench=yes"]);
-            for kind in [
-                "core/v1/ConfigMap",
-                "core/v1/Service",
-                "core/v1/ServiceAccount",
-                "apps/v1/Deployment",
-            ] {
-                cmd.args(["--prune-allowlist", kind]);
-            }
-        }
+        .env("KUBECONFIG", kubeconfig)
+        .env("KUBECTL_APPLYSET", "true");
         run(&mut cmd, "kubectl apply");
         Op::measured(t.elapsed(), count(mark, "kubectl/"))
     };
@@ -353,7 +349,7 @@ async fn main() {
     let n = n();
     let objects = 4 * n;
     println!(
-        "| {objects} objects ({n} each of Deployment, Service, ConfigMap, ServiceAccount): time, requests (writes) | `kubectl apply --server-side` | kapply (cli-utils {}) | sluice sync |",
+        "| {objects} objects ({n} each of Deployment, Service, ConfigMap, ServiceAccount): time, requests (writes) | `kubectl apply --server-side --prune --applyset` | kapply (cli-utils {}) | sluice sync |",
         cli_utils_version()
     );
     println!("|---|---|---|---|");
@@ -362,7 +358,7 @@ async fn main() {
         "no-op (the same manifests again)".to_string(),
         "one ConfigMap changed".to_string(),
         format!(
-            "{} objects removed (10 %), pruned (kubectl: `--prune -l`, no wait)",
+            "{} objects removed (10 %), pruned (kubectl: no wait for the deletions)",
             4 * (n / 10)
         ),
     ];
