@@ -791,4 +791,44 @@ async fn known_objects_cost_no_request_and_changed_ones_are_applied() {
             .map(String::as_str),
         Some("new")
     );
+
+    // The full re-apply (nothing known) after someone else edited cm-3: the 20 live
+    // ConfigMaps are read with one LIST, not a GET each, and only cm-3 is written back.
+    cms.patch(
+        "cm-3",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(serde_json::json!({"data": {"value": "edited"}})),
+    )
+    .await
+    .expect("edit cm-3");
+    let mark = cp.audit_mark();
+    let full = sync_once(&mut c, &src, &p, &s).await.expect("full sync");
+    let requests: Vec<_> = cp
+        .requests_since(mark)
+        .into_iter()
+        .filter(|r| r.user_agent == agent && r.uri.contains("/configmaps"))
+        .collect();
+    let reads: Vec<_> = requests
+        .iter()
+        .filter(|r| r.verb == "get" && r.uri.contains("/configmaps/cm-"))
+        .map(|r| r.uri.as_str())
+        .collect();
+    assert_eq!(reads, Vec::<&str>::new(), "no GET per object");
+    let writes: Vec<_> = requests
+        .iter()
+        .filter(|r| r.is_write() && r.uri.contains("/configmaps/cm-"))
+        .map(|r| r.uri.split('?').next().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        writes,
+        [format!("/api/v1/namespaces/{ns}/configmaps/cm-3")],
+        "only the edited object is written"
+    );
+    let configured: Vec<_> = full
+        .results
+        .iter()
+        .filter(|r| r.action != Action::Unchanged)
+        .map(|r| (r.obj.name.as_str(), r.action))
+        .collect();
+    assert_eq!(configured, [("cm-3", Action::Configured)]);
 }

@@ -253,7 +253,8 @@ async fn start(children: &mut Vec<(String, Child, PathBuf)>) -> Result<ControlPl
         format!("--tls-private-key-file={}", p(&pki.serving_key)),
         format!("--client-ca-file={}", p(&pki.ca_cert)),
         "--authorization-mode=RBAC".into(),
-        "--service-cluster-ip-range=10.0.0.0/24".into(),
+        // Room for the apply bench's Services (2,500 at 10,000 objects).
+        "--service-cluster-ip-range=10.96.0.0/16".into(),
         "--allow-privileged=true".into(),
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
         format!("--service-account-key-file={}", p(&pki.sa_public)),
