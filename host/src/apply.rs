@@ -150,6 +150,9 @@ pub struct Options {
     /// watches say so). An object whose digest matches is Unchanged without a request; the
     /// others are read, dry-run and applied as usual. Empty (the default): check them all.
     pub known: Arc<BTreeMap<ObjRef, String>>,
+    /// Keep the live object and the server's dry run of every object that would change,
+    /// for [`Checked::changes`] (`sluice diff`). Off: a sync holds only its decisions.
+    pub keep_views: bool,
 }
 
 /// A fixed digest (sha256) of an object as it would be applied (annotated), for
@@ -174,6 +177,7 @@ impl Options {
             dry_run: DryRunStrategy::None,
             crd_timeout: Duration::from_secs(60),
             known: Arc::default(),
+            keep_views: false,
         }
     }
 }
@@ -256,17 +260,21 @@ impl Checked {
     /// The objects an apply would create or change: `(object, live, as the server would
     /// store it)`, both without managedFields and resourceVersion. Objects checked only
     /// in their stage (CRs of new CRDs, objects in new namespaces) come with no server
-    /// view: they would be created.
-    pub fn changes(&self, opts: &Options) -> Vec<(&Object, Option<Value>, Option<Value>)> {
+    /// view: they would be created. The views come only from a [`check`] with
+    /// [`Options::keep_views`].
+    pub fn changes(&self) -> Vec<(&Object, Option<Value>, Option<Value>)> {
         let preflights: BTreeMap<&ObjRef, _> =
             self.preflights.iter().map(|(k, p)| (k, p)).collect();
         self.objects()
             .filter(|o| !self.skipped.contains(&o.obj_ref()))
             .filter_map(|o| match preflights.get(&o.obj_ref()) {
-                Some(Ok(p)) => match (&p.live, &p.dry_run) {
-                    (Some(live), Some(dry)) if !drifted(live, dry, opts) => None,
-                    (live, dry) => Some((o, live.as_ref().map(strip), dry.as_ref().map(strip))),
-                },
+                Some(Ok(p)) if p.unchanged => None,
+                Some(Ok(p)) => {
+                    let (live, dry) = p.views.as_ref().map_or((None, None), |(l, d)| {
+                        (l.as_ref().map(strip), d.as_ref().map(strip))
+                    });
+                    Some((o, live, dry))
+                }
                 _ => Some((o, None, None)),
             })
             .collect()
@@ -291,7 +299,7 @@ pub async fn namespace_first(
         return Ok(Vec::new());
     };
     let preflight = match checked.preflights.iter().find(|(k, _)| *k == o.obj_ref()) {
-        Some((_, Ok(p))) if p.live.is_none() => p,
+        Some((_, Ok(p))) if !p.exists => p,
         _ => return Ok(Vec::new()),
     };
     let result = write(cluster, &o, preflight, opts).await;
@@ -432,11 +440,17 @@ fn with_hint(message: String) -> String {
 /// What preflight learned about an object.
 #[derive(Debug)]
 struct Preflight {
-    /// The object as the server would store it (`None` with `dry_run_strategy: client`,
-    /// which sends no dry-run request).
-    dry_run: Option<Value>,
-    /// The live object, if any.
-    live: Option<Value>,
+    /// The object exists.
+    exists: bool,
+    /// Applying it would change nothing ([`drifted`] compared the live object with the
+    /// server's dry run). Never true with `dry_run_strategy: client`, which sends no dry
+    /// run.
+    unchanged: bool,
+    /// The live object and the object as the server would store it, for `sluice diff`
+    /// ([`Options::keep_views`]), of objects that would change. Not kept otherwise: two
+    /// full copies of every object, held until the apply ends, were most of a large
+    /// sync's memory.
+    views: Option<(Option<Value>, Option<Value>)>,
 }
 
 /// Groups of at least this many objects of one resource in one namespace read their live
@@ -566,8 +580,9 @@ async fn preflight(
     if opts.dry_run == DryRunStrategy::Client {
         // Client mode sends reads only: no dry-run PATCH (no patch RBAC, no webhooks).
         return Ok(Preflight {
-            dry_run: None,
-            live,
+            exists: live.is_some(),
+            unchanged: false,
+            views: opts.keep_views.then_some((live, None)),
         });
     }
     let params = PatchParams {
@@ -578,9 +593,12 @@ async fn preflight(
         .patch(o.name(), &params, &Patch::Apply(&o.value))
         .await
         .map_err(|e| fail(with_hint(api_message(&e))))?;
+    let dry = serde_json::to_value(dry).unwrap_or_default();
+    let unchanged = live.as_ref().is_some_and(|l| !drifted(l, &dry, opts));
     Ok(Preflight {
-        dry_run: Some(serde_json::to_value(dry).unwrap_or_default()),
-        live,
+        exists: live.is_some(),
+        unchanged,
+        views: (opts.keep_views && !unchanged).then_some((live, Some(dry))),
     })
 }
 
@@ -591,12 +609,10 @@ async fn write(cluster: &Cluster, o: &Object, p: &Preflight, opts: &Options) -> 
         action,
         message,
     };
-    if let (Some(live), Some(dry_run)) = (&p.live, &p.dry_run)
-        && !drifted(live, dry_run, opts)
-    {
+    if p.unchanged {
         return result(Action::Unchanged, None);
     }
-    let action = if p.live.is_some() {
+    let action = if p.exists {
         Action::Configured
     } else {
         Action::Created

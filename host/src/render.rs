@@ -187,6 +187,7 @@ pub async fn diff(
     // Report as the agent would see it: its field manager, and any owner accepted.
     let opts = crate::apply::Options {
         inventory_policy: config::InventoryPolicy::AdoptAll,
+        keep_views: true,
         ..crate::apply::Options::new(inventory_id)
     };
     let checked = crate::apply::check(&cluster, &plan, &opts).await?;
@@ -196,7 +197,7 @@ pub async fn diff(
             .unwrap_or_default()
     };
     Ok(checked
-        .changes(&opts)
+        .changes()
         .into_iter()
         .map(|(o, live, dry)| {
             let mut live = live.as_ref().map(clean);

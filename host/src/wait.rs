@@ -76,6 +76,16 @@ pub fn live_value(o: &DynamicObject, ar: &kube::api::ApiResource) -> Value {
     v
 }
 
+/// [`live_value`] without what kstatus never reads and what makes an applied object large:
+/// its `managedFields`. A wait holds one per object until the last one is ready.
+fn judged_value(o: &DynamicObject, ar: &kube::api::ApiResource) -> Value {
+    let mut v = live_value(o, ar);
+    if let Some(meta) = v["metadata"].as_object_mut() {
+        meta.remove("managedFields");
+    }
+    v
+}
+
 /// The kstatus status of a live object, with its message when it is not Current.
 pub fn status(live: &Value) -> (Status, Option<String>) {
     let c = compute(live, std::time::SystemTime::now());
@@ -632,7 +642,7 @@ async fn watch(
                     }
                     Ok(watcher::Event::InitApply(o)) => {
                         if let Some(i) = index(&o) {
-                            seen.live[i] = Some(live_value(&o, &groups[g].resource));
+                            seen.live[i] = Some(judged_value(&o, &groups[g].resource));
                             listing.entry(g).or_default().insert(i);
                             dirty.push(i);
                         }
@@ -649,7 +659,7 @@ async fn watch(
                     }
                     Ok(watcher::Event::Apply(o)) => {
                         if let Some(i) = index(&o) {
-                            seen.live[i] = Some(live_value(&o, &groups[g].resource));
+                            seen.live[i] = Some(judged_value(&o, &groups[g].resource));
                             dirty.push(i);
                         }
                     }
