@@ -35,7 +35,11 @@ fn main() {
 /// A Deployment with an init container and two containers; one in ten has an untagged
 /// image, so no-latest-tag reports 1,000 findings.
 fn deployment(i: usize) -> Value {
-    let sidecar = if i.is_multiple_of(10) { "envoy" } else { "envoy:1.30" };
+    let sidecar = if i.is_multiple_of(10) {
+        "envoy"
+    } else {
+        "envoy:1.30"
+    };
     json!({"apiVersion": "apps/v1", "kind": "Deployment",
            "metadata": {"name": format!("app-{i}"), "namespace": "dev", "labels": {"app": format!("app-{i}"), "tier": "web"}},
            "spec": {"replicas": 2, "selector": {"matchLabels": {"app": format!("app-{i}")}},
