@@ -387,17 +387,20 @@ async fn a_commit_lands_transformed_by_set_namespace_and_pin_images() {
 
 #[tokio::test]
 async fn a_resync_takes_the_plugins_outcome_from_the_render_cache_until_an_input_changes() {
-    let client = cluster::client().await;
-    let ns = cluster::namespace(&client, "rcache").await;
-    let repo = git::shared().create_repo(&format!("group/{ns}"));
+    let Fixture {
+        client,
+        ns,
+        repo,
+        src,
+        cluster: mut c,
+        cache: _cache,
+    } = Fixture::new("rcache").await;
     repo.commit(
         "main",
         &[git::file("web.yaml", deployment("web", 1))],
         "web",
     );
-    let (src, _cache) = source(&repo, None);
     let dir = tempfile::tempdir().expect("render cache dir");
-    let mut c = cluster().await;
     let p = project("default", "    reconcile_timeout: 60s\n");
     let chain = |digest: &str| {
         vec![
