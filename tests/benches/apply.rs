@@ -25,6 +25,9 @@
 //!   to the object changed in the cluster), and the 10 % prune pushed (until the objects
 //!   are gone); its CPU seconds and peak RSS from /proc.
 //!
+//! `SLUICE_BENCH_AGENT_ONLY=1` runs the agent part alone (10,000 objects: every tool takes
+//! close to an hour on 2 cores).
+//!
 //! Requests are counted from the API server's audit log, per client `User-Agent`
 //! (kubectl's, kapply's, `sluice-bench` for the library syncs, `sluice/` for the agent):
 //! all of them, and the writes among them (create, update, patch, delete; dry runs
@@ -338,46 +341,15 @@ async fn main() {
         .join("kubectl");
     let agent_binary = sluice_testenv::wasm::sluice_release_binary();
 
-    let kubectl_ns = cluster::namespace(&client, "bench-kubectl").await;
-    let kubectl = kubectl_ops(&kubectl_bin, &kubeconfig, &kubectl_ns);
-    let kapply_ns = cluster::namespace(&client, "bench-kapply").await;
-    let kapply = kapply_ops(&kubeconfig, &kapply_ns);
-    let sluice_ns = cluster::namespace(&client, "bench-sluice").await;
-    let sluice = sluice_ops(&sluice_ns).await;
-    let agent = agent_phase(&agent_binary).await;
-
     let n = n();
     let objects = 4 * n;
-    println!(
-        "| {objects} objects ({n} each of Deployment, Service, ConfigMap, ServiceAccount): time, requests (writes) | `kubectl apply --server-side --prune --applyset` | kapply (cli-utils {}) | sluice sync |",
-        cli_utils_version()
-    );
-    println!("|---|---|---|---|");
-    let rows = [
-        "first apply, until every Deployment is Available (kubectl: + `kubectl wait`)".to_string(),
-        "no-op (the same manifests again)".to_string(),
-        "one ConfigMap changed".to_string(),
-        format!(
-            "{} objects removed (10 %), pruned (kubectl: no wait for the deletions)",
-            4 * (n / 10)
-        ),
-    ];
-    for (i, row) in rows.iter().enumerate() {
-        println!(
-            "| {row} | {} | {} | {} |",
-            kubectl[i].cell(),
-            kapply[i].cell(),
-            sluice[i].cell()
-        );
+    // SLUICE_BENCH_AGENT_ONLY=1: the agent process alone (its RSS, CPU and push latency at
+    // a size where running every tool takes too long).
+    if std::env::var_os("SLUICE_BENCH_AGENT_ONLY").is_none() {
+        tools(&client, &kubectl_bin, &kubeconfig, n).await;
     }
-    println!(
-        "| requests per object, first apply | {:.2} | {:.2} | {:.2} |",
-        kubectl[0].requests as f64 / objects as f64,
-        kapply[0].requests as f64 / objects as f64,
-        sluice[0].requests as f64 / objects as f64
-    );
-    println!();
-    println!("| the agent (release `sluice run` process, push webhooks) | |");
+    let agent = agent_phase(&agent_binary).await;
+    println!("| the agent (release `sluice run` process, {objects} objects, push webhooks) | |");
     println!("|---|---|");
     println!(
         "| first sync, from start to synced | {} |",
@@ -445,6 +417,46 @@ async fn main() {
         sluice_discovery[2].as_secs_f64() * 1000.0,
         2 * (versions + 1) + 2
     );
+}
+
+/// kubectl, kapply and sluice's syncs, each in its own namespace; prints their table.
+async fn tools(client: &kube::Client, kubectl_bin: &Path, kubeconfig: &Path, n: usize) {
+    let objects = 4 * n;
+    let kubectl_ns = cluster::namespace(client, "bench-kubectl").await;
+    let kubectl = kubectl_ops(kubectl_bin, kubeconfig, &kubectl_ns);
+    let kapply_ns = cluster::namespace(client, "bench-kapply").await;
+    let kapply = kapply_ops(kubeconfig, &kapply_ns);
+    let sluice_ns = cluster::namespace(client, "bench-sluice").await;
+    let sluice = sluice_ops(&sluice_ns).await;
+    println!(
+        "| {objects} objects ({n} each of Deployment, Service, ConfigMap, ServiceAccount): time, requests (writes) | `kubectl apply --server-side --prune --applyset` | kapply (cli-utils {}) | sluice sync |",
+        cli_utils_version()
+    );
+    println!("|---|---|---|---|");
+    let rows = [
+        "first apply, until every Deployment is Available (kubectl: + `kubectl wait`)".to_string(),
+        "no-op (the same manifests again)".to_string(),
+        "one ConfigMap changed".to_string(),
+        format!(
+            "{} objects removed (10 %), pruned (kubectl: no wait for the deletions)",
+            4 * (n / 10)
+        ),
+    ];
+    for (i, row) in rows.iter().enumerate() {
+        println!(
+            "| {row} | {} | {} | {} |",
+            kubectl[i].cell(),
+            kapply[i].cell(),
+            sluice[i].cell()
+        );
+    }
+    println!(
+        "| requests per object, first apply | {:.2} | {:.2} | {:.2} |",
+        kubectl[0].requests as f64 / objects as f64,
+        kapply[0].requests as f64 / objects as f64,
+        sluice[0].requests as f64 / objects as f64
+    );
+    println!();
 }
 
 fn cli_utils_version() -> String {
