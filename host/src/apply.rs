@@ -520,7 +520,7 @@ async fn list_live(
         }
         for item in &page.items {
             if let Some(name) = &item.metadata.name {
-                live.insert(name.clone(), crate::wait::live_value(item, &g.resource));
+                live.insert(name.clone(), crate::cluster::live_value(item, &g.resource));
             }
         }
         match page.metadata.continue_ {

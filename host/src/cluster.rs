@@ -351,3 +351,15 @@ async fn apiservice_condition(client: &kube::Client, name: &str) -> Option<Strin
         c["message"].as_str().unwrap_or_default()
     ))
 }
+
+/// A listed or watched object as JSON, with the `apiVersion` and `kind` of its resource:
+/// the items of a LIST or WATCH come without them, and [`crate::wait::status`] (like
+/// `apply`'s comparison with a dry run) reads `kind`.
+pub fn live_value(o: &DynamicObject, ar: &ApiResource) -> serde_json::Value {
+    let mut v = serde_json::to_value(o).unwrap_or_default();
+    if let Some(map) = v.as_object_mut() {
+        map.insert("apiVersion".into(), ar.api_version.clone().into());
+        map.insert("kind".into(), ar.kind.clone().into());
+    }
+    v
+}

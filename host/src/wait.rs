@@ -65,16 +65,7 @@ pub struct Computed {
     pub message: String,
 }
 
-/// A listed or watched object as JSON, with the `apiVersion` and `kind` of its resource:
-/// the items of a LIST or WATCH come without them, and [`status`] dispatches on `kind`.
-pub fn live_value(o: &DynamicObject, ar: &kube::api::ApiResource) -> Value {
-    let mut v = serde_json::to_value(o).unwrap_or_default();
-    if let Some(map) = v.as_object_mut() {
-        map.insert("apiVersion".into(), ar.api_version.clone().into());
-        map.insert("kind".into(), ar.kind.clone().into());
-    }
-    v
-}
+pub use crate::cluster::live_value;
 
 /// [`live_value`] without what kstatus never reads and what makes an applied object large:
 /// its `managedFields`. A wait holds one per object until the last one is ready.
