@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 use crate::apply::Action;
 use crate::cluster::Cluster;
 use crate::config::{self, AgentConfig, GitRef, ManifestProject};
+use crate::decode;
 use crate::drift::Drift;
 use crate::history::{self, History};
 use crate::inventory::InventoryRef;
@@ -385,6 +386,7 @@ fn prepare(
         takeover: opts.takeover.clone(),
         known: Arc::default(),
         render_cache: Some(plugins::OutcomeCache::new(opts.cache_dir.join("rendered"))),
+        decoded: Some(decode::Memo::default()),
     };
     (source, settings)
 }

@@ -27,7 +27,7 @@ use crate::cluster::Cluster;
 use crate::config::{DryRunStrategy, InventoryPolicy};
 use crate::inventory::{self, OWNING_INVENTORY, Ownership};
 use crate::object::{ObjRef, Object, Origin};
-use crate::plan::Plan;
+use crate::plan::Stage;
 
 /// What happened to one object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -186,14 +186,16 @@ impl Options {
 ///
 /// # Errors
 /// [`Error::Rejected`] listing every object that failed.
-pub async fn check(cluster: &Cluster, plan: &Plan, opts: &Options) -> Result<Checked, Error> {
-    let stages: Vec<Vec<Object>> = plan
-        .stages
-        .iter()
+pub async fn check(
+    cluster: &Cluster,
+    stages: Vec<Stage>,
+    opts: &Options,
+) -> Result<Checked, Error> {
+    let stages: Vec<Vec<Object>> = stages
+        .into_iter()
         .map(|s| {
             s.objects
-                .iter()
-                .cloned()
+                .into_iter()
                 .map(|o| annotate(o, &opts.inventory_id))
                 .collect()
         })
@@ -211,13 +213,17 @@ pub async fn check(cluster: &Cluster, plan: &Plan, opts: &Options) -> Result<Che
             new_namespaces.insert(o.name().to_string());
         }
     }
+    let digests: BTreeMap<ObjRef, String> = stages
+        .iter()
+        .flatten()
+        .map(|o| (o.obj_ref(), digest(o)))
+        .collect();
     // What the last sync left as it is now needs no request (dry runs check everything).
     let skipped: BTreeSet<ObjRef> = if opts.dry_run == DryRunStrategy::None {
-        stages
+        digests
             .iter()
-            .flatten()
-            .filter(|o| opts.known.get(&o.obj_ref()) == Some(&digest(o)))
-            .map(Object::obj_ref)
+            .filter(|(r, d)| opts.known.get(*r) == Some(*d))
+            .map(|(r, _)| r.clone())
             .collect()
     } else {
         BTreeSet::new()
@@ -226,7 +232,7 @@ pub async fn check(cluster: &Cluster, plan: &Plan, opts: &Options) -> Result<Che
         .iter()
         .flatten()
         .filter(|o| !skipped.contains(&o.obj_ref()))
-        .filter(|o| cluster.resolve(o.api_version(), o.kind()).is_some())
+        .filter(|o| cluster.serves(o.api_version(), o.kind()).is_some())
         .filter(|o| !o.namespace().is_some_and(|ns| new_namespaces.contains(ns)))
         .collect();
     let total = stages.iter().map(Vec::len).sum();
@@ -239,6 +245,7 @@ pub async fn check(cluster: &Cluster, plan: &Plan, opts: &Options) -> Result<Che
         stages,
         preflights,
         skipped,
+        digests,
     })
 }
 
@@ -249,12 +256,19 @@ pub struct Checked {
     preflights: Preflights,
     /// Objects [`Options::known`] says are unchanged: no request.
     skipped: BTreeSet<ObjRef>,
+    /// Every object's [`digest`], as annotated for the apply.
+    digests: BTreeMap<ObjRef, String>,
 }
 
 impl Checked {
     /// Every object the plan applies.
     pub fn objects(&self) -> impl Iterator<Item = &Object> {
         self.stages.iter().flatten()
+    }
+
+    /// Every object's [`digest`] (what [`Options::known`] is made of), by identity.
+    pub fn digests(&self) -> &BTreeMap<ObjRef, String> {
+        &self.digests
     }
 
     /// The objects an apply would create or change: `(object, live, as the server would
@@ -327,6 +341,7 @@ pub async fn apply(
         stages,
         preflights,
         skipped,
+        ..
     } = checked;
     // By object: a lookup per object, not a scan (10,000 objects).
     let mut preflights: BTreeMap<ObjRef, Result<Preflight, ObjectResult>> =
@@ -542,7 +557,7 @@ fn preflight_failures(preflights: &Preflights) -> Vec<ObjectResult> {
 /// Runs `futures` at most `limit` at a time, keeping their order. (The futures are built
 /// before they enter the stream so the stream holds no closure over borrowed data; that
 /// keeps the spawned worker future `Send`.)
-async fn bounded<T, F: Future<Output = T>>(futures: Vec<F>, limit: usize) -> Vec<T> {
+pub(crate) async fn bounded<T, F: Future<Output = T>>(futures: Vec<F>, limit: usize) -> Vec<T> {
     futures::stream::iter(futures)
         .buffered(limit.max(1))
         .collect()

@@ -153,11 +153,9 @@ fn dependency_layers(
         };
         deps.push(parsed.into_iter().filter(|d| desired.contains(d)).collect());
     }
-    let mut placed: BTreeSet<ObjRef> = desired
-        .iter()
-        .filter(|r| !objects.iter().any(|o| &o.obj_ref() == *r))
-        .cloned()
-        .collect();
+    // Whatever is desired but not layered here (definitions, classes) is placed already.
+    let layered: BTreeSet<ObjRef> = objects.iter().map(Object::obj_ref).collect();
+    let mut placed: BTreeSet<ObjRef> = desired.difference(&layered).cloned().collect();
     let mut remaining: Vec<(Object, BTreeSet<ObjRef>)> = objects.into_iter().zip(deps).collect();
     let mut layers = Vec::new();
     while !remaining.is_empty() {

@@ -85,7 +85,7 @@ pub async fn render(
             let commit = tokio::task::spawn_blocking(move || resolver.resolve(&git_ref))
                 .await
                 .map_err(|e| sync::Error::Task(e.to_string()))??;
-            sync::render(&source, &entry, &commit, select::Limits::default()).await?
+            sync::render(&source, &entry, &commit, select::Limits::default(), None).await?
         }
     };
     let scopes = decode::Scopes::offline(&objects);
@@ -190,7 +190,7 @@ pub async fn diff(
         keep_views: true,
         ..crate::apply::Options::new(inventory_id)
     };
-    let checked = crate::apply::check(&cluster, &plan, &opts).await?;
+    let checked = crate::apply::check(&cluster, plan.stages, &opts).await?;
     let yaml = |v: &Option<serde_json::Value>| {
         v.as_ref()
             .map(|v| serde_saphyr::to_string(v).unwrap_or_default())

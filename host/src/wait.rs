@@ -67,14 +67,70 @@ pub struct Computed {
 
 pub use crate::cluster::live_value;
 
-/// [`live_value`] without what kstatus never reads and what makes an applied object large:
-/// its `managedFields`. A wait holds one per object until the last one is ready.
-fn judged_value(o: &DynamicObject, ar: &kube::api::ApiResource) -> Value {
-    let mut v = live_value(o, ar);
-    if let Some(meta) = v["metadata"].as_object_mut() {
-        meta.remove("managedFields");
+/// What a wait holds of a delivered object until that object is judged ready: the
+/// [`kstatus_input`] of its [`live_value`], taken from the object without copying the rest.
+fn judged_value(o: DynamicObject, ar: &kube::api::ApiResource) -> Value {
+    let DynamicObject {
+        metadata, mut data, ..
+    } = o;
+    let mut v = serde_json::Map::new();
+    v.insert("apiVersion".into(), ar.api_version.clone().into());
+    v.insert("kind".into(), ar.kind.clone().into());
+    let mut meta = serde_json::Map::new();
+    if let Some(name) = metadata.name {
+        meta.insert("name".into(), name.into());
     }
-    v
+    if let Some(generation) = metadata.generation {
+        meta.insert("generation".into(), generation.into());
+    }
+    for (key, time) in [
+        ("creationTimestamp", metadata.creation_timestamp),
+        ("deletionTimestamp", metadata.deletion_timestamp),
+    ] {
+        if let Some(t) = time.and_then(|t| serde_json::to_value(t).ok()) {
+            meta.insert(key.into(), t);
+        }
+    }
+    v.insert("metadata".into(), meta.into());
+    for key in ["spec", "status"] {
+        if let Some(x) = data.get_mut(key) {
+            v.insert(key.into(), x.take());
+        }
+    }
+    kstatus_input(Value::Object(v))
+}
+
+/// The parts of an object that [`compute`] reads, and nothing else: its type, the
+/// metadata kstatus judges by (generation, creation and deletion times), `spec`'s scalars
+/// and `updateStrategy` (never a pod template or a CRD's schemas), and `status`. A
+/// Deployment shrinks from kilobytes to a few hundred bytes, a ConfigMap to its name.
+fn kstatus_input(mut v: Value) -> Value {
+    let mut out = serde_json::Map::new();
+    for key in ["apiVersion", "kind", "status"] {
+        if let Some(x) = v.get_mut(key) {
+            out.insert(key.into(), x.take());
+        }
+    }
+    if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+        let kept: serde_json::Map<String, Value> = [
+            "name",
+            "generation",
+            "creationTimestamp",
+            "deletionTimestamp",
+        ]
+        .into_iter()
+        .filter_map(|k| Some((k.to_string(), meta.remove(k)?)))
+        .collect();
+        out.insert("metadata".into(), Value::Object(kept));
+    }
+    if let Some(spec) = v.get_mut("spec").and_then(Value::as_object_mut) {
+        let kept: serde_json::Map<String, Value> = std::mem::take(spec)
+            .into_iter()
+            .filter(|(k, x)| !(x.is_object() || x.is_array()) || k == "updateStrategy")
+            .collect();
+        out.insert("spec".into(), Value::Object(kept));
+    }
+    Value::Object(out)
 }
 
 /// The kstatus status of a live object, with its message when it is not Current.
@@ -602,6 +658,7 @@ async fn watch(
                 seen.present[i] |= seen.live[i].is_some();
                 if done(h.status) {
                     remaining -= 1;
+                    seen.live[i] = None;
                 }
             }
         }
@@ -633,7 +690,7 @@ async fn watch(
                     }
                     Ok(watcher::Event::InitApply(o)) => {
                         if let Some(i) = index(&o) {
-                            seen.live[i] = Some(judged_value(&o, &groups[g].resource));
+                            seen.live[i] = Some(judged_value(o, &groups[g].resource));
                             listing.entry(g).or_default().insert(i);
                             dirty.push(i);
                         }
@@ -649,8 +706,9 @@ async fn watch(
                         }
                     }
                     Ok(watcher::Event::Apply(o)) => {
-                        if let Some(i) = index(&o) {
-                            seen.live[i] = Some(judged_value(&o, &groups[g].resource));
+                        // A judged object's value is never read again: hold none.
+                        if let Some(i) = index(&o).filter(|&i| !done(health[i].status)) {
+                            seen.live[i] = Some(judged_value(o, &groups[g].resource));
                             dirty.push(i);
                         }
                     }
@@ -701,6 +759,22 @@ mod tests {
         };
         let (s, message) = status(&live_value(&listed, &ar));
         assert_eq!(s, Status::InProgress, "{message:?}");
+        // What a wait holds is what kstatus reads of the whole object.
+        let full: DynamicObject = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "dev", "generation": 2,
+                "creationTimestamp": "2026-01-01T00:00:00Z",
+                "deletionTimestamp": "2026-01-02T00:00:00Z",
+                "labels": {"app": "web"}, "managedFields": [{"manager": "m"}]},
+            "spec": {"replicas": 3, "template": {"spec": {}}},
+            "status": {"observedGeneration": 2, "replicas": 3}
+        }))
+        .expect("object");
+        let held = judged_value(full.clone(), &ar);
+        assert_eq!(held, kstatus_input(live_value(&full, &ar)));
+        assert_eq!(
+            held["metadata"]["deletionTimestamp"],
+            "2026-01-02T00:00:00Z"
+        );
         assert_eq!(
             status(&serde_json::to_value(&listed).expect("json")).0,
             Status::Current,
@@ -721,7 +795,16 @@ mod tests {
         assert_eq!(cases.len(), 52);
         let mut wrong = Vec::new();
         for case in &cases {
-            let got = compute(&case["object"], std::time::SystemTime::now());
+            let now = std::time::SystemTime::now();
+            let got = compute(&case["object"], now);
+            // A wait judges what it holds: the same judgement, from a fraction of the object.
+            let held = kstatus_input(case["object"].clone());
+            assert_eq!(
+                compute(&held, now),
+                got,
+                "{}: judged from {held}",
+                case["name"]
+            );
             let want_status = case["status"].as_str().expect("status");
             if format!("{:?}", got.status) != want_status
                 || got.reason.as_deref() != case["reason"].as_str()
@@ -733,6 +816,28 @@ mod tests {
             }
         }
         assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    #[test]
+    fn a_wait_holds_no_pod_template_data_or_annotations() {
+        let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "d", "namespace": "n", "generation": 2,
+                "annotations": {"big": "x"}, "labels": {"app": "d"}},
+            "spec": {"replicas": 3, "progressDeadlineSeconds": 600,
+                "selector": {"matchLabels": {"app": "d"}},
+                "strategy": {"type": "RollingUpdate"},
+                "template": {"spec": {"containers": [{"name": "c", "image": "i"}]}}},
+            "data": {"k": "v"},
+            "status": {"observedGeneration": 2, "replicas": 3}});
+        assert_eq!(
+            kstatus_input(deployment),
+            json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": "d", "generation": 2},
+                "spec": {"replicas": 3, "progressDeadlineSeconds": 600},
+                "status": {"observedGeneration": 2, "replicas": 3}})
+        );
+        let sts = json!({"kind": "StatefulSet", "spec": {"updateStrategy": {"type": "OnDelete"}}});
+        assert_eq!(kstatus_input(sts.clone()), sts);
     }
 
     #[test]

@@ -26,7 +26,8 @@
 //!   are gone); its CPU seconds and peak RSS from /proc.
 //!
 //! `SLUICE_BENCH_AGENT_ONLY=1` runs the agent part alone (10,000 objects: every tool takes
-//! close to an hour on 2 cores).
+//! close to an hour on 2 cores). `SLUICE_BENCH_AGENT_LOG=<file>` keeps the agent's log at
+//! debug level, with the time each sync spent per stage (`sync stages`).
 //!
 //! Requests are counted from the API server's audit log, per client `User-Agent`
 //! (kubectl's, kapply's, `sluice-bench` for the library syncs, `sluice/` for the agent):
@@ -300,6 +301,8 @@ async fn sluice_ops(ns: &str) -> [Op; 4] {
         takeover: sluice::sync::Takeover::Off,
         known: Default::default(),
         render_cache: None,
+        // As the agent: files decoded by the previous sync are not decoded again.
+        decoded: Some(Default::default()),
     };
     let mut c = sluice::cluster::Cluster::connect(cluster::client_as("sluice-bench").await)
         .await
@@ -577,7 +580,13 @@ async fn agent_phase(binary: &Path) -> Agent {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr").to_string()
     };
-    let log = std::fs::File::create(dir.path().join("agent.log")).expect("log");
+    // SLUICE_BENCH_AGENT_LOG=<file> keeps the agent's log, at debug level (the time each
+    // sync spent per stage); by default it goes away with the bench's directory.
+    let kept_log = std::env::var_os("SLUICE_BENCH_AGENT_LOG");
+    let log_path = kept_log
+        .clone()
+        .map_or_else(|| dir.path().join("agent.log"), std::path::PathBuf::from);
+    let log = std::fs::File::create(&log_path).expect("log");
     let mark = cp.audit_mark();
     let started = Instant::now();
     let mut child = std::process::Command::new(binary)
@@ -600,6 +609,14 @@ async fn agent_phase(binary: &Path) -> Agent {
         .arg(&secret)
         .args(["--observability-listen-address", &addr])
         .env("KUBECONFIG", &cp.kubeconfig)
+        .env(
+            "RUST_LOG",
+            if kept_log.is_some() {
+                "warn,sluice=debug"
+            } else {
+                "warn,sluice=info"
+            },
+        )
         .env_remove("POD_NAMESPACE")
         .env_remove("POD_NAME")
         .stdout(std::process::Stdio::null())

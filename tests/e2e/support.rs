@@ -65,6 +65,7 @@ pub fn settings(inventory_id: &str) -> Settings {
         takeover: sluice::sync::Takeover::Agentk { agent_id: None },
         known: Default::default(),
         render_cache: None,
+        decoded: None,
     }
 }
 
