@@ -81,6 +81,8 @@ pub struct Options {
     pub plugin_cache_dir: Option<PathBuf>,
     /// File selection limits (agentk's by default).
     pub limits: crate::select::Limits,
+    /// The agent's own objects ([`crate::limits::Protected`]).
+    pub protected: crate::limits::Protected,
     /// Where syncs are recorded for `/metrics`.
     pub metrics: Arc<crate::observability::Metrics>,
     /// What push webhooks can wake: the agent registers its workers here.
@@ -387,6 +389,7 @@ fn prepare(
         known: Arc::default(),
         render_cache: Some(plugins::OutcomeCache::new(opts.cache_dir.join("rendered"))),
         decoded: Some(decode::Memo::default()),
+        protected: opts.protected.clone(),
     };
     (source, settings)
 }

@@ -100,6 +100,9 @@ pub struct ManifestProject {
     pub inventory_policy: InventoryPolicy,
     /// Names of the plugins this project uses (`plugins:` in the entry; default: all).
     pub plugins: Option<Vec<String>>,
+    /// What the project may create (`limits:` in the entry; default: anything its
+    /// inventory policy and the agent's RBAC allow).
+    pub limits: crate::limits::Limits,
 }
 
 /// The git ref a manifest project follows.
@@ -299,6 +302,11 @@ pub fn parse_with_origin(text: &str, config_project: &str, origin: &str) -> Resu
             Some(paths) if !paths.is_empty() => paths.into_iter().map(|p| p.glob).collect(),
             _ => vec![DEFAULT_GLOB.to_string()],
         };
+        let limits = match p.limits {
+            None => crate::limits::Limits::default(),
+            Some(l) => crate::limits::Limits::new(l.namespaces, &l.allowed_kinds, &l.denied_kinds)
+                .map_err(|e| invalid(format!("gitops.manifest_projects[{id}].limits: {e}")))?,
+        };
         manifest_projects.push(ManifestProject {
             id,
             credentials,
@@ -317,6 +325,7 @@ pub fn parse_with_origin(text: &str, config_project: &str, origin: &str) -> Resu
             prune_propagation_policy: p.prune_propagation_policy.unwrap_or_default(),
             inventory_policy: p.inventory_policy.unwrap_or_default(),
             plugins: p.plugins,
+            limits,
         });
     }
     let plugins = plugin_specs(file.plugins.unwrap_or_default()).map_err(invalid)?;
@@ -392,6 +401,19 @@ struct ManifestProjectSection {
     r#ref: Option<RefSection>,
     // sluice's extension: which plugins this project uses.
     plugins: Option<Vec<String>>,
+    // sluice's extension: what the project may create.
+    limits: Option<ProjectLimitsSection>,
+}
+
+/// `limits:` of a manifest project (sluice's extension).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProjectLimitsSection {
+    namespaces: Option<Vec<String>>,
+    #[serde(default)]
+    allowed_kinds: Vec<String>,
+    #[serde(default)]
+    denied_kinds: Vec<String>,
 }
 
 /// One `plugins:` entry.
@@ -805,6 +827,33 @@ observability:
         assert!(
             err("plugins:\n- name: p\n  module: a.wasm\n  capabilities: [files]\n")
                 .contains("files")
+        );
+    }
+
+    #[test]
+    fn project_limits_are_read_and_checked() {
+        let c = parse(
+            "gitops:\n  manifest_projects:\n  - id: a/b\n    limits:\n      namespaces: [team-a, team-a-*]\n      allowed_kinds: [apps/*, core/ConfigMap]\n      denied_kinds: [apps/DaemonSet]\n  - id: a/c\n",
+            "g/a",
+        )
+        .expect("valid");
+        let want = crate::limits::Limits::new(
+            Some(vec!["team-a".into(), "team-a-*".into()]),
+            &["apps/*".into(), "core/ConfigMap".into()],
+            &["apps/DaemonSet".into()],
+        )
+        .expect("limits");
+        assert_eq!(c.manifest_projects[0].limits, want);
+        assert!(c.manifest_projects[1].limits.is_open());
+        assert_eq!(
+            err(
+                "gitops:\n  manifest_projects:\n  - id: a/b\n    limits: {denied_kinds: [a/b/c]}\n"
+            ),
+            "failed to parse agent configuration config.yaml: gitops.manifest_projects[a/b].limits: \"a/b/c\" is not a kind: write Kind, group/Kind or group/* (the core group is `core`)"
+        );
+        assert!(
+            err("gitops:\n  manifest_projects:\n  - id: a/b\n    limits: {namespace: [x]}\n")
+                .contains("namespace")
         );
     }
 

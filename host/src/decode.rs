@@ -564,19 +564,34 @@ mod tests {
         let files = [file("a.yaml", a), file("b.yaml", b), file("copy/b.yaml", b)];
         // A first object without kind fails the first file; the rest is memoized.
         assert!(decode_with(&files, "p", "c1", Some(&memo)).is_err());
-        let files = [file("a.yaml", &a[5..]), file("b.yaml", b), file("copy/b.yaml", b)];
+        let files = [
+            file("a.yaml", &a[5..]),
+            file("b.yaml", b),
+            file("copy/b.yaml", b),
+        ];
         let first = decode_with(&files, "p", "c1", Some(&memo)).expect("decodes");
         assert_eq!(first, decode(&files, "p", "c1").expect("decodes"));
-        assert_eq!(memo.0.lock().expect("lock").len(), 2, "one entry per content");
+        assert_eq!(
+            memo.0.lock().expect("lock").len(),
+            2,
+            "one entry per content"
+        );
         // The next commit: the same objects from the memo, with the new commit and paths.
         let again = decode_with(&files, "p", "c2", Some(&memo)).expect("decodes");
         assert_eq!(again, decode(&files, "p", "c2").expect("decodes"));
         assert_eq!(again[2].origin.path, "copy/b.yaml");
         // A changed file is decoded again; a file that fails is an error, memo or not.
-        let files = [file("a.yaml", &a[5..].replace("1.0", "2.0")), file("b.yaml", bad)];
+        let files = [
+            file("a.yaml", &a[5..].replace("1.0", "2.0")),
+            file("b.yaml", bad),
+        ];
         let err = decode_with(&files, "p", "c3", Some(&memo)).expect_err("b.yaml fails");
         assert_eq!(err, decode(&files, "p", "c3").expect_err("fails"));
-        assert_eq!(memo.0.lock().expect("lock").len(), 1, "only this call's files stay");
+        assert_eq!(
+            memo.0.lock().expect("lock").len(),
+            1,
+            "only this call's files stay"
+        );
         let files = [file("a.yaml", &a[5..].replace("1.0", "2.0"))];
         let objects = decode_with(&files, "p", "c4", Some(&memo)).expect("decodes");
         assert_eq!(objects[0].value["x"], 2);

@@ -4,7 +4,7 @@
 //! the manifest repositories itself, and keeps the cluster equal to what git says. Data takes
 //! one path, one module per stage, each handing a plain value to the next:
 //!
-//! [`config`] → [`source`] → [`select`] → [`decode`] → (plugins) → [`plan`] → [`apply`] →
+//! [`config`] → [`source`] → [`select`] → [`decode`] → (plugins) → [`limits`] → [`plan`] → [`apply`] →
 //! [`inventory`] → [`wait`] → [`report`]
 //!
 //! [`agent`] runs that path per manifest project whenever the commit changes or the re-apply
@@ -23,6 +23,7 @@ pub mod history;
 pub mod install;
 pub mod inventory;
 pub mod leader;
+pub mod limits;
 pub mod object;
 pub mod observability;
 pub mod plan;

@@ -688,6 +688,15 @@ async fn setup(args: &RunArgs) -> Result<Setup, ExitCode> {
             max_file_bytes: args.max_file_bytes,
             max_total_bytes: args.max_total_bytes,
         },
+        protected: sluice::limits::Protected {
+            namespace: args.leader_election_namespace.clone(),
+            lease: Some(
+                args.lease_name
+                    .clone()
+                    .unwrap_or_else(|| sluice::install::lease_name(&args.agent_name)),
+            ),
+            prefix: format!("sluice-{}", args.agent_name),
+        },
     };
     Ok(Setup {
         client,

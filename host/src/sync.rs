@@ -75,6 +75,9 @@ pub enum Error {
         /// Whose it is, and what to change.
         reason: String,
     },
+    /// Objects the project may not create: its `limits:`, or the agent's own objects.
+    #[error("{} objects are outside what this project may create: {}", .0.len(), .0.iter().map(|v| format!("{} ({}): {}", v.obj, v.origin, v.message)).collect::<Vec<_>>().join("; "))]
+    Limits(Vec<crate::limits::Violation>),
     /// The blocking git task panicked or was cancelled.
     #[error("git task failed: {0}")]
     Task(String),
@@ -110,6 +113,14 @@ impl Error {
             Error::Apply(apply::Error::Rejected { failures, .. }) => from_results(failures),
             Error::Apply(apply::Error::Partial { results }) => from_results(results),
             Error::Unhealthy { problems, .. } => problems.clone(),
+            Error::Limits(violations) => violations
+                .iter()
+                .map(|v| Problem {
+                    obj: v.obj.clone(),
+                    origin: Some(v.origin.clone()),
+                    message: v.message.clone(),
+                })
+                .collect(),
             _ => Vec::new(),
         }
     }
@@ -124,6 +135,7 @@ impl Error {
                 | Error::Plan(_)
                 | Error::InventoryObjects(_)
                 | Error::InventoryClaimed { .. }
+                | Error::Limits(_)
                 | Error::EmptySet
         )
     }
@@ -196,6 +208,8 @@ pub struct Settings {
     /// The files earlier syncs of this project decoded ([`decode::Memo`]), so a commit
     /// that changes few files decodes few. `None`: every file is decoded every sync.
     pub decoded: Option<decode::Memo>,
+    /// The agent's own objects, which no project may create or change.
+    pub protected: crate::limits::Protected,
 }
 
 /// Which agentk inventory a project without an inventory of its own may adopt.
@@ -297,6 +311,11 @@ pub async fn sync(
     // Plugins may add objects or kinds: the namespace rules hold for their output too.
     scopes.add_crds(&objects);
     decode::set_namespaces(&mut objects, &project.default_namespace, &scopes)?;
+    // And so do the project's limits: git and plugins alike, before any request.
+    let refused = crate::limits::check(&objects, &project.limits, &settings.protected);
+    if !refused.is_empty() {
+        return Err(Error::Limits(refused));
+    }
 
     let inv = locate_inventory(
         &mut objects,

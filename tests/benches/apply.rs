@@ -303,6 +303,7 @@ async fn sluice_ops(ns: &str) -> [Op; 4] {
         render_cache: None,
         // As the agent: files decoded by the previous sync are not decoded again.
         decoded: Some(Default::default()),
+        protected: Default::default(),
     };
     let mut c = sluice::cluster::Cluster::connect(cluster::client_as("sluice-bench").await)
         .await

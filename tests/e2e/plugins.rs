@@ -697,3 +697,123 @@ async fn a_skipped_or_dropping_transformer_never_prunes() {
     assert!(cms.get_opt("c").await.expect("get").is_none(), "c pruned");
     assert!(cms.get_opt("b").await.expect("get").is_some());
 }
+
+#[tokio::test]
+async fn a_project_is_held_to_its_limits_in_git_and_in_plugin_output_and_never_touches_the_agent() {
+    let Fixture {
+        client,
+        ns,
+        repo,
+        src,
+        cluster: mut c,
+        cache: _cache,
+    } = Fixture::new("limits").await;
+    let other = cluster::namespace(&client, "limits-other").await;
+    let limited = project(
+        &ns,
+        &format!("    reconcile_timeout: 60s\n    limits:\n      namespaces: [{ns}]\n"),
+    );
+    let inventory = format!("t-{ns}");
+    let stray = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: stray\n  namespace: {other}\n"
+    );
+    let grab = "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata:\n  name: grab\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: cluster-admin}\nsubjects: [{kind: ServiceAccount, name: default, namespace: default}]\n";
+    repo.commit(
+        "main",
+        &[
+            git::file("ok.yaml", configmap("ok", "1")),
+            git::file("stray.yaml", stray),
+            git::file("rbac/grab.yaml", format!("# who wants admin?\n{grab}")),
+        ],
+        "reach out",
+    );
+    let err = sync_once(&mut c, &src, &limited, &settings(&inventory))
+        .await
+        .expect_err("outside the limits");
+    assert!(err.is_user_error());
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "2 objects are outside what this project may create: ClusterRoleBinding/grab (rbac/grab.yaml:2): cluster-scoped, and the project is limited to namespaces {ns}; allow its kind in limits.allowed_kinds to create it; ConfigMap/{other}/stray (stray.yaml:1): namespace {other} is not in the project's limits.namespaces ({ns})"
+        )
+    );
+    assert_eq!(err.problems().len(), 2);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    assert!(
+        cms.get_opt("ok").await.expect("get").is_none(),
+        "nothing applied"
+    );
+    assert!(
+        cms.get_opt(&format!("inventory-{inventory}"))
+            .await
+            .expect("get")
+            .is_none(),
+        "not even the inventory"
+    );
+
+    // Within the limits, the commit applies; a transformer moving it out is refused, and
+    // what the last good commit applied stays.
+    repo.commit(
+        "main",
+        &[git::file("ok.yaml", configmap("ok", "1"))],
+        "stay home",
+    );
+    sync_once(&mut c, &src, &limited, &settings(&inventory))
+        .await
+        .expect("within the limits");
+    let mover = vec![load(&spec("set-namespace", json!({"namespace": other}))).expect("load")];
+    let err = sync_once(&mut c, &src, &limited, &settings_with(&inventory, mover))
+        .await
+        .expect_err("the plugin's output is outside the limits");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "1 objects are outside what this project may create: ConfigMap/{other}/ok (ok.yaml:1): namespace {other} is not in the project's limits.namespaces ({ns})"
+        )
+    );
+    assert!(
+        cms.get_opt("ok").await.expect("get").is_some(),
+        "nothing pruned"
+    );
+    let others: Api<ConfigMap> = Api::namespaced(client.clone(), &other);
+    assert!(
+        others.get_opt("ok").await.expect("get").is_none(),
+        "nothing moved"
+    );
+
+    // No project, limited or not, may create the agent's own objects.
+    let lease = "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata:\n  name: sluice-t-lock\nspec:\n  holderIdentity: intruder\n  leaseDurationSeconds: 3600\n";
+    repo.commit(
+        "main",
+        &[
+            git::file("ok.yaml", configmap("ok", "1")),
+            git::file("lease.yaml", lease),
+        ],
+        "take the lease",
+    );
+    let guarded = sluice::sync::Settings {
+        protected: sluice::limits::Protected {
+            namespace: Some(ns.clone()),
+            lease: Some("sluice-t-lock".into()),
+            prefix: "sluice-t".into(),
+        },
+        ..settings(&inventory)
+    };
+    let err = sync_once(&mut c, &src, &project(&ns, ""), &guarded)
+        .await
+        .expect_err("the agent's own");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "1 objects are outside what this project may create: Lease/{ns}/sluice-t-lock (lease.yaml:1): it is the agent's own: no project may create or change it"
+        )
+    );
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client, &ns);
+    assert!(
+        leases
+            .get_opt("sluice-t-lock")
+            .await
+            .expect("get")
+            .is_none()
+    );
+}

@@ -66,6 +66,7 @@ pub fn settings(inventory_id: &str) -> Settings {
         known: Default::default(),
         render_cache: None,
         decoded: None,
+        protected: Default::default(),
     }
 }
 
@@ -206,6 +207,7 @@ pub fn options(agent: &str, cache: &std::path::Path) -> sluice::agent::Options {
         git_ca: None,
         plugin_cache_dir: None,
         limits: Default::default(),
+        protected: Default::default(),
         metrics: Default::default(),
         triggers: Default::default(),
     }
