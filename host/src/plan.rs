@@ -204,12 +204,15 @@ pub fn format_depends_on(r: &ObjRef) -> String {
 }
 
 fn sort(objs: &mut [Object]) {
-    objs.sort_by(|a, b| {
-        rank(a.kind())
-            .cmp(&rank(b.kind()))
-            .then_with(|| a.kind().cmp(b.kind()))
-            .then_with(|| a.namespace().cmp(&b.namespace()))
-            .then_with(|| a.name().cmp(b.name()))
+    // Each key once per object, not per comparison: at 10,000 objects the lookups in the
+    // values and the kind's rank were most of the plan's time.
+    objs.sort_by_cached_key(|o| {
+        (
+            rank(o.kind()),
+            o.kind().to_string(),
+            o.namespace().map(str::to_string),
+            o.name().to_string(),
+        )
     });
 }
 
