@@ -257,8 +257,12 @@ impl Runtime {
         let mut config = wasmtime::Config::new();
         config.wasm_component_model(true);
         // Epochs rather than fuel: a deadline in wall-clock time at a fraction of fuel's
-        // cost. They interrupt guest code only; host calls here never block.
+        // cost. They interrupt guest code only: a host call that blocks (a sleep with the
+        // `clocks` capability, a read with `network`) is not cut off at the deadline.
         config.epoch_interruption(true);
+        // One linear memory per core module: no language toolchain sluice supports needs
+        // more, and the memory cap (`sandbox::Budget`) then counts one per core instance.
+        config.wasm_multi_memory(false);
         let mut cached = None;
         if let Some(dir) = cache_dir {
             std::fs::create_dir_all(dir)

@@ -15,8 +15,8 @@
 //! function is defined as a trap, so calling it fails the call with a message naming the
 //! import.
 
+use wasmtime::Engine;
 use wasmtime::component::{HasData, HasSelf, Linker, ResourceTable};
-use wasmtime::{Engine, StoreLimits};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::Capability;
@@ -26,8 +26,8 @@ use super::bindings::{self, Level};
 pub struct State {
     wasi: WasiCtx,
     table: ResourceTable,
-    /// Memory and table caps; see [`State::new`].
-    pub limits: StoreLimits,
+    /// Memory and table caps ([`Budget`]).
+    pub limits: Budget,
     plugin: String,
     logged: usize,
 }
@@ -53,18 +53,88 @@ impl State {
         State {
             wasi: wasi.build(),
             table: ResourceTable::new(),
-            // trap_on_grow_failure: a guest allocating past the cap traps with a clear
-            // message instead of seeing memory.grow return -1 and aborting obscurely.
-            limits: wasmtime::StoreLimitsBuilder::new()
-                .memory_size(memory_bytes)
-                .instances(64)
-                .tables(64)
-                .memories(16)
-                .trap_on_grow_failure(true)
-                .build(),
+            limits: Budget::new(memory_bytes),
             plugin: plugin.to_string(),
             logged: 0,
         }
+    }
+}
+
+/// The memory and table caps of one call. The memory cap covers every linear memory of the
+/// instance together: a component has one per core instance (up to 16 here), and a cap per
+/// memory, as `StoreLimits` has, would let one call use 16 times `limits.memory_mib`.
+/// Growing past a cap traps (rather than failing `memory.grow`), so the call fails with a
+/// message naming the limit instead of the guest aborting obscurely.
+#[derive(Debug)]
+pub struct Budget {
+    memory_bytes: usize,
+    /// Bytes of linear memory the instance's memories hold now.
+    used: usize,
+    table_elements: usize,
+}
+
+/// Elements per table: far above what any language runtime's function tables need, far
+/// below what would let `table.grow` take the host's memory.
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+impl Budget {
+    /// A budget of `memory_bytes` of linear memory, all memories together.
+    pub fn new(memory_bytes: usize) -> Budget {
+        Budget {
+            memory_bytes,
+            used: 0,
+            table_elements: MAX_TABLE_ELEMENTS,
+        }
+    }
+}
+
+impl wasmtime::ResourceLimiter for Budget {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let after = (self.used - current.min(self.used)).saturating_add(desired);
+        if after > self.memory_bytes || maximum.is_some_and(|max| desired > max) {
+            wasmtime::bail!(
+                "forcing trap when growing memory to {desired} bytes: the call's memories would hold {after} bytes"
+            );
+        }
+        self.used = after;
+        Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        Err(error.context("forcing a memory growth failure to be a trap"))
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.table_elements || maximum.is_some_and(|max| desired > max) {
+            wasmtime::bail!("forcing trap when growing table to {desired} elements");
+        }
+        Ok(true)
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        Err(error.context("forcing a table growth failure to be a trap"))
+    }
+
+    fn instances(&self) -> usize {
+        64
+    }
+
+    fn tables(&self) -> usize {
+        64
+    }
+
+    fn memories(&self) -> usize {
+        16
     }
 }
 
@@ -293,4 +363,42 @@ pub fn linker(engine: &Engine, capabilities: &[Capability]) -> wasmtime::Result<
         )?;
     }
     Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasmtime::ResourceLimiter;
+
+    #[test]
+    fn the_memory_cap_covers_every_memory_of_a_call_together() {
+        const MIB: usize = 1 << 20;
+        let mut b = Budget::new(64 * MIB);
+        assert!(b.memory_growing(0, 40 * MIB, None).expect("a first memory"));
+        let second = b
+            .memory_growing(0, 40 * MIB, None)
+            .expect_err("past the cap");
+        assert!(
+            second.to_string().contains("growing memory"),
+            "named as a memory limit: {second}"
+        );
+        assert!(
+            b.memory_growing(0, 20 * MIB, None)
+                .expect("a second, within")
+        );
+        assert!(
+            b.memory_growing(40 * MIB, 44 * MIB, None)
+                .expect("the first grows")
+        );
+        assert!(
+            b.memory_growing(20 * MIB, 21 * MIB, None).is_err(),
+            "65 MiB in all"
+        );
+        assert!(
+            b.memory_growing(0, MIB, Some(0)).is_err(),
+            "past its own maximum"
+        );
+        assert!(b.table_growing(0, 1 << 20, None).expect("a large table"));
+        assert!(b.table_growing(0, (1 << 20) + 1, None).is_err());
+    }
 }
