@@ -861,8 +861,46 @@ fn call_transform(
         .map_err(|e| call_err(trap_message(&e, &plugin.spec.limits)))?;
     match result {
         Ok(out) => check_output(plugin, subject, out).map(Ok),
-        Err(found) => Ok(Err(found)),
+        Err(found) => check_findings(plugin, subject, found).map(Err),
     }
+}
+
+/// What findings cost the host: every text they carry, and each record itself, so that
+/// ten million empty findings count as what they are.
+fn findings_size(found: &[bindings::Finding]) -> usize {
+    let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    found
+        .iter()
+        .map(|f| {
+            std::mem::size_of::<bindings::Finding>()
+                + f.message.len()
+                + text(&f.field)
+                + text(&f.proposed_value)
+                + text(&f.rule)
+                + f.object.as_ref().map_or(0, |o| {
+                    o.api_version.len() + o.kind.len() + o.namespace.len() + o.name.len()
+                })
+        })
+        .sum()
+}
+
+/// Refuses findings larger than the plugin's output limit ([`findings_size`]).
+fn check_findings(
+    plugin: &Plugin,
+    subject: &Subject,
+    found: Vec<bindings::Finding>,
+) -> Result<Vec<bindings::Finding>, Error> {
+    let size = findings_size(&found);
+    if size > plugin.spec.limits.max_output_bytes {
+        return Err(plugin.invalid(
+            subject,
+            format!(
+                "findings are {size} bytes, the limit is {}",
+                plugin.spec.limits.max_output_bytes
+            ),
+        ));
+    }
+    Ok(found)
 }
 
 fn call_validate(
@@ -884,20 +922,7 @@ fn call_validate(
     let found = instance
         .call_validate(&mut store, &wit_context(plugin, subject), objects)
         .map_err(|e| call_err(trap_message(&e, &plugin.spec.limits)))?;
-    let size: usize = found
-        .iter()
-        .map(|f| f.message.len() + f.field.as_ref().map_or(0, String::len))
-        .sum();
-    if size > plugin.spec.limits.max_output_bytes {
-        return Err(plugin.invalid(
-            subject,
-            format!(
-                "findings are {size} bytes, the limit is {}",
-                plugin.spec.limits.max_output_bytes
-            ),
-        ));
-    }
-    Ok(found)
+    check_findings(plugin, subject, found)
 }
 
 /// Runs a KRM function: the objects go in as `items` (each marked with its index, to keep
@@ -1008,7 +1033,11 @@ fn check_output(
     out: Vec<bindings::Object>,
 ) -> Result<Vec<bindings::Object>, Error> {
     let invalid = |message: String| plugin.invalid(subject, message);
-    let size: usize = out.iter().map(|o| o.json.len() + o.origin.path.len()).sum();
+    // Each record counts too: a million empty objects are not free.
+    let size: usize = out
+        .iter()
+        .map(|o| std::mem::size_of::<bindings::Object>() + o.json.len() + o.origin.path.len())
+        .sum();
     if size > plugin.spec.limits.max_output_bytes {
         return Err(invalid(format!(
             "output is {size} bytes, the limit is {}",
@@ -1155,7 +1184,30 @@ pub type Loaded = BTreeMap<String, Result<Arc<Plugin>, Error>>;
 
 #[cfg(test)]
 mod tests {
-    use super::Head;
+    use super::{Head, bindings, findings_size};
+
+    #[test]
+    fn findings_count_every_text_they_carry_and_each_record() {
+        let empty = bindings::Finding {
+            severity: bindings::Severity::Error,
+            message: String::new(),
+            object: None,
+            field: None,
+            proposed_value: None,
+            rule: None,
+        };
+        let record = std::mem::size_of::<bindings::Finding>();
+        assert!(record > 0);
+        assert_eq!(findings_size(&vec![empty.clone(); 1000]), 1000 * record);
+        let full = bindings::Finding {
+            message: "m".repeat(10),
+            field: Some("f".repeat(20)),
+            proposed_value: Some("p".repeat(100)),
+            rule: Some("r".repeat(5)),
+            ..empty
+        };
+        assert_eq!(findings_size(&[full]), record + 135);
+    }
 
     #[test]
     fn a_transformer_object_is_complete_only_with_its_identity_fields() {
