@@ -690,9 +690,12 @@ async fn watch(
                     }
                     Ok(watcher::Event::InitApply(o)) => {
                         if let Some(i) = index(&o) {
-                            seen.live[i] = Some(judged_value(o, &groups[g].resource));
                             listing.entry(g).or_default().insert(i);
-                            dirty.push(i);
+                            // As for Apply: a judged object (on a re-list) needs no value.
+                            if !done(health[i].status) {
+                                seen.live[i] = Some(judged_value(o, &groups[g].resource));
+                                dirty.push(i);
+                            }
                         }
                     }
                     Ok(watcher::Event::InitDone) => {
