@@ -9,8 +9,10 @@
 //!
 //! - a wall-clock deadline through epoch interruption (a ticker thread advances the epoch
 //!   every [`TICK`]; default deadline 2 s per call),
-//! - a memory cap through `StoreLimits` (default 256 MiB),
-//! - a maximum output size (default 64 MiB),
+//! - a memory cap for all of the call's linear memories together (`sandbox::Budget`,
+//!   default 256 MiB; a KRM function is one core module with one memory, capped by
+//!   `StoreLimits`),
+//! - a maximum output size, objects and findings alike (default 64 MiB),
 //! - only the capabilities its configuration grants (see `sandbox.rs`).
 //!
 //! Failures fail the commit closed (nothing is applied) unless the plugin's
