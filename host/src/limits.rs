@@ -183,8 +183,10 @@ pub struct Protected {
 impl Protected {
     /// Why `r` is the agent's own, if it is.
     fn refuses(&self, r: &ObjRef) -> Option<String> {
-        let named = r.name == self.prefix
-            || r.name.starts_with(&format!("{}-", self.prefix))
+        let named = r
+            .name
+            .strip_prefix(&self.prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
             || self.lease.as_deref() == Some(r.name.as_str());
         let here = self.namespace.as_ref().is_some_and(|ns| r.namespace == *ns);
         let rbac = r.group == "rbac.authorization.k8s.io" && r.namespace.is_empty();
