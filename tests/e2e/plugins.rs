@@ -318,6 +318,75 @@ fn granted_capabilities_are_available() {
     );
 }
 
+/// Runs `act` on another thread and waits at most `within` for it: a host call that
+/// blocks past the deadline fails the test instead of hanging it.
+fn hostile_within(
+    act: &str,
+    within: Duration,
+    tweak: impl FnOnce(&mut Spec) + Send + 'static,
+) -> (Result<plugins::Outcome, Error>, Duration) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let act = act.to_string();
+    std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        let out = hostile(&act, tweak);
+        let _ = tx.send((out, started.elapsed()));
+    });
+    rx.recv_timeout(within)
+        .unwrap_or_else(|_| panic!("the call was not ended within {within:?}"))
+}
+
+#[test]
+fn blocking_host_calls_end_at_the_plugins_deadline() {
+    // A sleep, with the `clocks` capability: before, it parked the host thread for the
+    // hour the guest asked for.
+    let (out, took) = hostile_within("sleep", Duration::from_secs(20), |s| {
+        s.capabilities = vec![plugins::Capability::Clocks];
+        s.limits.timeout = Duration::from_millis(500);
+    });
+    let e = out.expect_err("cut off");
+    assert_eq!(
+        e.to_string(),
+        "plugin hostile failed on project p commit c: timed out after 500ms (limits.timeout)"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "ended at the deadline: {took:?}"
+    );
+
+    // A read from a socket that accepts and never writes, with `network`.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    let addr = listener.local_addr().expect("address").to_string();
+    let held = std::thread::spawn(move || listener.accept().map(|(conn, _)| conn));
+    let (out, took) = hostile_within("read-silent", Duration::from_secs(20), move |s| {
+        s.config = json!({"act": "read-silent", "addr": addr});
+        s.capabilities = vec![plugins::Capability::Network];
+        s.limits.timeout = Duration::from_millis(500);
+    });
+    let e = out.expect_err("cut off");
+    assert_eq!(
+        e.to_string(),
+        "plugin hostile failed on project p commit c: timed out after 500ms (limits.timeout)"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "ended at the deadline: {took:?}"
+    );
+    let _conn = held
+        .join()
+        .expect("accepted")
+        .expect("the plugin connected");
+
+    // Ignored failures are cut off the same way (here a sleep on the stand-in clock), and
+    // the objects go through unchanged.
+    let (out, _) = hostile_within("sleep", Duration::from_secs(20), |s| {
+        s.limits.timeout = Duration::from_millis(300);
+        s.failure_policy = FailurePolicy::Ignore;
+    });
+    let out = out.expect("ignored");
+    assert_eq!(out.objects[0].value, deployment_value("nginx:1.27"));
+}
+
 #[test]
 fn a_validator_cannot_change_what_it_validates() {
     let v = load(&spec("hostile-validator", Value::Null)).expect("load");

@@ -5,6 +5,9 @@ pub mod transformer {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "transformer",
+        // Called on an async store, so that a call ends at its deadline even while a host
+        // call waits (see `plugins::finish`).
+        exports: { default: async },
     });
 }
 
@@ -13,6 +16,7 @@ pub mod validator {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "validator",
+        exports: { default: async },
         with: {
             "sluice:plugin/types": super::transformer::sluice::plugin::types,
             "sluice:plugin/host": super::transformer::sluice::plugin::host,

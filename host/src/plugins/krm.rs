@@ -13,7 +13,8 @@
 //!
 //! The sandbox is the components' (`sandbox.rs`): wasmtime's preview 1 implementation with
 //! no preopened directory, an empty environment, deterministic clocks and randomness unless
-//! granted (preview 1 has no sockets), the memory cap, the deadline (epochs), and stdout
+//! granted (preview 1 has no sockets), the memory cap, the deadline (epochs, and `finish`
+//! for what the host waits on), and stdout
 //! capped at the output limit.
 
 use std::time::Duration;
@@ -60,7 +61,7 @@ pub fn prepare(engine: &Engine, module: &Module) -> Result<FunctionPre, String> 
         );
     }
     let mut linker: Linker<P1> = Linker::new(engine);
-    wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut P1| &mut s.wasi)
+    wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut P1| &mut s.wasi)
         .map_err(|e| format!("{e:#}"))?;
     linker
         .instantiate_pre(module)
@@ -134,11 +135,11 @@ pub fn call(
     store.limiter(|s| &mut s.limits);
     store.set_epoch_deadline(ticks(limits.timeout, tick));
     store.epoch_deadline_trap();
-    let exit = pre
-        .0
-        .instantiate(&mut store)
-        .and_then(|i| i.get_typed_func::<(), ()>(&mut store, "_start"))
-        .and_then(|start| start.call(&mut store, ()));
+    let exit = super::finish(limits, async {
+        let instance = pre.0.instantiate_async(&mut store).await?;
+        let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+        start.call_async(&mut store, ()).await
+    });
     let code = match exit {
         Ok(()) => 0,
         Err(e) => match e.downcast_ref::<wasmtime_wasi::I32Exit>() {

@@ -7,8 +7,10 @@
 //! version, so a restart does not recompile), checks its exports and builds an
 //! `InstancePre`. [`run`] then gives every call a fresh `Store` with:
 //!
-//! - a wall-clock deadline through epoch interruption (a ticker thread advances the epoch
-//!   every [`TICK`]; default deadline 2 s per call),
+//! - a wall-clock deadline (default 2 s per call) for guest code through epoch
+//!   interruption (a ticker thread advances the epoch every [`TICK`]), and for what the
+//!   host waits on for the guest by running the call on an async store whose future is
+//!   dropped at the same deadline ([`finish`]),
 //! - a memory cap for all of the call's linear memories together (`sandbox::Budget`,
 //!   default 256 MiB; a KRM function is one core module with one memory, capped by
 //!   `StoreLimits`),
@@ -259,8 +261,8 @@ impl Runtime {
         let mut config = wasmtime::Config::new();
         config.wasm_component_model(true);
         // Epochs rather than fuel: a deadline in wall-clock time at a fraction of fuel's
-        // cost. They interrupt guest code only: a host call that blocks (a sleep with the
-        // `clocks` capability, a read with `network`) is not cut off at the deadline.
+        // cost. They interrupt guest code; a host call that waits (a sleep, a socket read)
+        // is a future on the async store, dropped at the same deadline (`finish`).
         config.epoch_interruption(true);
         // One linear memory per core module: no language toolchain sluice supports needs
         // more, and the memory cap (`sandbox::Budget`) then counts one per core instance.
@@ -276,6 +278,7 @@ impl Runtime {
             config.cache(Some(cache.clone()));
             cached = Some(cache);
         }
+        io()?;
         let engine = Engine::new(&config)
             .map_err(|e| format!("failed to build the WebAssembly engine: {e}"))?;
         // The ticker holds a weak reference: it stops when the last engine handle is gone.
@@ -572,19 +575,22 @@ impl Plugin {
             plugin: self.spec.name.clone(),
             message,
         };
+        let limits = &self.spec.limits;
         let result = match &self.pre {
-            Pre::Transformer(pre) => {
+            Pre::Transformer(pre) => finish(limits, async {
                 let i = pre
-                    .instantiate(&mut store)
-                    .map_err(|e| err(format!("failed to instantiate: {e:#}")))?;
-                i.call_validate_config(&mut store, &config)
-            }
-            Pre::Validator(pre) => {
+                    .instantiate_async(&mut store)
+                    .await
+                    .map_err(Instantiate)?;
+                Ok(i.call_validate_config(&mut store, &config).await?)
+            }),
+            Pre::Validator(pre) => finish(limits, async {
                 let i = pre
-                    .instantiate(&mut store)
-                    .map_err(|e| err(format!("failed to instantiate: {e:#}")))?;
-                i.call_validate_config(&mut store, &config)
-            }
+                    .instantiate_async(&mut store)
+                    .await
+                    .map_err(Instantiate)?;
+                Ok(i.call_validate_config(&mut store, &config).await?)
+            }),
             Pre::Function(_) => return Ok(()),
         };
         match result {
@@ -593,9 +599,10 @@ impl Plugin {
                 plugin: self.spec.name.clone(),
                 message,
             }),
+            Err(e) if e.is::<Instantiate>() => Err(err(call_message(&e, limits))),
             Err(e) => Err(err(format!(
                 "validate-config failed: {}",
-                trap_message(&e, &self.spec.limits)
+                trap_message(&e, limits)
             ))),
         }
     }
@@ -850,17 +857,17 @@ fn call_transform(
     let Pre::Transformer(pre) = &plugin.pre else {
         unreachable!("called only for transformers")
     };
-    let call_err = |message: String| plugin.failed(subject, message);
     let mut store = plugin.store();
-    let instance = pre.instantiate(&mut store).map_err(|e| {
-        call_err(format!(
-            "failed to instantiate: {}",
-            trap_message(&e, &plugin.spec.limits)
-        ))
-    })?;
-    let result = instance
-        .call_transform(&mut store, &wit_context(plugin, subject), objects)
-        .map_err(|e| call_err(trap_message(&e, &plugin.spec.limits)))?;
+    let result = finish(&plugin.spec.limits, async {
+        let instance = pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(Instantiate)?;
+        instance
+            .call_transform(&mut store, &wit_context(plugin, subject), objects)
+            .await
+    })
+    .map_err(|e| plugin.failed(subject, call_message(&e, &plugin.spec.limits)))?;
     match result {
         Ok(out) => check_output(plugin, subject, out).map(Ok),
         Err(found) => check_findings(plugin, subject, found).map(Err),
@@ -913,17 +920,17 @@ fn call_validate(
     let Pre::Validator(pre) = &plugin.pre else {
         unreachable!("called only for validators")
     };
-    let call_err = |message: String| plugin.failed(subject, message);
     let mut store = plugin.store();
-    let instance = pre.instantiate(&mut store).map_err(|e| {
-        call_err(format!(
-            "failed to instantiate: {}",
-            trap_message(&e, &plugin.spec.limits)
-        ))
-    })?;
-    let found = instance
-        .call_validate(&mut store, &wit_context(plugin, subject), objects)
-        .map_err(|e| call_err(trap_message(&e, &plugin.spec.limits)))?;
+    let found = finish(&plugin.spec.limits, async {
+        let instance = pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(Instantiate)?;
+        instance
+            .call_validate(&mut store, &wit_context(plugin, subject), objects)
+            .await
+    })
+    .map_err(|e| plugin.failed(subject, call_message(&e, &plugin.spec.limits)))?;
     check_findings(plugin, subject, found)
 }
 
@@ -1141,6 +1148,62 @@ fn finding(plugin: &Plugin, inputs: &Batch, subject: &Subject, f: bindings::Find
 }
 
 /// Names the limit a trap hit, or quotes the trap.
+/// The runtime that drives what plugins wait for (WASI's timers and sockets): one worker
+/// thread for the process, whatever runtime, if any, the caller runs in.
+fn io() -> Result<&'static tokio::runtime::Handle, String> {
+    static IO: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    if let Some(rt) = IO.get() {
+        return Ok(rt.handle());
+    }
+    let _one = BUILDING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(rt) = IO.get() {
+        return Ok(rt.handle());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("sluice-plugin-io")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("failed to start the plugins' I/O runtime: {e}"))?;
+    Ok(IO.get_or_init(|| rt).handle())
+}
+
+/// Drives one plugin call (instantiation included) to its end or the plugin's deadline,
+/// whichever comes first. The epoch deadline traps guest code that runs too long; a host
+/// call that waits (a sleep, a socket read) is a pending future, dropped here at the same
+/// deadline, which ends it: no thread stays parked after the call returns. Blocks the
+/// calling thread (call it from `spawn_blocking`, as [`run`] is).
+pub(super) fn finish<T>(
+    limits: &Limits,
+    call: impl std::future::Future<Output = wasmtime::Result<T>>,
+) -> wasmtime::Result<T> {
+    let _io = io().map_err(wasmtime::Error::msg)?.enter();
+    futures::executor::block_on(async {
+        tokio::time::timeout(limits.timeout, call)
+            .await
+            .unwrap_or_else(|_| Err(wasmtime::Trap::Interrupt.into()))
+    })
+}
+
+/// Marks an error as the instantiation's, for [`call_message`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+struct Instantiate(#[source] wasmtime::Error);
+
+/// The message of a failed call: [`trap_message`], saying when it failed while
+/// instantiating.
+fn call_message(e: &wasmtime::Error, limits: &Limits) -> String {
+    match e.downcast_ref::<Instantiate>() {
+        Some(Instantiate(inner)) => {
+            format!("failed to instantiate: {}", trap_message(inner, limits))
+        }
+        None => trap_message(e, limits),
+    }
+}
+
 fn trap_message(e: &wasmtime::Error, limits: &Limits) -> String {
     if let Some(trap) = e.downcast_ref::<wasmtime::Trap>()
         && *trap == wasmtime::Trap::Interrupt

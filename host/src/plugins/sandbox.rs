@@ -41,10 +41,13 @@ impl State {
     /// Fresh state for one call of `plugin` with `memory_bytes` of linear memory at most.
     pub fn new(plugin: &str, memory_bytes: usize, capabilities: &[Capability]) -> State {
         let mut wasi = WasiCtx::builder();
-        // WasiCtxBuilder starts with no env, no args, no preopens and every socket address
-        // denied; only the network capability opens sockets.
+        // WasiCtxBuilder starts with no env, no args, no preopens, every socket address
+        // denied and TCP, UDP and name lookups off; only the network capability opens them.
         if capabilities.contains(&Capability::Network) {
-            wasi.inherit_network().allow_ip_name_lookup(true);
+            wasi.inherit_network()
+                .allow_ip_name_lookup(true)
+                .allow_tcp(true)
+                .allow_udp(true);
         }
         if capabilities.contains(&Capability::Environment) {
             wasi.inherit_env();
@@ -315,7 +318,7 @@ pub fn linker(engine: &Engine, capabilities: &[Capability]) -> wasmtime::Result<
     use wasmtime_wasi::cli::{WasiCli, WasiCliView as _};
     use wasmtime_wasi::clocks::{WasiClocks, WasiClocksView as _};
     use wasmtime_wasi::filesystem::{WasiFilesystem, WasiFilesystemView as _};
-    use wasmtime_wasi::p2::bindings::{cli, clocks, filesystem, random, sockets, sync};
+    use wasmtime_wasi::p2::bindings::{cli, clocks, filesystem, io, random, sockets};
     use wasmtime_wasi::random::WasiRandom;
     use wasmtime_wasi::sockets::{WasiSockets, WasiSocketsView as _};
 
@@ -327,9 +330,11 @@ pub fn linker(engine: &Engine, capabilities: &[Capability]) -> wasmtime::Result<
 
     // No authority: streams, exit, stdio, terminals, an empty environment, a filesystem
     // without preopens.
-    wasmtime_wasi::p2::bindings::io::error::add_to_linker::<State, Io>(&mut l, |s| &mut s.table)?;
-    sync::io::poll::add_to_linker::<State, Io>(&mut l, |s| &mut s.table)?;
-    sync::io::streams::add_to_linker::<State, Io>(&mut l, |s| &mut s.table)?;
+    // The async implementations throughout: a call that waits (poll, a blocking read) is a
+    // future the host drops at the plugin's deadline (`plugins::finish`).
+    io::error::add_to_linker::<State, Io>(&mut l, |s| &mut s.table)?;
+    io::poll::add_to_linker::<State, Io>(&mut l, |s| &mut s.table)?;
+    io::streams::add_to_linker::<State, Io>(&mut l, |s| &mut s.table)?;
     cli::exit::add_to_linker::<State, WasiCli>(&mut l, State::cli)?;
     cli::environment::add_to_linker::<State, WasiCli>(&mut l, State::cli)?;
     cli::stdin::add_to_linker::<State, WasiCli>(&mut l, State::cli)?;
@@ -341,7 +346,7 @@ pub fn linker(engine: &Engine, capabilities: &[Capability]) -> wasmtime::Result<
     cli::terminal_stdout::add_to_linker::<State, WasiCli>(&mut l, State::cli)?;
     cli::terminal_stderr::add_to_linker::<State, WasiCli>(&mut l, State::cli)?;
     filesystem::preopens::add_to_linker::<State, WasiFilesystem>(&mut l, State::filesystem)?;
-    sync::filesystem::types::add_to_linker::<State, WasiFilesystem>(&mut l, State::filesystem)?;
+    filesystem::types::add_to_linker::<State, WasiFilesystem>(&mut l, State::filesystem)?;
 
     // Real or stand-ins, as `State::new` built them.
     clocks::wall_clock::add_to_linker::<State, WasiClocks>(&mut l, State::clocks)?;
@@ -355,12 +360,9 @@ pub fn linker(engine: &Engine, capabilities: &[Capability]) -> wasmtime::Result<
         sockets::instance_network::add_to_linker::<State, WasiSockets>(&mut l, State::sockets)?;
         sockets::network::add_to_linker::<State, WasiSockets>(&mut l, &options, State::sockets)?;
         sockets::ip_name_lookup::add_to_linker::<State, WasiSockets>(&mut l, State::sockets)?;
-        sync::sockets::tcp::add_to_linker::<State, WasiSockets>(&mut l, State::sockets)?;
-        sync::sockets::udp::add_to_linker::<State, WasiSockets>(&mut l, State::sockets)?;
-        sync::sockets::udp_create_socket::add_to_linker::<State, WasiSockets>(
-            &mut l,
-            State::sockets,
-        )?;
+        sockets::tcp::add_to_linker::<State, WasiSockets>(&mut l, State::sockets)?;
+        sockets::udp::add_to_linker::<State, WasiSockets>(&mut l, State::sockets)?;
+        sockets::udp_create_socket::add_to_linker::<State, WasiSockets>(&mut l, State::sockets)?;
     }
     Ok(l)
 }

@@ -9,9 +9,13 @@ use sluice_plugin_sdk::{Context, Finding, FindingBuilder, Origin, Transformer};
 #[derive(Debug, Default, Deserialize)]
 pub struct Config {
     /// `loop`, `alloc`, `trap`, `huge`, `invalid-json`, `missing-name`, `open-file`,
-    /// `read-env`, `clock`, `random`, `socket`, `refuse`, `drop`, or nothing (pass through).
+    /// `read-env`, `clock`, `random`, `socket`, `sleep`, `read-silent`, `refuse`, `drop`, or
+    /// nothing (pass through).
     #[serde(default)]
     pub act: String,
+    /// The address `read-silent` connects to.
+    #[serde(default)]
+    pub addr: String,
 }
 
 /// The plugin.
@@ -74,6 +78,15 @@ impl Transformer for Plugin {
                     "socket: {:?}",
                     std::net::TcpStream::connect("127.0.0.1:1").map(|_| ())
                 ));
+            }
+            // Host calls that block: a sleep (with `clocks`) and a read from a socket that
+            // never answers (with `network`). Both must end at the plugin's deadline.
+            "sleep" => std::thread::sleep(std::time::Duration::from_secs(3600)),
+            "read-silent" => {
+                use std::io::Read;
+                let read = std::net::TcpStream::connect(&config.addr)
+                    .and_then(|mut s| s.read(&mut [0u8; 16]));
+                return report(format!("read-silent: {read:?}"));
             }
             "refuse" => return report("refused on purpose".into()),
             // Drops every object but the first: a transformer that loses part of the set.
