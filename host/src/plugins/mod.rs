@@ -582,14 +582,14 @@ impl Plugin {
                     .instantiate_async(&mut store)
                     .await
                     .map_err(Instantiate)?;
-                Ok(i.call_validate_config(&mut store, &config).await?)
+                i.call_validate_config(&mut store, &config).await
             }),
             Pre::Validator(pre) => finish(limits, async {
                 let i = pre
                     .instantiate_async(&mut store)
                     .await
                     .map_err(Instantiate)?;
-                Ok(i.call_validate_config(&mut store, &config).await?)
+                i.call_validate_config(&mut store, &config).await
             }),
             Pre::Function(_) => return Ok(()),
         };
