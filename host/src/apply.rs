@@ -228,6 +228,25 @@ pub async fn check(
     } else {
         BTreeSet::new()
     };
+    // A kind the server does not serve can only be a CR of a CRD this plan brings;
+    // anything else is refused now, before the first write.
+    let defined = crd_kinds(stages.iter().flatten());
+    let undefined: Vec<ObjectResult> = stages
+        .iter()
+        .flatten()
+        .filter(|o| cluster.serves(o.api_version(), o.kind()).is_none())
+        .filter(|o| !defined.contains(&(o.api_version().to_string(), o.kind().to_string())))
+        .map(|o| {
+            ObjectResult::failed(
+                o,
+                format!(
+                    "the server has no resource for {} {}, and no CustomResourceDefinition of this commit defines it",
+                    o.api_version(),
+                    o.kind()
+                ),
+            )
+        })
+        .collect();
     let known: Vec<&Object> = stages
         .iter()
         .flatten()
@@ -237,7 +256,8 @@ pub async fn check(
         .collect();
     let total = stages.iter().map(Vec::len).sum();
     let preflights = preflight_all(cluster, &known, opts).await;
-    let failures = preflight_failures(&preflights);
+    let mut failures = preflight_failures(&preflights);
+    failures.extend(undefined);
     if !failures.is_empty() {
         return Err(Error::Rejected { failures, total });
     }
@@ -247,6 +267,28 @@ pub async fn check(
         skipped,
         digests,
     })
+}
+
+/// The `(apiVersion, kind)` pairs the CustomResourceDefinitions among `objects` define:
+/// one per served version.
+fn crd_kinds<'a>(objects: impl Iterator<Item = &'a Object>) -> BTreeSet<(String, String)> {
+    objects
+        .filter(|o| {
+            o.kind() == "CustomResourceDefinition"
+                && crate::object::group_of(o.api_version()) == "apiextensions.k8s.io"
+        })
+        .flat_map(|o| {
+            let spec = &o.value["spec"];
+            let group = spec["group"].as_str().unwrap_or_default();
+            let kind = spec["names"]["kind"].as_str().unwrap_or_default();
+            spec["versions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(move |v| v["name"].as_str())
+                .map(move |version| (format!("{group}/{version}"), kind.to_string()))
+        })
+        .collect()
 }
 
 /// A plan that passed [`check`]: annotated objects and what preflight learned.
@@ -785,7 +827,37 @@ pub fn api_message(e: &kube::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::list_pays;
+    use super::{crd_kinds, list_pays};
+    use crate::object::Object;
+
+    #[test]
+    fn a_crd_of_the_plan_defines_its_kind_at_each_of_its_versions_only() {
+        let crd = Object {
+            value: serde_json::json!({
+                "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+                "metadata": {"name": "widgets.example.com"},
+                "spec": {"group": "example.com", "names": {"kind": "Widget"},
+                         "versions": [{"name": "v1"}, {"name": "v2beta1"}]}}),
+            origin: Default::default(),
+        };
+        let lookalike = Object {
+            value: serde_json::json!({
+                "apiVersion": "example.com/v1", "kind": "CustomResourceDefinition",
+                "metadata": {"name": "x"},
+                "spec": {"group": "other.com", "names": {"kind": "Gadget"},
+                         "versions": [{"name": "v1"}]}}),
+            origin: Default::default(),
+        };
+        let pair = |v: &str, k: &str| (v.to_string(), k.to_string());
+        assert_eq!(
+            crd_kinds([&crd, &lookalike].into_iter()),
+            [
+                pair("example.com/v1", "Widget"),
+                pair("example.com/v2beta1", "Widget")
+            ]
+            .into()
+        );
+    }
 
     #[test]
     fn a_list_replaces_gets_only_for_many_objects_in_a_resource_that_is_mostly_ours() {

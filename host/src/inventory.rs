@@ -334,6 +334,9 @@ impl Ownership {
     }
 }
 
+/// How every refusal of [`may_apply`] starts (cli-utils' text).
+pub const POLICY_REFUSAL: &str = "inventory policy prevented actuation";
+
 /// Whether `policy` allows applying over a live object; the error is cli-utils' text.
 pub fn may_apply(policy: InventoryPolicy, ownership: Ownership) -> Result<(), String> {
     match (policy, ownership) {

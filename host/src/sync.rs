@@ -317,7 +317,7 @@ pub async fn sync(
         return Err(Error::Limits(refused));
     }
 
-    let inv = locate_inventory(
+    let (inv, template) = locate_inventory(
         &mut objects,
         &settings.inventory_id,
         &project.default_namespace,
@@ -361,7 +361,9 @@ pub async fn sync(
     let dry_run = project.dry_run_strategy != DryRunStrategy::None;
     let desired_refs = plan.desired();
     let plan::Plan { stages, prune } = plan;
-    let mut checked = apply::check(cluster, stages, &opts).await?;
+    let mut checked = apply::check(cluster, stages, &opts)
+        .await
+        .map_err(|e| name_the_template(e, &inv, template.as_ref()))?;
     let digests = checked.digests().clone();
     laps.lap("check");
     let mut results = Vec::new();
@@ -753,12 +755,13 @@ fn applied_refs(results: &[ObjectResult]) -> BTreeSet<ObjRef> {
 }
 
 /// agentk lets users commit their own inventory ConfigMap (labelled with the inventory id);
-/// it is then used instead of the default and is not applied as a normal object.
+/// it is then used instead of the default and is not applied as a normal object. Returns
+/// the inventory, and where git has the ConfigMap when the commit brings one.
 fn locate_inventory(
     objects: &mut Vec<Object>,
     default_id: &str,
     namespace: &str,
-) -> Result<InventoryRef, Error> {
+) -> Result<(InventoryRef, Option<crate::object::Origin>), Error> {
     let is_inventory = |o: &Object| {
         o.kind() == "ConfigMap" && o.value["metadata"]["labels"][INVENTORY_LABEL].is_string()
     };
@@ -768,20 +771,44 @@ fn locate_inventory(
         .cloned()
         .collect();
     match found.as_slice() {
-        [] => Ok(InventoryRef::default_for(default_id, namespace)),
+        [] => Ok((InventoryRef::default_for(default_id, namespace), None)),
         [o] => {
             objects.retain(|x| !is_inventory(x));
-            Ok(InventoryRef {
+            let inv = InventoryRef {
                 name: o.name().to_string(),
                 namespace: o.namespace().unwrap_or(namespace).to_string(),
                 id: o.value["metadata"]["labels"][INVENTORY_LABEL]
                     .as_str()
                     .unwrap_or(default_id)
                     .to_string(),
-            })
+            };
+            Ok((inv, Some(o.origin.clone())))
         }
         many => Err(Error::InventoryObjects(many.len())),
     }
+}
+
+/// When objects are refused because another inventory owns them and the commit brings its
+/// own inventory ConfigMap, says so on each of them: the cause is usually that ConfigMap
+/// (a new or mistyped inventory id), not the objects the server names.
+fn name_the_template(
+    e: apply::Error,
+    inv: &InventoryRef,
+    template: Option<&crate::object::Origin>,
+) -> apply::Error {
+    let (mut failures, total, origin) = match (e, template) {
+        (apply::Error::Rejected { failures, total }, Some(origin)) => (failures, total, origin),
+        (e, _) => return e,
+    };
+    for message in failures.iter_mut().filter_map(|f| f.message.as_mut()) {
+        if message.starts_with(inventory::POLICY_REFUSAL) {
+            message.push_str(&format!(
+                "; this commit's inventory is the ConfigMap {}/{} ({origin}) with id {:?}",
+                inv.namespace, inv.name, inv.id
+            ));
+        }
+    }
+    apply::Error::Rejected { failures, total }
 }
 
 /// An inventory is this project's alone: not another project's id or ConfigMap (of this

@@ -2,6 +2,7 @@
 //! plane and git server of `sluice_testenv`.
 
 mod agent;
+mod badinput;
 mod cli;
 mod corpus;
 mod harness_cluster;
