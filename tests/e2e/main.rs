@@ -5,6 +5,7 @@ mod agent;
 mod badinput;
 mod cli;
 mod corpus;
+mod faults;
 mod harness_cluster;
 mod harness_git;
 mod install;

@@ -210,74 +210,26 @@ async fn start(children: &mut Vec<(String, Child, PathBuf)>) -> Result<ControlPl
     let kc = kubeconfig.to_str().ok_or("non-UTF-8 temp dir")?.to_string();
     let p = |p: &Path| p.display().to_string();
 
-    let etcd_url = format!("http://127.0.0.1:{etcd_port}");
-    let peer_url = format!("http://127.0.0.1:{peer_port}");
     let mut etcd = Command::new(bin.join("etcd"));
-    etcd.args([
-        "--name=n0".to_string(),
-        format!("--data-dir={}", p(&dir.join("etcd"))),
-        "--unsafe-no-fsync=true".into(),
-        format!("--listen-client-urls={etcd_url}"),
-        format!("--advertise-client-urls={etcd_url}"),
-        format!("--listen-peer-urls={peer_url}"),
-        format!("--initial-advertise-peer-urls={peer_url}"),
-        format!("--initial-cluster=n0={peer_url}"),
-        "--log-level=warn".into(),
-    ]);
+    etcd.args(etcd_args(&dir, etcd_port, peer_port));
     launch(children, "etcd", etcd, &dir)?;
     wait_until(
         children,
         "etcd /health",
         Duration::from_secs(30),
-        || async {
-            plain_http_get(etcd_port, "/health").is_ok_and(|b| b.contains("\"health\":\"true\""))
-        },
+        || async { etcd_healthy(etcd_port) },
     )
     .await?;
 
-    let audit_policy = dir.join("audit-policy.yaml");
-    std::fs::write(
-        &audit_policy,
-        "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n",
-    )
-    .map_err(|e| format!("failed to write the audit policy: {e}"))?;
     let mut api = Command::new(bin.join("kube-apiserver"));
-    api.args([
-        format!("--etcd-servers={etcd_url}"),
-        "--bind-address=127.0.0.1".into(),
-        format!("--secure-port={api_port}"),
-        "--advertise-address=127.0.0.1".into(),
-        "--endpoint-reconciler-type=none".into(),
-        format!("--cert-dir={}", p(&dir)),
-        format!("--tls-cert-file={}", p(&pki.serving_cert)),
-        format!("--tls-private-key-file={}", p(&pki.serving_key)),
-        format!("--client-ca-file={}", p(&pki.ca_cert)),
-        "--authorization-mode=RBAC".into(),
-        // Room for the apply bench's Services (2,500 at 10,000 objects).
-        "--service-cluster-ip-range=10.96.0.0/16".into(),
-        "--allow-privileged=true".into(),
-        "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-        format!("--service-account-key-file={}", p(&pki.sa_public)),
-        format!("--service-account-signing-key-file={}", p(&pki.sa_private)),
-        // Every request at Metadata level, so benchmarks count requests per client
-        // (`requests_by`).
-        format!("--audit-policy-file={}", p(&audit_policy)),
-        format!("--audit-log-path={}", p(&dir.join("audit.log"))),
-        "--audit-log-format=json".into(),
-        "--audit-log-maxsize=0".into(),
-    ]);
+    api.args(apiserver_args(&dir, &pki, etcd_port, api_port)?);
     launch(children, "kube-apiserver", api, &dir)?;
     let client = client_for(&kubeconfig).await?;
     wait_until(
         children,
         "kube-apiserver /readyz",
         Duration::from_secs(90),
-        || async {
-            let req = http::Request::get("/readyz")
-                .body(Vec::new())
-                .expect("static request is valid");
-            client.request_text(req).await.is_ok_and(|t| t == "ok")
-        },
+        || async { apiserver_ready(&client).await },
     )
     .await?;
 
@@ -484,6 +436,75 @@ where
     }
 }
 
+/// etcd's flags: one member on loopback, its data under `dir/etcd`.
+fn etcd_args(dir: &Path, etcd_port: u16, peer_port: u16) -> Vec<String> {
+    let p = |p: &Path| p.display().to_string();
+    let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+    let peer_url = format!("http://127.0.0.1:{peer_port}");
+    vec![
+        "--name=n0".to_string(),
+        format!("--data-dir={}", p(&dir.join("etcd"))),
+        "--unsafe-no-fsync=true".into(),
+        format!("--listen-client-urls={etcd_url}"),
+        format!("--advertise-client-urls={etcd_url}"),
+        format!("--listen-peer-urls={peer_url}"),
+        format!("--initial-advertise-peer-urls={peer_url}"),
+        format!("--initial-cluster=n0={peer_url}"),
+        "--log-level=warn".into(),
+    ]
+}
+
+fn etcd_healthy(etcd_port: u16) -> bool {
+    plain_http_get(etcd_port, "/health").is_ok_and(|b| b.contains("\"health\":\"true\""))
+}
+
+/// kube-apiserver's flags (and its audit policy, written into `dir`).
+fn apiserver_args(
+    dir: &Path,
+    pki: &pki::Pki,
+    etcd_port: u16,
+    api_port: u16,
+) -> Result<Vec<String>, String> {
+    let p = |p: &Path| p.display().to_string();
+    let audit_policy = dir.join("audit-policy.yaml");
+    std::fs::write(
+        &audit_policy,
+        "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n",
+    )
+    .map_err(|e| format!("failed to write the audit policy: {e}"))?;
+    Ok(vec![
+        format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
+        "--bind-address=127.0.0.1".into(),
+        format!("--secure-port={api_port}"),
+        "--advertise-address=127.0.0.1".into(),
+        "--endpoint-reconciler-type=none".into(),
+        format!("--cert-dir={}", p(&dir)),
+        format!("--tls-cert-file={}", p(&pki.serving_cert)),
+        format!("--tls-private-key-file={}", p(&pki.serving_key)),
+        format!("--client-ca-file={}", p(&pki.ca_cert)),
+        "--authorization-mode=RBAC".into(),
+        // Room for the apply bench's Services (2,500 at 10,000 objects).
+        "--service-cluster-ip-range=10.96.0.0/16".into(),
+        "--allow-privileged=true".into(),
+        "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+        format!("--service-account-key-file={}", p(&pki.sa_public)),
+        format!("--service-account-signing-key-file={}", p(&pki.sa_private)),
+        // Every request at Metadata level, so benchmarks count requests per client
+        // (`requests_by`).
+        format!("--audit-policy-file={}", p(&audit_policy)),
+        format!("--audit-log-path={}", p(&dir.join("audit.log"))),
+        "--audit-log-format=json".into(),
+        "--audit-log-maxsize=0".into(),
+    ])
+}
+
+async fn apiserver_ready(client: &Client) -> bool {
+    let req = http::Request::get("/readyz")
+        .body(Vec::new())
+        .expect("static request is valid");
+    client.request_text(req).await.is_ok_and(|t| t == "ok")
+}
+
 /// A minimal HTTP/1.0 GET for etcd's plain-HTTP health endpoint.
 fn plain_http_get(port: u16, path: &str) -> std::io::Result<String> {
     use std::io::{Read, Write};
@@ -493,4 +514,165 @@ fn plain_http_get(port: u16, path: &str) -> std::io::Result<String> {
     let mut body = String::new();
     s.read_to_string(&mut body)?;
     Ok(body)
+}
+
+/// A part of a [`Private`] control plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// etcd.
+    Etcd,
+    /// kube-apiserver.
+    ApiServer,
+    /// kube-controller-manager, with only the garbage collector and the namespace
+    /// controller (foreground deletion and namespace deletion need them).
+    ControllerManager,
+}
+
+/// An etcd, a kube-apiserver and a kube-controller-manager of one test's own (no
+/// scheduler, no nodes: enough for ConfigMaps, Namespaces and their deletion), which the
+/// test may kill and start again. Fault tests use it so as not to take the shared control
+/// plane away from the other tests. Its processes are tied to the thread that started them
+/// (the test's), so they end with the test.
+pub struct Private {
+    /// Admin kubeconfig.
+    pub kubeconfig: PathBuf,
+    dir: PathBuf,
+    bin: PathBuf,
+    etcd_port: u16,
+    parts: Vec<(Part, Vec<String>, Option<Child>)>,
+}
+
+impl Private {
+    /// Starts etcd and kube-apiserver on free ports; `name` names the run directory.
+    ///
+    /// # Errors
+    /// When a binary cannot be built or a process does not become ready; the message
+    /// quotes its log.
+    pub async fn start(name: &str) -> Result<Private, String> {
+        let bin = build()?;
+        let dir = fresh_run_dir(&format!("sluice-private-{name}"))?;
+        let pki = pki::write(&dir)?;
+        let [etcd_port, peer_port, api_port, cm_port] = free_ports()?;
+        let kubeconfig = dir.join("kubeconfig");
+        write_kubeconfig(&kubeconfig, api_port, &pki)?;
+        let p = |p: &Path| p.display().to_string();
+        let controller_manager = vec![
+            format!("--kubeconfig={}", p(&kubeconfig)),
+            "--leader-elect=false".into(),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={cm_port}"),
+            format!("--service-account-private-key-file={}", p(&pki.sa_private)),
+            format!("--root-ca-file={}", p(&pki.ca_cert)),
+            "--controllers=garbage-collector-controller,namespace-controller".into(),
+            "--use-service-account-credentials=false".into(),
+        ];
+        let mut plane = Private {
+            kubeconfig,
+            etcd_port,
+            parts: vec![
+                (Part::Etcd, etcd_args(&dir, etcd_port, peer_port), None),
+                (
+                    Part::ApiServer,
+                    apiserver_args(&dir, &pki, etcd_port, api_port)?,
+                    None,
+                ),
+                (Part::ControllerManager, controller_manager, None),
+            ],
+            dir,
+            bin,
+        };
+        plane.start_part(Part::Etcd).await?;
+        plane.start_part(Part::ApiServer).await?;
+        plane.start_part(Part::ControllerManager).await?;
+        Ok(plane)
+    }
+
+    /// Kills `part` (SIGKILL: no graceful shutdown) and reaps it.
+    pub fn kill(&mut self, part: Part) {
+        let running = self
+            .parts
+            .iter_mut()
+            .find(|p| p.0 == part)
+            .and_then(|p| p.2.take());
+        if let Some(mut child) = running {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts again every part that has exited, as the kubelet restarts a control plane's
+    /// static pods (kube-controller-manager exits when it loses the API server for long).
+    /// Returns the parts restarted.
+    ///
+    /// # Errors
+    /// As [`Private::start_part`].
+    pub async fn revive(&mut self) -> Result<Vec<Part>, String> {
+        let mut revived = Vec::new();
+        for part in [Part::Etcd, Part::ApiServer, Part::ControllerManager] {
+            if matches!(slot_status(&mut self.parts, part), Some(Ok(Some(_)))) {
+                self.start_part(part).await?;
+                revived.push(part);
+            }
+        }
+        Ok(revived)
+    }
+
+    /// Starts `part` again (with the same flags and data) and waits until it is ready.
+    ///
+    /// # Errors
+    /// When it does not become ready within 90 s; the message quotes its log.
+    pub async fn start_part(&mut self, part: Part) -> Result<(), String> {
+        let name = match part {
+            Part::Etcd => "etcd",
+            Part::ApiServer => "kube-apiserver",
+            Part::ControllerManager => "kube-controller-manager",
+        };
+        let Some(slot) = self.parts.iter_mut().find(|p| p.0 == part) else {
+            return Err(format!("no {name} in this plane"));
+        };
+        let mut cmd = Command::new(self.bin.join(name));
+        cmd.args(&slot.1);
+        // Each start gets its own log, so a failure quotes this start's.
+        let n = std::fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0);
+        let log = self.dir.join(format!("{name}-{n}.log"));
+        let child = spawn_tied(cmd, &log).map_err(|e| format!("failed to start {name}: {e}"))?;
+        slot.2 = Some(child);
+        let start = Instant::now();
+        let client = client_for(&self.kubeconfig).await?;
+        loop {
+            let ready = match part {
+                Part::Etcd => etcd_healthy(self.etcd_port),
+                Part::ApiServer => apiserver_ready(&client).await,
+                // It serves /healthz over TLS with its own certificate; running is enough
+                // (the garbage collector catches up when it has synced).
+                Part::ControllerManager => start.elapsed() > Duration::from_secs(1),
+            };
+            if let Some(Ok(Some(status))) = slot_status(&mut self.parts, part) {
+                return Err(format!(
+                    "{name} exited ({status}); last lines of {}:\n{}",
+                    log.display(),
+                    log_tail(&log, 30)
+                ));
+            }
+            if ready {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(90) {
+                return Err(format!(
+                    "{name} not ready after 90 s; last lines of {}:\n{}",
+                    log.display(),
+                    log_tail(&log, 30)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+fn slot_status(
+    parts: &mut [(Part, Vec<String>, Option<Child>)],
+    part: Part,
+) -> Option<std::io::Result<Option<std::process::ExitStatus>>> {
+    let child = parts.iter_mut().find(|p| p.0 == part)?.2.as_mut()?;
+    Some(child.try_wait())
 }
