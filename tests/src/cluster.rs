@@ -478,7 +478,7 @@ fn apiserver_args(
         format!("--secure-port={api_port}"),
         "--advertise-address=127.0.0.1".into(),
         "--endpoint-reconciler-type=none".into(),
-        format!("--cert-dir={}", p(&dir)),
+        format!("--cert-dir={}", p(dir)),
         format!("--tls-cert-file={}", p(&pki.serving_cert)),
         format!("--tls-private-key-file={}", p(&pki.serving_key)),
         format!("--client-ca-file={}", p(&pki.ca_cert)),
