@@ -196,7 +196,7 @@ async fn the_agent_sigkilled_at_twenty_points_of_apply_and_prune_converges_exact
     let mut landed = Vec::new();
     for (round, delay) in delays(
         20,
-        0x5eed_0f_5c1ce,
+        0x05ee_d0f5_c1ce,
         Duration::from_millis(150),
         Duration::from_millis(1200),
     )
