@@ -32,6 +32,16 @@ pub enum Error {
         /// The path.
         path: String,
     },
+    /// Two selected files have names that read the same as text (names that are not
+    /// UTF-8 are read with U+FFFD for each invalid byte): one would hide the other, and
+    /// its objects would be pruned.
+    #[error(
+        "{path}: two files have this name once read as UTF-8 (their names hold bytes that are not UTF-8); rename them"
+    )]
+    AmbiguousPath {
+        /// The path as read.
+        path: String,
+    },
     /// More files matched than allowed.
     #[error("maximum number of files limit reached: {limit}")]
     TooManyFiles {
@@ -215,7 +225,11 @@ pub fn select(
         .filter(|e| !in_hidden_dir(&e.path) && matcher.is_match(&e.path))
         .collect();
     chosen.sort_by(|a, b| a.path.cmp(&b.path));
-    chosen.dedup_by(|a, b| a.path == b.path);
+    if let Some(pair) = chosen.windows(2).find(|w| w[0].path == w[1].path) {
+        return Err(Error::AmbiguousPath {
+            path: pair[0].path.clone(),
+        });
+    }
 
     let mut files = Vec::new();
     let mut total = 0u64;
@@ -408,6 +422,19 @@ mod tests {
             select(&t, &globs, &total),
             Err(Error::TotalTooBig { .. })
         ));
+    }
+
+    #[test]
+    fn names_that_read_the_same_are_refused_not_merged() {
+        // `a\xff.yaml` and `a\xfe.yaml` both read as `a\u{FFFD}.yaml`: before, one was
+        // dropped and its objects pruned.
+        let t = tree(&["a\u{FFFD}.yaml", "a\u{FFFD}.yaml", "b.yaml"]);
+        assert_eq!(
+            select(&t, &["*.yaml".to_string()], &Limits::default())
+                .unwrap_err()
+                .to_string(),
+            "a\u{FFFD}.yaml: two files have this name once read as UTF-8 (their names hold bytes that are not UTF-8); rename them"
+        );
     }
 
     #[test]
