@@ -45,6 +45,53 @@ pub struct Cluster {
     unavailable: std::sync::Arc<BTreeMap<String, String>>,
 }
 
+impl Cluster {
+    /// The same cluster (discovery shared), every request made as `user` in `groups`:
+    /// Kubernetes impersonation, for which the agent's own identity needs the `impersonate`
+    /// verb on that user (or ServiceAccount) and those groups. The API server then
+    /// authorizes each request as that identity.
+    ///
+    /// # Errors
+    /// When `user` or a group cannot be an HTTP header value.
+    pub fn acting_as(&self, user: &str, groups: &[String]) -> Result<Cluster, String> {
+        let value = |v: &str| {
+            http::HeaderValue::from_str(v).map_err(|_| format!("{v:?} cannot be impersonated"))
+        };
+        let mut headers = vec![(
+            http::HeaderName::from_static("impersonate-user"),
+            value(user)?,
+        )];
+        for group in groups {
+            headers.push((
+                http::HeaderName::from_static("impersonate-group"),
+                value(group)?,
+            ));
+        }
+        let inner = self.client.clone();
+        let service = tower::service_fn(move |mut request: http::Request<kube::client::Body>| {
+            for (name, value) in &headers {
+                request.headers_mut().append(name.clone(), value.clone());
+            }
+            let inner = inner.clone();
+            async move { inner.send(request).await }
+        });
+        Ok(Cluster {
+            client: kube::Client::new(service, self.client.default_namespace()),
+            ..self.clone()
+        })
+    }
+}
+
+impl Cluster {
+    /// Takes `other`'s discovery (a handle acting as someone else that refreshed it),
+    /// keeping this handle's client.
+    pub fn take_discovery(&mut self, other: &Cluster) {
+        self.discovery = other.discovery.clone();
+        self.index = other.index.clone();
+        self.unavailable = other.unavailable.clone();
+    }
+}
+
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cluster")

@@ -103,6 +103,64 @@ pub struct ManifestProject {
     /// What the project may create (`limits:` in the entry; default: anything its
     /// inventory policy and the agent's RBAC allow).
     pub limits: crate::limits::Limits,
+    /// The ServiceAccount whose identity the project's objects are read, dry-run, applied,
+    /// pruned and waited on with (`service_account:` in the entry, `name` in the project's
+    /// default namespace or `namespace/name`; Kubernetes impersonation, like Flux's
+    /// `serviceAccountName`). None: the agent's own identity.
+    pub service_account: Option<ServiceAccount>,
+}
+
+/// A ServiceAccount a project acts as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceAccount {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+}
+
+impl ServiceAccount {
+    /// Reads `name` (in `default_namespace`) or `namespace/name`; both parts must be
+    /// Kubernetes names (RFC 1123 labels for the namespace, subdomains for the name).
+    ///
+    /// # Errors
+    /// A message saying which part is not a valid name.
+    pub fn parse(text: &str, default_namespace: &str) -> Result<ServiceAccount, String> {
+        let (namespace, name) = text.split_once('/').unwrap_or((default_namespace, text));
+        let label = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 63
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !s.starts_with('-')
+                && !s.ends_with('-')
+        };
+        let subdomain = |s: &str| s.len() <= 253 && s.split('.').all(label);
+        if !label(namespace) {
+            return Err(format!("{text:?}: {namespace:?} is not a namespace name"));
+        }
+        if !subdomain(name) {
+            return Err(format!("{text:?}: {name:?} is not a ServiceAccount name"));
+        }
+        Ok(ServiceAccount {
+            namespace: namespace.into(),
+            name: name.into(),
+        })
+    }
+
+    /// The user the API server knows it as.
+    pub fn user(&self) -> String {
+        format!("system:serviceaccount:{}:{}", self.namespace, self.name)
+    }
+
+    /// The groups every ServiceAccount token carries.
+    pub fn groups(&self) -> [String; 3] {
+        [
+            "system:serviceaccounts".into(),
+            format!("system:serviceaccounts:{}", self.namespace),
+            "system:authenticated".into(),
+        ]
+    }
 }
 
 /// The git ref a manifest project follows.
@@ -307,14 +365,24 @@ pub fn parse_with_origin(text: &str, config_project: &str, origin: &str) -> Resu
             Some(l) => crate::limits::Limits::new(l.namespaces, &l.allowed_kinds, &l.denied_kinds)
                 .map_err(|e| invalid(format!("gitops.manifest_projects[{id}].limits: {e}")))?,
         };
+        let default_namespace = p
+            .default_namespace
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "default".into());
+        let service_account = p
+            .service_account
+            .map(|s| ServiceAccount::parse(&s, &default_namespace))
+            .transpose()
+            .map_err(|e| {
+                invalid(format!(
+                    "gitops.manifest_projects[{id}].service_account: {e}"
+                ))
+            })?;
         manifest_projects.push(ManifestProject {
             id,
             credentials,
             git_ref: p.r#ref.map(|r| r.0).unwrap_or(GitRef::DefaultBranch),
-            default_namespace: p
-                .default_namespace
-                .filter(|n| !n.is_empty())
-                .unwrap_or_else(|| "default".into()),
+            default_namespace,
             paths,
             reconcile_timeout: p
                 .reconcile_timeout
@@ -326,6 +394,7 @@ pub fn parse_with_origin(text: &str, config_project: &str, origin: &str) -> Resu
             inventory_policy: p.inventory_policy.unwrap_or_default(),
             plugins: p.plugins,
             limits,
+            service_account,
         });
     }
     let plugins = plugin_specs(file.plugins.unwrap_or_default()).map_err(invalid)?;
@@ -403,6 +472,8 @@ struct ManifestProjectSection {
     plugins: Option<Vec<String>>,
     // sluice's extension: what the project may create.
     limits: Option<ProjectLimitsSection>,
+    // sluice's extension: whose identity the project's objects are written with.
+    service_account: Option<String>,
 }
 
 /// `limits:` of a manifest project (sluice's extension).
@@ -854,6 +925,47 @@ observability:
         assert!(
             err("gitops:\n  manifest_projects:\n  - id: a/b\n    limits: {namespace: [x]}\n")
                 .contains("namespace")
+        );
+    }
+
+    #[test]
+    fn a_projects_service_account_is_read_and_checked() {
+        let c = parse(
+            "gitops:\n  manifest_projects:\n  - id: a/b\n    default_namespace: team-a\n    service_account: deployer\n  - id: a/c\n    service_account: ops/applier\n  - id: a/d\n",
+            "g/a",
+        )
+        .expect("valid");
+        let sa = |ns: &str, name: &str| {
+            Some(ServiceAccount {
+                namespace: ns.into(),
+                name: name.into(),
+            })
+        };
+        assert_eq!(
+            c.manifest_projects[0].service_account,
+            sa("team-a", "deployer")
+        );
+        assert_eq!(c.manifest_projects[1].service_account, sa("ops", "applier"));
+        assert_eq!(c.manifest_projects[2].service_account, None);
+        let user = sa("team-a", "deployer").map(|s| (s.user(), s.groups()));
+        assert_eq!(
+            user,
+            Some((
+                "system:serviceaccount:team-a:deployer".to_string(),
+                [
+                    "system:serviceaccounts".to_string(),
+                    "system:serviceaccounts:team-a".to_string(),
+                    "system:authenticated".to_string()
+                ]
+            ))
+        );
+        assert_eq!(
+            err("gitops:\n  manifest_projects:\n  - id: a/b\n    service_account: Deploy_Er\n"),
+            "failed to parse agent configuration config.yaml: gitops.manifest_projects[a/b].service_account: \"Deploy_Er\": \"Deploy_Er\" is not a ServiceAccount name"
+        );
+        assert!(
+            err("gitops:\n  manifest_projects:\n  - id: a/b\n    service_account: a/b/c\n")
+                .contains("is not a ServiceAccount name")
         );
     }
 

@@ -361,7 +361,15 @@ pub async fn sync(
     let dry_run = project.dry_run_strategy != DryRunStrategy::None;
     let desired_refs = plan.desired();
     let plan::Plan { stages, prune } = plan;
-    let mut checked = apply::check(cluster, stages, &opts)
+    // The project's objects are read, dry-run, applied, pruned and waited on as its
+    // ServiceAccount when it names one; the inventory stays the agent's to write.
+    let mut actor = match &project.service_account {
+        Some(sa) => cluster
+            .acting_as(&sa.user(), &sa.groups())
+            .map_err(Error::Task)?,
+        None => cluster.clone(),
+    };
+    let mut checked = apply::check(&actor, stages, &opts)
         .await
         .map_err(|e| name_the_template(e, &inv, template.as_ref()))?;
     let digests = checked.digests().clone();
@@ -371,7 +379,7 @@ pub async fn sync(
         // The inventory's own namespace may come with this commit (a fresh cluster,
         // disaster recovery): it is applied first, as cli-utils does, so the inventory
         // can be written before anything else.
-        results.extend(apply::namespace_first(cluster, &mut checked, &inv.namespace, &opts).await?);
+        results.extend(apply::namespace_first(&actor, &mut checked, &inv.namespace, &opts).await?);
         // Record everything about to be written before the first write, so an agent killed
         // mid-apply still knows what it may have created (cli-utils' inventory-add step).
         let upcoming: BTreeSet<ObjRef> = checked
@@ -383,7 +391,10 @@ pub async fn sync(
         record(cluster, &inv, project, &mut recorded, set, &malformed).await?;
     }
     // (namespace_first took its Namespace out of the plan: nothing is applied twice.)
-    results.extend(apply::apply(cluster, checked, &opts).await?);
+    let applied = apply::apply(&mut actor, checked, &opts).await;
+    // The apply may have refreshed discovery (new CRDs): the agent's handle keeps it.
+    cluster.take_discovery(&actor);
+    results.extend(applied?);
     results.extend(unserved.iter().cloned());
     laps.lap("apply");
     if dry_run {
@@ -416,7 +427,7 @@ pub async fn sync(
         };
         // In prune order, kind after kind; the objects of one kind at once, as many at a
         // time as applies (one at a time, 1,000 deletes took 40 s).
-        let cluster: &Cluster = cluster;
+        let cluster: &Cluster = &actor;
         for same_kind in prune.chunk_by(|a, b| (&a.group, &a.kind) == (&b.group, &b.kind)) {
             let deletes: Vec<_> = same_kind
                 .iter()
@@ -459,8 +470,8 @@ pub async fn sync(
 
     let applied: Vec<ObjRef> = desired.into_iter().collect();
     let (health, gone) = tokio::join!(
-        wait::wait_current(cluster, &applied, project.reconcile_timeout),
-        wait::wait_gone(cluster, &pruned, project.prune_timeout)
+        wait::wait_current(&actor, &applied, project.reconcile_timeout),
+        wait::wait_gone(&actor, &pruned, project.prune_timeout)
     );
     laps.lap("wait");
     let failed_prunes: Vec<&ObjectResult> = results

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::json;
 use sluice::apply::Action;
 use sluice::inventory::InventoryRef;
 use sluice::sync::Error;
@@ -728,5 +729,119 @@ async fn projects_whose_inventory_ids_collide_are_refused_and_others_sync() {
     assert!(
         cms.get_opt("b").await.expect("get").is_none(),
         "neither colliding project applied"
+    );
+}
+
+#[tokio::test]
+async fn a_project_acting_as_its_service_account_is_bounded_by_that_accounts_rbac() {
+    let Fixture {
+        client,
+        ns,
+        repo,
+        src,
+        cluster: mut c,
+        cache: _cache,
+    } = Fixture::new("actas").await;
+    let other = sluice_testenv::cluster::namespace(&client, "actas-other").await;
+    // The ServiceAccount may manage ConfigMaps in its own namespace, and nothing else.
+    let objects = [
+        json!({"apiVersion": "v1", "kind": "ServiceAccount",
+               "metadata": {"name": "deployer", "namespace": ns}}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+               "metadata": {"name": "deployer", "namespace": ns},
+               "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["*"]}]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": "deployer", "namespace": ns},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "deployer"},
+               "subjects": [{"kind": "ServiceAccount", "name": "deployer", "namespace": ns}]}),
+    ];
+    for o in objects {
+        let (api_version, kind) = (
+            o["apiVersion"].as_str().unwrap(),
+            o["kind"].as_str().unwrap(),
+        );
+        let plural = match kind {
+            "ServiceAccount" => "serviceaccounts",
+            "Role" => "roles",
+            _ => "rolebindings",
+        };
+        api(&client, &ns, api_version, kind, plural)
+            .create(
+                &Default::default(),
+                &serde_json::from_value(o.clone()).expect("object"),
+            )
+            .await
+            .expect("create RBAC");
+    }
+    let p = project(&ns, "    service_account: deployer\n");
+    let s = settings(&format!("t-{ns}"));
+    let inventory = format!("inventory-t-{ns}");
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+
+    // One object outside what the ServiceAccount may write: the API server refuses it in
+    // the preflight, and nothing is written, not even the inventory.
+    let outside = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: b\n  namespace: {other}\ndata:\n  v: \"1\"\n"
+    );
+    repo.commit(
+        "main",
+        &[file("a.yaml", configmap("a", "1")), file("b.yaml", outside)],
+        "one object elsewhere",
+    );
+    let err = sync_once(&mut c, &src, &p, &s)
+        .await
+        .expect_err("refused by RBAC");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("b.yaml:1: ConfigMap/{other}/b"))
+            && text.contains(&format!(
+                "User \"system:serviceaccount:{ns}:deployer\" cannot"
+            )),
+        "{text}"
+    );
+    assert!(
+        cms.get_opt("a").await.expect("get").is_none(),
+        "nothing applied"
+    );
+    assert!(
+        cms.get_opt(&inventory).await.expect("get").is_none(),
+        "no inventory written"
+    );
+
+    // Within its rights: applied as the ServiceAccount; the inventory is the agent's.
+    repo.commit(
+        "main",
+        &[file("a.yaml", configmap("a", "1"))],
+        "only its own namespace",
+    );
+    let plane = sluice_testenv::cluster::shared();
+    let mark = plane.audit_mark();
+    sync_once(&mut c, &src, &p, &s).await.expect("applies");
+    assert!(cms.get_opt("a").await.expect("get").is_some());
+    let writes: Vec<_> = plane
+        .requests_since(mark)
+        .into_iter()
+        .filter(|r| r.is_write() && r.uri.contains(&format!("/namespaces/{ns}/configmaps")))
+        .collect();
+    let sa = format!("system:serviceaccount:{ns}:deployer");
+    let of = |name: &str| {
+        writes
+            .iter()
+            .filter(|r| {
+                r.uri.contains(&format!("/configmaps/{name}?"))
+                    || r.uri.ends_with(&format!("/configmaps/{name}"))
+            })
+            .map(|r| r.impersonated.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(of("a"), vec![Some(sa.clone())], "{writes:?}");
+    // The inventory is created (POST, no name in the path) and written by the agent itself.
+    let inventory_writes: Vec<_> = writes
+        .iter()
+        .filter(|r| r.uri.contains(&inventory) || r.verb == "create")
+        .collect();
+    assert!(
+        !inventory_writes.is_empty() && inventory_writes.iter().all(|r| r.impersonated.is_none()),
+        "{writes:?}"
     );
 }

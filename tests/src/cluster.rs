@@ -50,6 +50,10 @@ pub struct Request {
     pub user_agent: String,
     /// The request path.
     pub uri: String,
+    /// Who sent it (`user.username`).
+    pub user: String,
+    /// Whom it impersonated, if anyone (`impersonatedUser.username`).
+    pub impersonated: Option<String>,
 }
 
 impl Request {
@@ -88,6 +92,8 @@ impl ControlPlane {
                 verb: e["verb"].as_str().unwrap_or_default().into(),
                 user_agent: e["userAgent"].as_str().unwrap_or_default().into(),
                 uri: e["requestURI"].as_str().unwrap_or_default().into(),
+                user: e["user"]["username"].as_str().unwrap_or_default().into(),
+                impersonated: e["impersonatedUser"]["username"].as_str().map(String::from),
             })
             .collect()
     }
