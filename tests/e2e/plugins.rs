@@ -886,3 +886,66 @@ async fn a_project_is_held_to_its_limits_in_git_and_in_plugin_output_and_never_t
             .is_none()
     );
 }
+
+#[tokio::test]
+async fn a_transformer_cannot_claim_another_projects_inventory() {
+    let Fixture {
+        client,
+        ns,
+        repo,
+        src,
+        cluster: mut c,
+        cache: _cache,
+    } = Fixture::new("inject").await;
+    // Project A owns its inventory and one object.
+    let a_id = format!("a-{ns}");
+    let a = sluice::inventory::InventoryRef::default_for(&a_id, &ns);
+    let a_repo = git::shared().create_repo(&format!("group/{ns}-a"));
+    a_repo.commit("main", &[git::file("a.yaml", configmap("a", "1"))], "a");
+    let (a_src, _a_cache) = source(&a_repo, None);
+    sync_once(&mut c, &a_src, &project(&ns, ""), &settings(&a_id))
+        .await
+        .expect("A syncs");
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let a_inventory = cms.get(&a.name).await.expect("A's inventory");
+
+    // Project B's commit is harmless; its transformer labels B's ConfigMap with A's
+    // inventory id, which would make it an inventory of A's id (audit C1, through a plugin).
+    repo.commit("main", &[git::file("b.yaml", configmap("b", "1"))], "b");
+    let labels = load(&spec(
+        "set-labels",
+        json!({"labels": {"cli-utils.sigs.k8s.io/inventory-id": a_id}}),
+    ))
+    .expect("load");
+    let mut b_project = project(&ns, "");
+    b_project.id = "test/other".into();
+    let b_settings = sluice::sync::Settings {
+        others: vec![a.clone()],
+        ..settings_with(&format!("b-{ns}"), vec![labels])
+    };
+    let err = sync_once(&mut c, &src, &b_project, &b_settings)
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(err, sluice::sync::Error::InventoryClaimed { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains(&format!("(id {a_id})")), "{err}");
+    assert!(
+        cms.get_opt("b").await.expect("get").is_none(),
+        "B applied nothing"
+    );
+    assert_eq!(
+        cms.get(&a.name)
+            .await
+            .expect("A's inventory")
+            .metadata
+            .resource_version,
+        a_inventory.metadata.resource_version,
+        "A's inventory untouched"
+    );
+    assert!(
+        cms.get_opt("a").await.expect("get").is_some(),
+        "A's object stays"
+    );
+}

@@ -32,6 +32,11 @@ pub struct State {
     logged: usize,
 }
 
+/// Host resources (streams, pollables, sockets, …) one call may hold at once: language
+/// runtimes hold a handful; without a cap a guest that creates them in a loop and never
+/// drops them grows the host's table until the deadline.
+pub const MAX_RESOURCES: usize = 1 << 16;
+
 /// Log lines per call; a plugin cannot flood the agent's log.
 const MAX_LOG_LINES: usize = 1000;
 /// Bytes per log line.
@@ -53,9 +58,11 @@ impl State {
             wasi.inherit_env();
         }
         stand_ins(&mut wasi, capabilities);
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_RESOURCES);
         State {
             wasi: wasi.build(),
-            table: ResourceTable::new(),
+            table,
             limits: Budget::new(memory_bytes),
             plugin: plugin.to_string(),
             logged: 0,
@@ -402,5 +409,14 @@ mod tests {
         );
         assert!(b.table_growing(0, 1 << 20, None).expect("a large table"));
         assert!(b.table_growing(0, (1 << 20) + 1, None).is_err());
+    }
+
+    #[test]
+    fn a_call_holds_a_bounded_number_of_host_resources() {
+        let mut state = State::new("p", 1 << 20, &[]);
+        for _ in 0..MAX_RESOURCES {
+            state.table.push(()).expect("within the cap");
+        }
+        assert!(state.table.push(()).is_err(), "one past the cap");
     }
 }
