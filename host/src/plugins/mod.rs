@@ -1147,7 +1147,6 @@ fn finding(plugin: &Plugin, inputs: &Batch, subject: &Subject, f: bindings::Find
     }
 }
 
-/// Names the limit a trap hit, or quotes the trap.
 /// The runtime that drives what plugins wait for (WASI's timers and sockets): one worker
 /// thread for the process, whatever runtime, if any, the caller runs in.
 fn io() -> Result<&'static tokio::runtime::Handle, String> {
@@ -1204,6 +1203,7 @@ fn call_message(e: &wasmtime::Error, limits: &Limits) -> String {
     }
 }
 
+/// Names the limit a trap hit, or quotes the trap.
 fn trap_message(e: &wasmtime::Error, limits: &Limits) -> String {
     if let Some(trap) = e.downcast_ref::<wasmtime::Trap>()
         && *trap == wasmtime::Trap::Interrupt
