@@ -172,7 +172,8 @@ async fn main() {
         seen: vec![0; projects],
         ..Tally::default()
     };
-    let mut rss = vec![(0u64, rss_kib(pid).unwrap_or(0))];
+    // Sampled every minute from the first on (at spawn the process has not started yet).
+    let mut rss: Vec<(u64, u64)> = Vec::new();
     let mut next_commit = Instant::now() + every;
     let mut next_sample = Instant::now() + Duration::from_secs(60);
     let mut turn = 0usize;
@@ -239,7 +240,10 @@ async fn main() {
     } = tally;
     latencies.sort();
     let commits: u64 = committed.iter().sum();
-    let (first, last) = (rss[0].1, rss.last().map_or(0, |r| r.1));
+    let (first, last) = (
+        rss.first().map_or(0, |r| r.1),
+        rss.last().map_or(0, |r| r.1),
+    );
     let peak = rss.iter().map(|r| r.1).max().unwrap_or(0);
     let behind: Vec<String> = seen
         .iter()
@@ -251,8 +255,8 @@ async fn main() {
     println!(
         "soak: {minutes} min, {projects} projects, a commit every {every:?}: {commits} commits, \
          {} applied and seen, {skipped} never seen (a newer one came first), {backwards} out of order; \
-         commit to applied p50 {:?}, p99 {:?}, max {:?}; agent RSS {:.1} MiB at start, {:.1} at the end, \
-         peak {:.1} (growth {:+.1} MiB); {}",
+         commit to applied p50 {:?}, p99 {:?}, max {:?}; agent RSS {:.1} MiB after the first minute, \
+         {:.1} at the end, peak {:.1} (growth {:+.1} MiB); {}",
         latencies.len(),
         percentile(&latencies, 0.5),
         percentile(&latencies, 0.99),
