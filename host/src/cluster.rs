@@ -80,9 +80,7 @@ impl Cluster {
             ..self.clone()
         })
     }
-}
 
-impl Cluster {
     /// Takes `other`'s discovery (a handle acting as someone else that refreshed it),
     /// keeping this handle's client.
     pub fn take_discovery(&mut self, other: &Cluster) {
