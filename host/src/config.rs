@@ -127,19 +127,10 @@ impl ServiceAccount {
     /// A message saying which part is not a valid name.
     pub fn parse(text: &str, default_namespace: &str) -> Result<ServiceAccount, String> {
         let (namespace, name) = text.split_once('/').unwrap_or((default_namespace, text));
-        let label = |s: &str| {
-            !s.is_empty()
-                && s.len() <= 63
-                && s.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !s.starts_with('-')
-                && !s.ends_with('-')
-        };
-        let subdomain = |s: &str| s.len() <= 253 && s.split('.').all(label);
-        if !label(namespace) {
+        if !crate::object::is_dns_label(namespace) {
             return Err(format!("{text:?}: {namespace:?} is not a namespace name"));
         }
-        if !subdomain(name) {
+        if !crate::object::is_dns_subdomain(name) {
             return Err(format!("{text:?}: {name:?} is not a ServiceAccount name"));
         }
         Ok(ServiceAccount {

@@ -99,16 +99,6 @@ fn selector(p: &Params) -> Value {
     json!({"app.kubernetes.io/name": "sluice", "app.kubernetes.io/instance": p.agent_name})
 }
 
-/// A DNS-1123 label, as Namespace names and most object names must be.
-fn is_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
 /// The install manifests, in apply order.
 ///
 /// # Errors
@@ -118,7 +108,7 @@ pub fn manifests(p: &Params) -> Result<Vec<Value>, Error> {
         ("--agent-namespace", &p.namespace),
         ("--agent-name", &p.agent_name),
     ] {
-        if !is_label(value) {
+        if !crate::object::is_dns_label(value) {
             return Err(Error::InvalidName {
                 what,
                 value: value.clone(),
@@ -129,7 +119,7 @@ pub fn manifests(p: &Params) -> Result<Vec<Value>, Error> {
         if namespaces.is_empty() {
             return Err(Error::NoNamespaces);
         }
-        if let Some(bad) = namespaces.iter().find(|n| !is_label(n)) {
+        if let Some(bad) = namespaces.iter().find(|n| !crate::object::is_dns_label(n)) {
             return Err(Error::InvalidName {
                 what: "--namespace",
                 value: bad.clone(),

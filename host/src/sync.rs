@@ -78,6 +78,14 @@ pub enum Error {
     /// Objects the project may not create: its `limits:`, or the agent's own objects.
     #[error("{} objects are outside what this project may create: {}", .0.len(), .0.iter().map(|v| format!("{} ({}): {}", v.obj, v.origin, v.message)).collect::<Vec<_>>().join("; "))]
     Limits(Vec<crate::limits::Violation>),
+    /// The project's `service_account` cannot be acted as.
+    #[error("project {project}: cannot act as its service_account: {message}")]
+    Identity {
+        /// The project.
+        project: String,
+        /// Why.
+        message: String,
+    },
     /// The blocking git task panicked or was cancelled.
     #[error("git task failed: {0}")]
     Task(String),
@@ -136,6 +144,7 @@ impl Error {
                 | Error::InventoryObjects(_)
                 | Error::InventoryClaimed { .. }
                 | Error::Limits(_)
+                | Error::Identity { .. }
                 | Error::EmptySet
         )
     }
@@ -366,7 +375,10 @@ pub async fn sync(
     let mut actor = match &project.service_account {
         Some(sa) => cluster
             .acting_as(&sa.user(), &sa.groups())
-            .map_err(Error::Task)?,
+            .map_err(|message| Error::Identity {
+                project: project.id.clone(),
+                message,
+            })?,
         None => cluster.clone(),
     };
     let mut checked = apply::check(&actor, stages, &opts)

@@ -39,15 +39,9 @@ fn commit(repo: &Repo, version: usize) {
 /// `Some(())` when the cluster is exactly at `version`: the inventory lists exactly its
 /// objects, and the live `cm*` ConfigMaps are exactly those, at its value.
 async fn at_version(cms: &Api<ConfigMap>, inventory: &str, version: usize) -> Option<()> {
-    let ns = cms.get_opt(inventory).await.ok()??.metadata.namespace?;
-    let keys: BTreeSet<String> = cms
-        .get_opt(inventory)
-        .await
-        .ok()??
-        .data
-        .unwrap_or_default()
-        .into_keys()
-        .collect();
+    let stored = cms.get_opt(inventory).await.ok()??;
+    let ns = stored.metadata.namespace?;
+    let keys: BTreeSet<String> = stored.data.unwrap_or_default().into_keys().collect();
     let want = names(version);
     let want_keys: BTreeSet<String> = want
         .iter()

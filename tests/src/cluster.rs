@@ -633,6 +633,8 @@ impl Private {
             Part::ApiServer => "kube-apiserver",
             Part::ControllerManager => "kube-controller-manager",
         };
+        let client = client_for(&self.kubeconfig).await?;
+        let etcd_port = self.etcd_port;
         let Some(slot) = self.parts.iter_mut().find(|p| p.0 == part) else {
             return Err(format!("no {name} in this plane"));
         };
@@ -640,38 +642,26 @@ impl Private {
         cmd.args(&slot.1);
         // Each start gets its own log, so a failure quotes this start's.
         let n = std::fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0);
-        let log = self.dir.join(format!("{name}-{n}.log"));
-        let child = spawn_tied(cmd, &log).map_err(|e| format!("failed to start {name}: {e}"))?;
-        slot.2 = Some(child);
-        let start = Instant::now();
-        let client = client_for(&self.kubeconfig).await?;
-        loop {
-            let ready = match part {
-                Part::Etcd => etcd_healthy(self.etcd_port),
-                Part::ApiServer => apiserver_ready(&client).await,
-                // It serves /healthz over TLS with its own certificate; running is enough
-                // (the garbage collector catches up when it has synced).
-                Part::ControllerManager => start.elapsed() > Duration::from_secs(1),
-            };
-            if let Some(Ok(Some(status))) = slot_status(&mut self.parts, part) {
-                return Err(format!(
-                    "{name} exited ({status}); last lines of {}:\n{}",
-                    log.display(),
-                    log_tail(&log, 30)
-                ));
-            }
-            if ready {
-                return Ok(());
-            }
-            if start.elapsed() > Duration::from_secs(90) {
-                return Err(format!(
-                    "{name} not ready after 90 s; last lines of {}:\n{}",
-                    log.display(),
-                    log_tail(&log, 30)
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let mut started = Vec::new();
+        launch(&mut started, &format!("{name}-{n}"), cmd, &self.dir)?;
+        let since = Instant::now();
+        let ready = wait_until(
+            &mut started,
+            &format!("{name} ready"),
+            Duration::from_secs(90),
+            || async {
+                match part {
+                    Part::Etcd => etcd_healthy(etcd_port),
+                    Part::ApiServer => apiserver_ready(&client).await,
+                    // It serves /healthz over TLS with its own certificate; running is
+                    // enough (the garbage collector catches up when it has synced).
+                    Part::ControllerManager => since.elapsed() > Duration::from_secs(1),
+                }
+            },
+        )
+        .await;
+        slot.2 = started.pop().map(|(_, child, _)| child);
+        ready
     }
 }
 

@@ -1150,24 +1150,18 @@ fn finding(plugin: &Plugin, inputs: &Batch, subject: &Subject, f: bindings::Find
 /// The runtime that drives what plugins wait for (WASI's timers and sockets): one worker
 /// thread for the process, whatever runtime, if any, the caller runs in.
 fn io() -> Result<&'static tokio::runtime::Handle, String> {
-    static IO: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
-    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    if let Some(rt) = IO.get() {
-        return Ok(rt.handle());
-    }
-    let _one = BUILDING
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(rt) = IO.get() {
-        return Ok(rt.handle());
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("sluice-plugin-io")
-        .enable_all()
-        .build()
-        .map_err(|e| format!("failed to start the plugins' I/O runtime: {e}"))?;
-    Ok(IO.get_or_init(|| rt).handle())
+    static IO: std::sync::LazyLock<Result<tokio::runtime::Runtime, String>> =
+        std::sync::LazyLock::new(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("sluice-plugin-io")
+                .enable_all()
+                .build()
+                .map_err(|e| format!("failed to start the plugins' I/O runtime: {e}"))
+        });
+    IO.as_ref()
+        .map(tokio::runtime::Runtime::handle)
+        .map_err(Clone::clone)
 }
 
 /// Drives one plugin call (instantiation included) to its end or the plugin's deadline,
