@@ -36,35 +36,65 @@ pub const CONTROLLER_ANNOTATIONS: &[&str] = &[
 ];
 
 /// What a drift check compares: the parts of an object's metadata that only a change of
-/// what was applied moves.
+/// what was applied moves. Held for every watched object, so it is small: the labels and
+/// the annotations are kept as digests (SHA-256, first 16 bytes), not as maps.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fingerprint {
-    /// `metadata.generation` when the kind has one, else the resourceVersion.
-    version: String,
-    labels: BTreeMap<String, String>,
-    annotations: BTreeMap<String, String>,
+    version: Version,
+    labels: [u8; 16],
+    annotations: [u8; 16],
+}
+
+/// `metadata.generation` when the kind has one, else the resourceVersion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Version {
+    Generation(i64),
+    Resource(Box<str>),
+}
+
+/// A digest of a string map, independent of the order it was listed in.
+fn digest<'a>(entries: impl Iterator<Item = (&'a String, &'a String)>) -> [u8; 16] {
+    use sha2::{Digest, Sha256};
+    let mut sorted: Vec<_> = entries.collect();
+    sorted.sort_unstable();
+    let mut hash = Sha256::new();
+    for (k, v) in sorted {
+        // Lengths first, so no two maps hash the same bytes.
+        hash.update((k.len() as u64).to_le_bytes());
+        hash.update(k);
+        hash.update((v.len() as u64).to_le_bytes());
+        hash.update(v);
+    }
+    let mut out = [0; 16];
+    out.copy_from_slice(&hash.finalize()[..16]);
+    out
 }
 
 impl Fingerprint {
     /// The fingerprint of an object's metadata.
     pub fn of(meta: &ObjectMeta) -> Fingerprint {
         let version = match meta.generation {
-            Some(g) if g > 0 => format!("g{g}"),
-            _ => format!("rv{}", meta.resource_version.as_deref().unwrap_or_default()),
+            Some(g) if g > 0 => Version::Generation(g),
+            _ => Version::Resource(meta.resource_version.as_deref().unwrap_or_default().into()),
         };
-        let mut annotations = meta.annotations.clone().unwrap_or_default();
-        annotations.retain(|k, _| !CONTROLLER_ANNOTATIONS.contains(&k.as_str()));
+        let none = BTreeMap::new();
+        let annotations = meta
+            .annotations
+            .as_ref()
+            .unwrap_or(&none)
+            .iter()
+            .filter(|(k, _)| !CONTROLLER_ANNOTATIONS.contains(&k.as_str()));
         Fingerprint {
             version,
-            labels: meta.labels.clone().unwrap_or_default(),
-            annotations,
+            labels: digest(meta.labels.as_ref().unwrap_or(&none).iter()),
+            annotations: digest(annotations),
         }
     }
 
     /// Why `now` differs from `self` (the baseline), if it does.
     pub fn changed(&self, now: &Fingerprint) -> Option<&'static str> {
         if self.version != now.version {
-            Some(if self.version.starts_with('g') {
+            Some(if matches!(self.version, Version::Generation(_)) {
                 "its spec was changed"
             } else {
                 "it was changed"
@@ -319,5 +349,9 @@ mod tests {
         assert_eq!(cm.changed(&edited), Some("it was changed"));
         assert_eq!(differs(Some(&cm), None), Some("it was deleted"));
         assert_eq!(differs(None, Some(&cm)), None);
+        // Digests, not maps: a key/value boundary moved is still a change.
+        let ab = Fingerprint::of(&meta(Some(1), "1", &[("a", "bc")], &[]));
+        let a_b = Fingerprint::of(&meta(Some(1), "1", &[("ab", "c")], &[]));
+        assert_eq!(ab.changed(&a_b), Some("its labels were changed"));
     }
 }

@@ -102,7 +102,30 @@ pub fn init(format: LogFormat, level: LogLevel) -> LevelHandle {
     LevelHandle(handle)
 }
 
-/// Logs how one sync ended. JSON logs carry agentk's message and every result; human logs
+/// At most this many per-object results go into a sync's JSON log line; `summary` still
+/// counts them all. A first sync of 10,000 objects listed every one: a 3 MB line, more than
+/// log pipelines accept (Docker splits lines at 16 KiB), and a formatting buffer the logger
+/// kept for good.
+pub const LOGGED_RESULTS: usize = 100;
+
+/// The results a sync's JSON log line lists, and how many it leaves out: failures first,
+/// then every other result that changed or withheld something, in order; unchanged objects
+/// only by count.
+pub fn logged_results(
+    results: &[crate::apply::ObjectResult],
+) -> (Vec<&crate::apply::ObjectResult>, usize) {
+    use crate::apply::Action;
+    let failed = results.iter().filter(|r| r.action == Action::Failed);
+    let others = results
+        .iter()
+        .filter(|r| !matches!(r.action, Action::Failed | Action::Unchanged));
+    let listed: Vec<_> = failed.chain(others).take(LOGGED_RESULTS).collect();
+    let omitted = results.len() - listed.len();
+    (listed, omitted)
+}
+
+/// Logs how one sync ended. JSON logs carry agentk's message, the counts, and the results
+/// that are not unchanged (at most [`LOGGED_RESULTS`], failures first); human logs
 /// say it in one sentence (`group/app: synced 0123456789ab: created 2, unchanged 40 in
 /// 1.2 s`), then one line per object that failed and per finding.
 pub fn sync_finished(
@@ -128,14 +151,18 @@ pub fn sync_finished(
                 warn!("{project}: nothing pruned: {why}");
             }
         }
-        Ok(report) => info!(
-            project_id = %project, commit_id = %report.commit, agent_id = %agent,
-            summary = %summary(&report.results),
-            results = %serde_json::to_string(&report.results).unwrap_or_default(),
-            findings = %serde_json::to_string(&report.findings).unwrap_or_default(),
-            prune_held = %report.prune_held.join("; "),
-            "{}", msg::SYNCHRONIZED
-        ),
+        Ok(report) => {
+            let (listed, omitted) = logged_results(&report.results);
+            info!(
+                project_id = %project, commit_id = %report.commit, agent_id = %agent,
+                summary = %summary(&report.results),
+                results = %serde_json::to_string(&listed).unwrap_or_default(),
+                results_omitted = omitted,
+                findings = %serde_json::to_string(&report.findings).unwrap_or_default(),
+                prune_held = %report.prune_held.join("; "),
+                "{}", msg::SYNCHRONIZED
+            )
+        }
         Err(e) if human => {
             let problems = e.problems();
             let commit = short(commit);
@@ -264,5 +291,29 @@ mod tests {
             sentence(&[], std::time::Duration::ZERO),
             "no objects in 0.0 s"
         );
+    }
+
+    #[test]
+    fn a_json_log_line_lists_failures_first_and_at_most_a_hundred_results() {
+        let mut results = vec![result(Action::Unchanged); 10_000];
+        results.extend(vec![result(Action::Created); 150]);
+        results.push(result(Action::Failed));
+        let (listed, omitted) = logged_results(&results);
+        assert_eq!(listed.len(), LOGGED_RESULTS);
+        assert_eq!(omitted, 10_051);
+        assert_eq!(listed[0].action, Action::Failed);
+        assert!(listed[1..].iter().all(|r| r.action == Action::Created));
+
+        // A no-op sync lists nothing; a small one lists every change.
+        let (listed, omitted) = logged_results(&results[..40]);
+        assert!(listed.is_empty());
+        assert_eq!(omitted, 40);
+        let few = [result(Action::Pruned), result(Action::Unchanged)];
+        let (listed, omitted) = logged_results(&few);
+        assert_eq!(
+            listed.iter().map(|r| r.action).collect::<Vec<_>>(),
+            [Action::Pruned]
+        );
+        assert_eq!(omitted, 1);
     }
 }

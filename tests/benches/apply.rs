@@ -28,6 +28,8 @@
 //! `SLUICE_BENCH_AGENT_ONLY=1` runs the agent part alone (10,000 objects: every tool takes
 //! close to an hour on 2 cores). `SLUICE_BENCH_AGENT_LOG=<file>` keeps the agent's log at
 //! debug level, with the time each sync spent per stage (`sync stages`).
+//! `SLUICE_BENCH_AGENT_WRAPPER=<program>` starts the agent under that program (e.g.
+//! `heaptrack`, with a binary built without mimalloc, for a heap profile).
 //!
 //! Requests are counted from the API server's audit log, per client `User-Agent`
 //! (kubectl's, kapply's, `sluice-bench` for the library syncs, `sluice/` for the agent):
@@ -590,7 +592,17 @@ async fn agent_phase(binary: &Path) -> Agent {
     let log = std::fs::File::create(&log_path).expect("log");
     let mark = cp.audit_mark();
     let started = Instant::now();
-    let mut child = std::process::Command::new(binary)
+    // SLUICE_BENCH_AGENT_WRAPPER=<program> starts the agent under it (a profiler such as
+    // heaptrack; /proc's CPU and RSS figures are then the wrapper's process).
+    let mut command = match std::env::var_os("SLUICE_BENCH_AGENT_WRAPPER") {
+        Some(wrapper) => {
+            let mut c = std::process::Command::new(wrapper);
+            c.arg(binary);
+            c
+        }
+        None => std::process::Command::new(binary),
+    };
+    let mut child = command
         .args([
             "run",
             "--agent-name",

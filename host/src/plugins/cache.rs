@@ -201,8 +201,11 @@ fn key(chain: &[(&Spec, &str)], subject: &Subject, objects: &[Object]) -> Option
     for (spec, digest) in chain {
         field(digest.as_bytes());
         field(spec.name.as_bytes());
-        // serde_json writes maps in key order: the same config gives the same text.
-        field(spec.config.to_string().as_bytes());
+        // Maps keep the order they were written in (serde_json's `preserve_order`, for
+        // memory): sorted, the same config gives the same text however it was written.
+        let mut config = spec.config.clone();
+        config.sort_all_objects();
+        field(config.to_string().as_bytes());
         field(
             format!(
                 "{:?}/{}/{}/{:?}/{:?}",
