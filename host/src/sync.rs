@@ -441,10 +441,8 @@ pub async fn sync(
         // time as applies (one at a time, 1,000 deletes took 40 s).
         let cluster: &Cluster = &actor;
         for same_kind in prune.chunk_by(|a, b| (&a.group, &a.kind) == (&b.group, &b.kind)) {
-            let deletes: Vec<_> = same_kind
-                .iter()
-                .map(|r| prune_one(cluster, r, &ctx))
-                .collect();
+            // (By index: a closure taking references here makes the worker future not `Send`.)
+            let deletes = (0..same_kind.len()).map(|i| prune_one(cluster, &same_kind[i], &ctx));
             for (r, result) in same_kind
                 .iter()
                 .zip(apply::bounded(deletes, opts.concurrency).await)
