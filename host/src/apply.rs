@@ -542,7 +542,7 @@ async fn preflight_all(
     let checks = listed
         .into_iter()
         .enumerate()
-        .map(|(i, live)| preflight(cluster, &objects[i], opts, live));
+        .map(|(i, live)| preflight(cluster, objects[i], opts, live));
     let results = bounded(checks, opts.concurrency).await;
     refs.into_iter().zip(results).collect()
 }
