@@ -52,13 +52,11 @@ enum Version {
     Resource(Box<str>),
 }
 
-/// A digest of a string map, independent of the order it was listed in.
+/// A digest of a string map's entries, given in key order (as a `BTreeMap` iterates).
 fn digest<'a>(entries: impl Iterator<Item = (&'a String, &'a String)>) -> [u8; 16] {
     use sha2::{Digest, Sha256};
-    let mut sorted: Vec<_> = entries.collect();
-    sorted.sort_unstable();
     let mut hash = Sha256::new();
-    for (k, v) in sorted {
+    for (k, v) in entries {
         // Lengths first, so no two maps hash the same bytes.
         hash.update((k.len() as u64).to_le_bytes());
         hash.update(k);
