@@ -6,11 +6,13 @@
 //!
 //! - `native_in_place`: the plugin crates' own functions on `serde_json::Value`s, as
 //!   transformers built into the host would run: set-namespace, pin-images, no-latest-tag,
-//!   and the three as one chain;
+//!   and the three as one chain. The three are written against `sluice:plugin@0.2.0`'s
+//!   `Fields` (JSON Pointer reads and writes), which natively runs on the values;
 //! - `native_round_trip`: the same chain plus the JSON text passes the contract asks for
 //!   (each plugin: objects to text, parsed, worked on, written back, parsed by the host);
-//! - `wasm`: the components through `sluice::plugins::run`, one by one and as one chain,
-//!   and the cost of a call with no objects (a fresh Store and instance);
+//! - `wasm`: the components (`sluice:plugin@0.2.0`: the objects stay in the host, the guest
+//!   reads and writes fields through handles) through `sluice::plugins::run`, one by one
+//!   and as one chain, and the cost of a call with no objects (a fresh Store and instance);
 //! - `cold_start`: loading set-namespace with an empty compilation cache, and with the
 //!   on-disk cache a previous load wrote (a new engine, as after a restart).
 //!
@@ -129,7 +131,7 @@ static CHAIN: LazyLock<Vec<Arc<Plugin>>> = LazyLock::new(|| {
 });
 
 fn native_set_namespace(v: &mut [Value]) {
-    set_namespace::transform(&NS_CONFIG, v);
+    set_namespace::transform(&NS_CONFIG, v).expect("moved");
 }
 
 fn native_pin_images(v: &mut [Value]) {

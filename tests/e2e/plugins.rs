@@ -93,7 +93,8 @@ fn wasm_plugins_give_the_same_result_as_their_native_logic() {
             cluster_scoped_kinds: vec![],
         },
         &mut native,
-    );
+    )
+    .expect("native");
     pin_images::transform(
         &pin_images::Config {
             images: [("nginx:1.27".to_string(), DIGEST.to_string())].into(),
@@ -407,6 +408,157 @@ fn a_validator_cannot_change_what_it_validates() {
     assert_eq!(
         out.findings[0].message,
         "mutated 1 objects in my own memory"
+    );
+}
+
+// --- sluice:plugin@0.2.0: objects held by the host, fields through handles --------------
+
+fn configmap_value(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": "dev"}, "data": {"k": "v"}})
+}
+
+/// The hostile 0.2.0 transformer doing `act` on a Deployment and two ConfigMaps.
+fn hostile_v2(act: &str, tweak: impl FnOnce(&mut Spec)) -> Result<plugins::Outcome, Error> {
+    let mut s = spec("hostile-v2", json!({ "act": act }));
+    tweak(&mut s);
+    let input = [
+        deployment_value("nginx:1.27"),
+        configmap_value("a"),
+        configmap_value("b"),
+    ];
+    plugins::run(&[load(&s).expect("load")], &subject(), objects(&input))
+}
+
+/// The message of the one finding a refusal carries.
+fn refusal(out: Result<plugins::Outcome, Error>) -> String {
+    match out {
+        Err(Error::Denied(found)) if found.len() == 1 => found[0].message.clone(),
+        other => panic!("expected one refusal finding, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_v2_transformer_adds_removes_and_reorders_objects_through_handles() {
+    let out = hostile_v2("reshape", |_| {}).expect("reshaped");
+    let got: Vec<(&Value, &str)> = out
+        .objects
+        .iter()
+        .map(|o| (&o.value, o.origin.path.as_str()))
+        .collect();
+    let made = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "made", "namespace": "dev"}, "data": {"from": "plugin"}});
+    assert_eq!(
+        got,
+        [
+            (&configmap_value("b"), "f2.yaml"),
+            (&configmap_value("a"), "f1.yaml"),
+            (&made, "f2.yaml (made)"),
+        ],
+        "the first object dropped, the rest reversed, one made"
+    );
+    let origin = &out.objects[2].origin;
+    assert_eq!(
+        (origin.project.as_str(), origin.commit.as_str()),
+        ("p", "c"),
+        "a made object belongs to the project and commit being synced"
+    );
+}
+
+#[test]
+fn v2_handle_misuse_yields_the_documented_errors() {
+    assert_eq!(
+        hostile_v2("strip-name", |_| {}).expect_err("no names"),
+        Error::InvalidOutput {
+            plugin: "hostile-v2".into(),
+            project: "p".into(),
+            commit: "c".into(),
+            message: "object 0 (f0.yaml:3) Deployment/dev/ is missing metadata.name".into(),
+        }
+    );
+    assert_eq!(
+        refusal(hostile_v2("bad-set", |_| {})),
+        r#"Err("cannot set /metadata/name/x: /metadata/name is a string")"#
+    );
+    assert_eq!(
+        refusal(hostile_v2("bad-parse", |_| {})),
+        r#"Err("ConfigMap/ is missing metadata.name")"#
+    );
+    // 1 MiB values under new keys: the host takes what fits in the output limit, then
+    // refuses every write, so the plugin cannot grow the host's memory past it.
+    let flood = refusal(hostile_v2("flood", |s| {
+        s.limits.max_output_bytes = 4 << 20;
+    }));
+    assert_eq!(
+        flood,
+        "after 4 writes: the plugin wrote 5242880 bytes into its objects, more than its output limit of 4194304 bytes"
+    );
+}
+
+#[test]
+fn a_failing_v2_transformer_under_failure_policy_ignore_leaves_the_objects_it_was_given() {
+    let out =
+        hostile_v2("strip-name", |s| s.failure_policy = FailurePolicy::Ignore).expect("ignored");
+    let got: Vec<&Value> = out.objects.iter().map(|o| &o.value).collect();
+    assert_eq!(
+        got,
+        [
+            &deployment_value("nginx:1.27"),
+            &configmap_value("a"),
+            &configmap_value("b")
+        ]
+    );
+    assert_eq!(out.skipped, ["hostile-v2"]);
+}
+
+#[test]
+fn a_v2_validator_cannot_change_or_drop_what_it_validates() {
+    let v = load(&spec("hostile-validator-v2", Value::Null)).expect("load");
+    let input = vec![deployment_value("nginx:1.27"), configmap_value("a")];
+    let out = plugins::run(&[v], &subject(), objects(&input)).expect("warning only");
+    let got: Vec<&Value> = out.objects.iter().map(|o| &o.value).collect();
+    assert_eq!(
+        got,
+        [&input[0], &input[1]],
+        "objects are exactly what went in"
+    );
+    let refused = r#"Err("a validator's objects are read-only")"#;
+    assert_eq!(
+        out.findings[0].message,
+        [refused; 4].join("; "),
+        "every write was refused"
+    );
+}
+
+#[test]
+fn a_chain_mixes_both_contract_versions_in_configuration_order() {
+    // set-labels speaks 0.1.0 (objects as text), set-namespace 0.2.0 (handles), and
+    // no-privileged 0.1.0 again: each sees the previous one's output.
+    let labels = load(&spec("set-labels", json!({"labels": {"team": "web"}}))).expect("load");
+    let ns = load(&spec("set-namespace", json!({"namespace": "prod"}))).expect("load");
+    let mut audit = spec("no-privileged", Value::Null);
+    audit.mode = Mode::Audit;
+    let privileged = load(&audit).expect("load");
+    let info = runtime()
+        .inspect(&std::fs::read(wasm::component("set-namespace")).expect("built"))
+        .expect("inspect");
+    assert_eq!(info.wit_version, "0.2.0");
+    let mut pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "dev"},
+                         "spec": {"containers": [{"name": "c", "image": "nginx:1", "securityContext": {"privileged": true}}]}});
+    let out = plugins::run(
+        &[labels, ns, privileged],
+        &subject(),
+        objects(&[pod.clone()]),
+    )
+    .expect("audit only");
+    pod["metadata"]["namespace"] = json!("prod");
+    pod["metadata"]["labels"] = json!({"team": "web"});
+    assert_eq!(out.objects[0].value["metadata"], pod["metadata"]);
+    assert_eq!(
+        out.findings
+            .iter()
+            .map(|f| f.object.as_ref().map(ToString::to_string))
+            .collect::<Vec<_>>(),
+        [Some("Pod/prod/p".to_string())],
+        "the 0.1.0 validator saw the 0.2.0 transformer's output"
     );
 }
 

@@ -19,6 +19,8 @@ pub const CRATES: &[&str] = &[
     "no-latest-tag",
     "hostile",
     "hostile-validator",
+    "hostile-v2",
+    "hostile-validator-v2",
 ];
 
 static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();

@@ -23,6 +23,7 @@
 
 mod bindings;
 mod cache;
+mod handles;
 mod krm;
 mod sandbox;
 
@@ -38,7 +39,10 @@ use wasmtime::{Engine, Store};
 
 use crate::object::{ObjRef, Object, Origin};
 use bindings::transformer::TransformerPre;
+use bindings::v2::transformer::TransformerPre as TransformerPreV2;
+use bindings::v2::validator::ValidatorPre as ValidatorPreV2;
 use bindings::validator::ValidatorPre;
+use handles::Objects;
 use sandbox::State;
 
 pub use cache::OutcomeCache;
@@ -441,14 +445,17 @@ impl Runtime {
         let pre = linker
             .instantiate_pre(&component)
             .map_err(|e| load_err(format!("{e:#}")))?;
-        let pre = match world {
-            World::Transformer => {
-                Pre::Transformer(TransformerPre::new(pre).map_err(|e| load_err(format!("{e:#}")))?)
+        let typed = |e: wasmtime::Error| load_err(format!("{e:#}"));
+        let pre = match (world, holds_objects(&self.engine, &component)) {
+            (World::Transformer, false) => {
+                Pre::Transformer(TransformerPre::new(pre).map_err(typed)?)
             }
-            World::Validator => {
-                Pre::Validator(ValidatorPre::new(pre).map_err(|e| load_err(format!("{e:#}")))?)
+            (World::Validator, false) => Pre::Validator(ValidatorPre::new(pre).map_err(typed)?),
+            (World::Transformer, true) => {
+                Pre::TransformerV2(TransformerPreV2::new(pre).map_err(typed)?)
             }
-            World::Function => unreachable!("world_of never returns Function"),
+            (World::Validator, true) => Pre::ValidatorV2(ValidatorPreV2::new(pre).map_err(typed)?),
+            (World::Function, _) => unreachable!("world_of never returns Function"),
         };
         let plugin = Plugin {
             spec: spec.clone(),
@@ -476,6 +483,9 @@ pub struct Plugin {
 enum Pre {
     Transformer(TransformerPre<State>),
     Validator(ValidatorPre<State>),
+    /// `sluice:plugin@0.2.0`: the objects stay in the host (`handles.rs`).
+    TransformerV2(TransformerPreV2<State>),
+    ValidatorV2(ValidatorPreV2<State>),
     Function(krm::FunctionPre),
 }
 
@@ -532,6 +542,11 @@ impl Plugin {
         self.compile_time
     }
 
+    /// Whether it is built against `sluice:plugin@0.2.0`, whose objects stay in the host.
+    fn holds_objects(&self) -> bool {
+        matches!(self.pre, Pre::TransformerV2(_) | Pre::ValidatorV2(_))
+    }
+
     /// [`Error::Call`] for this plugin and subject.
     fn failed(&self, subject: &Subject, message: String) -> Error {
         Error::Call {
@@ -585,6 +600,20 @@ impl Plugin {
                 i.call_validate_config(&mut store, &config).await
             }),
             Pre::Validator(pre) => finish(limits, async {
+                let i = pre
+                    .instantiate_async(&mut store)
+                    .await
+                    .map_err(Instantiate)?;
+                i.call_validate_config(&mut store, &config).await
+            }),
+            Pre::TransformerV2(pre) => finish(limits, async {
+                let i = pre
+                    .instantiate_async(&mut store)
+                    .await
+                    .map_err(Instantiate)?;
+                i.call_validate_config(&mut store, &config).await
+            }),
+            Pre::ValidatorV2(pre) => finish(limits, async {
                 let i = pre
                     .instantiate_async(&mut store)
                     .await
@@ -675,13 +704,44 @@ pub fn run(
             }
         };
         match plugin.world {
+            World::Transformer if plugin.holds_objects() => {
+                let objects = batch.take_values(subject)?;
+                // The objects move into the call; a plugin whose failure is ignored must
+                // leave the chain the objects it was given.
+                let kept =
+                    (plugin.spec.failure_policy == FailurePolicy::Ignore).then(|| objects.clone());
+                match call_transform_v2(plugin, subject, objects) {
+                    Ok(Ok(next)) => batch = Batch::Values(next),
+                    Ok(Err(refusal)) => return Err(Error::Denied(refusal)),
+                    Err(e) => {
+                        batch = Batch::Values(kept.unwrap_or_default());
+                        ignore(e, &mut findings)?;
+                    }
+                }
+            }
+            World::Validator if plugin.holds_objects() => {
+                let objects = batch.take_values(subject)?;
+                let (objects, found) = call_validate_v2(plugin, subject, objects);
+                batch = Batch::Values(objects);
+                match found {
+                    Ok(found) => {
+                        let (errors, others): (Vec<Finding>, Vec<Finding>) =
+                            found.into_iter().partition(|f| {
+                                f.severity == "error" && plugin.spec.mode == Mode::Enforce
+                            });
+                        blocking.extend(errors);
+                        findings.extend(others);
+                    }
+                    Err(e) => ignore(e, &mut findings)?,
+                }
+            }
             World::Transformer => match call_transform(plugin, subject, batch.texts()) {
                 Ok(Ok(next)) => batch = Batch::Texts(next, plugin.clone()),
                 Ok(Err(refusal)) => {
                     return Err(Error::Denied(
                         refusal
                             .into_iter()
-                            .map(|f| finding(plugin, &batch, subject, f))
+                            .map(|f| finding(plugin, |i| batch.origin(i, subject), f))
                             .collect(),
                     ));
                 }
@@ -702,7 +762,7 @@ pub fn run(
                 Ok(found) => {
                     let (errors, others): (Vec<Finding>, Vec<Finding>) = found
                         .into_iter()
-                        .map(|f| finding(plugin, &batch, subject, f))
+                        .map(|f| finding(plugin, |i| batch.origin(i, subject), f))
                         .partition(|f| f.severity == "error" && plugin.spec.mode == Mode::Enforce);
                     blocking.extend(errors);
                     findings.extend(others);
@@ -760,6 +820,11 @@ impl Batch {
             Batch::Values(values) | Batch::Both(values, _) => Ok(values),
             Batch::Texts(..) => unreachable!("parsed above"),
         }
+    }
+
+    /// The objects as values, moved out (the batch is left empty).
+    fn take_values(&mut self, subject: &Subject) -> Result<Vec<Object>, Error> {
+        std::mem::replace(self, Batch::Values(Vec::new())).into_values(subject)
     }
 
     fn into_values(self, subject: &Subject) -> Result<Vec<Object>, Error> {
@@ -934,6 +999,151 @@ fn call_validate(
     check_findings(plugin, subject, found)
 }
 
+/// The same finding in 0.1.0's type (the two packages' records are alike).
+fn finding_of_v2(f: bindings::v2::Finding) -> bindings::Finding {
+    use bindings::v2::transformer::sluice::plugin::types::Severity as V2;
+    bindings::Finding {
+        severity: match f.severity {
+            V2::Error => bindings::Severity::Error,
+            V2::Warning => bindings::Severity::Warning,
+            V2::Info => bindings::Severity::Info,
+        },
+        message: f.message,
+        object: f.object.map(
+            |o| bindings::transformer::sluice::plugin::types::ObjectRef {
+                index: o.index,
+                api_version: o.api_version,
+                kind: o.kind,
+                namespace: o.namespace,
+                name: o.name,
+            },
+        ),
+        field: f.field,
+        proposed_value: f.proposed_value,
+        rule: f.rule,
+    }
+}
+
+fn wit_context_v2(plugin: &Plugin, subject: &Subject) -> bindings::v2::Context {
+    bindings::v2::Context {
+        agent: subject.agent.clone(),
+        project: subject.project.clone(),
+        commit: subject.commit.clone(),
+        config: plugin.spec.config.to_string(),
+    }
+}
+
+/// Calls a `sluice:plugin@0.2.0` transformer: the objects move into the call's store, the
+/// plugin changes fields through handles, and the objects whose handles it returns come
+/// back, checked. Or the findings it refused the commit with.
+#[allow(clippy::type_complexity)]
+fn call_transform_v2(
+    plugin: &Plugin,
+    subject: &Subject,
+    objects: Vec<Object>,
+) -> Result<Result<Vec<Object>, Vec<Finding>>, Error> {
+    let Pre::TransformerV2(pre) = &plugin.pre else {
+        unreachable!("called only for 0.2.0 transformers")
+    };
+    let mut store = plugin.store();
+    let limits = &plugin.spec.limits;
+    let (held, handles) = Objects::hold(
+        objects,
+        false,
+        limits.max_output_bytes,
+        &subject.project,
+        &subject.commit,
+    );
+    store.data_mut().objects = held;
+    let result = finish(limits, async {
+        let instance = pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(Instantiate)?;
+        instance
+            .call_transform(&mut store, &wit_context_v2(plugin, subject), &handles)
+            .await
+    })
+    .map_err(|e| plugin.failed(subject, call_message(&e, limits)))?;
+    let held = &mut store.data_mut().objects;
+    match result {
+        Ok(returned) => {
+            let mut out = Vec::with_capacity(returned.len());
+            for (i, handle) in returned.iter().enumerate() {
+                let object = held.take(handle).ok_or_else(|| {
+                    plugin.invalid(subject, format!("object {i} was returned twice"))
+                })?;
+                if let Some(problem) = identity_problem(&object.value) {
+                    let at = at(i, &wit_origin(&object.origin));
+                    return Err(plugin.invalid(subject, format!("{at} {problem}")));
+                }
+                out.push(object);
+            }
+            Ok(Ok(out))
+        }
+        Err(found) => {
+            let found = check_findings(
+                plugin,
+                subject,
+                found.into_iter().map(finding_of_v2).collect(),
+            )?;
+            Ok(Err(found
+                .into_iter()
+                .map(|f| finding(plugin, |i| held.origin(i), f))
+                .collect()))
+        }
+    }
+}
+
+/// Calls a `sluice:plugin@0.2.0` validator on read-only objects; the objects come back
+/// unchanged whatever the call did, with its findings or its failure.
+fn call_validate_v2(
+    plugin: &Plugin,
+    subject: &Subject,
+    objects: Vec<Object>,
+) -> (Vec<Object>, Result<Vec<Finding>, Error>) {
+    let Pre::ValidatorV2(pre) = &plugin.pre else {
+        unreachable!("called only for 0.2.0 validators")
+    };
+    let mut store = plugin.store();
+    let limits = &plugin.spec.limits;
+    let (held, handles) = Objects::hold(objects, true, 0, &subject.project, &subject.commit);
+    store.data_mut().objects = held;
+    let found = finish(limits, async {
+        let instance = pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(Instantiate)?;
+        instance
+            .call_validate(&mut store, &wit_context_v2(plugin, subject), &handles)
+            .await
+    })
+    .map_err(|e| plugin.failed(subject, call_message(&e, limits)))
+    .and_then(|found| {
+        check_findings(
+            plugin,
+            subject,
+            found.into_iter().map(finding_of_v2).collect(),
+        )
+    });
+    let held = std::mem::take(&mut store.data_mut().objects);
+    let found = found.map(|found| {
+        found
+            .into_iter()
+            .map(|f| finding(plugin, |i| held.origin(i), f))
+            .collect()
+    });
+    (held.into_inputs(), found)
+}
+
+fn wit_origin(o: &Origin) -> bindings::Origin {
+    bindings::Origin {
+        path: o.path.clone(),
+        index: o.doc_index as u32,
+        line: o.line as u32,
+    }
+}
+
 /// Runs a KRM function: the objects go in as `items` (each marked with its index, to keep
 /// its origin), `items` come back as the objects, `results` as findings; an `error` result
 /// refuses the commit.
@@ -1061,27 +1271,34 @@ fn check_output(
         let at = at(i, &o.origin);
         let value: serde_json::Value =
             serde_json::from_str(&o.json).map_err(|e| invalid(format!("{at} is not JSON: {e}")))?;
-        let has = |v: &serde_json::Value| v.as_str().is_some_and(|s| !s.is_empty());
-        let missing: Vec<&str> = [
-            ("apiVersion", has(&value["apiVersion"])),
-            ("kind", has(&value["kind"])),
-            ("metadata.name", has(&value["metadata"]["name"])),
-        ]
-        .into_iter()
-        .filter(|(_, ok)| !ok)
-        .map(|(n, _)| n)
-        .collect();
-        if !value.is_object() || !missing.is_empty() {
-            return Err(invalid(format!(
-                "{at} {} is missing {}",
-                ObjRef::of(&value),
-                missing.join(", ")
-            )));
+        if let Some(problem) = identity_problem(&value) {
+            return Err(invalid(format!("{at} {problem}")));
         }
         // Valid after all (e.g. a required field given twice, which JSON allows and the
         // API server reads as the last one).
     }
     Ok(out)
+}
+
+/// What keeps `value` from being an object sluice can apply: not a JSON object, or
+/// missing `apiVersion`, `kind` or `metadata.name` (each a non-empty string). Names the
+/// object as far as it can.
+fn identity_problem(value: &serde_json::Value) -> Option<String> {
+    let has = |v: &serde_json::Value| v.as_str().is_some_and(|s| !s.is_empty());
+    let missing: Vec<&str> = [
+        ("apiVersion", has(&value["apiVersion"])),
+        ("kind", has(&value["kind"])),
+        ("metadata.name", has(&value["metadata"]["name"])),
+    ]
+    .into_iter()
+    .filter(|(_, ok)| !ok)
+    .map(|(n, _)| n)
+    .collect();
+    if !value.is_object() {
+        return Some(format!("{} is not a JSON object", ObjRef::of(value)));
+    }
+    (!missing.is_empty())
+        .then(|| format!("{} is missing {}", ObjRef::of(value), missing.join(", ")))
 }
 
 /// The fields every returned object needs, read without building the object: everything
@@ -1121,11 +1338,14 @@ impl Head<'_> {
     }
 }
 
-fn finding(plugin: &Plugin, inputs: &Batch, subject: &Subject, f: bindings::Finding) -> Finding {
-    let origin = f
-        .object
-        .as_ref()
-        .and_then(|r| inputs.origin(r.index as usize, subject));
+/// A plugin's finding, with the origin of the input object it names (`origin_of` its
+/// index).
+fn finding(
+    plugin: &Plugin,
+    origin_of: impl Fn(usize) -> Option<Origin>,
+    f: bindings::Finding,
+) -> Finding {
+    let origin = f.object.as_ref().and_then(|r| origin_of(r.index as usize));
     Finding {
         plugin: plugin.spec.name.clone(),
         severity: match f.severity {
@@ -1236,6 +1456,15 @@ fn world_of(engine: &Engine, component: &Component) -> Result<World, String> {
             exports.join(", ")
         )),
     }
+}
+
+/// Whether a component is built against `sluice:plugin@0.2.0` (it imports that version's
+/// `types`, where the object handle lives); otherwise 0.1.0.
+fn holds_objects(engine: &Engine, component: &Component) -> bool {
+    component
+        .component_type()
+        .imports(engine)
+        .any(|(name, _)| name.starts_with("sluice:plugin/types@0.2."))
 }
 
 /// Plugins by name, as loaded for one configuration.

@@ -30,6 +30,8 @@ pub struct State {
     pub limits: Budget,
     plugin: String,
     logged: usize,
+    /// The objects of a `sluice:plugin@0.2.0` call (`handles.rs`).
+    pub objects: super::handles::Objects,
 }
 
 /// Host resources (streams, pollables, sockets, …) one call may hold at once: language
@@ -66,6 +68,7 @@ impl State {
             limits: Budget::new(memory_bytes),
             plugin: plugin.to_string(),
             logged: 0,
+            objects: super::handles::Objects::default(),
         }
     }
 }
@@ -334,6 +337,12 @@ pub fn linker(engine: &Engine, capabilities: &[Capability]) -> wasmtime::Result<
         &mut l,
         |s| s,
     )?;
+    // 0.2.0: its host interface, and the object handles (`handles.rs`).
+    {
+        use bindings::v2::transformer::sluice::plugin::{host, types};
+        host::add_to_linker::<State, HasSelf<State>>(&mut l, |s| s)?;
+        types::add_to_linker::<State, HasSelf<State>>(&mut l, |s| s)?;
+    }
 
     // No authority: streams, exit, stdio, terminals, an empty environment, a filesystem
     // without preopens.

@@ -1,10 +1,13 @@
 //! `no-latest-tag` (validator): images must name a tag other than `latest`, or a digest.
 //!
 //! Config: none (`{}`).
+//!
+//! Built against `sluice:plugin@0.2.0`: it reads only the `image` fields.
 
 use serde::Deserialize;
-use serde_json::Value;
-use sluice_plugin_sdk::{Finding, FindingBuilder, all_containers, parse_image};
+use sluice_plugin_sdk::pointer::field_path;
+use sluice_plugin_sdk::v2::{Fields, Validator, containers, object_ref};
+use sluice_plugin_sdk::{Context, Finding, FindingBuilder, parse_image};
 
 /// Plugin configuration: nothing to configure.
 #[derive(Debug, Default, Deserialize)]
@@ -12,43 +15,44 @@ use sluice_plugin_sdk::{Finding, FindingBuilder, all_containers, parse_image};
 pub struct Config {}
 
 /// Reports images without a tag, with `:latest`, and without a digest.
-pub fn validate(objects: &[Value]) -> Vec<Finding> {
-    all_containers(objects)
-        .into_iter()
-        .filter_map(|c| {
-            let image = c.container["image"].as_str()?;
-            let (_, tag, digest) = parse_image(image);
-            (digest.is_none() && matches!(tag, None | Some("latest"))).then(|| {
-                FindingBuilder::error(format!(
-                    "image {image} uses the latest tag; pin a version or a digest"
-                ))
-                .object(c.index, c.object)
-                .field(format!("{}.image", c.path))
-                .rule("no-latest-tag")
-                .build()
-            })
-        })
-        .collect()
+pub fn validate<O: Fields>(objects: &[O]) -> Vec<Finding> {
+    let mut found = Vec::new();
+    for (index, o) in objects.iter().enumerate() {
+        for container in containers(o) {
+            let at = format!("{container}/image");
+            let Some(image) = o.get_str(&at) else {
+                continue;
+            };
+            let (_, tag, digest) = parse_image(&image);
+            if digest.is_none() && matches!(tag, None | Some("latest")) {
+                found.push(
+                    FindingBuilder::error(format!(
+                        "image {image} uses the latest tag; pin a version or a digest"
+                    ))
+                    .object_ref(object_ref(index, o))
+                    .field(field_path(&at))
+                    .rule("no-latest-tag")
+                    .build(),
+                );
+            }
+        }
+    }
+    found
 }
 
-/// The plugin, for [`sluice_plugin_sdk::export_validator!`].
+/// The plugin, for [`sluice_plugin_sdk::export_validator_v2!`].
 pub struct Plugin;
 
-impl sluice_plugin_sdk::Validator for Plugin {
+impl Validator for Plugin {
     type Config = Config;
 
-    fn validate(
-        config: &Config,
-        _: &sluice_plugin_sdk::Context,
-        objects: &[Value],
-    ) -> Vec<sluice_plugin_sdk::Finding> {
-        let _ = config;
+    fn validate<O: Fields>(_: &Config, _: &Context, objects: &[O]) -> Vec<Finding> {
         validate(objects)
     }
 }
 
 #[cfg(target_arch = "wasm32")]
-sluice_plugin_sdk::export_validator!(Plugin, "../../wit");
+sluice_plugin_sdk::export_validator_v2!(Plugin, "../../wit/v0.2");
 
 #[cfg(test)]
 mod tests {

@@ -4,12 +4,17 @@
 //!
 //! Config: `{images: {"nginx:1.27": "sha256:…"}, require_pinned: false}`. With
 //! `require_pinned`, an image left without a digest fails the commit.
+//!
+//! Built against `sluice:plugin@0.2.0`: it reads and writes only the `image` fields.
 
 use std::collections::BTreeMap;
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
-use serde_json::Value;
-use sluice_plugin_sdk::{Finding, FindingBuilder, containers_mut, parse_image, pod_spec_mut};
+use sluice_plugin_sdk::pointer::field_path;
+use sluice_plugin_sdk::v2::{Fields, Object, Transformer, containers, object_ref};
+use sluice_plugin_sdk::{Context, Finding, FindingBuilder, parse_image};
 
 /// Plugin configuration.
 #[derive(Debug, Default, Deserialize)]
@@ -36,16 +41,17 @@ pub fn check(config: &Config) -> Result<(), String> {
     Ok(())
 }
 
-/// Pins the images; returns findings for unpinned images when `require_pinned`.
-pub fn transform(config: &Config, objects: &mut [Value]) -> Result<(), Vec<Finding>> {
+/// Pins the images, reading and writing only the `image` fields; returns findings for
+/// unpinned images when `require_pinned`.
+///
+/// # Errors
+/// The findings above, or an image field that cannot be written.
+pub fn transform<O: Fields>(config: &Config, objects: &mut [O]) -> Result<(), Vec<Finding>> {
     let mut findings = Vec::new();
     for (index, o) in objects.iter_mut().enumerate() {
-        let snapshot = o.clone();
-        let Some((spec_path, spec)) = pod_spec_mut(o) else {
-            continue;
-        };
-        for (path, container) in containers_mut(spec) {
-            let Some(image) = container["image"].as_str().map(str::to_string) else {
+        for container in containers(o) {
+            let at = format!("{container}/image");
+            let Some(image) = o.get_str(&at).map(Cow::into_owned) else {
                 continue;
             };
             let (name, tag, digest) = parse_image(&image);
@@ -53,21 +59,28 @@ pub fn transform(config: &Config, objects: &mut [Value]) -> Result<(), Vec<Findi
                 continue;
             }
             let key = format!("{name}:{}", tag.unwrap_or("latest"));
+            let finding = |o: &O, message: String| {
+                FindingBuilder::error(message)
+                    .object_ref(object_ref(index, o))
+                    .field(field_path(&at))
+                    .rule("pin-images")
+                    .build()
+            };
             match config
                 .images
                 .get(&key)
                 .or_else(|| config.images.get(&image))
             {
-                Some(d) => container["image"] = Value::String(format!("{image}@{d}")),
-                None if config.require_pinned => findings.push(
-                    FindingBuilder::error(format!(
-                        "image {image} has no digest and none is locked for it"
-                    ))
-                    .object(index, &snapshot)
-                    .field(format!("{spec_path}.{path}.image"))
-                    .rule("pin-images")
-                    .build(),
-                ),
+                Some(d) => {
+                    let pinned = format!("{image}@{d}");
+                    if let Err(e) = o.set_str(&at, &pinned) {
+                        return Err(vec![finding(o, e)]);
+                    }
+                }
+                None if config.require_pinned => findings.push(finding(
+                    o,
+                    format!("image {image} has no digest and none is locked for it"),
+                )),
                 None => {}
             }
         }
@@ -79,27 +92,27 @@ pub fn transform(config: &Config, objects: &mut [Value]) -> Result<(), Vec<Findi
     }
 }
 
-/// The plugin, for [`sluice_plugin_sdk::export_transformer!`].
+/// The plugin, for [`sluice_plugin_sdk::export_transformer_v2!`].
 pub struct Plugin;
 
-impl sluice_plugin_sdk::Transformer for Plugin {
+impl Transformer for Plugin {
     type Config = Config;
 
     fn check(config: &Config) -> Result<(), String> {
         check(config)
     }
 
-    fn transform(
+    fn transform<O: Object>(
         config: &Config,
-        _: &sluice_plugin_sdk::Context,
-        objects: &mut Vec<(Value, sluice_plugin_sdk::Origin)>,
-    ) -> Result<(), Vec<sluice_plugin_sdk::Finding>> {
-        sluice_plugin_sdk::with_values(objects, |values| transform(config, values))
+        _: &Context,
+        objects: &mut Vec<O>,
+    ) -> Result<(), Vec<Finding>> {
+        transform(config, objects)
     }
 }
 
 #[cfg(target_arch = "wasm32")]
-sluice_plugin_sdk::export_transformer!(Plugin, "../../wit");
+sluice_plugin_sdk::export_transformer_v2!(Plugin, "../../wit/v0.2");
 
 #[cfg(test)]
 mod tests {

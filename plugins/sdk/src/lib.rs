@@ -1,7 +1,10 @@
 //! Write sluice plugins in Rust.
 //!
-//! The contract is the WIT package `sluice:plugin@0.1.0` (`wit/plugin.wit` in the sluice
-//! repository). This crate generates its bindings and adds what every plugin needs:
+//! Two contracts: `sluice:plugin@0.1.0` (`wit/plugin.wit` in the sluice repository), where
+//! objects cross into the plugin as JSON text, and `sluice:plugin@0.2.0` (`wit/v0.2`),
+//! where they stay in the host and the plugin reads and writes fields through handles:
+//! see [`v2`], the faster one. This crate generates the bindings and adds what every
+//! plugin needs:
 //! typed configuration ([`parse_config`]), the pod specs inside workloads ([`pod_specs_mut`], [`containers`]) and
 //! findings ([`FindingBuilder`]).
 //!
@@ -29,8 +32,15 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod pointer;
+pub mod v2;
+
+#[cfg(feature = "bindings")]
 #[doc(hidden)]
 pub use wit_bindgen;
+
+#[doc(hidden)]
+pub use serde_json::Value as __Value;
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -186,6 +196,12 @@ impl FindingBuilder {
     #[must_use]
     pub fn object(mut self, index: usize, value: &Value) -> Self {
         self.0.object = Some(object_ref(index, value));
+        self
+    }
+    /// The object concerned, as a reference already read (see [`v2::object_ref`]).
+    #[must_use]
+    pub fn object_ref(mut self, object: ObjectRef) -> Self {
+        self.0.object = Some(object);
         self
     }
     /// The field concerned.
@@ -349,20 +365,43 @@ pub fn __decode(json: &str) -> Result<Value, String> {
     serde_json::from_str(json).map_err(|e| format!("object is not JSON: {e}"))
 }
 
+/// Where each workload kind keeps its pod spec: as field names, and as a JSON Pointer.
+const POD_SPECS: [(&[&str], &[&str], &str); 4] = [
+    (&["Pod"], &["spec"], "/spec"),
+    (
+        &[
+            "Deployment",
+            "ReplicaSet",
+            "StatefulSet",
+            "DaemonSet",
+            "Job",
+            "ReplicationController",
+        ],
+        &["spec", "template", "spec"],
+        "/spec/template/spec",
+    ),
+    (
+        &["CronJob"],
+        &["spec", "jobTemplate", "spec", "template", "spec"],
+        "/spec/jobTemplate/spec/template/spec",
+    ),
+    (&["PodTemplate"], &["template", "spec"], "/template/spec"),
+];
+
 /// Where the pod spec of each workload kind lives.
 pub fn pod_spec_path(kind: &str) -> Option<&'static [&'static str]> {
-    Some(match kind {
-        "Pod" => &["spec"],
-        "Deployment"
-        | "ReplicaSet"
-        | "StatefulSet"
-        | "DaemonSet"
-        | "Job"
-        | "ReplicationController" => &["spec", "template", "spec"],
-        "CronJob" => &["spec", "jobTemplate", "spec", "template", "spec"],
-        "PodTemplate" => &["template", "spec"],
-        _ => return None,
-    })
+    POD_SPECS
+        .iter()
+        .find(|(kinds, _, _)| kinds.contains(&kind))
+        .map(|(_, path, _)| *path)
+}
+
+/// Where the pod spec of each workload kind lives, as a JSON Pointer (`/spec/template/spec`).
+pub fn pod_spec_pointer(kind: &str) -> Option<&'static str> {
+    POD_SPECS
+        .iter()
+        .find(|(kinds, _, _)| kinds.contains(&kind))
+        .map(|(_, _, pointer)| *pointer)
 }
 
 /// The pod template's metadata of each workload kind (not for Pods themselves).

@@ -3,9 +3,14 @@
 //! `config.kubernetes.io/depends-on` entries pointing at moved objects.
 //!
 //! Config: `{namespace: <name>, cluster_scoped_kinds: [extra kinds to leave alone]}`.
+//!
+//! Built against `sluice:plugin@0.2.0`: it reads and writes only the fields it needs.
+
+use std::borrow::Cow;
 
 use serde::Deserialize;
-use serde_json::Value;
+use sluice_plugin_sdk::v2::{Fields, Object, Transformer, object_ref};
+use sluice_plugin_sdk::{Context, Finding, FindingBuilder};
 
 /// Plugin configuration.
 #[derive(Debug, Default, Deserialize)]
@@ -51,86 +56,111 @@ pub fn check(config: &Config) -> Result<(), String> {
     Ok(())
 }
 
-/// Moves the objects.
-pub fn transform(config: &Config, objects: &mut [Value]) {
+/// The annotation through which cli-utils orders objects, naming the objects they wait
+/// for by namespace.
+const DEPENDS_ON: &str = "/metadata/annotations/config.kubernetes.io~1depends-on";
+
+/// Moves the objects, field by field (no write where nothing changes).
+///
+/// # Errors
+/// An error finding for an object whose `metadata` or `subjects` cannot hold the change
+/// (a scalar where a map must be).
+pub fn transform<O: Fields>(config: &Config, objects: &mut [O]) -> Result<(), Vec<Finding>> {
     let ns = config.namespace.as_str();
     let scoped = |kind: &str| {
         !CLUSTER_SCOPED.contains(&kind) && !config.cluster_scoped_kinds.iter().any(|k| k == kind)
     };
+    let failed = |index: usize, o: &O, message: String| {
+        vec![
+            FindingBuilder::error(message)
+                .object_ref(object_ref(index, o))
+                .rule("set-namespace")
+                .build(),
+        ]
+    };
+    let kinds: Vec<String> = objects
+        .iter()
+        .map(|o| o.get_str("/kind").map(Cow::into_owned).unwrap_or_default())
+        .collect();
     // Old namespaces of moved objects: references into them are references to moved objects.
     let mut moved: Vec<String> = Vec::new();
-    for o in objects.iter_mut() {
-        if !scoped(o["kind"].as_str().unwrap_or_default()) {
+    for (index, (o, kind)) in objects.iter_mut().zip(&kinds).enumerate() {
+        if !scoped(kind) {
             continue;
         }
-        if let Some(old) = o["metadata"]["namespace"].as_str()
-            && old != ns
-            && !moved.iter().any(|m| m == old)
-        {
-            moved.push(old.to_string());
+        match o.get_str("/metadata/namespace") {
+            Some(old) if old == ns => continue,
+            Some(old) if !moved.iter().any(|m| *m == old) => moved.push(old.into_owned()),
+            _ => {}
         }
-        o["metadata"]["namespace"] = Value::String(ns.to_string());
+        o.set_str("/metadata/namespace", ns)
+            .map_err(|e| failed(index, o, e))?;
     }
-    for o in objects.iter_mut() {
-        let kind = o["kind"].as_str().unwrap_or_default().to_string();
+    for (index, (o, kind)) in objects.iter_mut().zip(&kinds).enumerate() {
         if kind == "RoleBinding" || kind == "ClusterRoleBinding" {
-            for s in o["subjects"].as_array_mut().into_iter().flatten() {
-                let in_moved = s["namespace"]
-                    .as_str()
-                    .is_none_or(|n| n.is_empty() || moved.iter().any(|m| m == n));
-                if s["kind"] == "ServiceAccount" && in_moved {
-                    s["namespace"] = Value::String(ns.to_string());
+            for i in 0..o.len("/subjects").unwrap_or(0) {
+                let is_account = o
+                    .get_str(&format!("/subjects/{i}/kind"))
+                    .is_some_and(|k| k == "ServiceAccount");
+                let at = format!("/subjects/{i}/namespace");
+                let in_moved = o
+                    .get_str(&at)
+                    .is_none_or(|n| n.is_empty() || moved.iter().any(|m| *m == n));
+                if is_account && in_moved {
+                    o.set_str(&at, ns).map_err(|e| failed(index, o, e))?;
                 }
             }
         }
-        let key = "config.kubernetes.io/depends-on";
-        if let Some(deps) = o["metadata"]["annotations"][key].as_str() {
-            let rewritten: Vec<String> = deps
-                .split(',')
-                .map(|entry| {
-                    let parts: Vec<&str> = entry.trim().split('/').collect();
-                    match parts.as_slice() {
-                        [g, "namespaces", old, k, n] if moved.iter().any(|m| m == old) => {
-                            format!("{g}/namespaces/{ns}/{k}/{n}")
-                        }
-                        _ => entry.trim().to_string(),
+        let Some(deps) = o.get_str(DEPENDS_ON).map(Cow::into_owned) else {
+            continue;
+        };
+        let rewritten: Vec<String> = deps
+            .split(',')
+            .map(|entry| {
+                let parts: Vec<&str> = entry.trim().split('/').collect();
+                match parts.as_slice() {
+                    [g, "namespaces", old, k, n] if moved.iter().any(|m| m == old) => {
+                        format!("{g}/namespaces/{ns}/{k}/{n}")
                     }
-                })
-                .collect();
-            o["metadata"]["annotations"][key] = Value::String(rewritten.join(","));
+                    _ => entry.trim().to_string(),
+                }
+            })
+            .collect();
+        let rewritten = rewritten.join(",");
+        if rewritten != deps {
+            o.set_str(DEPENDS_ON, &rewritten)
+                .map_err(|e| failed(index, o, e))?;
         }
     }
+    Ok(())
 }
 
-/// The plugin, for [`sluice_plugin_sdk::export_transformer!`].
+/// The plugin, for [`sluice_plugin_sdk::export_transformer_v2!`].
 pub struct Plugin;
 
-impl sluice_plugin_sdk::Transformer for Plugin {
+impl Transformer for Plugin {
     type Config = Config;
 
     fn check(config: &Config) -> Result<(), String> {
         check(config)
     }
 
-    fn transform(
+    fn transform<O: Object>(
         config: &Config,
-        _: &sluice_plugin_sdk::Context,
-        objects: &mut Vec<(Value, sluice_plugin_sdk::Origin)>,
-    ) -> Result<(), Vec<sluice_plugin_sdk::Finding>> {
-        sluice_plugin_sdk::with_values(objects, |values| {
-            transform(config, values);
-            Ok(())
-        })
+        _: &Context,
+        objects: &mut Vec<O>,
+    ) -> Result<(), Vec<Finding>> {
+        transform(config, objects)
     }
 }
 
 #[cfg(target_arch = "wasm32")]
-sluice_plugin_sdk::export_transformer!(Plugin, "../../wit");
+sluice_plugin_sdk::export_transformer_v2!(Plugin, "../../wit/v0.2");
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     fn run(ns: &str, mut objects: Vec<Value>) -> Vec<Value> {
         transform(
@@ -139,7 +169,8 @@ mod tests {
                 cluster_scoped_kinds: vec!["Widget".into()],
             },
             &mut objects,
-        );
+        )
+        .expect("moved");
         objects
     }
 
