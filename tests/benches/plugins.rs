@@ -27,6 +27,10 @@ use serde_json::{Value, json};
 use sluice::object::{Object, Origin};
 use sluice::plugins::{self, FailurePolicy, Limits, Mode, Plugin, Runtime, Spec, Subject};
 
+/// The agent's allocator (host/src/main.rs): both sides allocate as they would in it.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const OBJECTS: usize = 10_000;
 const DIGEST: &str = "sha256:00000000000000000000000000000000000000000000000000000000000000aa";
 
@@ -248,6 +252,23 @@ mod wasm {
     #[divan::bench]
     fn chain(b: Bencher) {
         run(b, &CHAIN);
+    }
+
+    /// The contract's own cost per object: a 0.2.0 transformer that returns the handles it
+    /// got without touching them (the hostile test plugin with no act).
+    #[divan::bench]
+    fn pass_through(b: Bencher) {
+        static PASS: LazyLock<Vec<Arc<Plugin>>> = LazyLock::new(|| {
+            let bytes =
+                std::fs::read(sluice_testenv::wasm::component("hostile-v2")).expect("component");
+            let runtime = Runtime::new(None).expect("runtime");
+            vec![Arc::new(
+                runtime
+                    .load(&spec("hostile-v2", Value::Null), &bytes)
+                    .expect("load"),
+            )]
+        });
+        run(b, &PASS);
     }
 
     /// A call with no objects: a fresh Store and instance from the InstancePre.

@@ -182,18 +182,19 @@ impl types::HostObject for State {
     }
 
     fn get(&mut self, handle: Resource<Handle>, at: String) -> Option<String> {
-        self.objects
-            .value(&handle)
-            .pointer(&at)
-            .map(Value::to_string)
+        pointer::get(self.objects.value(&handle), &at).map(Value::to_string)
     }
 
     fn get_string(&mut self, handle: Resource<Handle>, at: String) -> Option<String> {
-        self.objects
-            .value(&handle)
-            .pointer(&at)?
+        pointer::get(self.objects.value(&handle), &at)?
             .as_str()
             .map(String::from)
+    }
+
+    fn find_strings(&mut self, handle: Resource<Handle>, patterns: Vec<String>) -> types::Found {
+        let found = pointer::find_strings(self.objects.value(&handle), &patterns);
+        let (text, bounds) = pointer::pack(&found);
+        types::Found { text, bounds }
     }
 
     fn len(&mut self, handle: Resource<Handle>, at: String) -> Option<u32> {

@@ -6,7 +6,7 @@
 
 use serde::Deserialize;
 use sluice_plugin_sdk::pointer::field_path;
-use sluice_plugin_sdk::v2::{Fields, Validator, containers, object_ref};
+use sluice_plugin_sdk::v2::{Fields, Validator, images, object_ref};
 use sluice_plugin_sdk::{Context, Finding, FindingBuilder, parse_image};
 
 /// Plugin configuration: nothing to configure.
@@ -18,11 +18,7 @@ pub struct Config {}
 pub fn validate<O: Fields>(objects: &[O]) -> Vec<Finding> {
     let mut found = Vec::new();
     for (index, o) in objects.iter().enumerate() {
-        for container in containers(o) {
-            let at = format!("{container}/image");
-            let Some(image) = o.get_str(&at) else {
-                continue;
-            };
+        for (at, image) in images(o) {
             let (_, tag, digest) = parse_image(&image);
             if digest.is_none() && matches!(tag, None | Some("latest")) {
                 found.push(

@@ -9,11 +9,9 @@
 
 use std::collections::BTreeMap;
 
-use std::borrow::Cow;
-
 use serde::Deserialize;
 use sluice_plugin_sdk::pointer::field_path;
-use sluice_plugin_sdk::v2::{Fields, Object, Transformer, containers, object_ref};
+use sluice_plugin_sdk::v2::{Fields, Object, Transformer, images, object_ref};
 use sluice_plugin_sdk::{Context, Finding, FindingBuilder, parse_image};
 
 /// Plugin configuration.
@@ -49,11 +47,11 @@ pub fn check(config: &Config) -> Result<(), String> {
 pub fn transform<O: Fields>(config: &Config, objects: &mut [O]) -> Result<(), Vec<Finding>> {
     let mut findings = Vec::new();
     for (index, o) in objects.iter_mut().enumerate() {
-        for container in containers(o) {
-            let at = format!("{container}/image");
-            let Some(image) = o.get_str(&at).map(Cow::into_owned) else {
-                continue;
-            };
+        let images: Vec<(String, String)> = images(o)
+            .into_iter()
+            .map(|(at, image)| (at, image.into_owned()))
+            .collect();
+        for (at, image) in images {
             let (name, tag, digest) = parse_image(&image);
             if digest.is_some() {
                 continue;

@@ -38,6 +38,9 @@ pub trait Fields {
     fn get(&self, pointer: &str) -> Option<Value>;
     /// The string at `pointer`; none when absent or not a string.
     fn get_str(&self, pointer: &str) -> Option<Cow<'_, str>>;
+    /// Every string `patterns` find, with its pointer ([`pointer::find_strings`]): one
+    /// crossing into the host for many reads.
+    fn find_strings(&self, patterns: &[&str]) -> Vec<(String, Cow<'_, str>)>;
     /// Items of the list, or keys of the map, at `pointer`.
     fn len(&self, pointer: &str) -> Option<usize>;
     /// Keys of the map at `pointer`, in order.
@@ -74,10 +77,16 @@ pub trait Object: Fields + Sized {
 
 impl Fields for Value {
     fn get(&self, pointer: &str) -> Option<Value> {
-        self.pointer(pointer).cloned()
+        pointer::get(self, pointer).cloned()
     }
     fn get_str(&self, pointer: &str) -> Option<Cow<'_, str>> {
-        self.pointer(pointer)?.as_str().map(Cow::Borrowed)
+        pointer::get(self, pointer)?.as_str().map(Cow::Borrowed)
+    }
+    fn find_strings(&self, patterns: &[&str]) -> Vec<(String, Cow<'_, str>)> {
+        pointer::find_strings(self, patterns)
+            .into_iter()
+            .map(|(at, s)| (at, Cow::Borrowed(s)))
+            .collect()
     }
     fn len(&self, pointer: &str) -> Option<usize> {
         pointer::len(self, pointer)
@@ -108,16 +117,29 @@ impl Object for Value {
     }
 }
 
-/// A finding's reference to the object at `index`, read field by field.
+/// A finding's reference to the object at `index`, read in one [`Fields::find_strings`].
 pub fn object_ref(index: usize, o: &impl Fields) -> ObjectRef {
-    let s = |p: &str| o.get_str(p).map(Cow::into_owned).unwrap_or_default();
-    ObjectRef {
+    const IDENTITY: [&str; 4] = [
+        "/apiVersion",
+        "/kind",
+        "/metadata/namespace",
+        "/metadata/name",
+    ];
+    let mut r = ObjectRef {
         index: index as u32,
-        api_version: s("/apiVersion"),
-        kind: s("/kind"),
-        namespace: s("/metadata/namespace"),
-        name: s("/metadata/name"),
+        ..ObjectRef::default()
+    };
+    for (at, s) in o.find_strings(&IDENTITY) {
+        let field = match at.as_str() {
+            "/apiVersion" => &mut r.api_version,
+            "/kind" => &mut r.kind,
+            "/metadata/namespace" => &mut r.namespace,
+            "/metadata/name" => &mut r.name,
+            _ => continue,
+        };
+        *field = s.into_owned();
     }
+    r
 }
 
 /// The pointer of every container (init, regular, ephemeral) of a workload, e.g.
@@ -134,6 +156,44 @@ pub fn containers(o: &impl Fields) -> Vec<String> {
         }
     }
     out
+}
+
+/// Where an image is in a workload: every shape's pod spec (see [`crate::pod_spec_path`]),
+/// any list in it, any item.
+const IMAGE_PATTERNS: [&str; 5] = [
+    "/kind",
+    "/spec/*/*/image",
+    "/spec/template/spec/*/*/image",
+    "/spec/jobTemplate/spec/template/spec/*/*/image",
+    "/template/spec/*/*/image",
+];
+
+/// Every container image of a workload (init, regular, ephemeral), with the pointer of
+/// its `image` field (e.g. `/spec/template/spec/containers/0/image`); empty for anything
+/// else. One [`Fields::find_strings`], so one crossing into the host per object.
+pub fn images<O: Fields>(o: &O) -> Vec<(String, Cow<'_, str>)> {
+    let mut found = o.find_strings(&IMAGE_PATTERNS).into_iter();
+    let Some(base) = found
+        .next()
+        .filter(|(at, _)| at == "/kind")
+        .and_then(|(_, kind)| pod_spec_pointer(&kind))
+    else {
+        return Vec::new();
+    };
+    found
+        .filter(|(at, _)| {
+            // `<base>/<list>/<index>/image`, and only the container lists.
+            at.strip_prefix(base)
+                .and_then(|rest| rest.strip_prefix('/'))
+                .and_then(|rest| rest.split_once('/'))
+                .is_some_and(|(list, rest)| {
+                    CONTAINER_LISTS.contains(&list)
+                        && rest
+                            .strip_suffix("/image")
+                            .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+                })
+        })
+        .collect()
 }
 
 /// A transformer for `sluice:plugin@0.2.0`. Export it with
@@ -187,6 +247,9 @@ macro_rules! export_transformer_v2 {
                 path: $wit,
                 world: "transformer",
                 runtime_path: "::sluice_plugin_sdk::wit_bindgen::rt",
+                // Imports take borrowed arguments (`&[&str]` for a list of strings):
+                // nothing is copied to make a call into the host.
+                ownership: Borrowing { duplicate_if_necessary: false },
             });
             use sluice::plugin::types as wit;
 
@@ -241,6 +304,7 @@ macro_rules! export_validator_v2 {
                 path: $wit,
                 world: "validator",
                 runtime_path: "::sluice_plugin_sdk::wit_bindgen::rt",
+                ownership: Borrowing { duplicate_if_necessary: false },
             });
             use sluice::plugin::types as wit;
 
@@ -281,6 +345,16 @@ macro_rules! __fields_of_handle {
             }
             fn get_str(&self, pointer: &str) -> Option<::std::borrow::Cow<'_, str>> {
                 $wit::Object::get_string(self, pointer).map(::std::borrow::Cow::Owned)
+            }
+            fn find_strings(
+                &self,
+                patterns: &[&str],
+            ) -> Vec<(String, ::std::borrow::Cow<'_, str>)> {
+                let found = $wit::Object::find_strings(self, patterns);
+                $crate::pointer::unpack(&found.text, &found.bounds)
+                    .into_iter()
+                    .map(|(at, s)| (at, ::std::borrow::Cow::Owned(s)))
+                    .collect()
             }
             fn len(&self, pointer: &str) -> Option<usize> {
                 $wit::Object::len(self, pointer).map(|n| n as usize)
@@ -323,6 +397,37 @@ mod tests {
             ]
         );
         assert!(containers(&json!({"kind": "ConfigMap"})).is_empty());
+        let found: Vec<(String, String)> = images(&cron)
+            .into_iter()
+            .map(|(at, s)| (at, s.into_owned()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (
+                    "/spec/jobTemplate/spec/template/spec/containers/0/image".to_string(),
+                    "a".to_string()
+                ),
+                (
+                    "/spec/jobTemplate/spec/template/spec/containers/1/image".to_string(),
+                    "b".to_string()
+                ),
+                (
+                    "/spec/jobTemplate/spec/template/spec/initContainers/0/image".to_string(),
+                    "i".to_string()
+                ),
+            ],
+            "in document order"
+        );
+        let odd = json!({"kind": "Pod", "spec": {"volumes": [{"image": "not a container"}], "containers": [{"image": "c"}]},
+                         "template": {"spec": {"containers": [{"image": "not this shape"}]}}});
+        assert_eq!(
+            images(&odd)
+                .into_iter()
+                .map(|(at, _)| at)
+                .collect::<Vec<_>>(),
+            ["/spec/containers/0/image"]
+        );
         assert_eq!(
             object_ref(3, &cron),
             ObjectRef {

@@ -6,8 +6,6 @@
 //!
 //! Built against `sluice:plugin@0.2.0`: it reads and writes only the fields it needs.
 
-use std::borrow::Cow;
-
 use serde::Deserialize;
 use sluice_plugin_sdk::v2::{Fields, Object, Transformer, object_ref};
 use sluice_plugin_sdk::{Context, Finding, FindingBuilder};
@@ -60,6 +58,9 @@ pub fn check(config: &Config) -> Result<(), String> {
 /// for by namespace.
 const DEPENDS_ON: &str = "/metadata/annotations/config.kubernetes.io~1depends-on";
 
+/// What set-namespace reads of every object.
+const READ: [&str; 3] = ["/kind", "/metadata/namespace", DEPENDS_ON];
+
 /// Moves the objects, field by field (no write where nothing changes).
 ///
 /// # Errors
@@ -78,25 +79,35 @@ pub fn transform<O: Fields>(config: &Config, objects: &mut [O]) -> Result<(), Ve
                 .build(),
         ]
     };
-    let kinds: Vec<String> = objects
+    // Each object's kind, namespace and depends-on annotation, read in one crossing.
+    let read: Vec<[Option<String>; 3]> = objects
         .iter()
-        .map(|o| o.get_str("/kind").map(Cow::into_owned).unwrap_or_default())
+        .map(|o| {
+            let mut fields = [None, None, None];
+            for (at, value) in o.find_strings(&READ) {
+                if let Some(i) = READ.iter().position(|r| *r == at) {
+                    fields[i] = Some(value.into_owned());
+                }
+            }
+            fields
+        })
         .collect();
     // Old namespaces of moved objects: references into them are references to moved objects.
     let mut moved: Vec<String> = Vec::new();
-    for (index, (o, kind)) in objects.iter_mut().zip(&kinds).enumerate() {
-        if !scoped(kind) {
+    for (index, (o, [kind, namespace, _])) in objects.iter_mut().zip(&read).enumerate() {
+        if !scoped(kind.as_deref().unwrap_or_default()) {
             continue;
         }
-        match o.get_str("/metadata/namespace") {
+        match namespace {
             Some(old) if old == ns => continue,
-            Some(old) if !moved.iter().any(|m| *m == old) => moved.push(old.into_owned()),
+            Some(old) if !moved.contains(old) => moved.push(old.clone()),
             _ => {}
         }
         o.set_str("/metadata/namespace", ns)
             .map_err(|e| failed(index, o, e))?;
     }
-    for (index, (o, kind)) in objects.iter_mut().zip(&kinds).enumerate() {
+    for (index, (o, [kind, _, deps])) in objects.iter_mut().zip(&read).enumerate() {
+        let kind = kind.as_deref().unwrap_or_default();
         if kind == "RoleBinding" || kind == "ClusterRoleBinding" {
             for i in 0..o.len("/subjects").unwrap_or(0) {
                 let is_account = o
@@ -111,7 +122,7 @@ pub fn transform<O: Fields>(config: &Config, objects: &mut [O]) -> Result<(), Ve
                 }
             }
         }
-        let Some(deps) = o.get_str(DEPENDS_ON).map(Cow::into_owned) else {
+        let Some(deps) = deps else {
             continue;
         };
         let rewritten: Vec<String> = deps
@@ -127,7 +138,7 @@ pub fn transform<O: Fields>(config: &Config, objects: &mut [O]) -> Result<(), Ve
             })
             .collect();
         let rewritten = rewritten.join(",");
-        if rewritten != deps {
+        if rewritten != *deps {
             o.set_str(DEPENDS_ON, &rewritten)
                 .map_err(|e| failed(index, o, e))?;
         }
