@@ -8,15 +8,18 @@
 //! [`crate::pointer`].
 //!
 //! ```ignore
-//! use sluice_plugin_sdk::v2::{Fields, Transformer};
+//! use sluice_plugin_sdk::v2::{Object, Transformer, object_ref};
+//! use sluice_plugin_sdk::{Context, Finding, FindingBuilder};
 //!
 //! struct AddTeamLabel;
 //!
 //! impl Transformer for AddTeamLabel {
 //!     type Config = ();
 //!     fn transform<O: Object>(_: &(), _: &Context, objects: &mut Vec<O>) -> Result<(), Vec<Finding>> {
-//!         for o in objects.iter_mut() {
-//!             o.set_str("/metadata/labels/team", "platform").map_err(error)?;
+//!         for (i, o) in objects.iter_mut().enumerate() {
+//!             if let Err(e) = o.set_str("/metadata/labels/team", "platform") {
+//!                 return Err(vec![FindingBuilder::error(e).object_ref(object_ref(i, o)).build()]);
+//!             }
 //!         }
 //!         Ok(())
 //!     }

@@ -3,7 +3,7 @@
 //! bindings directly: the SDK's `Validator` gives a validator no way to write.
 
 #[cfg(target_arch = "wasm32")]
-#[allow(unsafe_code, reason = "wit-bindgen's generated exports")]
+#[allow(unsafe_code, clippy::all, reason = "wit-bindgen's generated exports")]
 mod component {
     sluice_plugin_sdk::wit_bindgen::generate!({
         path: "../../../wit/v0.2",
