@@ -474,6 +474,16 @@ fn v2_handle_misuse_yields_the_documented_errors() {
             message: "object 0 (f0.yaml:3) Deployment/dev/ is missing metadata.name".into(),
         }
     );
+    // Only objects a write may have broken are checked; a write above the name is one.
+    assert_eq!(
+        hostile_v2("replace-metadata", |_| {}).expect_err("no name"),
+        Error::InvalidOutput {
+            plugin: "hostile-v2".into(),
+            project: "p".into(),
+            commit: "c".into(),
+            message: "object 0 (f0.yaml:3) Deployment/x/ is missing metadata.name".into(),
+        }
+    );
     assert_eq!(
         refusal(hostile_v2("bad-set", |_| {})),
         r#"Err("cannot set /metadata/name/x: /metadata/name is a string")"#

@@ -20,11 +20,23 @@ use crate::object::{Object, Origin};
 /// The `object` resource's host type. A handle's rep is the index of its [`Slot`].
 pub struct Handle;
 
-/// One object of a call, and whether the guest still holds it.
+/// One object of a call, whether the guest still holds it, and whether a write may have
+/// changed its identity (apiVersion, kind, metadata.name): the host checks only those
+/// objects when the plugin returns them. Inputs come checked, `parse` checks what it makes.
 #[derive(Debug)]
 struct Slot {
     object: Object,
     live: bool,
+    identity_written: bool,
+}
+
+/// Whether a write at `pointer` can change an object's identity fields: it is one of them
+/// or holds one. (A write below `/metadata/name` or `/kind` fails on the string there.)
+fn touches_identity(pointer: &str) -> bool {
+    matches!(
+        pointer,
+        "" | "/apiVersion" | "/kind" | "/metadata" | "/metadata/name"
+    )
 }
 
 /// The objects of one call.
@@ -61,7 +73,11 @@ impl Objects {
             inputs: objects.len(),
             slots: objects
                 .into_iter()
-                .map(|object| Slot { object, live: true })
+                .map(|object| Slot {
+                    object,
+                    live: true,
+                    identity_written: false,
+                })
                 .collect(),
             read_only,
             written: 0,
@@ -98,27 +114,32 @@ impl Objects {
         Ok(())
     }
 
-    fn value_mut(&mut self, handle: &Resource<Handle>) -> Option<&mut Value> {
-        self.slots
+    /// The object a handle names, to write at `pointer`.
+    fn value_mut(&mut self, handle: &Resource<Handle>, pointer: &str) -> Option<&mut Value> {
+        let slot = self
+            .slots
             .get_mut(handle.rep() as usize)
-            .filter(|s| s.live)
-            .map(|s| &mut s.object.value)
+            .filter(|s| s.live)?;
+        slot.identity_written |= touches_identity(pointer);
+        Some(&mut slot.object.value)
     }
 
-    /// Takes the object a returned handle names (once; a second take is none).
-    pub fn take(&mut self, handle: &Resource<Handle>) -> Option<Object> {
+    /// Takes the object a returned handle names (once; a second take is none), and whether
+    /// a write may have changed its identity.
+    pub fn take(&mut self, handle: &Resource<Handle>) -> Option<(Object, bool)> {
         let slot = self.slots.get_mut(handle.rep() as usize)?;
         if !slot.live {
             return None;
         }
         slot.live = false;
-        Some(std::mem::replace(
+        let object = std::mem::replace(
             &mut slot.object,
             Object {
                 value: Value::Null,
                 origin: Origin::default(),
             },
-        ))
+        );
+        Some((object, slot.identity_written))
     }
 
     /// The origin of input `index`, for findings (kept after its handle is dropped).
@@ -165,6 +186,7 @@ impl types::HostObject for State {
                 },
             },
             live: true,
+            identity_written: false,
         });
         Ok(Resource::new_own(rep))
     }
@@ -226,7 +248,7 @@ impl types::HostObject for State {
         if self.objects.read_only {
             return Err(READ_ONLY.into());
         }
-        match self.objects.value_mut(&handle) {
+        match self.objects.value_mut(&handle, &at) {
             Some(v) => pointer::remove(v, &at),
             None => Ok(false),
         }
@@ -254,7 +276,7 @@ fn set(
     at: &str,
     value: Value,
 ) -> Result<(), String> {
-    match objects.value_mut(handle) {
+    match objects.value_mut(handle, at) {
         Some(v) => pointer::set(v, at, value),
         None => Err("the object was dropped".into()),
     }
@@ -270,5 +292,28 @@ impl host::Host for State {
             host::Level::Error => Level::Error,
         };
         super::bindings::transformer::sluice::plugin::host::Host::log(self, level, message);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::touches_identity;
+
+    #[test]
+    fn only_writes_at_or_above_an_identity_field_can_change_it() {
+        for p in ["", "/apiVersion", "/kind", "/metadata", "/metadata/name"] {
+            assert!(touches_identity(p), "{p}");
+        }
+        for p in [
+            "/metadata/namespace",
+            "/metadata/labels/name",
+            "/metadata/annotations",
+            "/spec",
+            "/kinds",
+            "/metadata/names",
+            "/data/kind",
+        ] {
+            assert!(!touches_identity(p), "{p}");
+        }
     }
 }

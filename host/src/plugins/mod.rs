@@ -1070,10 +1070,13 @@ fn call_transform_v2(
         Ok(returned) => {
             let mut out = Vec::with_capacity(returned.len());
             for (i, handle) in returned.iter().enumerate() {
-                let object = held.take(handle).ok_or_else(|| {
+                let (object, identity_written) = held.take(handle).ok_or_else(|| {
                     plugin.invalid(subject, format!("object {i} was returned twice"))
                 })?;
-                if let Some(problem) = identity_problem(&object.value) {
+                if let Some(problem) = identity_written
+                    .then(|| identity_problem(&object.value))
+                    .flatten()
+                {
                     let at = at(i, &wit_origin(&object.origin));
                     return Err(plugin.invalid(subject, format!("{at} {problem}")));
                 }

@@ -11,6 +11,7 @@ use sluice_plugin_sdk::{Context, Finding, FindingBuilder, Origin};
 #[derive(Debug, Default, Deserialize)]
 pub struct Config {
     /// `reshape` (drop the first object, reverse the rest, add a ConfigMap), `strip-name`,
+    /// `replace-metadata`,
     /// `bad-set`, `bad-parse`, `flood`, or nothing (pass through).
     #[serde(default)]
     pub act: String,
@@ -48,6 +49,12 @@ impl Transformer for Plugin {
                     o.remove("/metadata/name")
                         .map_err(|e| vec![FindingBuilder::error(e).build()])?;
                 }
+            }
+            // Replaces the whole metadata map: the name goes with it.
+            "replace-metadata" => {
+                objects[0]
+                    .set("/metadata", json!({"namespace": "x"}))
+                    .map_err(|e| vec![FindingBuilder::error(e).build()])?;
             }
             "bad-set" => {
                 return report(format!("{:?}", objects[0].set_str("/metadata/name/x", "y")));
