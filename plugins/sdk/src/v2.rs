@@ -387,6 +387,18 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn the_image_patterns_cover_every_workload_shape() {
+        for (kinds, _, base) in crate::POD_SPECS {
+            let pattern = format!("{base}/*/*/image");
+            assert!(
+                IMAGE_PATTERNS.contains(&pattern.as_str()),
+                "{kinds:?}: {pattern}"
+            );
+        }
+        assert_eq!(IMAGE_PATTERNS.len(), crate::POD_SPECS.len() + 1);
+    }
+
+    #[test]
     fn containers_and_references_read_field_by_field() {
         let cron = json!({"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "c", "namespace": "n"},
             "spec": {"jobTemplate": {"spec": {"template": {"spec": {
