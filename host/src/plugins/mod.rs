@@ -591,35 +591,23 @@ impl Plugin {
             message,
         };
         let limits = &self.spec.limits;
+        // The same call on each world's bindings (their types differ, so a macro).
+        macro_rules! validate_config {
+            ($pre:expr) => {
+                finish(limits, async {
+                    let i = $pre
+                        .instantiate_async(&mut store)
+                        .await
+                        .map_err(Instantiate)?;
+                    i.call_validate_config(&mut store, &config).await
+                })
+            };
+        }
         let result = match &self.pre {
-            Pre::Transformer(pre) => finish(limits, async {
-                let i = pre
-                    .instantiate_async(&mut store)
-                    .await
-                    .map_err(Instantiate)?;
-                i.call_validate_config(&mut store, &config).await
-            }),
-            Pre::Validator(pre) => finish(limits, async {
-                let i = pre
-                    .instantiate_async(&mut store)
-                    .await
-                    .map_err(Instantiate)?;
-                i.call_validate_config(&mut store, &config).await
-            }),
-            Pre::TransformerV2(pre) => finish(limits, async {
-                let i = pre
-                    .instantiate_async(&mut store)
-                    .await
-                    .map_err(Instantiate)?;
-                i.call_validate_config(&mut store, &config).await
-            }),
-            Pre::ValidatorV2(pre) => finish(limits, async {
-                let i = pre
-                    .instantiate_async(&mut store)
-                    .await
-                    .map_err(Instantiate)?;
-                i.call_validate_config(&mut store, &config).await
-            }),
+            Pre::Transformer(pre) => validate_config!(pre),
+            Pre::Validator(pre) => validate_config!(pre),
+            Pre::TransformerV2(pre) => validate_config!(pre),
+            Pre::ValidatorV2(pre) => validate_config!(pre),
             Pre::Function(_) => return Ok(()),
         };
         match result {
@@ -719,22 +707,6 @@ pub fn run(
                     }
                 }
             }
-            World::Validator if plugin.holds_objects() => {
-                let objects = batch.take_values(subject)?;
-                let (objects, found) = call_validate_v2(plugin, subject, objects);
-                batch = Batch::Values(objects);
-                match found {
-                    Ok(found) => {
-                        let (errors, others): (Vec<Finding>, Vec<Finding>) =
-                            found.into_iter().partition(|f| {
-                                f.severity == "error" && plugin.spec.mode == Mode::Enforce
-                            });
-                        blocking.extend(errors);
-                        findings.extend(others);
-                    }
-                    Err(e) => ignore(e, &mut findings)?,
-                }
-            }
             World::Transformer => match call_transform(plugin, subject, batch.texts()) {
                 Ok(Ok(next)) => batch = Batch::Texts(next, plugin.clone()),
                 Ok(Err(refusal)) => {
@@ -758,17 +730,32 @@ pub fn run(
                     Err(e) => ignore(e, &mut findings)?,
                 }
             }
-            World::Validator => match call_validate(plugin, subject, batch.texts()) {
-                Ok(found) => {
-                    let (errors, others): (Vec<Finding>, Vec<Finding>) = found
-                        .into_iter()
-                        .map(|f| finding(plugin, |i| batch.origin(i, subject), f))
-                        .partition(|f| f.severity == "error" && plugin.spec.mode == Mode::Enforce);
-                    blocking.extend(errors);
-                    findings.extend(others);
+            World::Validator => {
+                let found = if plugin.holds_objects() {
+                    let objects = batch.take_values(subject)?;
+                    let (objects, found) = call_validate_v2(plugin, subject, objects);
+                    batch = Batch::Values(objects);
+                    found
+                } else {
+                    call_validate(plugin, subject, batch.texts()).map(|found| {
+                        found
+                            .into_iter()
+                            .map(|f| finding(plugin, |i| batch.origin(i, subject), f))
+                            .collect()
+                    })
+                };
+                match found {
+                    Ok(found) => {
+                        let (errors, others): (Vec<Finding>, Vec<Finding>) =
+                            found.into_iter().partition(|f| {
+                                f.severity == "error" && plugin.spec.mode == Mode::Enforce
+                            });
+                        blocking.extend(errors);
+                        findings.extend(others);
+                    }
+                    Err(e) => ignore(e, &mut findings)?,
                 }
-                Err(e) => ignore(e, &mut findings)?,
-            },
+            }
         }
     }
     if !blocking.is_empty() {
@@ -894,11 +881,7 @@ fn wit_objects(objects: &[Object]) -> Vec<bindings::Object> {
         .iter()
         .map(|o| bindings::Object {
             json: o.value.to_string(),
-            origin: bindings::Origin {
-                path: o.origin.path.clone(),
-                index: o.origin.doc_index as u32,
-                line: o.origin.line as u32,
-            },
+            origin: wit_origin(&o.origin),
         })
         .collect()
 }
