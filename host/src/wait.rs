@@ -530,9 +530,10 @@ pub const DELETED_DURING_WAIT: &str = "deleted while waiting for it to become re
 
 /// Watches until every object is Current or Failed, or until `timeout` (zero: no limit).
 ///
-/// An object that was there and is deleted while the wait runs (by someone else: sluice
-/// waits only for what it applied) is Failed at once, rather than awaited until the
-/// deadline: the next sync recreates it.
+/// `objects` are what the sync just applied (or found unchanged), so each existed before
+/// the wait began: one absent (deleted by someone else, before the wait's first list or
+/// during the wait) is Failed at once, rather than awaited until the deadline: the next
+/// sync recreates it.
 pub async fn wait_current(cluster: &Cluster, objects: &[ObjRef], timeout: Duration) -> Vec<Health> {
     watch(
         cluster,
@@ -578,7 +579,8 @@ struct Seen {
     live: Vec<Option<Value>>,
     /// Whether its watch has finished its first list (before that, absence means nothing).
     known: Vec<bool>,
-    /// Whether it has been seen to exist during this wait.
+    /// Whether it is known to have existed: seen during this wait, or (for a wait on what
+    /// was just applied) from the start.
     present: Vec<bool>,
 }
 
@@ -586,7 +588,8 @@ async fn watch(
     cluster: &Cluster,
     objects: &[ObjRef],
     timeout: Duration,
-    // When set, an object that disappears after it was seen is Failed with this message.
+    // When set, every object existed as the wait began, and one absent is Failed with this
+    // message.
     deleted: Option<&str>,
     judge: impl Fn(Option<&Value>) -> (Status, Option<String>),
     done: impl Fn(Status) -> bool,
@@ -603,12 +606,13 @@ async fn watch(
     let mut seen = Seen {
         live: vec![None; objects.len()],
         known: vec![false; objects.len()],
-        present: vec![false; objects.len()],
+        present: vec![deleted.is_some(); objects.len()],
     };
     let (by_resource, unserved) = cluster.by_resource(objects);
-    // A kind the cluster does not serve: nothing of it exists.
+    // A kind the cluster does not serve: nothing of it exists (nor was deleted).
     for i in unserved {
         seen.known[i] = true;
+        seen.present[i] = false;
     }
     let groups: Vec<Group> = by_resource
         .into_iter()

@@ -714,6 +714,59 @@ async fn a_sync_waits_until_its_deployments_are_available() {
         "{}",
         problems[0].message
     );
+
+    // A Deployment deleted by someone else as soon as it is created fails the sync at once
+    // rather than at the deadline, whether the deletion lands before the wait's first list
+    // (it usually does: the deleter acts on the creation's watch event) or during the wait.
+    let orphan = deployment("orphan", 1).replace(
+        "    spec:\n      containers:",
+        "    spec:\n      nodeSelector: {no-such-node: \"true\"}\n      containers:",
+    );
+    repo.commit(
+        "main",
+        &[
+            file("web.yaml", deployment("web", 3)),
+            file("orphan.yaml", orphan),
+        ],
+        "a Deployment someone deletes at once",
+    );
+    let deleter = {
+        use futures::StreamExt;
+        use kube::runtime::{WatchStreamExt, watcher};
+        let deploys = deploys.clone();
+        let config = watcher::Config::default().fields("metadata.name=orphan");
+        tokio::spawn(async move {
+            let mut created = watcher(deploys.clone(), config).applied_objects().boxed();
+            while let Some(d) = created.next().await {
+                if d.is_ok() {
+                    deploys
+                        .delete("orphan", &Default::default())
+                        .await
+                        .expect("delete");
+                    return;
+                }
+            }
+        })
+    };
+    let p = project(&ns, "    reconcile_timeout: 600s\n");
+    let e = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        sync_once(&mut c, &src, &p, &s),
+    )
+    .await
+    .expect("a deleted object is not awaited until the deadline")
+    .expect_err("deleted");
+    let problems = e.problems();
+    assert_eq!(problems.len(), 1, "{e}");
+    assert_eq!(problems[0].obj.name, "orphan");
+    deleter.await.expect("the deleter ran");
+    assert!(
+        problems[0]
+            .message
+            .contains(sluice::wait::DELETED_DURING_WAIT),
+        "{}",
+        problems[0].message
+    );
 }
 
 /// With the last sync's digests as `known` (what the agent passes while its watches see no
