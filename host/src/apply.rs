@@ -22,6 +22,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use kube::api::{DynamicObject, Patch, PatchParams};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::cluster::Cluster;
 use crate::config::{DryRunStrategy, InventoryPolicy};
@@ -159,8 +160,7 @@ pub struct Options {
 /// [`Options::known`].
 pub fn digest(o: &Object) -> String {
     use sha2::{Digest, Sha256};
-    let bytes = serde_json::to_vec(&o.value).unwrap_or_default();
-    hex::encode(Sha256::digest(&bytes))
+    hex::encode(Sha256::digest(o.json().as_bytes()))
 }
 
 impl Options {
@@ -278,15 +278,17 @@ fn crd_kinds<'a>(objects: impl Iterator<Item = &'a Object>) -> BTreeSet<(String,
                 && crate::object::group_of(o.api_version()) == "apiextensions.k8s.io"
         })
         .flat_map(|o| {
-            let spec = &o.value["spec"];
+            let value = o.value();
+            let spec = &value["spec"];
             let group = spec["group"].as_str().unwrap_or_default();
             let kind = spec["names"]["kind"].as_str().unwrap_or_default();
             spec["versions"]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter_map(move |v| v["name"].as_str())
-                .map(move |version| (format!("{group}/{version}"), kind.to_string()))
+                .filter_map(|v| v["name"].as_str())
+                .map(|version| (format!("{group}/{version}"), kind.to_string()))
+                .collect::<Vec<_>>()
         })
         .collect()
 }
@@ -654,7 +656,7 @@ async fn preflight(
         ..PatchParams::apply(&opts.field_manager).force()
     };
     let dry: DynamicObject = api
-        .patch(o.name(), &params, &Patch::Apply(&o.value))
+        .patch(o.name(), &params, &Patch::Apply(body(o)))
         .await
         .map_err(|e| fail(with_hint(api_message(&e))))?;
     let dry = serde_json::to_value(dry).unwrap_or_default();
@@ -707,7 +709,7 @@ async fn write(cluster: &Cluster, o: &Object, p: &Preflight, opts: &Options) -> 
         .patch(
             o.name(),
             &PatchParams::apply(&opts.field_manager).force(),
-            &Patch::Apply(&o.value),
+            &Patch::Apply(body(o)),
         )
         .await
     {
@@ -791,12 +793,20 @@ fn strip(v: &Value) -> Value {
 }
 
 fn annotate(mut o: Object, inventory_id: &str) -> Object {
-    let meta = &mut o.value["metadata"];
-    if !meta["annotations"].is_object() {
-        meta["annotations"] = Value::Object(Default::default());
-    }
-    meta["annotations"][OWNING_INVENTORY] = Value::String(inventory_id.to_string());
+    o.edit(|v| {
+        let meta = &mut v["metadata"];
+        if !meta["annotations"].is_object() {
+            meta["annotations"] = Value::Object(Default::default());
+        }
+        meta["annotations"][OWNING_INVENTORY] = Value::String(inventory_id.to_string());
+    });
     o
+}
+
+/// The body of an apply: the object's text as it is, not parsed again.
+fn body(o: &Object) -> &RawValue {
+    // The text was written by serde_json: it is one JSON value.
+    serde_json::from_str(o.json()).unwrap_or(RawValue::NULL)
 }
 
 async fn wait_established(
@@ -879,22 +889,22 @@ mod tests {
 
     #[test]
     fn a_crd_of_the_plan_defines_its_kind_at_each_of_its_versions_only() {
-        let crd = Object {
-            value: serde_json::json!({
+        let crd = Object::new(
+            &serde_json::json!({
                 "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
                 "metadata": {"name": "widgets.example.com"},
                 "spec": {"group": "example.com", "names": {"kind": "Widget"},
                          "versions": [{"name": "v1"}, {"name": "v2beta1"}]}}),
-            origin: Default::default(),
-        };
-        let lookalike = Object {
-            value: serde_json::json!({
+            Default::default(),
+        );
+        let lookalike = Object::new(
+            &serde_json::json!({
                 "apiVersion": "example.com/v1", "kind": "CustomResourceDefinition",
                 "metadata": {"name": "x"},
                 "spec": {"group": "other.com", "names": {"kind": "Gadget"},
                          "versions": [{"name": "v1"}]}}),
-            origin: Default::default(),
-        };
+            Default::default(),
+        );
         let pair = |v: &str, k: &str| (v.to_string(), k.to_string());
         assert_eq!(
             crd_kinds([&crd, &lookalike].into_iter()),

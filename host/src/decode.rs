@@ -112,7 +112,7 @@ type Files = HashMap<[u8; 32], std::sync::Arc<[Memoized]>>;
 struct Memoized {
     doc_index: usize,
     line: u64,
-    json: Box<str>,
+    json: std::sync::Arc<str>,
 }
 
 impl Memo {
@@ -141,7 +141,7 @@ fn memoize(objects: &[Object]) -> std::sync::Arc<[Memoized]> {
         .map(|o| Memoized {
             doc_index: o.origin.doc_index,
             line: o.origin.line,
-            json: o.value.to_string().into(),
+            json: o.shared_json(),
         })
         .collect()
 }
@@ -151,14 +151,14 @@ fn memoize(objects: &[Object]) -> std::sync::Arc<[Memoized]> {
 fn recall(docs: &[Memoized], origin: &Origin) -> Option<Vec<Object>> {
     docs.iter()
         .map(|d| {
-            Some(Object {
-                value: serde_json::from_str(&d.json).ok()?,
-                origin: Origin {
+            Object::from_json(
+                d.json.clone(),
+                Origin {
                     doc_index: d.doc_index,
                     line: d.line,
                     ..origin.clone()
                 },
-            })
+            )
         })
         .collect()
 }
@@ -216,10 +216,7 @@ fn decode_file(bytes: &[u8], origin: Origin) -> Result<Vec<Object>, Vec<Error>> 
         };
         for value in items {
             match check(&value) {
-                Ok(()) => objects.push(Object {
-                    value,
-                    origin: origin.clone(),
-                }),
+                Ok(()) => objects.push(Object::new(&value, origin.clone())),
                 Err(message) => errors.push(Error {
                     path: origin.path.clone(),
                     line: origin.line,
@@ -478,7 +475,8 @@ impl Scopes {
             .iter()
             .filter(|o| o.kind() == "CustomResourceDefinition")
         {
-            let spec = &o.value["spec"];
+            let value = o.value();
+            let spec = &value["spec"];
             if let (Some(group), Some(kind)) =
                 (spec["group"].as_str(), spec["names"]["kind"].as_str())
             {
@@ -513,7 +511,9 @@ pub fn set_namespaces(
         };
         match scopes.namespaced(&group, o.kind()) {
             Some(true) if o.namespace().is_none() => {
-                o.value["metadata"]["namespace"] = Value::String(default_namespace.to_string());
+                o.edit(|v| {
+                    v["metadata"]["namespace"] = Value::String(default_namespace.to_string());
+                });
             }
             Some(true) => {}
             Some(false) if o.namespace().is_some() => {
@@ -524,8 +524,12 @@ pub fn set_namespaces(
             }
             Some(false) => {
                 // Drop an explicit empty namespace so identities compare equal.
-                if let Some(m) = o.value["metadata"].as_object_mut() {
-                    m.remove("namespace");
+                if o.json().contains("\"namespace\"") {
+                    o.edit(|v| {
+                        if let Some(m) = v["metadata"].as_object_mut() {
+                            m.remove("namespace");
+                        }
+                    });
                 }
             }
             None => errors.push(at(format!(
@@ -594,7 +598,7 @@ mod tests {
         );
         let files = [file("a.yaml", &a[5..].replace("1.0", "2.0"))];
         let objects = decode_with(&files, "p", "c4", Some(&memo)).expect("decodes");
-        assert_eq!(objects[0].value["x"], 2);
+        assert_eq!(objects[0].value()["x"], 2);
     }
 
     #[test]
@@ -674,15 +678,15 @@ mod tests {
         .expect("decode");
         assert_eq!(objs[0].name(), "n");
         assert_eq!(
-            objs[0].value["metadata"]["labels"],
+            objs[0].value()["metadata"]["labels"],
             serde_json::json!({"on": "off", "quoted": "true"})
         );
         assert_eq!(
-            objs[1].value["data"],
+            objs[1].value()["data"],
             serde_json::json!({"a": "yes", "b": "no"})
         );
         assert_eq!(
-            objs[2].value["spec"],
+            objs[2].value()["spec"],
             serde_json::json!({"enabled": true, "data": {"a": true}}),
             "elsewhere a YAML 1.1 boolean is a boolean, as kubectl reads it"
         );
@@ -700,7 +704,7 @@ mod tests {
         )
         .expect("decode");
         assert_eq!(
-            objs[0].value["spec"],
+            objs[0].value()["spec"],
             serde_json::json!({"octal": 420, "zero": 0, "hex": 31, "float": 1, "exp": 1000, "half": 0.5,
                 "yes": true, "off": false, "t": true, "quoted": "0644", "date": "2024-01-02", "nul": null, "dup": 2})
         );

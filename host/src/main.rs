@@ -475,7 +475,7 @@ async fn render(args: RenderArgs, validate: bool) -> ExitCode {
                 eprintln!("{} objects valid", r.objects.len());
                 return ExitCode::SUCCESS;
             }
-            let values: Vec<&serde_json::Value> = r.objects.iter().map(|o| &o.value).collect();
+            let values: Vec<serde_json::Value> = r.objects.iter().map(|o| o.value()).collect();
             match args.output {
                 Output::Json => {
                     let list =
@@ -488,7 +488,7 @@ async fn render(args: RenderArgs, validate: bool) -> ExitCode {
                 Output::Yaml => {
                     for v in values {
                         println!("---");
-                        print!("{}", serde_saphyr::to_string(v).unwrap_or_default());
+                        print!("{}", serde_saphyr::to_string(&v).unwrap_or_default());
                     }
                 }
             }

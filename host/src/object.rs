@@ -1,6 +1,7 @@
 //! The value every stage passes on: a manifest object with the place it came from.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -41,46 +42,172 @@ impl fmt::Display for Origin {
     }
 }
 
-/// A Kubernetes object from git.
-#[derive(Debug, Clone, PartialEq)]
+/// A Kubernetes object from git, held as compact JSON text.
+///
+/// Every stage of a sync holds all of a commit's objects at once, so they are kept as the
+/// text they would be sent as (a bench Deployment is about 400 bytes of JSON, and several
+/// kilobytes as a `serde_json::Value` tree) with their identity fields beside it. A stage
+/// that reads or changes more than the identity parses one object at a time
+/// ([`Object::value`], [`Object::edit`]). The text is shared: clones, and the decode memo,
+/// point at the same bytes.
+#[derive(Clone, PartialEq)]
 pub struct Object {
-    /// The manifest as JSON.
-    pub value: Value,
+    json: Arc<str>,
+    head: Head,
     /// Where it came from.
     pub origin: Origin,
 }
 
+/// The fields every stage reads, taken out of the text once.
+#[derive(Debug, Clone, PartialEq, Default)]
+struct Head {
+    api_version: Box<str>,
+    kind: Box<str>,
+    name: Box<str>,
+    /// Empty when unset.
+    namespace: Box<str>,
+}
+
+impl Head {
+    fn of(value: &Value) -> Head {
+        let text = |v: &Value| v.as_str().unwrap_or_default().into();
+        Head {
+            api_version: text(&value["apiVersion"]),
+            kind: text(&value["kind"]),
+            name: text(&value["metadata"]["name"]),
+            namespace: text(&value["metadata"]["namespace"]),
+        }
+    }
+}
+
+impl fmt::Debug for Object {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Object")
+            .field("json", &&*self.json)
+            .field("origin", &self.origin)
+            .finish()
+    }
+}
+
 impl Object {
+    /// The object of a manifest value.
+    pub fn new(value: &Value, origin: Origin) -> Object {
+        Object {
+            json: value.to_string().into(),
+            head: Head::of(value),
+            origin,
+        }
+    }
+
+    /// The object of a JSON text that [`Object::json`] gave (the decode memo's), sharing
+    /// it; `None` if it does not parse.
+    pub fn from_json(json: Arc<str>, origin: Origin) -> Option<Object> {
+        /// Only what [`Head`] holds; the rest of the text is skipped, not built.
+        #[derive(serde::Deserialize)]
+        struct Text<'a> {
+            #[serde(rename = "apiVersion", borrow, default)]
+            api_version: std::borrow::Cow<'a, str>,
+            #[serde(borrow, default)]
+            kind: std::borrow::Cow<'a, str>,
+            #[serde(borrow, default)]
+            metadata: Meta<'a>,
+        }
+        #[derive(serde::Deserialize, Default)]
+        struct Meta<'a> {
+            #[serde(borrow, default)]
+            name: std::borrow::Cow<'a, str>,
+            #[serde(borrow, default)]
+            namespace: std::borrow::Cow<'a, str>,
+        }
+        let t: Text = serde_json::from_str(&json).ok()?;
+        let head = Head {
+            api_version: t.api_version.into(),
+            kind: t.kind.into(),
+            name: t.metadata.name.into(),
+            namespace: t.metadata.namespace.into(),
+        };
+        Some(Object { json, head, origin })
+    }
+
+    /// The compact JSON text: what a server-side apply sends.
+    pub fn json(&self) -> &str {
+        &self.json
+    }
+
+    /// The text, shared.
+    pub fn shared_json(&self) -> Arc<str> {
+        self.json.clone()
+    }
+
+    /// The manifest as a value, parsed from the text.
+    pub fn value(&self) -> Value {
+        // The text was written from a value (or checked to parse): it parses.
+        serde_json::from_str(&self.json).unwrap_or(Value::Null)
+    }
+
+    /// Changes the manifest: parses it, lets `change` edit the value, and keeps the result.
+    pub fn edit<R>(&mut self, change: impl FnOnce(&mut Value) -> R) -> R {
+        let mut value = self.value();
+        let r = change(&mut value);
+        self.json = value.to_string().into();
+        self.head = Head::of(&value);
+        r
+    }
+
     /// Its identity (group, kind, namespace, name).
     pub fn obj_ref(&self) -> ObjRef {
-        ObjRef::of(&self.value)
+        ObjRef {
+            group: group_of(&self.head.api_version).to_string(),
+            kind: self.head.kind.to_string(),
+            namespace: self.head.namespace.to_string(),
+            name: self.head.name.to_string(),
+        }
     }
 
     /// `apiVersion`.
     pub fn api_version(&self) -> &str {
-        self.value["apiVersion"].as_str().unwrap_or_default()
+        &self.head.api_version
     }
 
     /// `kind`.
     pub fn kind(&self) -> &str {
-        self.value["kind"].as_str().unwrap_or_default()
+        &self.head.kind
     }
 
     /// `metadata.name`.
     pub fn name(&self) -> &str {
-        self.value["metadata"]["name"].as_str().unwrap_or_default()
+        &self.head.name
     }
 
     /// `metadata.namespace`, if set and non-empty.
     pub fn namespace(&self) -> Option<&str> {
-        self.value["metadata"]["namespace"]
-            .as_str()
-            .filter(|s| !s.is_empty())
+        Some(&*self.head.namespace).filter(|s| !s.is_empty())
     }
 
-    /// An annotation's value.
-    pub fn annotation(&self, key: &str) -> Option<&str> {
-        annotation(&self.value, key)
+    /// An annotation's value (read from the text; only the metadata is built).
+    pub fn annotation(&self, key: &str) -> Option<String> {
+        self.metadata_map("annotations", key)
+    }
+
+    /// A label's value (read as [`Object::annotation`]).
+    pub fn label(&self, key: &str) -> Option<String> {
+        self.metadata_map("labels", key)
+    }
+
+    fn metadata_map(&self, map: &str, key: &str) -> Option<String> {
+        #[derive(serde::Deserialize)]
+        struct Text {
+            #[serde(default)]
+            metadata: Option<Value>,
+        }
+        // serde_json wrote the text and escapes only quotes, backslashes and control
+        // characters: a key of plain text is in it as written, or not at all.
+        let plain = !key.chars().any(|c| c == '"' || c == '\\' || c.is_control());
+        if plain && !self.json.contains(key) {
+            return None;
+        }
+        let t: Text = serde_json::from_str(&self.json).ok()?;
+        t.metadata?.get(map)?.get(key)?.as_str().map(str::to_string)
     }
 }
 
@@ -155,6 +282,48 @@ pub fn group_of(api_version: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_object_is_its_compact_text_with_its_identity_beside() {
+        let v = serde_json::json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": "shop",
+                "labels": {"app": "web"}, "annotations": {"a/b": "1", "say \"hi\"": "2"}},
+            "spec": {"note": "labels app a/b", "replicas": 2, "ratio": 0.5}});
+        let o = Object::new(&v, Origin::default());
+        // The text is what serde_json writes for the value: digests of earlier releases,
+        // made from values, stay the same.
+        assert_eq!(o.json(), v.to_string());
+        assert_eq!(o.value(), v);
+        assert_eq!(
+            (o.api_version(), o.kind(), o.name(), o.namespace()),
+            ("apps/v1", "Deployment", "web", Some("shop"))
+        );
+        assert_eq!(o.obj_ref(), ObjRef::of(&v));
+        // Read from the text: present, absent (though the key is in the text elsewhere),
+        // and a key with characters serde_json escapes.
+        assert_eq!(o.annotation("a/b").as_deref(), Some("1"));
+        assert_eq!(o.label("app").as_deref(), Some("web"));
+        assert_eq!(o.label("a/b"), None);
+        assert_eq!(o.annotation("say \"hi\"").as_deref(), Some("2"));
+        assert_eq!(o.annotation("missing"), None);
+        // The same text read back (the decode memo) is the same object, sharing the text.
+        let again = Object::from_json(o.shared_json(), Origin::default()).expect("parses");
+        assert_eq!(again, o);
+        assert!(Object::from_json("{not json".into(), Origin::default()).is_none());
+        // An edit keeps text and identity in step.
+        let mut moved = o.clone();
+        moved.edit(|v| v["metadata"]["namespace"] = "other".into());
+        assert_eq!(moved.namespace(), Some("other"));
+        assert_eq!(moved.value()["metadata"]["namespace"], "other");
+        assert_eq!(o.namespace(), Some("shop"), "a clone is its own object");
+        let mut bare = Object::new(
+            &serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": ""}}),
+            Origin::default(),
+        );
+        assert_eq!(bare.namespace(), None, "an empty namespace is none");
+        bare.edit(|v| v["metadata"].as_object_mut().map(|m| m.remove("namespace")));
+        assert_eq!(bare.obj_ref().namespace, "");
+    }
 
     #[test]
     fn identity_formats_like_kubectl() {

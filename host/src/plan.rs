@@ -143,10 +143,10 @@ fn dependency_layers(
     let mut deps: Vec<BTreeSet<ObjRef>> = Vec::with_capacity(objects.len());
     for o in &objects {
         let parsed = match o.annotation(DEPENDS_ON) {
-            Some(v) => parse_depends_on(v).map_err(|message| Error::InvalidDependsOn {
+            Some(v) => parse_depends_on(&v).map_err(|message| Error::InvalidDependsOn {
                 obj: Box::new(o.obj_ref()),
                 origin: o.origin.to_string(),
-                value: v.to_string(),
+                value: v.clone(),
                 message,
             })?,
             None => Vec::new(),
@@ -276,14 +276,14 @@ mod tests {
         if let Some(ns) = ns {
             v["metadata"]["namespace"] = json!(ns);
         }
-        Object {
-            value: v,
-            origin: Origin {
+        Object::new(
+            &v,
+            Origin {
                 path: format!("{name}.yaml"),
                 line: 1,
                 ..Origin::default()
             },
-        }
+        )
     }
 
     fn names(stage: &Stage) -> Vec<String> {
@@ -344,9 +344,12 @@ mod tests {
     fn depends_on_moves_objects_to_a_later_stage() {
         let mut job = obj("batch/v1", "Job", Some("a"), "migrate");
         let mut web = obj("apps/v1", "Deployment", Some("a"), "web");
-        web.value["metadata"]["annotations"] =
-            json!({DEPENDS_ON: "batch/namespaces/a/Job/migrate"});
-        job.value["metadata"]["annotations"] = json!({DEPENDS_ON: "/namespaces/a/ConfigMap/cfg"});
+        web.edit(|v| {
+            v["metadata"]["annotations"] = json!({DEPENDS_ON: "batch/namespaces/a/Job/migrate"})
+        });
+        job.edit(|v| {
+            v["metadata"]["annotations"] = json!({DEPENDS_ON: "/namespaces/a/ConfigMap/cfg"})
+        });
         let p = plan(
             vec![web, job, obj("v1", "ConfigMap", Some("a"), "cfg")],
             &BTreeSet::new(),
@@ -367,8 +370,8 @@ mod tests {
     fn cycles_and_duplicates_are_errors() {
         let mut a = obj("v1", "ConfigMap", Some("n"), "a");
         let mut b = obj("v1", "ConfigMap", Some("n"), "b");
-        a.value["metadata"]["annotations"] = json!({DEPENDS_ON: "/namespaces/n/ConfigMap/b"});
-        b.value["metadata"]["annotations"] = json!({DEPENDS_ON: "/namespaces/n/ConfigMap/a"});
+        a.edit(|v| v["metadata"]["annotations"] = json!({DEPENDS_ON: "/namespaces/n/ConfigMap/b"}));
+        b.edit(|v| v["metadata"]["annotations"] = json!({DEPENDS_ON: "/namespaces/n/ConfigMap/a"}));
         assert!(matches!(
             plan(vec![a, b], &BTreeSet::new()),
             Err(Error::Cycle(_))

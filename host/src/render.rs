@@ -201,7 +201,7 @@ pub async fn diff(
         .into_iter()
         .map(|(o, live, dry)| {
             let mut live = live.as_ref().map(clean);
-            let mut desired = clean(dry.as_ref().unwrap_or(&o.value));
+            let mut desired = clean(dry.as_ref().unwrap_or(&o.value()));
             if o.kind() == "Secret" && o.api_version() == "v1" {
                 mask_secret(live.as_mut(), &mut desired);
             }

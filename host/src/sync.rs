@@ -783,9 +783,7 @@ fn locate_inventory(
     default_id: &str,
     namespace: &str,
 ) -> Result<(InventoryRef, Option<crate::object::Origin>), Error> {
-    let is_inventory = |o: &Object| {
-        o.kind() == "ConfigMap" && o.value["metadata"]["labels"][INVENTORY_LABEL].is_string()
-    };
+    let is_inventory = |o: &Object| o.kind() == "ConfigMap" && o.label(INVENTORY_LABEL).is_some();
     let found: Vec<Object> = objects
         .iter()
         .filter(|o| is_inventory(o))
@@ -798,10 +796,9 @@ fn locate_inventory(
             let inv = InventoryRef {
                 name: o.name().to_string(),
                 namespace: o.namespace().unwrap_or(namespace).to_string(),
-                id: o.value["metadata"]["labels"][INVENTORY_LABEL]
-                    .as_str()
-                    .unwrap_or(default_id)
-                    .to_string(),
+                id: o
+                    .label(INVENTORY_LABEL)
+                    .unwrap_or_else(|| default_id.into()),
             };
             Ok((inv, Some(o.origin.clone())))
         }

@@ -64,13 +64,15 @@ fn ms(d: Duration) -> String {
 
 fn main() {
     let objects: Vec<Object> = (0..OBJECTS)
-        .map(|i| Object {
-            value: deployment(i),
-            origin: Origin {
-                path: format!("apps/{i}.yaml"),
-                line: 1,
-                ..Origin::default()
-            },
+        .map(|i| {
+            Object::new(
+                &deployment(i),
+                Origin {
+                    path: format!("apps/{i}.yaml"),
+                    line: 1,
+                    ..Origin::default()
+                },
+            )
         })
         .collect();
     let subject = Subject {

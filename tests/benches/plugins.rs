@@ -62,15 +62,17 @@ static INPUT: LazyLock<Vec<Object>> = LazyLock::new(|| {
     VALUES
         .iter()
         .enumerate()
-        .map(|(i, v)| Object {
-            value: v.clone(),
-            origin: Origin {
-                project: "bench".into(),
-                commit: "0".repeat(40),
-                path: format!("apps/{i}.yaml"),
-                line: 1,
-                ..Origin::default()
-            },
+        .map(|(i, v)| {
+            Object::new(
+                v,
+                Origin {
+                    project: "bench".into(),
+                    commit: "0".repeat(40),
+                    path: format!("apps/{i}.yaml"),
+                    line: 1,
+                    ..Origin::default()
+                },
+            )
         })
         .collect()
 });

@@ -43,15 +43,17 @@ fn objects(values: &[Value]) -> Vec<Object> {
     values
         .iter()
         .enumerate()
-        .map(|(i, v)| Object {
-            value: v.clone(),
-            origin: Origin {
-                project: "p".into(),
-                commit: "c".into(),
-                path: format!("f{i}.yaml"),
-                doc_index: 0,
-                line: 3,
-            },
+        .map(|(i, v)| {
+            Object::new(
+                v,
+                Origin {
+                    project: "p".into(),
+                    commit: "c".into(),
+                    path: format!("f{i}.yaml"),
+                    doc_index: 0,
+                    line: 3,
+                },
+            )
         })
         .collect()
 }
@@ -103,7 +105,7 @@ fn wasm_plugins_give_the_same_result_as_their_native_logic() {
         &mut native,
     )
     .expect("native");
-    let got: Vec<Value> = out.objects.iter().map(|o| o.value.clone()).collect();
+    let got: Vec<Value> = out.objects.iter().map(|o| o.value()).collect();
     assert_eq!(got, native);
     assert_eq!(got[1]["subjects"][0]["namespace"], "prod");
     assert_eq!(
@@ -290,7 +292,7 @@ fn hostile_plugins_fail_with_the_documented_errors() {
 fn failure_policy_ignore_skips_a_failing_plugin_with_a_warning() {
     let out = hostile("loop", |s| s.failure_policy = FailurePolicy::Ignore).expect("ignored");
     assert_eq!(
-        out.objects[0].value,
+        out.objects[0].value(),
         deployment_value("nginx:1.27"),
         "objects unchanged"
     );
@@ -393,7 +395,7 @@ fn blocking_host_calls_end_at_the_plugins_deadline() {
         s.failure_policy = FailurePolicy::Ignore;
     });
     let out = out.expect("ignored");
-    assert_eq!(out.objects[0].value, deployment_value("nginx:1.27"));
+    assert_eq!(out.objects[0].value(), deployment_value("nginx:1.27"));
 }
 
 #[test]
@@ -402,7 +404,8 @@ fn a_validator_cannot_change_what_it_validates() {
     let input = vec![deployment_value("nginx:1.27")];
     let out = plugins::run(&[v], &subject(), objects(&input)).expect("warning only");
     assert_eq!(
-        out.objects[0].value, input[0],
+        out.objects[0].value(),
+        input[0],
         "objects are exactly what went in"
     );
     assert_eq!(
@@ -440,18 +443,18 @@ fn refusal(out: Result<plugins::Outcome, Error>) -> String {
 #[test]
 fn a_v2_transformer_adds_removes_and_reorders_objects_through_handles() {
     let out = hostile_v2("reshape", |_| {}).expect("reshaped");
-    let got: Vec<(&Value, &str)> = out
+    let got: Vec<(Value, &str)> = out
         .objects
         .iter()
-        .map(|o| (&o.value, o.origin.path.as_str()))
+        .map(|o| (o.value(), o.origin.path.as_str()))
         .collect();
     let made = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "made", "namespace": "dev"}, "data": {"from": "plugin"}});
     assert_eq!(
         got,
         [
-            (&configmap_value("b"), "f2.yaml"),
-            (&configmap_value("a"), "f1.yaml"),
-            (&made, "f2.yaml (made)"),
+            (configmap_value("b"), "f2.yaml"),
+            (configmap_value("a"), "f1.yaml"),
+            (made, "f2.yaml (made)"),
         ],
         "the first object dropped, the rest reversed, one made"
     );
@@ -507,13 +510,13 @@ fn v2_handle_misuse_yields_the_documented_errors() {
 fn a_failing_v2_transformer_under_failure_policy_ignore_leaves_the_objects_it_was_given() {
     let out =
         hostile_v2("strip-name", |s| s.failure_policy = FailurePolicy::Ignore).expect("ignored");
-    let got: Vec<&Value> = out.objects.iter().map(|o| &o.value).collect();
+    let got: Vec<Value> = out.objects.iter().map(|o| o.value()).collect();
     assert_eq!(
         got,
         [
-            &deployment_value("nginx:1.27"),
-            &configmap_value("a"),
-            &configmap_value("b")
+            deployment_value("nginx:1.27"),
+            configmap_value("a"),
+            configmap_value("b")
         ]
     );
     assert_eq!(out.skipped, ["hostile-v2"]);
@@ -524,10 +527,10 @@ fn a_v2_validator_cannot_change_or_drop_what_it_validates() {
     let v = load(&spec("hostile-validator-v2", Value::Null)).expect("load");
     let input = vec![deployment_value("nginx:1.27"), configmap_value("a")];
     let out = plugins::run(&[v], &subject(), objects(&input)).expect("warning only");
-    let got: Vec<&Value> = out.objects.iter().map(|o| &o.value).collect();
+    let got: Vec<Value> = out.objects.iter().map(|o| o.value()).collect();
     assert_eq!(
         got,
-        [&input[0], &input[1]],
+        [input[0].clone(), input[1].clone()],
         "objects are exactly what went in"
     );
     let refused = r#"Err("a validator's objects are read-only")"#;
@@ -561,7 +564,7 @@ fn a_chain_mixes_both_contract_versions_in_configuration_order() {
     .expect("audit only");
     pod["metadata"]["namespace"] = json!("prod");
     pod["metadata"]["labels"] = json!({"team": "web"});
-    assert_eq!(out.objects[0].value["metadata"], pod["metadata"]);
+    assert_eq!(out.objects[0].value()["metadata"], pod["metadata"]);
     assert_eq!(
         out.findings
             .iter()

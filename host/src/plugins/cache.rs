@@ -119,10 +119,7 @@ impl OutcomeCache {
             objects: entry
                 .objects
                 .into_iter()
-                .map(|o| Object {
-                    value: o.value,
-                    origin: o.origin,
-                })
+                .map(|o| Object::new(&o.value, o.origin))
                 .collect(),
             findings,
             skipped: Vec::new(),
@@ -147,11 +144,13 @@ impl OutcomeCache {
             objects: outcome
                 .objects
                 .iter()
-                .map(|o| StoredObjectRef {
-                    value: &o.value,
-                    origin: &o.origin,
+                .map(|o| {
+                    Ok(StoredObjectRef {
+                        value: serde_json::from_str(o.json())?,
+                        origin: &o.origin,
+                    })
                 })
-                .collect(),
+                .collect::<Result<_, serde_json::Error>>()?,
             findings: &outcome.findings,
         };
         // Written beside, then renamed: a reader never sees half an entry.
@@ -220,7 +219,7 @@ fn key(chain: &[(&Spec, &str)], subject: &Subject, objects: &[Object]) -> Option
     }
     field(&(objects.len() as u64).to_le_bytes());
     for o in objects {
-        field(o.value.to_string().as_bytes());
+        field(o.json().as_bytes());
         field(o.origin.path.as_bytes());
         field(&(o.origin.doc_index as u64).to_le_bytes());
         field(&o.origin.line.to_le_bytes());
@@ -238,7 +237,8 @@ struct EntryRef<'a> {
 
 #[derive(Serialize)]
 struct StoredObjectRef<'a> {
-    value: &'a serde_json::Value,
+    /// The object's text as it is (the same JSON as [`StoredObject::value`]).
+    value: &'a serde_json::value::RawValue,
     origin: &'a Origin,
 }
 
@@ -259,10 +259,10 @@ mod tests {
             line: 7,
         };
         Outcome {
-            objects: vec![Object {
-                value: serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}}),
-                origin: origin.clone(),
-            }],
+            objects: vec![Object::new(
+                &serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}}),
+                origin.clone(),
+            )],
             findings: vec![Finding {
                 plugin: "p".into(),
                 severity: "warning",
@@ -338,7 +338,7 @@ mod tests {
         let mut moved = objects.clone();
         moved[0].origin.line += 1;
         let mut edited = objects.clone();
-        edited[0].value["data"] = serde_json::json!({"x": "y"});
+        edited[0].edit(|v| v["data"] = serde_json::json!({"x": "y"}));
         let other_commit = Subject {
             commit: "d".repeat(40),
             ..subject.clone()

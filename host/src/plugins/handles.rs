@@ -12,10 +12,11 @@ use serde_json::Value;
 use sluice_plugin_sdk::pointer;
 use wasmtime::component::Resource;
 
+use super::Tree;
 use super::bindings::v2::Origin as WitOrigin;
 use super::bindings::v2::transformer::sluice::plugin::{host, types};
 use super::sandbox::State;
-use crate::object::{Object, Origin};
+use crate::object::Origin;
 
 /// The `object` resource's host type. A handle's rep is the index of its [`Slot`].
 pub struct Handle;
@@ -25,7 +26,7 @@ pub struct Handle;
 /// objects when the plugin returns them. Inputs come checked, `parse` checks what it makes.
 #[derive(Debug)]
 struct Slot {
-    object: Object,
+    object: Tree,
     live: bool,
     identity_written: bool,
 }
@@ -60,7 +61,7 @@ const READ_ONLY: &str = "a validator's objects are read-only";
 impl Objects {
     /// Holds `objects` for a call; the handles to pass, in order.
     pub fn hold(
-        objects: Vec<Object>,
+        objects: Vec<Tree>,
         read_only: bool,
         limit: usize,
         project: &str,
@@ -126,7 +127,7 @@ impl Objects {
 
     /// Takes the object a returned handle names (once; a second take is none), and whether
     /// a write may have changed its identity.
-    pub fn take(&mut self, handle: &Resource<Handle>) -> Option<(Object, bool)> {
+    pub fn take(&mut self, handle: &Resource<Handle>) -> Option<(Tree, bool)> {
         let slot = self.slots.get_mut(handle.rep() as usize)?;
         if !slot.live {
             return None;
@@ -134,7 +135,7 @@ impl Objects {
         slot.live = false;
         let object = std::mem::replace(
             &mut slot.object,
-            Object {
+            Tree {
                 value: Value::Null,
                 origin: Origin::default(),
             },
@@ -149,7 +150,7 @@ impl Objects {
 
     /// The input objects, in order: what a validator's call leaves (read-only, so
     /// unchanged whatever the call did).
-    pub fn into_inputs(mut self) -> Vec<Object> {
+    pub fn into_inputs(mut self) -> Vec<Tree> {
         self.slots.truncate(self.inputs);
         self.slots.into_iter().map(|s| s.object).collect()
     }
@@ -175,7 +176,7 @@ impl types::HostObject for State {
         }
         let rep = u32::try_from(objects.slots.len()).map_err(|_| "too many objects")?;
         objects.slots.push(Slot {
-            object: Object {
+            object: Tree {
                 value,
                 origin: Origin {
                     project: objects.project.clone(),

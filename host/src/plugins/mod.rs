@@ -651,6 +651,28 @@ pub struct Outcome {
     pub cached: bool,
 }
 
+/// An object as a tree, while plugins work on it: 0.2.0 handles and KRM functions read
+/// and write values. The chain parses an object once, when the first such plugin needs
+/// it, and writes it back as text at the end ([`Object`]).
+#[derive(Debug, Clone)]
+pub(super) struct Tree {
+    pub(super) value: serde_json::Value,
+    pub(super) origin: Origin,
+}
+
+impl Tree {
+    fn of(o: &Object) -> Tree {
+        Tree {
+            value: o.value(),
+            origin: o.origin.clone(),
+        }
+    }
+
+    fn into_object(self) -> Object {
+        Object::new(&self.value, self.origin)
+    }
+}
+
 /// Runs `plugins` over `objects`: transformers in order, then validators. Blocking: call
 /// it from `spawn_blocking`.
 ///
@@ -663,7 +685,7 @@ pub fn run(
     subject: &Subject,
     objects: Vec<Object>,
 ) -> Result<Outcome, Error> {
-    let mut batch = Batch::Values(objects);
+    let mut batch = Batch::Objects(objects, None);
     let mut findings = Vec::new();
     let mut skipped = Vec::new();
     // Every validator runs, so a refused commit lists what all of them found.
@@ -762,68 +784,82 @@ pub fn run(
         return Err(Error::Denied(blocking));
     }
     Ok(Outcome {
-        objects: batch.into_values(subject)?,
+        objects: batch.into_objects(subject)?,
         findings,
         skipped,
         cached: false,
     })
 }
 
-/// The objects between two plugins of a chain, in the form the last stage left them:
-/// values (decoded from git, or a KRM function's output) or the JSON text a component
-/// returned and the host checked. A component receives text, so a chain of components
-/// hands each one's output to the next as is and parses the objects into values once, at
-/// the end: per object and per added plugin, one host-side parse and one serialisation
-/// fewer than a round trip through values.
+/// The objects between two plugins of a chain, in the form the last stage left them: as
+/// the sync passed them (compact JSON, with their contract text once a component asked
+/// for it), values (parsed for a 0.2.0 plugin or a KRM function, or a KRM function's
+/// output) or the JSON text a component returned and the host checked. A component
+/// receives text, so a chain of components hands each one's output to the next as is and
+/// parses the objects once, at the end; a chain of validators hands back the objects it
+/// was given.
 enum Batch {
-    Values(Vec<Object>),
+    Objects(Vec<Object>, Option<Vec<bindings::Object>>),
+    Values(Vec<Tree>),
     /// Checked by [`check_output`] (each is a JSON object with the required fields), and
     /// the plugin that returned them.
     Texts(Vec<bindings::Object>, Arc<Plugin>),
     /// Both forms of the same objects.
-    Both(Vec<Object>, Vec<bindings::Object>),
+    Both(Vec<Tree>, Vec<bindings::Object>),
 }
 
 impl Batch {
     /// The objects as the contract's text, written once.
     fn texts(&mut self) -> &[bindings::Object] {
         if let Batch::Values(values) = self {
-            let texts = wit_objects(values);
+            let texts = wit_trees(values);
             *self = Batch::Both(std::mem::take(values), texts);
         }
         match self {
+            Batch::Objects(objects, texts) => texts.get_or_insert_with(|| wit_objects(objects)),
             Batch::Texts(texts, _) | Batch::Both(_, texts) => texts,
             Batch::Values(_) => unreachable!("written above"),
         }
     }
 
     /// The objects as values, parsed once.
-    fn values(&mut self, subject: &Subject) -> Result<&[Object], Error> {
+    fn values(&mut self, subject: &Subject) -> Result<&[Tree], Error> {
+        if let Batch::Objects(objects, _) = self {
+            *self = Batch::Values(objects.iter().map(Tree::of).collect());
+        }
         if let Batch::Texts(texts, plugin) = self {
             let values = parse_checked(texts, plugin, subject)?;
             *self = Batch::Both(values, std::mem::take(texts));
         }
         match self {
             Batch::Values(values) | Batch::Both(values, _) => Ok(values),
-            Batch::Texts(..) => unreachable!("parsed above"),
+            Batch::Objects(..) | Batch::Texts(..) => unreachable!("parsed above"),
         }
     }
 
     /// The objects as values, moved out (the batch is left empty).
-    fn take_values(&mut self, subject: &Subject) -> Result<Vec<Object>, Error> {
-        std::mem::replace(self, Batch::Values(Vec::new())).into_values(subject)
-    }
-
-    fn into_values(self, subject: &Subject) -> Result<Vec<Object>, Error> {
-        match self {
+    fn take_values(&mut self, subject: &Subject) -> Result<Vec<Tree>, Error> {
+        match std::mem::replace(self, Batch::Values(Vec::new())) {
+            Batch::Objects(objects, _) => Ok(objects.iter().map(Tree::of).collect()),
             Batch::Values(values) | Batch::Both(values, _) => Ok(values),
             Batch::Texts(texts, plugin) => parse_checked(&texts, &plugin, subject),
         }
     }
 
+    /// The objects as the sync passes them on.
+    fn into_objects(self, subject: &Subject) -> Result<Vec<Object>, Error> {
+        let values = match self {
+            Batch::Objects(objects, _) => return Ok(objects),
+            Batch::Values(values) | Batch::Both(values, _) => values,
+            Batch::Texts(texts, plugin) => parse_checked(&texts, &plugin, subject)?,
+        };
+        Ok(values.into_iter().map(Tree::into_object).collect())
+    }
+
     /// Where the object at `index` came from.
     fn origin(&self, index: usize, subject: &Subject) -> Option<Origin> {
         match self {
+            Batch::Objects(objects, _) => objects.get(index).map(|o| o.origin.clone()),
             Batch::Values(values) | Batch::Both(values, _) => {
                 values.get(index).map(|o| o.origin.clone())
             }
@@ -840,7 +876,7 @@ fn parse_checked(
     texts: &[bindings::Object],
     plugin: &Plugin,
     subject: &Subject,
-) -> Result<Vec<Object>, Error> {
+) -> Result<Vec<Tree>, Error> {
     texts
         .iter()
         .enumerate()
@@ -848,7 +884,7 @@ fn parse_checked(
             let value = serde_json::from_str(&o.json).map_err(|e| {
                 plugin.invalid(subject, format!("{} is not JSON: {e}", at(i, &o.origin)))
             })?;
-            Ok(Object {
+            Ok(Tree {
                 value,
                 origin: origin(&o.origin, subject),
             })
@@ -877,6 +913,16 @@ fn origin(o: &bindings::Origin, subject: &Subject) -> Origin {
 }
 
 fn wit_objects(objects: &[Object]) -> Vec<bindings::Object> {
+    objects
+        .iter()
+        .map(|o| bindings::Object {
+            json: o.json().to_string(),
+            origin: wit_origin(&o.origin),
+        })
+        .collect()
+}
+
+fn wit_trees(objects: &[Tree]) -> Vec<bindings::Object> {
     objects
         .iter()
         .map(|o| bindings::Object {
@@ -1023,8 +1069,8 @@ fn wit_context_v2(plugin: &Plugin, subject: &Subject) -> bindings::v2::Context {
 fn call_transform_v2(
     plugin: &Plugin,
     subject: &Subject,
-    objects: Vec<Object>,
-) -> Result<Result<Vec<Object>, Vec<Finding>>, Error> {
+    objects: Vec<Tree>,
+) -> Result<Result<Vec<Tree>, Vec<Finding>>, Error> {
     let Pre::TransformerV2(pre) = &plugin.pre else {
         unreachable!("called only for 0.2.0 transformers")
     };
@@ -1086,8 +1132,8 @@ fn call_transform_v2(
 fn call_validate_v2(
     plugin: &Plugin,
     subject: &Subject,
-    objects: Vec<Object>,
-) -> (Vec<Object>, Result<Vec<Finding>, Error>) {
+    objects: Vec<Tree>,
+) -> (Vec<Tree>, Result<Vec<Finding>, Error>) {
     let Pre::ValidatorV2(pre) = &plugin.pre else {
         unreachable!("called only for 0.2.0 validators")
     };
@@ -1137,8 +1183,8 @@ fn wit_origin(o: &Origin) -> bindings::Origin {
 fn call_function(
     plugin: &Plugin,
     subject: &Subject,
-    objects: &[Object],
-) -> Result<Result<(Vec<Object>, Vec<Finding>), Vec<Finding>>, Error> {
+    objects: &[Tree],
+) -> Result<Result<(Vec<Tree>, Vec<Finding>), Vec<Finding>>, Error> {
     let Pre::Function(pre) = &plugin.pre else {
         unreachable!("called only for functions")
     };
@@ -1179,7 +1225,7 @@ fn call_function(
                 ),
             ));
         }
-        next.push(Object {
+        next.push(Tree {
             value,
             origin: origin.map(|o| o.origin.clone()).unwrap_or_else(|| Origin {
                 project: subject.project.clone(),
@@ -1203,7 +1249,7 @@ fn call_function(
             let origin = object.as_ref().and_then(|want| {
                 objects
                     .iter()
-                    .find(|o| o.obj_ref() == *want)
+                    .find(|o| ObjRef::of(&o.value) == *want)
                     .map(|o| o.origin.clone())
             });
             Finding {
