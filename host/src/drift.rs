@@ -25,7 +25,7 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
 use tokio::task::JoinHandle;
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, list_in_turn};
 use crate::object::ObjRef;
 
 /// Annotations that controllers maintain on objects users apply; a change of these is not
@@ -153,11 +153,13 @@ impl Drift {
         let expected = Arc::new(expected.clone());
         let (shared, expected_all) = (baseline.clone(), expected.clone());
         let task = tokio::spawn(async move {
+            let turn = Arc::new(tokio::sync::Semaphore::new(1));
             let watches = groups.into_iter().map(|group| {
                 let tx = tx.clone();
                 let (shared, expected) = (shared.clone(), expected_all.clone());
+                let turn = turn.clone();
                 async move {
-                    if let Some(why) = watch_group(group, &expected, &shared).await {
+                    if let Some(why) = watch_group(group, &expected, &shared, turn).await {
                         let _ = tx.send(why).await;
                     }
                 }
@@ -196,6 +198,7 @@ async fn watch_group(
     Group { api, members }: Group,
     expected: &BTreeMap<ObjRef, Fingerprint>,
     shared: &Mutex<BTreeMap<ObjRef, Fingerprint>>,
+    turn: Arc<tokio::sync::Semaphore>,
 ) -> Option<String> {
     let mut config = watcher::Config::default();
     if let [only] = members.as_slice() {
@@ -206,7 +209,8 @@ async fn watch_group(
     let mut baseline: Option<HashMap<String, Fingerprint>> = None;
     // The (re)list under way: what it delivered so far.
     let mut listing: HashMap<String, Fingerprint> = HashMap::new();
-    let mut events = watcher(api, config).default_backoff().boxed();
+    // One group lists at a time (`cluster::list_in_turn`): its first list is its baseline.
+    let mut events = list_in_turn(watcher(api, config).default_backoff(), turn).boxed();
     while let Some(event) = events.next().await {
         let Ok(event) = event else {
             // The watcher retries with backoff.

@@ -626,6 +626,8 @@ async fn watch(
             resource: g.resource,
         })
         .collect();
+    // One group lists at a time (`cluster::list_in_turn`): one page of whole objects held.
+    let turn = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
     let streams = groups.iter().enumerate().map(|(g, group)| {
         let mut config = watcher::Config::default();
         if group.members.len() == 1 {
@@ -637,10 +639,12 @@ async fn watch(
                 .unwrap_or_default();
             config = config.fields(&format!("metadata.name={name}"));
         }
-        watcher(group.api.clone(), config)
-            .default_backoff()
-            .map(move |event| (g, event))
-            .boxed()
+        crate::cluster::list_in_turn(
+            watcher(group.api.clone(), config).default_backoff(),
+            turn.clone(),
+        )
+        .map(move |event| (g, event))
+        .boxed()
     });
     let mut events = futures::stream::select_all(streams);
     // Objects of the group whose (re)list is under way, and those it delivered so far.

@@ -753,19 +753,24 @@ pub fn run(
                 }
             }
             World::Validator => {
-                let found = if plugin.holds_objects() {
-                    let objects = batch.take_values(subject)?;
-                    let (objects, found) = call_validate_v2(plugin, subject, objects);
-                    batch = Batch::Values(objects);
-                    found
-                } else {
-                    call_validate(plugin, subject, batch.texts()).map(|found| {
+                let found =
+                    if let (true, Batch::Objects(objects, _)) = (plugin.holds_objects(), &batch) {
+                        // Read-only: the batch keeps the text it has, and the trees go after
+                        // the call (not written back to text at the chain's end).
+                        call_validate_v2(plugin, subject, objects.iter().map(Tree::of).collect()).1
+                    } else if plugin.holds_objects() {
+                        let objects = batch.take_values(subject)?;
+                        let (objects, found) = call_validate_v2(plugin, subject, objects);
+                        batch = Batch::Values(objects);
                         found
-                            .into_iter()
-                            .map(|f| finding(plugin, |i| batch.origin(i, subject), f))
-                            .collect()
-                    })
-                };
+                    } else {
+                        call_validate(plugin, subject, batch.texts()).map(|found| {
+                            found
+                                .into_iter()
+                                .map(|f| finding(plugin, |i| batch.origin(i, subject), f))
+                                .collect()
+                        })
+                    };
                 match found {
                     Ok(found) => {
                         let (errors, others): (Vec<Finding>, Vec<Finding>) =
