@@ -200,7 +200,7 @@ async fn watch_group(
     shared: &Mutex<BTreeMap<ObjRef, Fingerprint>>,
     turn: Arc<tokio::sync::Semaphore>,
 ) -> Option<String> {
-    let mut config = watcher::Config::default();
+    let mut config = watcher::Config::default().page_size(crate::cluster::WATCH_PAGE);
     if let [only] = members.as_slice() {
         config = config.fields(&format!("metadata.name={}", only.name));
     }

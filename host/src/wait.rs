@@ -629,7 +629,7 @@ async fn watch(
     // One group lists at a time (`cluster::list_in_turn`): one page of whole objects held.
     let turn = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
     let streams = groups.iter().enumerate().map(|(g, group)| {
-        let mut config = watcher::Config::default();
+        let mut config = watcher::Config::default().page_size(crate::cluster::WATCH_PAGE);
         if group.members.len() == 1 {
             let name = group
                 .members
