@@ -690,15 +690,18 @@ async fn a_sync_waits_until_its_deployments_are_available() {
     assert_eq!(status.available_replicas, Some(3), "{status:?}");
     assert_eq!(status.observed_generation, web.metadata.generation);
 
-    let stuck = deployment("stuck", 1).replace(
-        "    spec:\n      containers:",
-        "    spec:\n      nodeSelector: {no-such-node: \"true\"}\n      containers:",
-    );
+    // A Deployment no node can run: never Available.
+    let unschedulable = |name: &str| {
+        deployment(name, 1).replace(
+            "    spec:\n      containers:",
+            "    spec:\n      nodeSelector: {no-such-node: \"true\"}\n      containers:",
+        )
+    };
     repo.commit(
         "main",
         &[
             file("web.yaml", deployment("web", 3)),
-            file("stuck.yaml", stuck),
+            file("stuck.yaml", unschedulable("stuck")),
         ],
         "a Deployment no node can run",
     );
@@ -718,15 +721,11 @@ async fn a_sync_waits_until_its_deployments_are_available() {
     // A Deployment deleted by someone else as soon as it is created fails the sync at once
     // rather than at the deadline, whether the deletion lands before the wait's first list
     // (it usually does: the deleter acts on the creation's watch event) or during the wait.
-    let orphan = deployment("orphan", 1).replace(
-        "    spec:\n      containers:",
-        "    spec:\n      nodeSelector: {no-such-node: \"true\"}\n      containers:",
-    );
     repo.commit(
         "main",
         &[
             file("web.yaml", deployment("web", 3)),
-            file("orphan.yaml", orphan),
+            file("orphan.yaml", unschedulable("orphan")),
         ],
         "a Deployment someone deletes at once",
     );
