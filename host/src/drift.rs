@@ -14,7 +14,9 @@
 //! ([`CONTROLLER_ANNOTATIONS`]). Between two watches (while a sync runs), objects the sync
 //! left alone are compared with what the previous watch saw (`expected`); a change made
 //! to an object the sync wrote, between its write and the new watch's first list, is not
-//! seen (it becomes the baseline), and the periodic full re-apply catches it.
+//! seen (it becomes the baseline), and the periodic full re-apply catches it. The watch's
+//! resources list one at a time (`cluster::list_in_turn`), so for the last of them that
+//! window lasts until the lists before it are done.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
