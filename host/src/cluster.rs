@@ -456,15 +456,17 @@ async fn apiservice_condition(client: &kube::Client, name: &str) -> Option<Strin
     ))
 }
 
-/// Objects per page of a watch's list (kube's default is 500). A page of 500 whole
-/// Deployments, managedFields and status included, is tens of megabytes once decoded;
-/// 100 cuts that fivefold for four list requests more per 500 objects.
+/// Objects per page of a watch's list (kube's default is 500). A page is decoded whole,
+/// managedFields and status included: at 10,000 objects, 100 instead of 500 took the
+/// agent's peak RSS from 143.0 to 126.9 MiB, for four list requests more per 500 objects
+/// (`docs/performance.md`).
 pub const WATCH_PAGE: u32 = 100;
 
 /// A watch whose first list waits its turn: of the watches given the same `turn` (a
-/// semaphore of one permit), one lists at a time. A list arrives in pages of 500 whole
-/// objects, and a sync that watches four resources at once held four pages (at 10,000
-/// objects the agent's peak RSS came from these lists); in turn it holds one. The permit
+/// semaphore of one permit), one lists at a time. A list arrives in pages of whole
+/// objects ([`WATCH_PAGE`]), and a sync that watches four resources at once held four
+/// pages (at 10,000 objects the agent's peak RSS came from these lists); in turn it holds
+/// one. The permit
 /// goes at the watch's first `InitDone`, or at its first error, so a watch that cannot list
 /// (no access, a kind that went away) never holds the others up; its retries, and
 /// every later re-list, take no turn.

@@ -579,9 +579,9 @@ struct Seen {
     live: Vec<Option<Value>>,
     /// Whether its watch has finished its first list (before that, absence means nothing).
     known: Vec<bool>,
-    /// Whether it is known to have existed: seen during this wait, or (for a wait on what
-    /// was just applied) from the start.
-    present: Vec<bool>,
+    /// Whether the cluster serves its kind (in a wait on what was just applied, a served
+    /// object that is absent was deleted).
+    served: Vec<bool>,
 }
 
 async fn watch(
@@ -606,13 +606,13 @@ async fn watch(
     let mut seen = Seen {
         live: vec![None; objects.len()],
         known: vec![false; objects.len()],
-        present: vec![deleted.is_some(); objects.len()],
+        served: vec![true; objects.len()],
     };
     let (by_resource, unserved) = cluster.by_resource(objects);
     // A kind the cluster does not serve: nothing of it exists (nor was deleted).
     for i in unserved {
         seen.known[i] = true;
-        seen.present[i] = false;
+        seen.served[i] = false;
     }
     let groups: Vec<Group> = by_resource
         .into_iter()
@@ -658,12 +658,11 @@ async fn watch(
             let h = &mut health[i];
             if seen.known[i] && !done(h.status) {
                 (h.status, h.message) = match (&seen.live[i], deleted) {
-                    (None, Some(message)) if seen.present[i] => {
+                    (None, Some(message)) if seen.served[i] => {
                         (Status::Failed, Some(message.to_string()))
                     }
                     (live, _) => judge(live.as_ref()),
                 };
-                seen.present[i] |= seen.live[i].is_some();
                 if done(h.status) {
                     remaining -= 1;
                     seen.live[i] = None;
