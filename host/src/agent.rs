@@ -25,6 +25,7 @@ use crate::decode;
 use crate::drift::Drift;
 use crate::history::{self, History};
 use crate::inventory::InventoryRef;
+use crate::live::Live;
 use crate::plugins::{self, Plugin};
 use crate::report::{self, msg};
 use crate::source::{Credentials, Source};
@@ -133,6 +134,8 @@ pub async fn run(
         }
     };
     let runtime = Arc::new(runtime);
+    // The watches of the projects' live objects, shared by the workers ([`Live`]).
+    let live = Live::new();
     let mut workers = Workers::default();
     let mut last: Option<(AgentConfig, BTreeMap<String, String>)> = None;
     // A push to the configuration repository reloads the configuration at once.
@@ -173,7 +176,7 @@ pub async fn run(
                     }
                     let loaded =
                         load_plugins(&runtime, cfg.clone(), modules, digests.clone()).await;
-                    reconcile_workers(&mut workers, &loaded, &cluster, &opts);
+                    reconcile_workers(&mut workers, &loaded, &cluster, &live, &opts);
                     opts.triggers.set(
                         workers
                             .values()
@@ -245,6 +248,7 @@ fn reconcile_workers(
     workers: &mut HashMap<String, Running>,
     loaded: &Loaded,
     cluster: &Cluster,
+    live: &Live,
     opts: &Options,
 ) {
     let cfg = &loaded.config;
@@ -253,6 +257,7 @@ fn reconcile_workers(
         if !keep {
             info!(worker_id = %id, "{}", msg::STOPPING_WORKER);
             w.handle.abort();
+            live.forget(id);
         }
         keep
     });
@@ -300,6 +305,7 @@ fn reconcile_workers(
         };
         let handle = tokio::spawn(worker(
             cluster.clone(),
+            live.clone(),
             project.clone(),
             selected,
             inventory,
@@ -370,6 +376,7 @@ fn prepare(
     project: &ManifestProject,
     plugins: Result<Vec<Arc<Plugin>>, plugins::Error>,
     (inventory_id, others): (String, Vec<InventoryRef>),
+    live: Option<Live>,
     opts: &Options,
 ) -> (Source, Settings) {
     let url = sync::project_url(&project.id, &opts.git_base_url);
@@ -390,6 +397,7 @@ fn prepare(
         render_cache: Some(plugins::OutcomeCache::new(opts.cache_dir.join("rendered"))),
         decoded: Some(decode::Memo::default()),
         protected: opts.protected.clone(),
+        live,
     };
     (source, settings)
 }
@@ -432,8 +440,13 @@ pub async fn run_once(
         async move {
             let result = async {
                 let inventory = inventory_for(&loaded.config, ids, project)?;
-                let (source, settings) =
-                    prepare(project, selected_plugins(loaded, project), inventory, opts);
+                let (source, settings) = prepare(
+                    project,
+                    selected_plugins(loaded, project),
+                    inventory,
+                    None,
+                    opts,
+                );
                 let commit = resolve(source.clone(), project.git_ref.clone()).await?;
                 info!(project_id = %project.id, commit_id = %commit, "{}", msg::SYNCHRONIZING);
                 let started = std::time::Instant::now();
@@ -774,6 +787,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 async fn worker(
     mut cluster: Cluster,
+    live: Live,
     project: ManifestProject,
     plugins: Result<Vec<Arc<Plugin>>, plugins::Error>,
     inventory: Result<(String, Vec<InventoryRef>), String>,
@@ -785,7 +799,7 @@ async fn worker(
         // do is safe) until the configuration changes.
         return std::future::pending().await;
     };
-    let (source, settings) = prepare(&project, plugins, inventory, &opts);
+    let (source, settings) = prepare(&project, plugins, inventory, Some(live.clone()), &opts);
     let mut history = History::new(cluster.client().clone(), instance());
     let mut state = State::default();
     // Watches the objects of the last successful sync; none while a sync runs.
@@ -911,7 +925,13 @@ async fn worker(
                             .filter(|r| r.action == Action::Unchanged)
                             .filter_map(|r| Some((r.obj.clone(), expected.get(&r.obj)?.clone())))
                             .collect();
-                        drift = Some(Drift::watch(&cluster, &applied, &untouched));
+                        drift = Some(Drift::watch(
+                            &live,
+                            &project.id,
+                            &cluster,
+                            &applied,
+                            &untouched,
+                        ));
                         state.known = report.applied.clone();
                         state.synced = Some((commit.clone(), tokio::time::Instant::now()));
                         state.failed = None;

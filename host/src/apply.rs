@@ -66,6 +66,10 @@ pub struct ObjectResult {
     /// Why, for failures and skips.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The resourceVersion this sync's write left the object at, when it wrote it: a
+    /// reader of the agent's watches waits for that version (`live::caught_up`).
+    #[serde(skip)]
+    pub written: Option<Box<str>>,
 }
 
 impl ObjectResult {
@@ -75,6 +79,7 @@ impl ObjectResult {
             origin: Some(o.origin.clone()),
             action: Action::Failed,
             message: Some(message),
+            written: None,
         }
     }
 }
@@ -401,6 +406,7 @@ pub async fn apply(
                     origin: Some(o.origin.clone()),
                     action: Action::Unchanged,
                     message: None,
+                    written: None,
                 }),
         );
         let stage: Vec<&Object> = stage
@@ -422,6 +428,7 @@ pub async fn apply(
                 message: Some(
                     "dry run: depends on a namespace or kind this sync would create".into(),
                 ),
+                written: None,
             }));
         } else if !late.is_empty() {
             let more = preflight_all(cluster, &late, opts).await;
@@ -674,6 +681,7 @@ async fn write(cluster: &Cluster, o: &Object, p: &Preflight, opts: &Options) -> 
         origin: Some(o.origin.clone()),
         action,
         message,
+        written: None,
     };
     if p.unchanged {
         return result(Action::Unchanged, None);
@@ -717,7 +725,12 @@ async fn write(cluster: &Cluster, o: &Object, p: &Preflight, opts: &Options) -> 
         Err(e) => return result(Action::Failed, Some(api_message(&e))),
     };
     match cleanup_managers(&api, o.name(), &applied, opts).await {
-        Ok(()) => result(action, None),
+        Ok(version) => ObjectResult {
+            written: version
+                .or(applied.metadata.resource_version)
+                .map(Into::into),
+            ..result(action, None)
+        },
         Err(e) => result(
             Action::Failed,
             Some(format!(
@@ -733,13 +746,14 @@ async fn write(cluster: &Cluster, o: &Object, p: &Preflight, opts: &Options) -> 
 /// just applied (as Flux's ssa does for `kubectl` and its own old managers). A forced
 /// server-side apply takes only the fields whose values conflict; fields with equal values
 /// stay co-owned by the old manager, and a field later removed from git would stay live
-/// under it. One merge patch, guarded by the resourceVersion the apply returned.
+/// under it. One merge patch, guarded by the resourceVersion the apply returned; the
+/// resourceVersion it left, when it patched.
 async fn cleanup_managers(
     api: &kube::Api<DynamicObject>,
     name: &str,
     applied: &DynamicObject,
     opts: &Options,
-) -> Result<(), kube::Error> {
+) -> Result<Option<String>, kube::Error> {
     let entries = applied.metadata.managed_fields.clone().unwrap_or_default();
     let is_old = |m: &Option<String>| {
         m.as_deref().is_some_and(|m| {
@@ -747,7 +761,7 @@ async fn cleanup_managers(
         })
     };
     if !entries.iter().any(|e| is_old(&e.manager)) {
-        return Ok(());
+        return Ok(None);
     }
     let kept: Vec<_> = entries
         .into_iter()
@@ -759,7 +773,7 @@ async fn cleanup_managers(
     }});
     api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
-        .map(|_| ())
+        .map(|o| o.metadata.resource_version)
 }
 
 /// True when applying would change the object, when our field manager does not own its

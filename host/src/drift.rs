@@ -1,33 +1,30 @@
 //! Drift: notices, from watches, that someone else changed or deleted an object a project
 //! applied, so the agent restores it within seconds instead of at its next full re-apply.
 //!
-//! After a successful sync the agent starts a [`Drift`] over the applied objects: one
-//! metadata-only watch per resource and namespace among them (a single object is watched
-//! by name), whose first list is the baseline. An object drifted when it is deleted, when
-//! its `metadata.generation` moves (the API server bumps it for spec changes only, so the
-//! status writes of controllers are not drift), when its labels or annotations change, or,
-//! for kinds without a generation (ConfigMap, Secret, RBAC, …), when its resourceVersion
-//! moves. A sync stops the watch before it writes (its own writes are not drift) and
-//! starts a new one after.
+//! After a successful sync the agent starts a [`Drift`] over the applied objects. It reads
+//! the agent's [`Live`] watches (one per resource and namespace, shared by all projects and
+//! kept across syncs): the objects' state when it starts is the baseline. An object
+//! drifted when it is deleted, when its `metadata.generation` moves (the API server bumps
+//! it for spec changes only, so the status writes of controllers are not drift), when its
+//! labels or annotations change, or, for kinds without a generation (ConfigMap, Secret,
+//! RBAC, …), when its resourceVersion moves. A sync drops the `Drift` before it writes (its
+//! own writes are not drift) and starts a new one after, once its health wait saw the
+//! watches catch up with its writes.
 //!
 //! Not drift: annotations that controllers write on the objects they manage
-//! ([`CONTROLLER_ANNOTATIONS`]). Between two watches (while a sync runs), objects the sync
-//! left alone are compared with what the previous watch saw (`expected`); a change made
-//! to an object the sync wrote, between its write and the new watch's first list, is not
-//! seen (it becomes the baseline), and the periodic full re-apply catches it. The watch's
-//! resources list one at a time (`cluster::list_in_turn`), so for the last of them that
-//! window lasts until the lists before it are done.
+//! ([`CONTROLLER_ANNOTATIONS`]). Objects a sync left alone are compared with what the
+//! previous `Drift` saw (`expected`), so a change made to them while the sync ran is
+//! drift. A change made to an object the sync wrote, between its write and the end of the
+//! sync's health wait, becomes the baseline; the periodic full re-apply catches it.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-use futures::StreamExt;
-use kube::api::{Api, DynamicObject, ObjectMeta, PartialObjectMeta};
-use kube::runtime::WatchStreamExt;
-use kube::runtime::watcher;
+use kube::api::ObjectMeta;
 use tokio::task::JoinHandle;
 
-use crate::cluster::{Cluster, list_in_turn};
+use crate::cluster::Cluster;
+use crate::live::{Live, Notice, Scope, Seen};
 use crate::object::ObjRef;
 
 /// Annotations that controllers maintain on objects users apply; a change of these is not
@@ -109,7 +106,7 @@ impl Fingerprint {
     }
 }
 
-/// A running drift watch; dropping it stops the watches.
+/// A running drift watch; dropping it stops it (the agent's watches go on).
 #[derive(Debug)]
 pub struct Drift {
     found: tokio::sync::mpsc::Receiver<String>,
@@ -125,49 +122,37 @@ impl Drop for Drift {
 }
 
 impl Drift {
-    /// Starts watching `objects`. Their state now is the baseline, except for those in
-    /// `expected` (what an earlier watch saw of objects the last sync did not write): a
-    /// difference from that is drift at once, which closes the window between two watches.
+    /// Starts watching `objects`, the project's objects after a successful sync, in the
+    /// agent's [`Live`] watches. Their state now is the baseline (the sync's health wait
+    /// saw the watches catch up with its writes), except for those in `expected` (what an
+    /// earlier watch saw of objects the last sync did not write): a difference from that is
+    /// drift at once, which closes the window of the sync between two watches.
     pub fn watch(
+        live: &Live,
+        project: &str,
         cluster: &Cluster,
         objects: &[ObjRef],
         expected: &BTreeMap<ObjRef, Fingerprint>,
     ) -> Drift {
+        let tracked = live.track(project, cluster, objects);
+        // Subscribed before the first look: no change falls between the two.
+        let notices = live.subscribe();
         // Objects of kinds the cluster does not serve cannot drift: nothing of them exists.
-        let (by_resource, _unserved) = cluster.by_resource(objects);
-        let groups: Vec<Group> = by_resource
-            .into_iter()
-            .map(|g| {
-                let client = cluster.client().clone();
-                Group {
-                    api: match g.caps.scope {
-                        kube::discovery::Scope::Namespaced => {
-                            Api::namespaced_with(client, &g.namespace, &g.resource)
-                        }
-                        kube::discovery::Scope::Cluster => Api::all_with(client, &g.resource),
-                    },
-                    members: g.members.iter().map(|&i| objects[i].clone()).collect(),
-                }
-            })
+        let members: Vec<(ObjRef, Arc<Scope>)> = objects
+            .iter()
+            .zip(tracked.scopes)
+            .filter_map(|(o, scope)| Some((o.clone(), scope?)))
             .collect();
         let (tx, found) = tokio::sync::mpsc::channel(1);
         let baseline = Arc::new(Mutex::new(BTreeMap::new()));
-        let expected = Arc::new(expected.clone());
-        let (shared, expected_all) = (baseline.clone(), expected.clone());
-        let task = tokio::spawn(async move {
-            let turn = Arc::new(tokio::sync::Semaphore::new(1));
-            let watches = groups.into_iter().map(|group| {
-                let tx = tx.clone();
-                let (shared, expected) = (shared.clone(), expected_all.clone());
-                let turn = turn.clone();
-                async move {
-                    if let Some(why) = watch_group(group, &expected, &shared, turn).await {
-                        let _ = tx.send(why).await;
-                    }
-                }
-            });
-            futures::future::join_all(watches).await;
-        });
+        let task = tokio::spawn(watch_members(
+            live.clone(),
+            members,
+            expected.clone(),
+            baseline.clone(),
+            notices,
+            tx,
+        ));
         Drift {
             found,
             task,
@@ -189,105 +174,82 @@ impl Drift {
     }
 }
 
-/// The objects of one resource in one namespace, watched together (metadata only).
-struct Group {
-    api: Api<PartialObjectMeta<DynamicObject>>,
-    members: Vec<ObjRef>,
+/// What a watch says of one object, for a drift check.
+enum Look {
+    Unlisted,
+    Absent,
+    Present(Fingerprint),
 }
 
-/// Watches one resource in one namespace until one of its members drifts.
-async fn watch_group(
-    Group { api, members }: Group,
-    expected: &BTreeMap<ObjRef, Fingerprint>,
-    shared: &Mutex<BTreeMap<ObjRef, Fingerprint>>,
-    turn: Arc<tokio::sync::Semaphore>,
-) -> Option<String> {
-    let mut config = watcher::Config::default().page_size(crate::cluster::WATCH_PAGE);
-    if let [only] = members.as_slice() {
-        config = config.fields(&format!("metadata.name={}", only.name));
+/// Compares `members` with their baselines whenever the watches tell of a change, until
+/// one drifted.
+async fn watch_members(
+    live: Live,
+    members: Vec<(ObjRef, Arc<Scope>)>,
+    expected: BTreeMap<ObjRef, Fingerprint>,
+    shared: Arc<Mutex<BTreeMap<ObjRef, Fingerprint>>>,
+    mut notices: tokio::sync::broadcast::Receiver<Notice>,
+    found: tokio::sync::mpsc::Sender<String>,
+) {
+    let mut index: HashMap<&Scope, HashMap<&str, usize>> = HashMap::new();
+    for (i, (o, scope)) in members.iter().enumerate() {
+        index
+            .entry(&**scope)
+            .or_default()
+            .insert(o.name.as_str(), i);
     }
-    let by_name: HashMap<String, ObjRef> =
-        members.into_iter().map(|o| (o.name.clone(), o)).collect();
-    let mut baseline: Option<HashMap<String, Fingerprint>> = None;
-    // The (re)list under way: what it delivered so far.
-    let mut listing: HashMap<String, Fingerprint> = HashMap::new();
-    // One group lists at a time (`cluster::list_in_turn`): its first list is its baseline.
-    let mut events = list_in_turn(watcher(api, config).default_backoff(), turn).boxed();
-    while let Some(event) = events.next().await {
-        let Ok(event) = event else {
-            // The watcher retries with backoff.
-            continue;
-        };
-        let seen = |meta: &ObjectMeta| -> Option<(String, Fingerprint)> {
-            let name = meta.name.clone()?;
-            by_name
-                .contains_key(&name)
-                .then(|| (name, Fingerprint::of(meta)))
-        };
-        match event {
-            watcher::Event::Init => listing.clear(),
-            watcher::Event::InitApply(o) => {
-                if let Some((name, f)) = seen(&o.metadata) {
-                    listing.insert(name, f);
-                }
-            }
-            watcher::Event::InitDone => match &baseline {
-                None => {
-                    let listed = std::mem::take(&mut listing);
-                    for (name, o) in &by_name {
-                        // The sync just applied every member: one missing was deleted since.
-                        if !listed.contains_key(name) {
-                            return Some(describe(o, "it was deleted"));
-                        }
-                        if let Some(want) = expected.get(o)
-                            && let Some(why) = differs(Some(want), listed.get(name))
-                        {
-                            return Some(describe(o, why));
-                        }
-                    }
+    let mut base: Vec<Option<Fingerprint>> = vec![None; members.len()];
+    let mut dirty: Vec<usize> = (0..members.len()).collect();
+    loop {
+        for i in dirty.drain(..) {
+            let (o, scope) = &members[i];
+            let now = live.with(scope, &o.name, |seen| match seen {
+                Seen::Unlisted { .. } => Look::Unlisted,
+                Seen::Absent { .. } => Look::Absent,
+                Seen::Present(e) => Look::Present(e.fingerprint.clone()),
+            });
+            let why = match (&base[i], now) {
+                // Its watch has not listed yet: the baseline comes with the list.
+                (_, Look::Unlisted) => None,
+                // The sync just applied it (or found it unchanged): deleted since.
+                (_, Look::Absent) => Some("it was deleted"),
+                (None, Look::Present(f)) => {
+                    let (b, why) = match expected.get(o) {
+                        Some(want) => (want.clone(), want.changed(&f)),
+                        None => (f, None),
+                    };
                     if let Ok(mut shared) = shared.lock() {
-                        for (name, f) in &listed {
-                            shared.insert(by_name[name.as_str()].clone(), f.clone());
-                        }
+                        shared.insert(o.clone(), b.clone());
                     }
-                    baseline = Some(listed);
+                    base[i] = Some(b);
+                    why
                 }
-                Some(base) => {
-                    // A re-list (the watch expired): compare everything against the baseline.
-                    let names: HashSet<&String> = base.keys().chain(listing.keys()).collect();
-                    for name in names {
-                        if let Some(why) = differs(base.get(name), listing.get(name)) {
-                            return Some(describe(&by_name[name.as_str()], why));
-                        }
-                    }
-                }
-            },
-            watcher::Event::Apply(o) => {
-                if let (Some(base), Some((name, f))) = (&baseline, seen(&o.metadata))
-                    && let Some(why) = differs(base.get(&name), Some(&f))
-                {
-                    return Some(describe(&by_name[name.as_str()], why));
-                }
-            }
-            watcher::Event::Delete(o) => {
-                if let (Some(base), Some((name, _))) = (&baseline, seen(&o.metadata))
-                    && base.contains_key(&name)
-                {
-                    return Some(describe(&by_name[name.as_str()], "it was deleted"));
-                }
+                (Some(b), Look::Present(f)) => b.changed(&f),
+            };
+            if let Some(why) = why {
+                let _ = found.send(describe(o, why)).await;
+                return;
             }
         }
-    }
-    None
-}
-
-/// Whether an object drifted from its baseline (`None`: absent).
-fn differs(base: Option<&Fingerprint>, now: Option<&Fingerprint>) -> Option<&'static str> {
-    match (base, now) {
-        (Some(b), Some(n)) => b.changed(n),
-        (Some(_), None) => Some("it was deleted"),
-        // Absent at the baseline: not ours to judge (it failed to apply, or is pruned).
-        (None, _) => None,
+        match notices.recv().await {
+            Ok(Notice::Changed(scope, name)) => {
+                if let Some(&i) = index.get(&*scope).and_then(|m| m.get(name.as_str())) {
+                    dirty.push(i);
+                }
+            }
+            // A (re)list: compare everything it delivered.
+            Ok(Notice::Listed(scope)) => {
+                if let Some(m) = index.get(&*scope) {
+                    dirty.extend(m.values());
+                }
+            }
+            // Behind: compare everything.
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                dirty.extend(0..members.len());
+            }
+            // The agent's watches are gone (it is stopping).
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
     }
 }
 
@@ -351,8 +313,6 @@ mod tests {
         let cm = Fingerprint::of(&meta(None, "100", &[], &[]));
         let edited = Fingerprint::of(&meta(None, "102", &[], &[]));
         assert_eq!(cm.changed(&edited), Some("it was changed"));
-        assert_eq!(differs(Some(&cm), None), Some("it was deleted"));
-        assert_eq!(differs(None, Some(&cm)), None);
         // Digests, not maps: a key/value boundary moved is still a change.
         let ab = Fingerprint::of(&meta(Some(1), "1", &[("a", "bc")], &[]));
         let a_b = Fingerprint::of(&meta(Some(1), "1", &[("ab", "c")], &[]));

@@ -397,6 +397,7 @@ mod tests {
                     origin: None,
                     action: *a,
                     message: None,
+                    written: None,
                 })
                 .collect(),
             health: Vec::new(),

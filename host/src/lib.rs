@@ -24,6 +24,7 @@ pub mod install;
 pub mod inventory;
 pub mod leader;
 pub mod limits;
+pub mod live;
 pub mod object;
 pub mod observability;
 pub mod plan;

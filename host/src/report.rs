@@ -271,6 +271,7 @@ mod tests {
             origin: None,
             action,
             message: None,
+            written: None,
         }
     }
 

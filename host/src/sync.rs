@@ -6,7 +6,7 @@
 //! dry-runs everything first. Pruning only happens after a fully successful apply, and never
 //! prunes everything because the selected file set happened to be empty.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -14,6 +14,7 @@ use crate::apply::{self, Action, ObjectResult};
 use crate::cluster::Cluster;
 use crate::config::{DryRunStrategy, ManifestProject, PropagationPolicy};
 use crate::inventory::{self, INVENTORY_LABEL, InventoryRef, Ownership};
+use crate::live::Live;
 use crate::object::{ObjRef, Object};
 use crate::plugins::{self as plugin_stage, OutcomeCache, Plugin};
 use crate::source::Source;
@@ -219,6 +220,10 @@ pub struct Settings {
     pub decoded: Option<decode::Memo>,
     /// The agent's own objects, which no project may create or change.
     pub protected: crate::limits::Protected,
+    /// The agent's watches of the live objects ([`Live`]), which the health wait reads
+    /// instead of listing the objects again each sync. `None`: each wait watches for
+    /// itself.
+    pub live: Option<Live>,
 }
 
 /// Which agentk inventory a project without an inventory of its own may adopt.
@@ -404,6 +409,8 @@ pub async fn sync(
     }
     // (namespace_first took its Namespace out of the plan: nothing is applied twice.)
     let applied = apply::apply(&mut actor, checked, &opts).await;
+    // Every write of the sync has returned (`live::caught_up`).
+    let wrote = std::time::Instant::now();
     // The apply may have refreshed discovery (new CRDs): the agent's handle keeps it.
     cluster.take_discovery(&actor);
     results.extend(applied?);
@@ -467,6 +474,7 @@ pub async fn sync(
                 origin: None,
                 action: Action::Retained,
                 message: Some(format!("not pruned this sync: {why}")),
+                written: None,
             }));
         }
     }
@@ -479,8 +487,30 @@ pub async fn sync(
     }
 
     let applied: Vec<ObjRef> = desired.into_iter().collect();
+    let current = async {
+        match &settings.live {
+            // The agent's watches: what the last sync left is not listed again.
+            Some(live) => {
+                let tracked = live.track(&project.id, cluster, &applied);
+                let written: HashMap<ObjRef, Box<str>> = results
+                    .iter()
+                    .filter_map(|r| Some((r.obj.clone(), r.written.clone()?)))
+                    .collect();
+                wait::wait_live(
+                    live,
+                    &tracked,
+                    &applied,
+                    &written,
+                    wrote,
+                    project.reconcile_timeout,
+                )
+                .await
+            }
+            None => wait::wait_current(&actor, &applied, project.reconcile_timeout).await,
+        }
+    };
     let (health, gone) = tokio::join!(
-        wait::wait_current(&actor, &applied, project.reconcile_timeout),
+        current,
         wait::wait_gone(&actor, &pruned, project.prune_timeout)
     );
     laps.lap("wait");
@@ -685,6 +715,7 @@ fn split_unavailable(cluster: &Cluster, objects: Vec<Object>) -> (Vec<Object>, V
                 origin: Some(o.origin.clone()),
                 action: Action::Failed,
                 message: Some(format!("not applied: {why}")),
+                written: None,
             });
             false
         })
@@ -954,6 +985,7 @@ async fn prune_one(cluster: &Cluster, r: &ObjRef, ctx: &PruneContext<'_>) -> Obj
         origin: None,
         action,
         message,
+        written: None,
     };
     if let Some(why) = cluster.unavailable_group(&r.group) {
         return result(Action::Retained, Some(format!("not pruned: {why}")));

@@ -22,6 +22,7 @@ use kube::runtime::watcher;
 use serde_json::Value;
 
 use crate::cluster::Cluster;
+use crate::live::{self, Live, Notice, Scope, Tracked};
 use crate::object::ObjRef;
 
 /// kstatus statuses.
@@ -69,7 +70,7 @@ pub use crate::cluster::live_value;
 
 /// What a wait holds of a delivered object until that object is judged ready: the
 /// [`kstatus_input`] of its [`live_value`], taken from the object without copying the rest.
-fn judged_value(o: DynamicObject, ar: &kube::api::ApiResource) -> Value {
+pub(crate) fn judged_value(o: DynamicObject, ar: &kube::api::ApiResource) -> Value {
     let DynamicObject {
         metadata, mut data, ..
     } = o;
@@ -563,6 +564,124 @@ pub async fn wait_gone(cluster: &Cluster, objects: &[ObjRef], timeout: Duration)
         |s| s == Status::NotFound,
     )
     .await
+}
+
+/// Waits as [`wait_current`] does, reading the agent's [`Live`] watches instead of listing
+/// the objects again: a push's sync that changed one object of 10,000 lists nothing.
+/// `written` holds the resourceVersion each write of this sync returned, all of them
+/// returned by `wrote`; an object the sync wrote is judged only once the watches caught up
+/// with its write ([`live::caught_up`]), so a state from before the write is never taken
+/// for its health. The watches must track `objects` (`tracked`, from [`Live::track`]).
+pub async fn wait_live(
+    live: &Live,
+    tracked: &Tracked,
+    objects: &[ObjRef],
+    written: &HashMap<ObjRef, Box<str>>,
+    wrote: std::time::Instant,
+    timeout: Duration,
+) -> Vec<Health> {
+    // Subscribed before the first look: no change falls between the two.
+    let mut notices = live.subscribe();
+    let deadline = (!timeout.is_zero()).then(|| tokio::time::Instant::now() + timeout);
+    let mut health: Vec<Health> = objects
+        .iter()
+        .map(|o| Health {
+            obj: o.clone(),
+            status: Status::InProgress,
+            message: None,
+        })
+        .collect();
+    let done = |s: Status| matches!(s, Status::Current | Status::Failed);
+    let mut index: HashMap<&Scope, HashMap<&str, usize>> = HashMap::new();
+    for (i, scope) in tracked.scopes.iter().enumerate() {
+        if let Some(scope) = scope {
+            index
+                .entry(&**scope)
+                .or_default()
+                .insert(objects[i].name.as_str(), i);
+        }
+    }
+    // Whether the watches caught up with the object's write (those not written: at once).
+    let mut caught: Vec<bool> = objects.iter().map(|o| !written.contains_key(o)).collect();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut dirty: Vec<usize> = (0..objects.len()).collect();
+    let mut remaining = objects.len();
+    let mut closed = false;
+    loop {
+        for i in dirty.drain(..) {
+            if done(health[i].status) {
+                continue;
+            }
+            let h = &mut health[i];
+            (h.status, h.message) = match &tracked.scopes[i] {
+                // A kind the cluster does not serve: nothing of it exists.
+                None => (Status::NotFound, Some("not found".into())),
+                Some(scope) => live.with(scope, &objects[i].name, |seen| {
+                    if !caught[i]
+                        && let Some(version) = written.get(&objects[i])
+                    {
+                        caught[i] = live::caught_up(&seen, version, wrote);
+                    }
+                    match seen {
+                        live::Seen::Unlisted { error } => (
+                            Status::InProgress,
+                            Some(match error {
+                                Some(e) => format!("failed to watch: {e}"),
+                                None => "waiting for the watch's first list".into(),
+                            }),
+                        ),
+                        _ if !caught[i] => (
+                            Status::InProgress,
+                            Some("waiting for the watch to deliver the applied object".into()),
+                        ),
+                        // It existed when the wait began (applied or found unchanged).
+                        live::Seen::Absent { .. } => {
+                            (Status::Failed, Some(DELETED_DURING_WAIT.to_string()))
+                        }
+                        live::Seen::Present(entry) => match serde_json::from_str(&entry.judged) {
+                            Ok(v) => status(&v),
+                            Err(e) => (Status::Unknown, Some(format!("unreadable state: {e}"))),
+                        },
+                    }
+                }),
+            };
+            if done(h.status) {
+                remaining -= 1;
+            }
+        }
+        if remaining == 0 {
+            return health;
+        }
+        let expired = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            notice = notices.recv(), if !closed => match notice {
+                Ok(Notice::Changed(scope, name)) => {
+                    if let Some(&i) = index.get(&*scope).and_then(|m| m.get(name.as_str())) {
+                        dirty.push(i);
+                    }
+                }
+                Ok(Notice::Listed(scope)) => {
+                    if let Some(m) = index.get(&*scope) {
+                        dirty.extend(m.values());
+                    }
+                }
+                // Behind: look at everything again.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    dirty.extend(0..objects.len());
+                }
+                // The watches are gone with the agent; the ticks still judge.
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => closed = true,
+            },
+            // Statuses that depend on time, and anything a notice missed.
+            _ = tick.tick() => dirty.extend(0..objects.len()),
+            _ = expired => return health,
+        }
+    }
 }
 
 /// The objects of one resource in one namespace, watched together.

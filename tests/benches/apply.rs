@@ -307,6 +307,8 @@ async fn sluice_ops(ns: &str) -> [Op; 4] {
         // As the agent: files decoded by the previous sync are not decoded again.
         decoded: Some(Default::default()),
         protected: Default::default(),
+        // As the agent: the health wait reads watches kept across syncs.
+        live: Some(sluice::live::Live::new()),
     };
     let mut c = sluice::cluster::Cluster::connect(cluster::client_as("sluice-bench").await)
         .await

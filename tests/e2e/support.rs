@@ -67,6 +67,8 @@ pub fn settings(inventory_id: &str) -> Settings {
         render_cache: None,
         decoded: None,
         protected: Default::default(),
+        // As the agent: the health wait reads watches kept across the settings' syncs.
+        live: Some(sluice::live::Live::new()),
     }
 }
 
