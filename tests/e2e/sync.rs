@@ -766,6 +766,30 @@ async fn a_sync_waits_until_its_deployments_are_available() {
         "{}",
         problems[0].message
     );
+
+    // A change to a Deployment that was Available: its wait reads the agent's watches
+    // (`settings.live`), which held the Available state from before the write. That state
+    // must not count: the new template runs nowhere, so "web" is InProgress, not Current.
+    repo.commit(
+        "main",
+        &[file(
+            "web.yaml",
+            unschedulable("web").replace("replicas: 1", "replicas: 3"),
+        )],
+        "web moves to no node",
+    );
+    let p = project(&ns, "    reconcile_timeout: 5s\n");
+    let e = sync_once(&mut c, &src, &p, &s)
+        .await
+        .expect_err("the new template never becomes available");
+    let problems = e.problems();
+    assert_eq!(problems.len(), 1, "{e}");
+    assert_eq!(problems[0].obj.name, "web");
+    assert!(
+        problems[0].message.starts_with("is InProgress"),
+        "{}",
+        problems[0].message
+    );
 }
 
 /// With the last sync's digests as `known` (what the agent passes while its watches see no
@@ -823,7 +847,14 @@ async fn known_objects_cost_no_request_and_changed_ones_are_applied() {
         .map(|r| (r.obj.name.as_str(), r.action))
         .collect();
     assert_eq!(changed, [("cm-7", Action::Configured)]);
-    // cm-7: read, dry-run, apply; the other 19 nothing. Plus the inventory and the watch.
+    // cm-7: read, dry-run, apply; the other 19 nothing. Plus the inventory. The health
+    // wait reads the watch the first sync started: nothing is listed or watched again.
+    let lists: Vec<_> = requests
+        .iter()
+        .filter(|r| matches!(r.verb.as_str(), "list" | "watch"))
+        .map(|r| format!("{} {}", r.verb, r.uri))
+        .collect();
+    assert_eq!(lists, Vec::<String>::new());
     let per_object: Vec<_> = requests
         .iter()
         .filter(|r| r.uri.contains("/configmaps/cm-"))
