@@ -11,9 +11,12 @@
 //!
 //! **After a write.** A state delivered before a sync's write may arrive after it, so a
 //! reader of an object the sync wrote uses the state only once the store caught up with
-//! the write ([`caught_up`], pure): the store delivered the resourceVersion the write
-//! returned, or listed the object in a list that began after the writes. Watches deliver an
-//! object's states in order, so every state after that one is newer too.
+//! the write ([`caught_up`], pure). Resource versions of one resource compare as integers
+//! (KEP-5504, stable since Kubernetes 1.35): the store caught up once the object's state,
+//! or the newest version the watch delivered when the object is absent, is at or past the
+//! version the write returned. For versions that do not compare (an aggregated API of its
+//! own), the store caught up when it delivered that very version among the object's last
+//! few, or delivered the object (or its absence) from a list that began after the writes.
 //!
 //! The watches read with the agent's identity, also for a project that applies with a
 //! `service_account` of its own (as the drift watches did): they only read objects the
@@ -38,6 +41,11 @@ use crate::object::ObjRef;
 /// How many of an object's last resourceVersions an entry keeps: a reader that looks for
 /// the version its write returned finds it even when controllers wrote a few times since.
 const VERSIONS: usize = 4;
+
+/// How many deleted objects a watch remembers, for a wait on a write whose object was
+/// deleted before the wait looked (in a namespace where Pods come and go, the deleted are
+/// many; the waits need the last few).
+const GONE: usize = 256;
 
 /// Notices queued for a reader that is behind; past that it is told it lagged and looks at
 /// everything again.
@@ -85,27 +93,44 @@ pub enum Seen<'a> {
         versions: Option<&'a VecDeque<Box<str>>>,
         /// When the last completed list began.
         listed: Option<Instant>,
+        /// The newest resourceVersion the watch delivered.
+        newest: Option<&'a str>,
     },
     /// Its last state.
     Present(&'a Entry),
 }
 
 /// Whether `seen` is a state at or after a write that returned `version`, given that every
-/// write of the sync had returned by `wrote`: the watch delivered that version (or a later
-/// one after it: the versions are an object's last states, in order), or a list that began
-/// after the writes delivered it (a list reads the current state). Absence counts as seen
-/// when the watch saw the deletion of that version, or listed after the writes.
+/// write of the sync had returned by `wrote` (the module doc says why each rule holds).
 pub fn caught_up(seen: &Seen<'_>, version: &str, wrote: Instant) -> bool {
+    let at_or_past = |v: &str| compare_versions(v, version).map(|o| o.is_ge());
+    let after_writes = |listed: Option<Instant>| listed.is_some_and(|at| at > wrote);
+    let among = |vs: &VecDeque<Box<str>>| vs.iter().any(|v| &**v == version);
     match seen {
         Seen::Unlisted { .. } => false,
-        Seen::Present(e) => {
-            e.versions.iter().any(|v| &**v == version) || e.listed.is_some_and(|at| at > wrote)
-        }
-        Seen::Absent { versions, listed } => {
-            versions.is_some_and(|vs| vs.iter().any(|v| &**v == version))
-                || listed.is_some_and(|at| at > wrote)
+        Seen::Present(e) => match e.versions.front().and_then(|v| at_or_past(v)) {
+            Some(past) => past,
+            None => among(&e.versions) || after_writes(e.listed),
+        },
+        Seen::Absent {
+            versions,
+            listed,
+            newest,
+        } => {
+            newest.and_then(at_or_past) == Some(true)
+                || versions.is_some_and(among)
+                || after_writes(*listed)
         }
     }
+}
+
+/// Compares two resourceVersions of one resource as Kubernetes does
+/// (`k8s.io/apimachinery/pkg/util/resourceversion.CompareResourceVersion`): positive
+/// integers without leading zeros, of any length. `None` when either is not one.
+pub fn compare_versions(a: &str, b: &str) -> Option<std::cmp::Ordering> {
+    let valid =
+        |v: &str| !v.is_empty() && !v.starts_with('0') && v.bytes().all(|c| c.is_ascii_digit());
+    (valid(a) && valid(b)).then(|| a.len().cmp(&b.len()).then_with(|| a.cmp(b)))
 }
 
 /// A change the watches saw.
@@ -160,10 +185,13 @@ struct Data {
     objects: HashMap<String, Entry>,
     /// The (re)list under way: when it began, and what it delivered so far.
     listing: Option<(Instant, HashMap<String, Entry>)>,
-    /// The versions of objects the watch saw deleted since its last list.
-    gone: HashMap<String, VecDeque<Box<str>>>,
+    /// The versions of the last [`GONE`] objects the watch saw deleted since its last
+    /// list, oldest first.
+    gone: VecDeque<(String, VecDeque<Box<str>>)>,
     /// Why the watch failed last, until it delivers again.
     error: Option<String>,
+    /// The newest resourceVersion it delivered (when they compare).
+    newest: Option<Box<str>>,
 }
 
 /// A project's objects in the watches' terms: the scope of each (`None`: a kind the
@@ -267,8 +295,9 @@ impl Live {
         match data.objects.get(name) {
             Some(e) => f(Seen::Present(e)),
             None => f(Seen::Absent {
-                versions: data.gone.get(name),
+                versions: data.deleted(name),
                 listed: Some(listed),
+                newest: data.newest.as_deref(),
             }),
         }
     }
@@ -358,9 +387,11 @@ impl Entry {
         ))
     }
 
-    /// Takes the place of `old`, keeping its versions after its own.
+    /// Takes the place of `old`, keeping its versions after its own, and when the list
+    /// that delivered an earlier state began (this state is newer than that one).
     fn after(mut self, old: Option<Entry>) -> Entry {
         if let Some(old) = old {
+            self.listed = self.listed.or(old.listed);
             for v in old.versions {
                 if self.versions.len() == VERSIONS {
                     break;
@@ -375,6 +406,15 @@ impl Entry {
 }
 
 impl Data {
+    /// The versions of `name` before the watch saw it deleted, if it did lately.
+    fn deleted(&self, name: &str) -> Option<&VecDeque<Box<str>>> {
+        self.gone
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v)
+    }
+
     /// Takes in one watch event; what to tell readers: `Some(Some(name))` an object
     /// changed, `Some(None)` a list completed, `None` nothing yet.
     fn take(
@@ -383,6 +423,18 @@ impl Data {
         resource: &ApiResource,
         now: Instant,
     ) -> Option<Option<String>> {
+        if let watcher::Event::InitApply(o) | watcher::Event::Apply(o) | watcher::Event::Delete(o) =
+            &event
+            && let Some(v) = o.metadata.resource_version.as_deref()
+        {
+            let newer = match &self.newest {
+                Some(n) => compare_versions(v, n).is_some_and(|o| o.is_gt()),
+                None => compare_versions(v, v).is_some(),
+            };
+            if newer {
+                self.newest = Some(v.into());
+            }
+        }
         match event {
             watcher::Event::Init => {
                 self.listing = Some((now, HashMap::new()));
@@ -411,14 +463,18 @@ impl Data {
             watcher::Event::Apply(o) => {
                 let (name, entry) = Entry::of(o, resource, None)?;
                 let old = self.objects.remove(&name);
-                self.gone.remove(&name);
+                self.gone.retain(|(n, _)| *n != name);
                 self.objects.insert(name.clone(), entry.after(old));
                 Some(Some(name))
             }
             watcher::Event::Delete(o) => {
                 let (name, entry) = Entry::of(o, resource, None)?;
                 let old = self.objects.remove(&name);
-                self.gone.insert(name.clone(), entry.after(old).versions);
+                if self.gone.len() == GONE {
+                    self.gone.pop_front();
+                }
+                self.gone
+                    .push_back((name.clone(), entry.after(old).versions));
                 Some(Some(name))
             }
         }
@@ -450,58 +506,116 @@ mod tests {
             (None, _) => f(Seen::Unlisted { error: None }),
             (Some(_), Some(e)) => f(Seen::Present(e)),
             (Some(at), None) => f(Seen::Absent {
-                versions: data.gone.get(name),
+                versions: data.deleted(name),
                 listed: Some(at),
+                newest: data.newest.as_deref(),
             }),
         }
     }
 
     #[test]
-    fn a_write_is_caught_up_with_by_its_version_or_a_later_list() {
+    fn resource_versions_compare_as_kubernetes_compares_them() {
+        use std::cmp::Ordering::*;
+        assert_eq!(compare_versions("9", "10"), Some(Less));
+        assert_eq!(compare_versions("123", "123"), Some(Equal));
+        assert_eq!(
+            compare_versions("1000000000000000000000", "999"),
+            Some(Greater)
+        );
+        for invalid in ["", "0", "012", "12a", "-1"] {
+            assert_eq!(compare_versions(invalid, "1"), None, "{invalid:?}");
+        }
+    }
+
+    /// Versions that compare: a state, or the absence of an object, counts once the watch
+    /// delivered the write's version or a later one.
+    #[test]
+    fn a_write_is_caught_up_with_at_its_version_or_past_it() {
         use watcher::Event::*;
         let t0 = Instant::now();
         let ar = resource();
         let mut data = Data::default();
-        // The first list began before the writes.
         assert_eq!(data.take(Init, &ar, t0), None);
         data.take(InitApply(cm("a", "10")), &ar, t0);
         assert!(seen(&data, "a", |s| matches!(s, Seen::Unlisted { .. })));
         assert_eq!(data.take(InitDone, &ar, t0), Some(None));
         let wrote = t0 + std::time::Duration::from_millis(5);
-        // "a" was written (version 11) and "b" created (version 12); the watch has not
-        // delivered either yet: the stale state of "a" and the absence of "b" do not count.
+        // "a" was written (version 11) and "b" created (12); the watch has not delivered
+        // either yet: the stale state of "a" and the absence of "b" do not count.
         assert!(!seen(&data, "a", |s| caught_up(&s, "11", wrote)));
         assert!(!seen(&data, "b", |s| caught_up(&s, "12", wrote)));
-        // Then the watch delivers the write, and a controller's write after it: the
-        // version the write returned is still among the entry's last versions.
-        data.take(Apply(cm("a", "11")), &ar, wrote);
-        data.take(Apply(cm("a", "13")), &ar, wrote);
+        // The write, then two writes of a controller after it: past the version.
+        for rv in ["11", "13", "15"] {
+            data.take(Apply(cm("a", rv)), &ar, wrote);
+        }
         assert!(seen(&data, "a", |s| caught_up(&s, "11", wrote)));
-        // Created, then deleted before anyone looked: the deletion of that version counts.
+        // Created, then deleted before anyone looked: the deletion is past the creation.
         data.take(Apply(cm("b", "12")), &ar, wrote);
         assert_eq!(
-            data.take(Delete(cm("b", "14")), &ar, wrote),
+            data.take(Delete(cm("b", "16")), &ar, wrote),
             Some(Some("b".into()))
         );
         assert!(seen(&data, "b", |s| matches!(s, Seen::Absent { .. })
             && caught_up(&s, "12", wrote)));
-        // A re-list that began after the writes is caught up whatever it delivered; one
-        // that began before them is not, for objects whose write it did not deliver.
+        // An object the watch has not seen past its write is not caught up, whatever the
+        // time of the lists.
+        let later = wrote + std::time::Duration::from_millis(5);
+        assert!(!seen(&data, "a", |s| caught_up(&s, "17", t0)));
+        assert!(!seen(&data, "c", |s| caught_up(&s, "17", t0)));
+        data.take(Init, &ar, later);
+        data.take(InitApply(cm("a", "15")), &ar, later);
+        data.take(InitApply(cm("c", "17")), &ar, later);
+        data.take(InitDone, &ar, later);
+        assert!(seen(&data, "c", |s| caught_up(&s, "17", wrote)));
+        assert!(!seen(&data, "c", |s| caught_up(&s, "18", wrote)));
+    }
+
+    /// Versions that do not compare: the write's version among the object's last few, or a
+    /// list that began after the writes.
+    #[test]
+    fn without_comparable_versions_a_write_is_caught_up_with_by_its_version_or_a_later_list() {
+        use watcher::Event::*;
+        let t0 = Instant::now();
+        let ar = resource();
+        let mut data = Data::default();
+        data.take(Init, &ar, t0);
+        data.take(InitApply(cm("a", "v10")), &ar, t0);
+        data.take(InitDone, &ar, t0);
+        let wrote = t0 + std::time::Duration::from_millis(5);
+        assert!(!seen(&data, "a", |s| caught_up(&s, "v11", wrote)));
+        assert!(!seen(&data, "b", |s| caught_up(&s, "v12", wrote)));
+        // The write, and a controller's write after it: still among the last versions.
+        data.take(Apply(cm("a", "v11")), &ar, wrote);
+        data.take(Apply(cm("a", "v13")), &ar, wrote);
+        assert!(seen(&data, "a", |s| caught_up(&s, "v11", wrote)));
+        // Created, then deleted before anyone looked: the deletion of that version counts.
+        data.take(Apply(cm("b", "v12")), &ar, wrote);
+        data.take(Delete(cm("b", "v14")), &ar, wrote);
+        assert!(seen(&data, "b", |s| caught_up(&s, "v12", wrote)));
+        // A re-list that began after the writes counts whatever it delivered, and so do
+        // the states after it; one that began before them does not.
         let later = wrote + std::time::Duration::from_millis(5);
         data.take(Init, &ar, later);
-        data.take(InitApply(cm("c", "20")), &ar, later);
+        data.take(InitApply(cm("c", "v20")), &ar, later);
         data.take(InitDone, &ar, later);
-        assert!(seen(&data, "c", |s| caught_up(&s, "19", wrote)));
-        assert!(seen(&data, "b", |s| caught_up(&s, "12", wrote)));
-        assert!(!seen(&data, "c", |s| caught_up(&s, "19", later)));
+        assert!(seen(&data, "c", |s| caught_up(&s, "v19", wrote)));
+        assert!(!seen(&data, "c", |s| caught_up(&s, "v19", later)));
+        for rv in 30..40 {
+            data.take(Apply(cm("c", &format!("v{rv}"))), &ar, later);
+        }
+        assert!(seen(&data, "c", |s| caught_up(&s, "v19", wrote)));
         // "a" was not listed again: deleted since, which a list after the writes tells.
         assert!(seen(&data, "a", |s| matches!(s, Seen::Absent { .. })
-            && caught_up(&s, "11", wrote)));
+            && caught_up(&s, "v11", wrote)));
         // No more than VERSIONS versions are kept, newest first.
-        for rv in 30..40 {
-            data.take(Apply(cm("c", &rv.to_string())), &ar, later);
-        }
         assert_eq!(data.objects["c"].versions.len(), VERSIONS);
-        assert_eq!(&*data.objects["c"].versions[0], "39");
+        assert_eq!(&*data.objects["c"].versions[0], "v39");
+        // Only the last GONE deletions are remembered.
+        for i in 0..=GONE {
+            data.take(Delete(cm(&format!("d-{i}"), "v50")), &ar, later);
+        }
+        assert!(data.deleted("d-0").is_none());
+        assert!(data.deleted(&format!("d-{GONE}")).is_some());
+        assert_eq!(data.gone.len(), GONE);
     }
 }
