@@ -96,7 +96,7 @@ impl Objects {
         self.slots
             .get(handle.rep() as usize)
             .filter(|s| s.live)
-            .map_or(&NULL, |s| &s.object.value)
+            .map_or(&NULL, |s| s.object.value())
     }
 
     /// Counts `bytes` written into the host against the output limit.
@@ -122,7 +122,7 @@ impl Objects {
             .get_mut(handle.rep() as usize)
             .filter(|s| s.live)?;
         slot.identity_written |= touches_identity(pointer);
-        Some(&mut slot.object.value)
+        Some(slot.object.value_mut())
     }
 
     /// Takes the object a returned handle names (once; a second take is none), and whether
@@ -133,13 +133,7 @@ impl Objects {
             return None;
         }
         slot.live = false;
-        let object = std::mem::replace(
-            &mut slot.object,
-            Tree {
-                value: Value::Null,
-                origin: Origin::default(),
-            },
-        );
+        let object = std::mem::replace(&mut slot.object, Tree::new(Value::Null, Origin::default()));
         Some((object, slot.identity_written))
     }
 
@@ -176,16 +170,16 @@ impl types::HostObject for State {
         }
         let rep = u32::try_from(objects.slots.len()).map_err(|_| "too many objects")?;
         objects.slots.push(Slot {
-            object: Tree {
+            object: Tree::new(
                 value,
-                origin: Origin {
+                Origin {
                     project: objects.project.clone(),
                     commit: objects.commit.clone(),
                     path: origin.path,
                     doc_index: origin.index as usize,
                     line: u64::from(origin.line),
                 },
-            },
+            ),
             live: true,
             identity_written: false,
         });
@@ -265,7 +259,9 @@ impl types::HostObject for State {
             && let Some(slot) = self.objects.slots.get_mut(handle.rep() as usize)
         {
             slot.live = false;
-            slot.object.value = Value::Null;
+            // (Its origin stays, for findings.)
+            let origin = std::mem::take(&mut slot.object.origin);
+            slot.object = Tree::new(Value::Null, origin);
         }
         Ok(())
     }

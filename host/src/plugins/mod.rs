@@ -652,24 +652,83 @@ pub struct Outcome {
 }
 
 /// An object as a tree, while plugins work on it: 0.2.0 handles and KRM functions read
-/// and write values. The chain parses an object once, when the first such plugin needs
-/// it, and writes it back as text at the end ([`Object`]).
+/// and write values. A tree keeps the object's text until something writes it, and parses
+/// that text when it is first read: an object a chain only reads is parsed once and never
+/// written back ([`Tree::into_object`] hands back the text it came as), and one no plugin
+/// reads is never parsed.
 #[derive(Debug, Clone)]
 pub(super) struct Tree {
-    pub(super) value: serde_json::Value,
+    /// The object as it came, while no write changed it.
+    text: Option<Object>,
+    /// Its value parsed from `text`, on the first read.
+    read: std::cell::OnceCell<serde_json::Value>,
+    /// Its value once written (or made by a plugin).
+    written: Option<serde_json::Value>,
     pub(super) origin: Origin,
 }
 
 impl Tree {
-    fn of(o: &Object) -> Tree {
+    fn of(o: Object) -> Tree {
         Tree {
-            value: o.value(),
             origin: o.origin.clone(),
+            text: Some(o),
+            read: std::cell::OnceCell::new(),
+            written: None,
+        }
+    }
+
+    /// A tree made by a plugin (or parsed from its text output).
+    pub(super) fn new(value: serde_json::Value, origin: Origin) -> Tree {
+        Tree {
+            text: None,
+            read: std::cell::OnceCell::new(),
+            written: Some(value),
+            origin,
+        }
+    }
+
+    /// Its value, parsed on the first read.
+    pub(super) fn value(&self) -> &serde_json::Value {
+        match &self.written {
+            Some(v) => v,
+            None => self
+                .read
+                .get_or_init(|| self.text.as_ref().map(Object::value).unwrap_or_default()),
+        }
+    }
+
+    /// Its value, to write: the text it came as no longer says what it is.
+    pub(super) fn value_mut(&mut self) -> &mut serde_json::Value {
+        let text = self.text.take();
+        let read = &mut self.read;
+        self.written.get_or_insert_with(|| {
+            read.take()
+                .unwrap_or_else(|| text.as_ref().map(Object::value).unwrap_or_default())
+        })
+    }
+
+    /// Its text for the contract's 0.1.0 form: the text it came as, if unwritten.
+    fn json(&self) -> String {
+        match &self.text {
+            Some(o) => o.json().to_string(),
+            None => self.value().to_string(),
         }
     }
 
     fn into_object(self) -> Object {
-        Object::new(&self.value, self.origin)
+        let Tree {
+            text,
+            read,
+            written,
+            origin,
+        } = self;
+        match text {
+            Some(mut o) => {
+                o.origin = origin;
+                o
+            }
+            None => Object::new(&written.or(read.into_inner()).unwrap_or_default(), origin),
+        }
     }
 }
 
@@ -754,11 +813,8 @@ pub fn run(
             }
             World::Validator => {
                 let found =
-                    if let (true, Batch::Objects(objects, _)) = (plugin.holds_objects(), &batch) {
-                        // Read-only: the batch keeps the text it has, and the trees go after
-                        // the call (not written back to text at the chain's end).
-                        call_validate_v2(plugin, subject, objects.iter().map(Tree::of).collect()).1
-                    } else if plugin.holds_objects() {
+                    // Read-only: trees that came as text keep it (`Tree::into_object`).
+                    if plugin.holds_objects() {
                         let objects = batch.take_values(subject)?;
                         let (objects, found) = call_validate_v2(plugin, subject, objects);
                         batch = Batch::Values(objects);
@@ -830,7 +886,7 @@ impl Batch {
     /// The objects as values, parsed once.
     fn values(&mut self, subject: &Subject) -> Result<&[Tree], Error> {
         if let Batch::Objects(objects, _) = self {
-            *self = Batch::Values(objects.iter().map(Tree::of).collect());
+            *self = Batch::Values(std::mem::take(objects).into_iter().map(Tree::of).collect());
         }
         if let Batch::Texts(texts, plugin) = self {
             let values = parse_checked(texts, plugin, subject)?;
@@ -845,7 +901,7 @@ impl Batch {
     /// The objects as values, moved out (the batch is left empty).
     fn take_values(&mut self, subject: &Subject) -> Result<Vec<Tree>, Error> {
         match std::mem::replace(self, Batch::Values(Vec::new())) {
-            Batch::Objects(objects, _) => Ok(objects.iter().map(Tree::of).collect()),
+            Batch::Objects(objects, _) => Ok(objects.into_iter().map(Tree::of).collect()),
             Batch::Values(values) | Batch::Both(values, _) => Ok(values),
             Batch::Texts(texts, plugin) => parse_checked(&texts, &plugin, subject),
         }
@@ -889,10 +945,7 @@ fn parse_checked(
             let value = serde_json::from_str(&o.json).map_err(|e| {
                 plugin.invalid(subject, format!("{} is not JSON: {e}", at(i, &o.origin)))
             })?;
-            Ok(Tree {
-                value,
-                origin: origin(&o.origin, subject),
-            })
+            Ok(Tree::new(value, origin(&o.origin, subject)))
         })
         .collect()
 }
@@ -931,7 +984,7 @@ fn wit_trees(objects: &[Tree]) -> Vec<bindings::Object> {
     objects
         .iter()
         .map(|o| bindings::Object {
-            json: o.value.to_string(),
+            json: o.json(),
             origin: wit_origin(&o.origin),
         })
         .collect()
@@ -1108,7 +1161,7 @@ fn call_transform_v2(
                     plugin.invalid(subject, format!("object {i} was returned twice"))
                 })?;
                 if let Some(problem) = identity_written
-                    .then(|| identity_problem(&object.value))
+                    .then(|| identity_problem(object.value()))
                     .flatten()
                 {
                     let at = at(i, &wit_origin(&object.origin));
@@ -1197,7 +1250,7 @@ fn call_function(
         .iter()
         .enumerate()
         .map(|(i, o)| {
-            let mut v = o.value.clone();
+            let mut v = o.value().clone();
             if let Some(meta) = v["metadata"].as_object_mut() {
                 let annotations = meta
                     .entry("annotations")
@@ -1230,14 +1283,14 @@ fn call_function(
                 ),
             ));
         }
-        next.push(Tree {
+        next.push(Tree::new(
             value,
-            origin: origin.map(|o| o.origin.clone()).unwrap_or_else(|| Origin {
+            origin.map(|o| o.origin.clone()).unwrap_or_else(|| Origin {
                 project: subject.project.clone(),
                 commit: subject.commit.clone(),
                 ..Origin::default()
             }),
-        });
+        ));
     }
     let findings: Vec<Finding> = out
         .results
@@ -1254,7 +1307,7 @@ fn call_function(
             let origin = object.as_ref().and_then(|want| {
                 objects
                     .iter()
-                    .find(|o| ObjRef::of(&o.value) == *want)
+                    .find(|o| ObjRef::of(o.value()) == *want)
                     .map(|o| o.origin.clone())
             });
             Finding {
