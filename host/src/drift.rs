@@ -17,7 +17,7 @@
 //! drift. A change made to an object the sync wrote, between its write and the end of the
 //! sync's health wait, becomes the baseline; the periodic full re-apply catches it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use kube::api::ObjectMeta;
@@ -191,13 +191,11 @@ async fn watch_members(
     mut notices: tokio::sync::broadcast::Receiver<Notice>,
     found: tokio::sync::mpsc::Sender<String>,
 ) {
-    let mut index: HashMap<&Scope, HashMap<&str, usize>> = HashMap::new();
-    for (i, (o, scope)) in members.iter().enumerate() {
-        index
-            .entry(&**scope)
-            .or_default()
-            .insert(o.name.as_str(), i);
-    }
+    let index = crate::live::Index::new(
+        members
+            .iter()
+            .map(|(o, scope)| (Some(&**scope), o.name.as_str())),
+    );
     let mut base: Vec<Option<Fingerprint>> = vec![None; members.len()];
     let mut dirty: Vec<usize> = (0..members.len()).collect();
     loop {
@@ -231,24 +229,10 @@ async fn watch_members(
                 return;
             }
         }
-        match notices.recv().await {
-            Ok(Notice::Changed(scope, name)) => {
-                if let Some(&i) = index.get(&*scope).and_then(|m| m.get(name.as_str())) {
-                    dirty.push(i);
-                }
-            }
-            // A (re)list: compare everything it delivered.
-            Ok(Notice::Listed(scope)) => {
-                if let Some(m) = index.get(&*scope) {
-                    dirty.extend(m.values());
-                }
-            }
-            // Behind: compare everything.
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                dirty.extend(0..members.len());
-            }
-            // The agent's watches are gone (it is stopping).
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        // A change, a (re)list, or falling behind: compare what they concern. The notices
+        // end when the agent's watches are gone (it is stopping).
+        if !index.touched(notices.recv().await, &mut dirty) {
+            return;
         }
     }
 }

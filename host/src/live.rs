@@ -142,6 +142,56 @@ pub enum Notice {
     Listed(Arc<Scope>),
 }
 
+/// A reader's objects by scope and name: which of them a [`Notice`] concerns.
+#[derive(Debug, Default)]
+pub struct Index<'a> {
+    by_scope: HashMap<&'a Scope, HashMap<&'a str, usize>>,
+    len: usize,
+}
+
+impl<'a> Index<'a> {
+    /// Indexes `objects` (a scope and a name each, `None`: not watched) by position.
+    pub fn new(objects: impl ExactSizeIterator<Item = (Option<&'a Scope>, &'a str)>) -> Self {
+        let len = objects.len();
+        let mut by_scope: HashMap<&'a Scope, HashMap<&'a str, usize>> = HashMap::new();
+        for (i, (scope, name)) in objects.enumerate() {
+            if let Some(scope) = scope {
+                by_scope.entry(scope).or_default().insert(name, i);
+            }
+        }
+        Index { by_scope, len }
+    }
+
+    /// Adds to `dirty` the objects to look at again after what `recv` returned: the one
+    /// that changed, those of a scope that listed, all of them when the reader lagged
+    /// behind. `false` when the notices ended (the watches are gone).
+    pub fn touched(
+        &self,
+        notice: Result<Notice, broadcast::error::RecvError>,
+        dirty: &mut Vec<usize>,
+    ) -> bool {
+        match notice {
+            Ok(Notice::Changed(scope, name)) => {
+                if let Some(&i) = self
+                    .by_scope
+                    .get(&*scope)
+                    .and_then(|m| m.get(name.as_str()))
+                {
+                    dirty.push(i);
+                }
+            }
+            Ok(Notice::Listed(scope)) => {
+                if let Some(m) = self.by_scope.get(&*scope) {
+                    dirty.extend(m.values());
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => dirty.extend(0..self.len),
+            Err(broadcast::error::RecvError::Closed) => return false,
+        }
+        true
+    }
+}
+
 /// The watches' state, shared by every project of the agent; cloning shares it. Dropping
 /// the last clone stops the watches.
 #[derive(Clone)]
@@ -511,6 +561,37 @@ mod tests {
                 newest: data.newest.as_deref(),
             }),
         }
+    }
+
+    #[test]
+    fn a_notice_touches_the_objects_it_concerns() {
+        let scope = |ns: &str| Scope {
+            api_version: "v1".into(),
+            plural: "configmaps".into(),
+            namespace: ns.into(),
+            name: None,
+        };
+        let (a, b) = (Arc::new(scope("a")), Arc::new(scope("b")));
+        let objects = [
+            (Some(&*a), "x"),
+            (None, "x"),
+            (Some(&*a), "y"),
+            (Some(&*b), "x"),
+        ];
+        let index = Index::new(objects.into_iter());
+        let mut dirty = Vec::new();
+        assert!(index.touched(Ok(Notice::Changed(a.clone(), "y".into())), &mut dirty));
+        assert!(index.touched(Ok(Notice::Changed(b.clone(), "y".into())), &mut dirty));
+        assert_eq!(dirty, [2]);
+        dirty.clear();
+        assert!(index.touched(Ok(Notice::Listed(a.clone())), &mut dirty));
+        dirty.sort();
+        assert_eq!(dirty, [0, 2]);
+        dirty.clear();
+        let lagged = Err(broadcast::error::RecvError::Lagged(3));
+        assert!(index.touched(lagged, &mut dirty));
+        assert_eq!(dirty, [0, 1, 2, 3]);
+        assert!(!index.touched(Err(broadcast::error::RecvError::Closed), &mut dirty));
     }
 
     #[test]

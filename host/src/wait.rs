@@ -22,7 +22,7 @@ use kube::runtime::watcher;
 use serde_json::Value;
 
 use crate::cluster::Cluster;
-use crate::live::{self, Live, Notice, Scope, Tracked};
+use crate::live::{self, Live, Tracked};
 use crate::object::ObjRef;
 
 /// kstatus statuses.
@@ -592,15 +592,13 @@ pub async fn wait_live(
         })
         .collect();
     let done = |s: Status| matches!(s, Status::Current | Status::Failed);
-    let mut index: HashMap<&Scope, HashMap<&str, usize>> = HashMap::new();
-    for (i, scope) in tracked.scopes.iter().enumerate() {
-        if let Some(scope) = scope {
-            index
-                .entry(&**scope)
-                .or_default()
-                .insert(objects[i].name.as_str(), i);
-        }
-    }
+    let index = live::Index::new(
+        tracked
+            .scopes
+            .iter()
+            .zip(objects)
+            .map(|(s, o)| (s.as_deref(), o.name.as_str())),
+    );
     // Whether the watches caught up with the object's write (those not written: at once).
     let mut caught: Vec<bool> = objects.iter().map(|o| !written.contains_key(o)).collect();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -659,24 +657,8 @@ pub async fn wait_live(
             }
         };
         tokio::select! {
-            notice = notices.recv(), if !closed => match notice {
-                Ok(Notice::Changed(scope, name)) => {
-                    if let Some(&i) = index.get(&*scope).and_then(|m| m.get(name.as_str())) {
-                        dirty.push(i);
-                    }
-                }
-                Ok(Notice::Listed(scope)) => {
-                    if let Some(m) = index.get(&*scope) {
-                        dirty.extend(m.values());
-                    }
-                }
-                // Behind: look at everything again.
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    dirty.extend(0..objects.len());
-                }
-                // The watches are gone with the agent; the ticks still judge.
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => closed = true,
-            },
+            // (Once the watches are gone with the agent, the ticks still judge.)
+            notice = notices.recv(), if !closed => closed = !index.touched(notice, &mut dirty),
             // Statuses that depend on time, and anything a notice missed.
             _ = tick.tick() => dirty.extend(0..objects.len()),
             _ = expired => return health,
