@@ -792,6 +792,100 @@ async fn a_sync_waits_until_its_deployments_are_available() {
     );
 }
 
+/// Two projects of one agent with objects of one kind in one namespace share one watch
+/// (`settings.live`): the second project's sync lists nothing, its health wait reads the
+/// watch the first one started, and the watch stays while either project uses it.
+#[tokio::test]
+async fn projects_share_the_watches_of_a_namespace() {
+    let Fixture {
+        ns,
+        repo,
+        src,
+        cache: _cache,
+        ..
+    } = Fixture::new("shared").await;
+    let agent = format!("sluice-e2e-{ns}");
+    let mut c = sluice::cluster::Cluster::connect(cluster::client_as(&agent).await)
+        .await
+        .expect("discovery");
+    let (other_repo, other_src, _other_cache) = {
+        let repo = git::shared().create_repo(&format!("group/{ns}-other"));
+        let (src, cache) = source(&repo, None);
+        (repo, src, cache)
+    };
+    repo.commit(
+        "main",
+        &[
+            file("a.yaml", configmap("a-1", "1")),
+            file("b.yaml", configmap("a-2", "2")),
+        ],
+        "project a",
+    );
+    other_repo.commit(
+        "main",
+        &[
+            file("a.yaml", configmap("b-1", "1")),
+            file("b.yaml", configmap("b-2", "2")),
+        ],
+        "project b",
+    );
+    let named = |id: &str| {
+        let yaml = format!(
+            "gitops:\n  manifest_projects:\n  - id: {id}\n    default_namespace: {ns}\n    reconcile_timeout: 60s\n"
+        );
+        sluice::config::parse(&yaml, "test/config")
+            .expect("config")
+            .manifest_projects
+            .remove(0)
+    };
+    let (pa, pb) = (named("test/a"), named("test/b"));
+    let live = sluice::live::Live::new();
+    // (No agentk takeover: looking for an agentk inventory lists ConfigMaps.)
+    let sa = sluice::sync::Settings {
+        live: Some(live.clone()),
+        takeover: sluice::sync::Takeover::Off,
+        ..settings(&format!("a-{ns}"))
+    };
+    let sb = sluice::sync::Settings {
+        live: Some(live.clone()),
+        takeover: sluice::sync::Takeover::Off,
+        ..settings(&format!("b-{ns}"))
+    };
+    sync_once(&mut c, &src, &pa, &sa).await.expect("project a");
+    assert_eq!(live.watches(), 1, "project a: the ConfigMaps of {ns}");
+
+    let cp = cluster::shared();
+    let mark = cp.audit_mark();
+    let b = sync_once(&mut c, &other_src, &pb, &sb)
+        .await
+        .expect("project b");
+    assert!(
+        b.health
+            .iter()
+            .all(|h| h.status == sluice::wait::Status::Current)
+    );
+    // (A watch of its own would list first. The WATCH request of project a's watch may
+    // come now: its list ended project a's wait before the watch began.)
+    let lists: Vec<_> = cp
+        .requests_since(mark)
+        .into_iter()
+        .filter(|r| r.user_agent == agent && r.verb == "list")
+        .map(|r| r.uri)
+        .collect();
+    assert_eq!(
+        lists,
+        Vec::<String>::new(),
+        "project b reads project a's watch"
+    );
+    assert_eq!(live.watches(), 1);
+
+    // Project b stops being tracked: project a still uses the watch.
+    live.forget(&pb.id);
+    assert_eq!(live.watches(), 1);
+    live.forget(&pa.id);
+    assert_eq!(live.watches(), 0);
+}
+
 /// With the last sync's digests as `known` (what the agent passes while its watches see no
 /// drift), objects that did not change in git cost no request; a changed one is applied as
 /// usual, and an object changed in the cluster behind a stale `known` is not the sync's to
