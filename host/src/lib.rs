@@ -9,8 +9,9 @@
 //!
 //! [`agent`] runs that path per manifest project whenever the commit changes or the re-apply
 //! timer fires, and records each outcome with [`history`] (Events, last sync), which
-//! [`status`] reads back. [`install`] generates the manifests that install the agent. Start
-//! reading at [`agent`].
+//! [`status`] reads back. Its health waits and [`drift`] read the [`live`] watches, kept
+//! across syncs and shared by all projects. [`install`] generates the manifests that
+//! install the agent. Start reading at [`agent`].
 #![deny(missing_docs)]
 
 pub mod agent;
