@@ -650,12 +650,7 @@ pub async fn wait_live(
         if remaining == 0 {
             return health;
         }
-        let expired = async {
-            match deadline {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
+        let expired = until(deadline);
         tokio::select! {
             // (Once the watches are gone with the agent, the ticks still judge.)
             notice = notices.recv(), if !closed => closed = !index.touched(notice, &mut dirty),
@@ -663,6 +658,14 @@ pub async fn wait_live(
             _ = tick.tick() => dirty.extend(0..objects.len()),
             _ = expired => return health,
         }
+    }
+}
+
+/// Resolves at a wait's deadline; never when it has none.
+async fn until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -773,21 +776,13 @@ async fn watch(
         if remaining == 0 {
             return health;
         }
-        let expired = async {
-            match deadline {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
+        let expired = until(deadline);
         tokio::select! {
             event = events.next() => {
                 let Some((g, event)) = event else {
                     // No watch at all (every kind unserved) and something not done yet:
                     // nothing will change; wait for the deadline.
-                    match deadline {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => std::future::pending().await,
-                    }
+                    until(deadline).await;
                     return health;
                 };
                 let members = &groups[g].members;

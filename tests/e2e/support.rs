@@ -32,8 +32,13 @@ pub fn configmap(name: &str, value: &str) -> String {
 
 /// A manifest project for `repo` with extra config lines (YAML, indented by four spaces).
 pub fn project(ns: &str, extra: &str) -> ManifestProject {
+    project_with_id("test/project", ns, extra)
+}
+
+/// As [`project`], with the project id `id`.
+pub fn project_with_id(id: &str, ns: &str, extra: &str) -> ManifestProject {
     let yaml = format!(
-        "gitops:\n  manifest_projects:\n  - id: test/project\n    default_namespace: {ns}\n{extra}"
+        "gitops:\n  manifest_projects:\n  - id: {id}\n    default_namespace: {ns}\n{extra}"
     );
     sluice::config::parse(&yaml, "test/config")
         .expect("test config is valid")

@@ -829,15 +829,7 @@ async fn projects_share_the_watches_of_a_namespace() {
         ],
         "project b",
     );
-    let named = |id: &str| {
-        let yaml = format!(
-            "gitops:\n  manifest_projects:\n  - id: {id}\n    default_namespace: {ns}\n    reconcile_timeout: 60s\n"
-        );
-        sluice::config::parse(&yaml, "test/config")
-            .expect("config")
-            .manifest_projects
-            .remove(0)
-    };
+    let named = |id: &str| project_with_id(id, &ns, "    reconcile_timeout: 60s\n");
     let (pa, pb) = (named("test/a"), named("test/b"));
     let live = sluice::live::Live::new();
     // (No agentk takeover: looking for an agentk inventory lists ConfigMaps.)
