@@ -544,7 +544,7 @@ async fn preflight_all(
     for g in groups.iter().filter(|g| g.members.len() >= LIST_AT) {
         if let Some(mut live) = list_live(cluster, g).await {
             for &i in &g.members {
-                listed[i] = Some(live.remove(&refs[i].name));
+                listed[i] = Some(live.remove(refs[i].name.as_str()));
             }
         }
     }

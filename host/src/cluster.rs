@@ -397,10 +397,10 @@ impl Cluster {
                 for item in list.items {
                     let name = item.metadata.name.clone().unwrap_or_default();
                     let r = ObjRef {
-                        group: ar.group.clone(),
-                        kind: ar.kind.clone(),
-                        namespace: ns.to_string(),
-                        name,
+                        group: ar.group.as_str().into(),
+                        kind: ar.kind.as_str().into(),
+                        namespace: ns.into(),
+                        name: name.into(),
                     };
                     let controlled = item
                         .metadata

@@ -392,7 +392,7 @@ mod tests {
                         group: "apps".into(),
                         kind: "Deployment".into(),
                         namespace: "web".into(),
-                        name: format!("d{i}"),
+                        name: format!("d{i}").into(),
                     },
                     origin: None,
                     action: *a,

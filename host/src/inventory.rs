@@ -291,7 +291,7 @@ pub fn decode_key(key: &str) -> Result<ObjRef, String> {
         group: group.into(),
         kind: kind.into(),
         namespace: namespace.into(),
-        name,
+        name: name.into(),
     })
 }
 
@@ -441,7 +441,7 @@ mod tests {
             "_a_5fb_rbac.authorization.k8s.io_ClusterRole"
         );
         assert_eq!(
-            decode_key("_a__b_rbac.authorization.k8s.io_ClusterRole").map(|r| r.name),
+            decode_key("_a__b_rbac.authorization.k8s.io_ClusterRole").map(|r| r.name.to_string()),
             Ok("a:b".to_string())
         );
         // A custom resource named with `:` is escaped too (only RBAC kinds get `__`).

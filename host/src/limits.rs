@@ -75,8 +75,8 @@ impl std::str::FromStr for KindPattern {
 
 impl KindPattern {
     fn matches(&self, r: &ObjRef) -> bool {
-        self.group.as_ref().is_none_or(|g| *g == r.group)
-            && self.kind.as_ref().is_none_or(|k| *k == r.kind)
+        self.group.as_ref().is_none_or(|g| r.group == *g)
+            && self.kind.as_ref().is_none_or(|k| r.kind == *k)
     }
 }
 
@@ -145,7 +145,7 @@ impl Limits {
         let ns = self.namespaces.as_ref()?;
         let is_namespace = r.group.is_empty() && r.kind == "Namespace";
         let (what, name) = if is_namespace {
-            ("Namespace", &r.name)
+            ("Namespace", r.name.as_str())
         } else if r.namespace.is_empty() {
             // Cluster-scoped: a project confined to namespaces creates nothing cluster-wide
             // unless its kind is allowed by name.
@@ -156,7 +156,7 @@ impl Limits {
                 )
             });
         } else {
-            ("namespace", &r.namespace)
+            ("namespace", r.namespace.as_str())
         };
         (!ns.set.is_match(name)).then(|| {
             format!(

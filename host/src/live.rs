@@ -278,7 +278,7 @@ impl Live {
         let mut wanted: Vec<(Arc<Scope>, ApiResource, ApiCapabilities)> = Vec::new();
         for g in groups {
             let name = match g.members.as_slice() {
-                [only] => Some(objects[*only].name.clone()),
+                [only] => Some(objects[*only].name.to_string()),
                 _ => None,
             };
             let scope = Arc::new(Scope {

@@ -14,6 +14,7 @@ use sluice::source::Credentials;
 // kept the freed memory (209 MiB peak RSS at 10,000 objects). mimalloc returns it, and
 // allocates faster (docs/performance.md). The container image sets
 // `MIMALLOC_PURGE_DELAY=0` (mimalloc reads it before `main`): freed memory goes back at once.
+// `main` turns transparent huge pages off (`no_huge_pages`).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -292,7 +293,21 @@ fn agentk_invocation(args: &[String]) -> Vec<&str> {
         .collect()
 }
 
+/// Turns transparent huge pages off for this process, unless `MIMALLOC_ALLOW_THP` asks
+/// for them. mimalloc advises the kernel to back its arenas with 2 MiB pages, and a huge
+/// page is resident as a whole however little of it is in use: at 10,000 objects the
+/// agent's peak RSS was 98.2 MiB with them and 80.2 MiB without, for the same CPU time
+/// (docs/performance.md); an agent with one Deployment, 49 against 31 MiB.
+fn no_huge_pages() {
+    #[cfg(target_os = "linux")]
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+        // Only fails on kernels before 3.15, which then keep their default.
+        let _ = rustix::thread::disable_transparent_huge_pages(true);
+    }
+}
+
 fn main() -> ExitCode {
+    no_huge_pages();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let agentk = agentk_invocation(&args);
     if !agentk.is_empty() {

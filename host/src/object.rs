@@ -58,24 +58,38 @@ pub struct Object {
     pub origin: Origin,
 }
 
-/// The fields every stage reads, taken out of the text once.
+/// The fields every stage reads, taken out of the text once. They are [`Name`]s, so the
+/// identities a sync makes of an object ([`Object::obj_ref`]) share them.
 #[derive(Debug, Clone, PartialEq, Default)]
 struct Head {
-    api_version: Box<str>,
-    kind: Box<str>,
-    name: Box<str>,
+    api_version: Name,
+    group: Name,
+    kind: Name,
+    name: Name,
     /// Empty when unset.
-    namespace: Box<str>,
+    namespace: Name,
 }
 
 impl Head {
     fn of(value: &Value) -> Head {
-        let text = |v: &Value| v.as_str().unwrap_or_default().into();
+        fn text(v: &Value) -> &str {
+            v.as_str().unwrap_or_default()
+        }
+        Head::new(
+            text(&value["apiVersion"]),
+            text(&value["kind"]),
+            text(&value["metadata"]["name"]),
+            text(&value["metadata"]["namespace"]),
+        )
+    }
+
+    fn new(api_version: &str, kind: &str, name: &str, namespace: &str) -> Head {
         Head {
-            api_version: text(&value["apiVersion"]),
-            kind: text(&value["kind"]),
-            name: text(&value["metadata"]["name"]),
-            namespace: text(&value["metadata"]["namespace"]),
+            group: group_of(api_version).into(),
+            api_version: api_version.into(),
+            kind: kind.into(),
+            name: name.into(),
+            namespace: namespace.into(),
         }
     }
 }
@@ -120,12 +134,12 @@ impl Object {
             namespace: std::borrow::Cow<'a, str>,
         }
         let t: Text = serde_json::from_str(&json).ok()?;
-        let head = Head {
-            api_version: t.api_version.into(),
-            kind: t.kind.into(),
-            name: t.metadata.name.into(),
-            namespace: t.metadata.namespace.into(),
-        };
+        let head = Head::new(
+            &t.api_version,
+            &t.kind,
+            &t.metadata.name,
+            &t.metadata.namespace,
+        );
         Some(Object { json, head, origin })
     }
 
@@ -157,10 +171,10 @@ impl Object {
     /// Its identity (group, kind, namespace, name).
     pub fn obj_ref(&self) -> ObjRef {
         ObjRef {
-            group: group_of(&self.head.api_version).to_string(),
-            kind: self.head.kind.to_string(),
-            namespace: self.head.namespace.to_string(),
-            name: self.head.name.to_string(),
+            group: self.head.group.clone(),
+            kind: self.head.kind.clone(),
+            namespace: self.head.namespace.clone(),
+            name: self.head.name.clone(),
         }
     }
 
@@ -216,19 +230,117 @@ pub fn annotation<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
     value["metadata"]["annotations"][key].as_str()
 }
 
+/// A string shared by every copy: an identity is cloned into many sets and maps during a
+/// sync (plan, inventory, results, waits), and a clone of a `Name` is a reference count,
+/// not a copy. Compares, hashes and orders as the `str` it holds.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Name(Arc<str>);
+
+impl Name {
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for Name {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for Name {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for Name {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Name {
+    fn from(s: &str) -> Name {
+        Name(s.into())
+    }
+}
+
+impl From<String> for Name {
+    fn from(s: String) -> Name {
+        Name(s.into())
+    }
+}
+
+impl From<&String> for Name {
+    fn from(s: &String) -> Name {
+        Name(s.as_str().into())
+    }
+}
+
+impl From<Name> for String {
+    fn from(n: Name) -> String {
+        n.0.to_string()
+    }
+}
+
+impl PartialEq<str> for Name {
+    fn eq(&self, other: &str) -> bool {
+        *self.0 == *other
+    }
+}
+
+impl PartialEq<&str> for Name {
+    fn eq(&self, other: &&str) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl PartialEq<String> for Name {
+    fn eq(&self, other: &String) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl serde::Serialize for Name {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Name {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Name, D::Error> {
+        String::deserialize(d).map(Name::from)
+    }
+}
+
 /// An object's identity without version, as cli-utils' `ObjMetadata`.
 #[derive(
     Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
 pub struct ObjRef {
     /// API group (`""` for core).
-    pub group: String,
+    pub group: Name,
     /// Kind.
-    pub kind: String,
+    pub kind: Name,
     /// Namespace (`""` for cluster-scoped).
-    pub namespace: String,
+    pub namespace: Name,
     /// Name.
-    pub name: String,
+    pub name: Name,
 }
 
 impl ObjRef {
@@ -236,16 +348,16 @@ impl ObjRef {
     pub fn of(value: &Value) -> ObjRef {
         let api_version = value["apiVersion"].as_str().unwrap_or_default();
         ObjRef {
-            group: group_of(api_version).to_string(),
-            kind: value["kind"].as_str().unwrap_or_default().to_string(),
+            group: group_of(api_version).into(),
+            kind: value["kind"].as_str().unwrap_or_default().into(),
             namespace: value["metadata"]["namespace"]
                 .as_str()
                 .unwrap_or_default()
-                .to_string(),
+                .into(),
             name: value["metadata"]["name"]
                 .as_str()
                 .unwrap_or_default()
-                .to_string(),
+                .into(),
         }
     }
 }
@@ -323,6 +435,30 @@ mod tests {
         assert_eq!(bare.namespace(), None, "an empty namespace is none");
         bare.edit(|v| v["metadata"].as_object_mut().map(|m| m.remove("namespace")));
         assert_eq!(bare.obj_ref().namespace, "");
+    }
+
+    #[test]
+    fn identities_of_an_object_share_their_strings() {
+        let v = serde_json::json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "namespace": "shop"}});
+        let o = Object::new(&v, Origin::default());
+        let (a, b) = (o.obj_ref(), o.obj_ref());
+        assert!(Arc::ptr_eq(&a.name.0, &b.name.0) && Arc::ptr_eq(&a.group.0, &b.group.0));
+        assert_eq!((a.group.as_str(), a.kind.as_str()), ("apps", "Deployment"));
+        // A Name is its text: equality, order and hash as a str, serialised as a string.
+        assert!(a.name == "web" && a.name == *"web" && a.name == "web".to_string());
+        assert!(Name::from("a") < Name::from("b"));
+        let set: std::collections::HashSet<Name> = [a.name.clone()].into();
+        assert!(set.contains("web"));
+        let json = serde_json::to_string(&a).expect("serialises");
+        assert_eq!(
+            json,
+            r#"{"group":"apps","kind":"Deployment","namespace":"shop","name":"web"}"#
+        );
+        assert_eq!(serde_json::from_str::<ObjRef>(&json).expect("parses"), a);
+        assert_eq!(
+            format!("{} {:?}", a.kind, a.kind),
+            "Deployment \"Deployment\""
+        );
     }
 
     #[test]

@@ -183,8 +183,8 @@ pub fn parse_depends_on(value: &str) -> Result<Vec<ObjRef>, String> {
         .map(|entry| {
             let parts: Vec<&str> = entry.split('/').collect();
             match parts.as_slice() {
-                [group, "namespaces", ns, kind, name] => Ok(ObjRef { group: group.to_string(), kind: kind.to_string(), namespace: ns.to_string(), name: name.to_string() }),
-                [group, kind, name] => Ok(ObjRef { group: group.to_string(), kind: kind.to_string(), namespace: String::new(), name: name.to_string() }),
+                [group, "namespaces", ns, kind, name] => Ok(ObjRef { group: (*group).into(), kind: (*kind).into(), namespace: (*ns).into(), name: (*name).into() }),
+                [group, kind, name] => Ok(ObjRef { group: (*group).into(), kind: (*kind).into(), namespace: "".into(), name: (*name).into() }),
                 _ => Err(format!("entry {entry:?} is neither group/kind/name nor group/namespaces/namespace/kind/name")),
             }
         })

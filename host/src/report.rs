@@ -263,7 +263,7 @@ mod tests {
     fn result(action: Action) -> ObjectResult {
         ObjectResult {
             obj: ObjRef {
-                group: String::new(),
+                group: "".into(),
                 kind: "ConfigMap".into(),
                 namespace: "n".into(),
                 name: "c".into(),

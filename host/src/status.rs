@@ -279,7 +279,7 @@ async fn object_states(
             })
             .collect();
         for r in refs {
-            let (status, message) = match by_name.get(&r.name) {
+            let (status, message) = match by_name.get(r.name.as_str()) {
                 Some(v) => wait::status(v),
                 None => (Status::NotFound, Some("not found in the cluster".into())),
             };

@@ -1174,7 +1174,7 @@ mod tests {
 
     fn cm(name: &str) -> ObjRef {
         ObjRef {
-            group: String::new(),
+            group: "".into(),
             kind: "ConfigMap".into(),
             namespace: "ns".into(),
             name: name.into(),

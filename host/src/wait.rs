@@ -725,7 +725,7 @@ async fn watch(
             members: g
                 .members
                 .iter()
-                .map(|&i| (objects[i].name.clone(), i))
+                .map(|&i| (objects[i].name.to_string(), i))
                 .collect(),
             resource: g.resource,
         })

@@ -86,9 +86,9 @@ async fn an_unavailable_aggregated_api_fails_only_its_own_objects() {
     // The project's inventory already records an object of that group, as it would after
     // the API was last available.
     let recorded = sluice::object::ObjRef {
-        group: group.clone(),
+        group: group.as_str().into(),
         kind: "PodMetrics".into(),
-        namespace: ns.clone(),
+        namespace: ns.as_str().into(),
         name: "old".into(),
     };
     sluice::inventory::store(

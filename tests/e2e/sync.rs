@@ -70,7 +70,7 @@ async fn commit_is_applied_updated_and_pruned_with_an_exact_inventory() {
     let by_kind: Vec<(String, Action)> = report
         .results
         .iter()
-        .map(|r| (r.obj.kind.clone(), r.action))
+        .map(|r| (r.obj.kind.to_string(), r.action))
         .collect();
     assert_eq!(
         by_kind,

@@ -268,7 +268,7 @@ mod tests {
                 severity: "warning",
                 message: "m".into(),
                 object: Some(ObjRef {
-                    group: String::new(),
+                    group: "".into(),
                     kind: "ConfigMap".into(),
                     namespace: "ns".into(),
                     name: "a".into(),

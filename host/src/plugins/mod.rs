@@ -1299,7 +1299,7 @@ fn call_function(
             let reference = &r["resourceRef"];
             let object = reference.is_object().then(|| ObjRef {
                 group: crate::object::group_of(reference["apiVersion"].as_str().unwrap_or(""))
-                    .to_string(),
+                    .into(),
                 kind: reference["kind"].as_str().unwrap_or_default().into(),
                 namespace: reference["namespace"].as_str().unwrap_or_default().into(),
                 name: reference["name"].as_str().unwrap_or_default().into(),
@@ -1445,10 +1445,10 @@ fn finding(
         },
         message: f.message,
         object: f.object.as_ref().map(|r| ObjRef {
-            group: crate::object::group_of(&r.api_version).to_string(),
-            kind: r.kind.clone(),
-            namespace: r.namespace.clone(),
-            name: r.name.clone(),
+            group: crate::object::group_of(&r.api_version).into(),
+            kind: r.kind.as_str().into(),
+            namespace: r.namespace.as_str().into(),
+            name: r.name.as_str().into(),
         }),
         origin,
         field: f.field,
