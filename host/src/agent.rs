@@ -771,7 +771,7 @@ struct State {
     last_drift_sync: Option<tokio::time::Instant>,
     /// What the last successful sync applied, while no drift was seen since
     /// ([`sync::Settings::known`]).
-    known: Arc<BTreeMap<crate::object::ObjRef, String>>,
+    known: Arc<BTreeMap<crate::object::ObjRef, crate::apply::Digest>>,
 }
 
 /// Drift is restored at most this often per project, so a controller that rewrites a field

@@ -155,17 +155,25 @@ pub struct Options {
     /// object the last successful sync applied, when nothing drifted since (the agent's
     /// watches say so). An object whose digest matches is Unchanged without a request; the
     /// others are read, dry-run and applied as usual. Empty (the default): check them all.
-    pub known: Arc<BTreeMap<ObjRef, String>>,
+    pub known: Arc<BTreeMap<ObjRef, Digest>>,
     /// Keep the live object and the server's dry run of every object that would change,
     /// for [`Checked::changes`] (`sluice diff`). Off: a sync holds only its decisions.
     pub keep_views: bool,
 }
 
-/// A fixed digest (sha256) of an object as it would be applied (annotated), for
-/// [`Options::known`].
-pub fn digest(o: &Object) -> String {
-    use sha2::{Digest, Sha256};
-    hex::encode(Sha256::digest(o.json().as_bytes()))
+/// A fixed digest (sha256) of an object as a project applies it, for [`Options::known`].
+pub type Digest = [u8; 32];
+
+/// The [`Digest`] of `o` as the inventory `inventory_id` applies it: of its text and the
+/// inventory id its annotation will carry, so that an object the last sync left as it is
+/// needs neither a request nor its annotated copy (in memory only; never persisted).
+pub fn digest(o: &Object, inventory_id: &str) -> Digest {
+    use sha2::{Digest as _, Sha256};
+    let mut h = Sha256::new();
+    h.update(inventory_id.as_bytes());
+    h.update([0]);
+    h.update(o.json().as_bytes());
+    h.finalize().into()
 }
 
 impl Options {
@@ -196,12 +204,35 @@ pub async fn check(
     stages: Vec<Stage>,
     opts: &Options,
 ) -> Result<Checked, Error> {
+    let digests: BTreeMap<ObjRef, Digest> = stages
+        .iter()
+        .flat_map(|s| &s.objects)
+        .map(|o| (o.obj_ref(), digest(o, &opts.inventory_id)))
+        .collect();
+    // What the last sync left as it is now needs no request (dry runs check everything).
+    let skipped: BTreeSet<ObjRef> = if opts.dry_run == DryRunStrategy::None {
+        digests
+            .iter()
+            .filter(|(r, d)| opts.known.get(*r) == Some(*d))
+            .map(|(r, _)| r.clone())
+            .collect()
+    } else {
+        BTreeSet::new()
+    };
+    // Only what will be sent is annotated (a copy of its text): at 10,000 objects a push
+    // changes one.
     let stages: Vec<Vec<Object>> = stages
         .into_iter()
         .map(|s| {
             s.objects
                 .into_iter()
-                .map(|o| annotate(o, &opts.inventory_id))
+                .map(|o| {
+                    if skipped.contains(&o.obj_ref()) {
+                        o
+                    } else {
+                        annotate(o, &opts.inventory_id)
+                    }
+                })
                 .collect()
         })
         .collect();
@@ -218,21 +249,6 @@ pub async fn check(
             new_namespaces.insert(o.name().to_string());
         }
     }
-    let digests: BTreeMap<ObjRef, String> = stages
-        .iter()
-        .flatten()
-        .map(|o| (o.obj_ref(), digest(o)))
-        .collect();
-    // What the last sync left as it is now needs no request (dry runs check everything).
-    let skipped: BTreeSet<ObjRef> = if opts.dry_run == DryRunStrategy::None {
-        digests
-            .iter()
-            .filter(|(r, d)| opts.known.get(*r) == Some(*d))
-            .map(|(r, _)| r.clone())
-            .collect()
-    } else {
-        BTreeSet::new()
-    };
     // A kind the server does not serve can only be a CR of a CRD this plan brings;
     // anything else is refused now, before the first write.
     let defined = crd_kinds(stages.iter().flatten());
@@ -298,15 +314,16 @@ fn crd_kinds<'a>(objects: impl Iterator<Item = &'a Object>) -> BTreeSet<(String,
         .collect()
 }
 
-/// A plan that passed [`check`]: annotated objects and what preflight learned.
+/// A plan that passed [`check`]: objects (annotated, except those [`Options::known`] says
+/// are unchanged) and what preflight learned.
 #[derive(Debug)]
 pub struct Checked {
     stages: Vec<Vec<Object>>,
     preflights: Preflights,
     /// Objects [`Options::known`] says are unchanged: no request.
     skipped: BTreeSet<ObjRef>,
-    /// Every object's [`digest`], as annotated for the apply.
-    digests: BTreeMap<ObjRef, String>,
+    /// Every object's [`digest`].
+    digests: BTreeMap<ObjRef, Digest>,
 }
 
 impl Checked {
@@ -316,7 +333,7 @@ impl Checked {
     }
 
     /// Every object's [`digest`] (what [`Options::known`] is made of), by identity.
-    pub fn digests(&self) -> &BTreeMap<ObjRef, String> {
+    pub fn digests(&self) -> &BTreeMap<ObjRef, Digest> {
         &self.digests
     }
 
@@ -858,8 +875,26 @@ pub fn api_message(e: &kube::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{bounded, crd_kinds, list_pays};
+    use super::{OWNING_INVENTORY, annotate, bounded, crd_kinds, digest, list_pays};
     use crate::object::Object;
+
+    #[test]
+    fn a_digest_is_of_the_text_and_the_inventory_that_annotates_it() {
+        let cm = |v: &str| {
+            Object::new(
+                &serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": "c", "namespace": "n"}, "data": {"k": v}}),
+                Default::default(),
+            )
+        };
+        let d = digest(&cm("1"), "inv");
+        assert_eq!(d, digest(&cm("1"), "inv"), "fixed");
+        assert_ne!(d, digest(&cm("2"), "inv"), "another text");
+        assert_ne!(d, digest(&cm("1"), "other"), "another inventory");
+        // The annotation it stands for is the one `annotate` adds.
+        let a = annotate(cm("1"), "inv");
+        assert_eq!(a.annotation(OWNING_INVENTORY).as_deref(), Some("inv"));
+    }
 
     #[test]
     fn bounded_keeps_order_and_makes_a_future_only_when_a_slot_is_free() {

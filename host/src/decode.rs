@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use serde_json::Value;
 use serde_saphyr::Spanned;
 
-use crate::object::{ObjRef, Object, Origin, group_of};
+use crate::object::{Name, ObjRef, Object, Origin, group_of};
 
 /// One problem in one place. Not retryable: the commit must change.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -61,11 +61,12 @@ pub fn decode_with(
     let mut now = HashMap::new();
     let mut objects = Vec::new();
     let mut errors = Vec::new();
+    let (project, commit) = (Name::from(project), Name::from(commit));
     for file in files {
         let origin = Origin {
-            project: project.into(),
-            commit: commit.into(),
-            path: file.path.clone(),
+            project: project.clone(),
+            commit: commit.clone(),
+            path: file.path.as_str().into(),
             ..Origin::default()
         };
         let key = memo.map(|_| content_key(&file.bytes));
@@ -166,7 +167,7 @@ fn recall(docs: &[Memoized], origin: &Origin) -> Option<Vec<Object>> {
 fn decode_file(bytes: &[u8], origin: Origin) -> Result<Vec<Object>, Vec<Error>> {
     let err = |line: u64, message: String| {
         vec![Error {
-            path: origin.path.clone(),
+            path: origin.path.to_string(),
             line,
             message,
         }]
@@ -207,7 +208,7 @@ fn decode_file(bytes: &[u8], origin: Origin) -> Result<Vec<Object>, Vec<Error>> 
             Ok(items) => items,
             Err(message) => {
                 errors.push(Error {
-                    path: origin.path.clone(),
+                    path: origin.path.to_string(),
                     line: origin.line,
                     message,
                 });
@@ -218,7 +219,7 @@ fn decode_file(bytes: &[u8], origin: Origin) -> Result<Vec<Object>, Vec<Error>> 
             match check(&value) {
                 Ok(()) => objects.push(Object::new(&value, origin.clone())),
                 Err(message) => errors.push(Error {
-                    path: origin.path.clone(),
+                    path: origin.path.to_string(),
                     line: origin.line,
                     message,
                 }),
@@ -505,7 +506,7 @@ pub fn set_namespaces(
     for o in objects.iter_mut() {
         let group = group_of(o.api_version()).to_string();
         let at = |message: String| Error {
-            path: o.origin.path.clone(),
+            path: o.origin.path.to_string(),
             line: o.origin.line,
             message,
         };

@@ -5,15 +5,16 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-/// Where an object was written: project, commit, file, document, line.
+/// Where an object was written: project, commit, file, document, line. Every object and
+/// every result carries one, so its strings are shared [`Name`]s.
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Origin {
     /// Manifest project id (path or URL).
-    pub project: String,
+    pub project: Name,
     /// Commit id.
-    pub commit: String,
+    pub commit: Name,
     /// Repository-relative file path.
-    pub path: String,
+    pub path: Name,
     /// Index of the document in the file (0-based, empty documents not counted).
     pub doc_index: usize,
     /// 1-based line where the document (or List item) starts.

@@ -279,7 +279,7 @@ mod tests {
         Object::new(
             &v,
             Origin {
-                path: format!("{name}.yaml"),
+                path: format!("{name}.yaml").into(),
                 line: 1,
                 ..Origin::default()
             },

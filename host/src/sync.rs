@@ -175,7 +175,7 @@ pub struct Report {
     /// The [`apply::digest`] of each object now in the cluster as applied (created,
     /// configured or unchanged): the next sync's [`Settings::known`] while nothing drifts.
     #[serde(skip)]
-    pub applied: Arc<BTreeMap<ObjRef, String>>,
+    pub applied: Arc<BTreeMap<ObjRef, apply::Digest>>,
     /// The plugins' outcome came from the render cache ([`Settings::render_cache`]): no
     /// plugin ran this sync.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -210,7 +210,7 @@ pub struct Settings {
     pub takeover: Takeover,
     /// Objects known to be in the cluster as applied ([`apply::Options::known`]): the
     /// agent passes the last sync's [`Report::applied`] while its watches see no drift.
-    pub known: Arc<BTreeMap<ObjRef, String>>,
+    pub known: Arc<BTreeMap<ObjRef, apply::Digest>>,
     /// Where the plugin chain's outcome is kept per project ([`OutcomeCache`]), so a
     /// resync or restart does not run the plugins again over the same input. `None`: the
     /// plugins run every sync.

@@ -68,7 +68,7 @@ fn main() {
             Object::new(
                 &deployment(i),
                 Origin {
-                    path: format!("apps/{i}.yaml"),
+                    path: format!("apps/{i}.yaml").into(),
                     line: 1,
                     ..Origin::default()
                 },

@@ -67,8 +67,8 @@ static INPUT: LazyLock<Vec<Object>> = LazyLock::new(|| {
                 v,
                 Origin {
                     project: "bench".into(),
-                    commit: "0".repeat(40),
-                    path: format!("apps/{i}.yaml"),
+                    commit: "0".repeat(40).into(),
+                    path: format!("apps/{i}.yaml").into(),
                     line: 1,
                     ..Origin::default()
                 },

@@ -49,7 +49,7 @@ fn objects(values: &[Value]) -> Vec<Object> {
                 Origin {
                     project: "p".into(),
                     commit: "c".into(),
-                    path: format!("f{i}.yaml"),
+                    path: format!("f{i}.yaml").into(),
                     doc_index: 0,
                     line: 3,
                 },

@@ -253,7 +253,7 @@ mod tests {
     fn outcome() -> Outcome {
         let origin = Origin {
             project: "group/app".into(),
-            commit: "c".repeat(40),
+            commit: "c".repeat(40).into(),
             path: "a.yaml".into(),
             doc_index: 1,
             line: 7,

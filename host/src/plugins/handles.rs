@@ -16,7 +16,7 @@ use super::Tree;
 use super::bindings::v2::Origin as WitOrigin;
 use super::bindings::v2::transformer::sluice::plugin::{host, types};
 use super::sandbox::State;
-use crate::object::Origin;
+use crate::object::{Name, Origin};
 
 /// The `object` resource's host type. A handle's rep is the index of its [`Slot`].
 pub struct Handle;
@@ -51,8 +51,8 @@ pub struct Objects {
     written: usize,
     limit: usize,
     /// Project and commit, for the origins of objects a plugin makes.
-    project: String,
-    commit: String,
+    project: Name,
+    commit: Name,
 }
 
 /// Why a validator's `set` fails.
@@ -83,8 +83,8 @@ impl Objects {
             read_only,
             written: 0,
             limit,
-            project: project.to_string(),
-            commit: commit.to_string(),
+            project: project.into(),
+            commit: commit.into(),
         };
         (objects, handles)
     }
@@ -152,7 +152,7 @@ impl Objects {
 
 fn wit_origin(o: &Origin) -> WitOrigin {
     WitOrigin {
-        path: o.path.clone(),
+        path: o.path.to_string(),
         index: o.doc_index as u32,
         line: o.line as u32,
     }
@@ -175,7 +175,7 @@ impl types::HostObject for State {
                 Origin {
                     project: objects.project.clone(),
                     commit: objects.commit.clone(),
-                    path: origin.path,
+                    path: origin.path.into(),
                     doc_index: origin.index as usize,
                     line: u64::from(origin.line),
                 },

@@ -962,9 +962,9 @@ fn at(index: usize, origin: &bindings::Origin) -> String {
 
 fn origin(o: &bindings::Origin, subject: &Subject) -> Origin {
     Origin {
-        project: subject.project.clone(),
-        commit: subject.commit.clone(),
-        path: o.path.clone(),
+        project: subject.project.as_str().into(),
+        commit: subject.commit.as_str().into(),
+        path: o.path.as_str().into(),
         doc_index: o.index as usize,
         line: u64::from(o.line),
     }
@@ -1228,7 +1228,7 @@ fn call_validate_v2(
 
 fn wit_origin(o: &Origin) -> bindings::Origin {
     bindings::Origin {
-        path: o.path.clone(),
+        path: o.path.to_string(),
         index: o.doc_index as u32,
         line: o.line as u32,
     }
@@ -1286,8 +1286,8 @@ fn call_function(
         next.push(Tree::new(
             value,
             origin.map(|o| o.origin.clone()).unwrap_or_else(|| Origin {
-                project: subject.project.clone(),
-                commit: subject.commit.clone(),
+                project: subject.project.as_str().into(),
+                commit: subject.commit.as_str().into(),
                 ..Origin::default()
             }),
         ));
