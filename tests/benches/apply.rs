@@ -1,5 +1,5 @@
-//! sluice versus `kubectl apply --server-side` and agentk's engine (cli-utils' `kapply`), on
-//! the same API server, in one run, and the agent as a process.
+//! sluice versus `kubectl apply --server-side`, agentk's engine (cli-utils' `kapply`) and
+//! Flux's (fluxcd/pkg/ssa), on the same API server, in one run, and the agent as a process.
 //!
 //! `cargo bench -p sluice-testenv --bench apply` starts the test control plane and writes N
 //! each of Deployments, Services, ConfigMaps and ServiceAccounts (N = `SLUICE_BENCH_N`,
@@ -17,6 +17,12 @@
 //!   apply; kubectl does not wait for the deletions);
 //! - kapply (cli-utils, agentk's applier): `kapply apply --server-side` with its inventory
 //!   and status wait (it prunes by inventory and waits for the deletions);
+//! - Flux's engine (`flux-ssa`, `tests/cluster/fluxssa`): one kustomize-controller v1.9.0
+//!   reconcile per operation with Flux's apply library (fluxcd/pkg/ssa): staged apply with
+//!   drift detection by dry run, prune by its inventory (no wait for the deletions, as the
+//!   controller), and the health check of `wait: true` (polls every 5 s). The controller
+//!   itself needs source-controller's artifacts and its CRDs; what it adds (fetch,
+//!   `kustomize build`, status patches, events) is a few requests per reconcile;
 //! - sluice sync: `sluice::sync::sync`, a whole sync each (fetch, select, decode,
 //!   discovery, dry-run, apply, inventory, health wait, prune and its wait), given the last
 //!   sync's applied digests as the agent does while nothing drifts;
@@ -25,6 +31,7 @@
 //!   to the object changed in the cluster), and the 10 % prune pushed (until the objects
 //!   are gone); its CPU seconds and peak RSS from /proc.
 //!
+//! `SLUICE_BENCH_TOOLS=kubectl,kapply,flux,sluice` chooses the tools (all by default).
 //! `SLUICE_BENCH_AGENT_ONLY=1` runs the agent part alone (10,000 objects: every tool takes
 //! close to an hour on 2 cores). `SLUICE_BENCH_AGENT_LOG=<file>` keeps the agent's log at
 //! debug level, with the time each sync spent per stage (`sync stages`).
@@ -34,7 +41,8 @@
 //! variable for the bench to run it otherwise.
 //!
 //! Requests are counted from the API server's audit log, per client `User-Agent`
-//! (kubectl's, kapply's, `sluice-bench` for the library syncs, `sluice/` for the agent):
+//! (kubectl's, kapply's, `flux-ssa/`, `sluice-bench` for the library syncs, `sluice/` for
+//! the agent):
 //! all of them, and the writes among them (create, update, patch, delete; dry runs
 //! excluded).
 
@@ -280,6 +288,39 @@ fn kapply_ops(kubeconfig: &Path, ns: &str) -> [Op; 4] {
     ]
 }
 
+/// Flux's four operations: `flux-ssa`, one kustomize-controller reconcile each with Flux's
+/// apply engine (`cluster/fluxssa`: apply, prune by its inventory, health wait).
+fn flux_ops(kubeconfig: &Path, ns: &str) -> [Op; 4] {
+    let cp = cluster::shared();
+    let dir = tempfile::tempdir().expect("dir");
+    let manifests_dir = dir.path().join("manifests");
+    std::fs::create_dir(&manifests_dir).expect("mkdir");
+    let inventory = dir.path().join("inventory");
+    let apply = |step: Step| {
+        write_dir(&manifests_dir, &manifests(step), None);
+        let mark = cp.audit_mark();
+        let t = Instant::now();
+        run(
+            std::process::Command::new(cluster::flux_ssa())
+                .arg("-kubeconfig")
+                .arg(kubeconfig)
+                .arg("-dir")
+                .arg(&manifests_dir)
+                .arg("-inventory")
+                .arg(&inventory)
+                .args(["-name", "bench", "-namespace", ns, "-timeout", "1800s"]),
+            "flux-ssa",
+        );
+        Op::measured(t.elapsed(), count(mark, "flux-ssa/"))
+    };
+    [
+        apply(Step::First),
+        apply(Step::First),
+        apply(Step::OneChange),
+        apply(Step::Pruned),
+    ]
+}
+
 /// sluice's four operations, one library sync each.
 async fn sluice_ops(ns: &str) -> [Op; 4] {
     let cp = cluster::shared();
@@ -430,20 +471,53 @@ async fn main() {
     );
 }
 
-/// kubectl, kapply and sluice's syncs, each in its own namespace; prints their table.
+/// Whether `SLUICE_BENCH_TOOLS` (a comma-separated list of kubectl, kapply, flux and sluice;
+/// all when unset) names `tool`.
+fn selected(tool: &str) -> bool {
+    std::env::var("SLUICE_BENCH_TOOLS")
+        .map_or(true, |list| list.split(',').any(|t| t.trim() == tool))
+}
+
+/// kubectl, kapply, Flux's engine and sluice's syncs (those `SLUICE_BENCH_TOOLS` selects),
+/// each in its own namespace; prints their table.
 async fn tools(client: &kube::Client, kubectl_bin: &Path, kubeconfig: &Path, n: usize) {
     let objects = 4 * n;
-    let kubectl_ns = cluster::namespace(client, "bench-kubectl").await;
-    let kubectl = kubectl_ops(kubectl_bin, kubeconfig, &kubectl_ns);
-    let kapply_ns = cluster::namespace(client, "bench-kapply").await;
-    let kapply = kapply_ops(kubeconfig, &kapply_ns);
-    let sluice_ns = cluster::namespace(client, "bench-sluice").await;
-    let sluice = sluice_ops(&sluice_ns).await;
+    let kubectl = if selected("kubectl") {
+        let ns = cluster::namespace(client, "bench-kubectl").await;
+        Some(kubectl_ops(kubectl_bin, kubeconfig, &ns))
+    } else {
+        None
+    };
+    let kapply = if selected("kapply") {
+        let ns = cluster::namespace(client, "bench-kapply").await;
+        Some(kapply_ops(kubeconfig, &ns))
+    } else {
+        None
+    };
+    let flux = if selected("flux") {
+        let ns = cluster::namespace(client, "bench-flux").await;
+        Some(flux_ops(kubeconfig, &ns))
+    } else {
+        None
+    };
+    let sluice = if selected("sluice") {
+        let ns = cluster::namespace(client, "bench-sluice").await;
+        Some(sluice_ops(&ns).await)
+    } else {
+        None
+    };
+    let cell =
+        |ops: &Option<[Op; 4]>, i: usize| ops.as_ref().map_or("—".to_string(), |o| o[i].cell());
+    let per_object = |ops: &Option<[Op; 4]>| {
+        ops.as_ref().map_or("—".to_string(), |o| {
+            format!("{:.2}", o[0].requests as f64 / objects as f64)
+        })
+    };
     println!(
-        "| {objects} objects ({n} each of Deployment, Service, ConfigMap, ServiceAccount): time, requests (writes) | `kubectl apply --server-side --prune --applyset` | kapply (cli-utils {}) | sluice sync |",
+        "| {objects} objects ({n} each of Deployment, Service, ConfigMap, ServiceAccount): time, requests (writes) | `kubectl apply --server-side --prune --applyset` | kapply (cli-utils {}) | Flux's engine (`flux-ssa`: fluxcd/pkg/ssa as kustomize-controller v1.9.0 drives it) | sluice sync |",
         cli_utils_version()
     );
-    println!("|---|---|---|---|");
+    println!("|---|---|---|---|---|");
     let rows = [
         "first apply, until every Deployment is Available (kubectl: + `kubectl wait`)".to_string(),
         "no-op (the same manifests again)".to_string(),
@@ -455,17 +529,19 @@ async fn tools(client: &kube::Client, kubectl_bin: &Path, kubeconfig: &Path, n: 
     ];
     for (i, row) in rows.iter().enumerate() {
         println!(
-            "| {row} | {} | {} | {} |",
-            kubectl[i].cell(),
-            kapply[i].cell(),
-            sluice[i].cell()
+            "| {row} | {} | {} | {} | {} |",
+            cell(&kubectl, i),
+            cell(&kapply, i),
+            cell(&flux, i),
+            cell(&sluice, i)
         );
     }
     println!(
-        "| requests per object, first apply | {:.2} | {:.2} | {:.2} |",
-        kubectl[0].requests as f64 / objects as f64,
-        kapply[0].requests as f64 / objects as f64,
-        sluice[0].requests as f64 / objects as f64
+        "| requests per object, first apply | {} | {} | {} | {} |",
+        per_object(&kubectl),
+        per_object(&kapply),
+        per_object(&flux),
+        per_object(&sluice)
     );
     println!();
 }

@@ -342,6 +342,15 @@ pub fn kapply() -> PathBuf {
         .unwrap_or_else(|e| panic!("kapply could not be built: {e}"))
 }
 
+/// flux-ssa (`cluster/fluxssa`): one kustomize-controller reconcile with Flux's apply engine,
+/// for the apply bench; built on first use (`cluster/build-fluxssa.sh`).
+pub fn flux_ssa() -> PathBuf {
+    static FLUX: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    FLUX.get_or_init(|| run_script("cluster/build-fluxssa.sh"))
+        .clone()
+        .unwrap_or_else(|e| panic!("flux-ssa could not be built: {e}"))
+}
+
 /// The path a script (relative to this crate) prints on its last line; its progress goes to
 /// stderr.
 pub(crate) fn run_script(name: &str) -> Result<PathBuf, String> {
