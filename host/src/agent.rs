@@ -767,16 +767,52 @@ struct State {
     failed: Option<(String, tokio::time::Instant, Duration)>,
     /// Live objects drifted from the last sync: sync again now.
     drifted: bool,
-    /// When the last sync started because of drift.
-    last_drift_sync: Option<tokio::time::Instant>,
+    /// How soon drift may be restored again.
+    drift_budget: DriftBudget,
     /// What the last successful sync applied, while no drift was seen since
     /// ([`sync::Settings::known`]).
     known: Arc<BTreeMap<crate::object::ObjRef, crate::apply::Digest>>,
 }
 
-/// Drift is restored at most this often per project, so a controller that rewrites a field
-/// git sets does not make the agent apply in a loop.
+/// Drift is restored at once up to DRIFT_BURST times in a row, then at most once every
+/// DRIFT_MIN_INTERVAL per project: an edit or a deletion by hand is undone within a second,
+/// and a controller that rewrites a field git sets cannot make the agent apply in a loop.
 const DRIFT_MIN_INTERVAL: Duration = Duration::from_secs(5);
+const DRIFT_BURST: u32 = 3;
+
+/// A token bucket for drift restores: DRIFT_BURST tokens, one more every
+/// DRIFT_MIN_INTERVAL.
+#[derive(Debug, Clone, Copy, Default)]
+struct DriftBudget {
+    /// Tokens spent and not yet earned back, and when the last one was earned back (or
+    /// spent, when all were there).
+    spent: u32,
+    since: Option<tokio::time::Instant>,
+}
+
+impl DriftBudget {
+    /// When a drift restore asked for at `now` may start; spends a token.
+    fn take(&mut self, now: tokio::time::Instant) -> tokio::time::Instant {
+        if let Some(since) = self.since {
+            let earned =
+                now.saturating_duration_since(since).as_nanos() / DRIFT_MIN_INTERVAL.as_nanos();
+            let earned = u32::try_from(earned).unwrap_or(u32::MAX).min(self.spent);
+            self.spent -= earned;
+            self.since = Some(since + DRIFT_MIN_INTERVAL * earned);
+        }
+        if self.spent == 0 {
+            self.since = Some(now);
+        }
+        if self.spent < DRIFT_BURST {
+            self.spent += 1;
+            return now;
+        }
+        // All spent: wait for the next token, and spend it.
+        let at = self.since.unwrap_or(now) + DRIFT_MIN_INTERVAL;
+        self.since = Some(at);
+        at
+    }
+}
 
 /// How long one ref listing may take before the poll counts as failed.
 const GIT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -837,9 +873,8 @@ async fn worker(
         state.drifted = true;
         state.known = Default::default();
         // A controller that fights git is answered at most every DRIFT_MIN_INTERVAL.
-        if let Some(at) = state.last_drift_sync {
-            tokio::time::sleep_until(at + DRIFT_MIN_INTERVAL).await;
-        }
+        let at = state.drift_budget.take(tokio::time::Instant::now());
+        tokio::time::sleep_until(at).await;
     };
     loop {
         // A push after this point means: list the ref again before waiting.
@@ -869,9 +904,7 @@ async fn worker(
         // The sync's own writes are not drift. What the watch saw of the objects stays
         // the expectation for those the sync leaves alone.
         let expected = drift.take().map(|d| d.baseline()).unwrap_or_default();
-        if std::mem::take(&mut state.drifted) {
-            state.last_drift_sync = Some(tokio::time::Instant::now());
-        }
+        state.drifted = false;
         // Objects the last sync applied and no one changed since need no request, unless
         // this is the periodic full re-apply (the safety net checks everything).
         let full = state.synced.as_ref().is_some_and(|(c, at)| {
@@ -951,9 +984,8 @@ async fn worker(
                             // drift, restored now rather than after a failure's backoff.
                             info!(project_id = %project.id, "objects were deleted during the health wait; syncing again");
                             state.drifted = true;
-                            if let Some(at) = state.last_drift_sync {
-                                tokio::time::sleep_until(at + DRIFT_MIN_INTERVAL).await;
-                            }
+                            let at = state.drift_budget.take(tokio::time::Instant::now());
+                            tokio::time::sleep_until(at).await;
                             continue;
                         }
                         let backoff = match &state.failed {
@@ -1055,6 +1087,35 @@ async fn newer_commit(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drift_is_restored_at_once_a_few_times_then_every_interval() {
+        let t0 = tokio::time::Instant::now();
+        let s = |n: u64| t0 + Duration::from_millis(n);
+        let mut b = DriftBudget::default();
+        // A burst of DRIFT_BURST restores, each at once.
+        assert_eq!(b.take(s(0)), s(0));
+        assert_eq!(b.take(s(100)), s(100));
+        assert_eq!(b.take(s(200)), s(200));
+        // Then one per DRIFT_MIN_INTERVAL, counted from the first spent token.
+        assert_eq!(b.take(s(300)), s(5_000));
+        assert_eq!(b.take(s(5_000)), s(10_000));
+        // A controller that fights git keeps getting one every interval.
+        assert_eq!(b.take(s(10_000)), s(15_000));
+        // Quiet for long enough, and the whole burst is back.
+        let later = s(60_000);
+        assert_eq!(b.take(later), later);
+        assert_eq!(b.take(s(60_001)), s(60_001));
+        assert_eq!(b.take(s(60_002)), s(60_002));
+        assert_eq!(b.take(s(60_003)), s(65_000));
+        // One quiet interval earns one token back.
+        let mut b = DriftBudget::default();
+        for k in 0..3 {
+            b.take(s(k));
+        }
+        assert_eq!(b.take(s(5_500)), s(5_500), "one token earned back at 5 s");
+        assert_eq!(b.take(s(5_600)), s(10_000));
+    }
 
     #[test]
     fn sluice_yaml_wins_over_agentk_config_yaml() {
