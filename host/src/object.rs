@@ -86,11 +86,11 @@ impl Head {
 
     fn new(api_version: &str, kind: &str, name: &str, namespace: &str) -> Head {
         Head {
-            group: group_of(api_version).into(),
-            api_version: api_version.into(),
-            kind: kind.into(),
+            group: Name::recent(group_of(api_version)),
+            api_version: Name::recent(api_version),
+            kind: Name::recent(kind),
             name: name.into(),
-            namespace: namespace.into(),
+            namespace: Name::recent(namespace),
         }
     }
 }
@@ -241,6 +241,29 @@ impl Name {
     /// The text.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// `s` as a `Name`, shared with an equal one made recently on this thread: a commit's
+    /// objects repeat a few apiVersions, kinds and namespaces thousands of times.
+    fn recent(s: &str) -> Name {
+        /// How many recent names a thread keeps (a linear scan of short strings).
+        const KEPT: usize = 32;
+        thread_local! {
+            static RECENT: std::cell::RefCell<std::collections::VecDeque<Name>> =
+                const { std::cell::RefCell::new(std::collections::VecDeque::new()) };
+        }
+        RECENT.with(|recent| {
+            let mut recent = recent.borrow_mut();
+            if let Some(n) = recent.iter().find(|n| n.as_str() == s) {
+                return n.clone();
+            }
+            let n = Name::from(s);
+            if recent.len() == KEPT {
+                recent.pop_back();
+            }
+            recent.push_front(n.clone());
+            n
+        })
     }
 }
 
@@ -444,6 +467,12 @@ mod tests {
         let o = Object::new(&v, Origin::default());
         let (a, b) = (o.obj_ref(), o.obj_ref());
         assert!(Arc::ptr_eq(&a.name.0, &b.name.0) && Arc::ptr_eq(&a.group.0, &b.group.0));
+        // Another object of the same kind and namespace shares those too.
+        let mut w = v.clone();
+        w["metadata"]["name"] = "db".into();
+        let c = Object::new(&w, Origin::default()).obj_ref();
+        assert!(Arc::ptr_eq(&a.kind.0, &c.kind.0) && Arc::ptr_eq(&a.namespace.0, &c.namespace.0));
+        assert!(!Arc::ptr_eq(&a.name.0, &c.name.0) && c.name == "db");
         assert_eq!((a.group.as_str(), a.kind.as_str()), ("apps", "Deployment"));
         // A Name is its text: equality, order and hash as a str, serialised as a string.
         assert!(a.name == "web" && a.name == *"web" && a.name == "web".to_string());
