@@ -8,6 +8,8 @@
 //!   transformers built into the host would run: set-namespace, pin-images, no-latest-tag,
 //!   and the three as one chain. The three are written against `sluice:plugin@0.2.0`'s
 //!   `Fields` (JSON Pointer reads and writes), which natively runs on the values;
+//!   `chain_on_host_objects` runs the chain on the host's objects (compact JSON text),
+//!   parsing each and writing it back, as a transformer built into the host would;
 //! - `native_round_trip`: the same chain plus the JSON text passes the contract asks for
 //!   (each plugin: objects to text, parsed, worked on, written back, parsed by the host);
 //! - `wasm`: the components (`sluice:plugin@0.2.0`: the objects stay in the host, the guest
@@ -200,6 +202,25 @@ mod native_in_place {
         b.counter(ItemsCount::new(OBJECTS))
             .with_inputs(|| VALUES.clone())
             .bench_local_refs(|v| native_chain(v));
+    }
+
+    /// The chain as a transformer built into the host would run it on the host's objects,
+    /// which are compact JSON text (`object::Object`): each parsed, worked on in place, and
+    /// written back, as the plugin stage does for WASM plugins that write.
+    #[divan::bench]
+    fn chain_on_host_objects(b: Bencher) {
+        b.counter(ItemsCount::new(OBJECTS))
+            .with_inputs(|| INPUT.clone())
+            .bench_local_values(|objects: Vec<Object>| {
+                let mut values: Vec<Value> = objects.iter().map(Object::value).collect();
+                let findings = native_chain(&mut values);
+                let back: Vec<Object> = values
+                    .iter()
+                    .zip(objects)
+                    .map(|(v, o)| Object::new(v, o.origin))
+                    .collect();
+                (back, findings)
+            });
     }
 }
 
