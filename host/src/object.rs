@@ -475,8 +475,10 @@ mod tests {
         assert!(!Arc::ptr_eq(&a.name.0, &c.name.0) && c.name == "db");
         assert_eq!((a.group.as_str(), a.kind.as_str()), ("apps", "Deployment"));
         // A Name is its text: equality, order and hash as a str, serialised as a string.
-        assert!(a.name == "web" && a.name == *"web" && a.name == "web".to_string());
-        assert!(Name::from("a") < Name::from("b"));
+        let web = String::from("web");
+        assert!(a.name == "web" && a.name == *"web" && a.name == web);
+        let (x, y) = (Name::from("a"), Name::from("b"));
+        assert!(x < y);
         let set: std::collections::HashSet<Name> = [a.name.clone()].into();
         assert!(set.contains("web"));
         let json = serde_json::to_string(&a).expect("serialises");

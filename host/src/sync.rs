@@ -602,7 +602,7 @@ pub async fn sync(
         applied_refs(&results)
             .into_iter()
             .filter_map(|r| {
-                let digest = digests.get(&r)?.clone();
+                let digest = *digests.get(&r)?;
                 Some((r, digest))
             })
             .collect(),
