@@ -872,7 +872,8 @@ async fn worker(
         *drift = None;
         state.drifted = true;
         state.known = Default::default();
-        // A controller that fights git is answered at most every DRIFT_MIN_INTERVAL.
+        // A controller that fights git is answered at most every DRIFT_MIN_INTERVAL, after
+        // a burst of DRIFT_BURST.
         let at = state.drift_budget.take(tokio::time::Instant::now());
         tokio::time::sleep_until(at).await;
     };
