@@ -93,8 +93,8 @@ pub async fn render(
     let plugins = load_plugins(&cfg, &entry, &base)?;
     let subject = crate::plugins::Subject {
         agent: "local".into(),
-        project: entry.id.clone(),
-        commit: commit.clone(),
+        project: entry.id.as_str().into(),
+        commit: commit.as_str().into(),
     };
     let outcome = sync::transform(objects, plugins, &subject, None).await?;
     let (mut objects, findings) = (outcome.objects, outcome.findings);

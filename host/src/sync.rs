@@ -313,7 +313,7 @@ pub async fn sync(
         plugins,
         &plugin_stage::Subject {
             agent: settings.agent.clone(),
-            project: project.id.clone(),
+            project: project.id.as_str().into(),
             commit: commit.into(),
         },
         settings.render_cache.as_ref(),

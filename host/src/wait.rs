@@ -674,7 +674,7 @@ struct Group {
     api: Api<DynamicObject>,
     resource: kube::api::ApiResource,
     /// Object name → index in the wait's list.
-    members: HashMap<String, usize>,
+    members: HashMap<crate::object::Name, usize>,
 }
 
 /// What a wait knows about each object.
@@ -725,7 +725,7 @@ async fn watch(
             members: g
                 .members
                 .iter()
-                .map(|&i| (objects[i].name.to_string(), i))
+                .map(|&i| (objects[i].name.clone(), i))
                 .collect(),
             resource: g.resource,
         })
@@ -739,7 +739,7 @@ async fn watch(
                 .members
                 .keys()
                 .next()
-                .map(String::as_str)
+                .map(crate::object::Name::as_str)
                 .unwrap_or_default();
             config = config.fields(&format!("metadata.name={name}"));
         }
@@ -786,7 +786,7 @@ async fn watch(
                     return health;
                 };
                 let members = &groups[g].members;
-                let index = |o: &DynamicObject| o.metadata.name.as_ref().and_then(|n| members.get(n)).copied();
+                let index = |o: &DynamicObject| o.metadata.name.as_deref().and_then(|n| members.get(n)).copied();
                 match event {
                     Ok(watcher::Event::Init) => {
                         listing.insert(g, HashSet::new());

@@ -246,6 +246,16 @@ fn kubectl_ops(kubectl: &Path, kubeconfig: &Path, ns: &str) -> [Op; 4] {
     ]
 }
 
+/// The four operations in order: the first apply, the same again, one change, the prune.
+fn four(apply: impl Fn(Step) -> Op) -> [Op; 4] {
+    [
+        apply(Step::First),
+        apply(Step::First),
+        apply(Step::OneChange),
+        apply(Step::Pruned),
+    ]
+}
+
 /// kapply's four operations.
 fn kapply_ops(kubeconfig: &Path, ns: &str) -> [Op; 4] {
     let cp = cluster::shared();
@@ -280,12 +290,7 @@ fn kapply_ops(kubeconfig: &Path, ns: &str) -> [Op; 4] {
         );
         Op::measured(t.elapsed(), count(mark, "kapply/"))
     };
-    [
-        apply(Step::First),
-        apply(Step::First),
-        apply(Step::OneChange),
-        apply(Step::Pruned),
-    ]
+    four(apply)
 }
 
 /// Flux's four operations: `flux-ssa`, one kustomize-controller reconcile each with Flux's
@@ -313,12 +318,7 @@ fn flux_ops(kubeconfig: &Path, ns: &str) -> [Op; 4] {
         );
         Op::measured(t.elapsed(), count(mark, "flux-ssa/"))
     };
-    [
-        apply(Step::First),
-        apply(Step::First),
-        apply(Step::OneChange),
-        apply(Step::Pruned),
-    ]
+    four(apply)
 }
 
 /// sluice's four operations, one library sync each.

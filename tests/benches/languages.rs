@@ -78,7 +78,7 @@ fn main() {
     let subject = Subject {
         agent: "bench".into(),
         project: "bench".into(),
-        commit: "0".repeat(40),
+        commit: "0".repeat(40).into(),
     };
     let modules = [
         ("Rust (SDK)", wasm::component("no-latest-tag")),

@@ -82,7 +82,7 @@ static INPUT: LazyLock<Vec<Object>> = LazyLock::new(|| {
 static SUBJECT: LazyLock<Subject> = LazyLock::new(|| Subject {
     agent: "bench".into(),
     project: "bench".into(),
-    commit: "0".repeat(40),
+    commit: "0".repeat(40).into(),
 });
 
 static NS_CONFIG: LazyLock<set_namespace::Config> = LazyLock::new(|| set_namespace::Config {

@@ -833,16 +833,12 @@ async fn projects_share_the_watches_of_a_namespace() {
     let (pa, pb) = (named("test/a"), named("test/b"));
     let live = sluice::live::Live::new();
     // (No agentk takeover: looking for an agentk inventory lists ConfigMaps.)
-    let sa = sluice::sync::Settings {
+    let sharing = |inventory: String| sluice::sync::Settings {
         live: Some(live.clone()),
         takeover: sluice::sync::Takeover::Off,
-        ..settings(&format!("a-{ns}"))
+        ..settings(&inventory)
     };
-    let sb = sluice::sync::Settings {
-        live: Some(live.clone()),
-        takeover: sluice::sync::Takeover::Off,
-        ..settings(&format!("b-{ns}"))
-    };
+    let (sa, sb) = (sharing(format!("a-{ns}")), sharing(format!("b-{ns}")));
     sync_once(&mut c, &src, &pa, &sa).await.expect("project a");
     assert_eq!(live.watches(), 1, "project a: the ConfigMaps of {ns}");
 

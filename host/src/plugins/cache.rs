@@ -193,7 +193,7 @@ fn key(chain: &[(&Spec, &str)], subject: &Subject, objects: &[Object]) -> Option
     };
     field(FORMAT.as_bytes());
     field(env!("CARGO_PKG_VERSION").as_bytes());
-    for s in [&subject.agent, &subject.project, &subject.commit] {
+    for s in [subject.agent.as_str(), &subject.project, &subject.commit] {
         field(s.as_bytes());
     }
     field(&(chain.len() as u64).to_le_bytes());
@@ -321,7 +321,7 @@ mod tests {
         let subject = Subject {
             agent: "a".into(),
             project: "group/app".into(),
-            commit: "c".repeat(40),
+            commit: "c".repeat(40).into(),
         };
         let objects = outcome().objects;
         let base = spec(serde_json::json!({"labels": {"a": "1", "b": "2"}}));
@@ -340,7 +340,7 @@ mod tests {
         let mut edited = objects.clone();
         edited[0].edit(|v| v["data"] = serde_json::json!({"x": "y"}));
         let other_commit = Subject {
-            commit: "d".repeat(40),
+            commit: "d".repeat(40).into(),
             ..subject.clone()
         };
         let audit = Spec {

@@ -37,7 +37,7 @@ use sha2::Digest;
 use wasmtime::component::Component;
 use wasmtime::{Engine, Store};
 
-use crate::object::{ObjRef, Object, Origin};
+use crate::object::{Name, ObjRef, Object, Origin};
 use bindings::transformer::TransformerPre;
 use bindings::v2::transformer::TransformerPre as TransformerPreV2;
 use bindings::v2::validator::ValidatorPre as ValidatorPreV2;
@@ -551,8 +551,8 @@ impl Plugin {
     fn failed(&self, subject: &Subject, message: String) -> Error {
         Error::Call {
             plugin: self.spec.name.clone(),
-            project: subject.project.clone(),
-            commit: subject.commit.clone(),
+            project: subject.project.to_string(),
+            commit: subject.commit.to_string(),
             message,
         }
     }
@@ -561,8 +561,8 @@ impl Plugin {
     fn invalid(&self, subject: &Subject, message: String) -> Error {
         Error::InvalidOutput {
             plugin: self.spec.name.clone(),
-            project: subject.project.clone(),
-            commit: subject.commit.clone(),
+            project: subject.project.to_string(),
+            commit: subject.commit.to_string(),
             message,
         }
     }
@@ -630,10 +630,10 @@ impl Plugin {
 pub struct Subject {
     /// Agent name.
     pub agent: String,
-    /// Project.
-    pub project: String,
+    /// Project (shared with the origins of objects plugins return).
+    pub project: Name,
     /// Commit.
-    pub commit: String,
+    pub commit: Name,
 }
 
 /// The chain's result.
@@ -962,8 +962,8 @@ fn at(index: usize, origin: &bindings::Origin) -> String {
 
 fn origin(o: &bindings::Origin, subject: &Subject) -> Origin {
     Origin {
-        project: subject.project.as_str().into(),
-        commit: subject.commit.as_str().into(),
+        project: subject.project.clone(),
+        commit: subject.commit.clone(),
         path: o.path.as_str().into(),
         doc_index: o.index as usize,
         line: u64::from(o.line),
@@ -993,8 +993,8 @@ fn wit_trees(objects: &[Tree]) -> Vec<bindings::Object> {
 fn wit_context(plugin: &Plugin, subject: &Subject) -> bindings::Context {
     bindings::Context {
         agent: subject.agent.clone(),
-        project: subject.project.clone(),
-        commit: subject.commit.clone(),
+        project: subject.project.to_string(),
+        commit: subject.commit.to_string(),
         config: plugin.spec.config.to_string(),
     }
 }
@@ -1114,8 +1114,8 @@ fn finding_of_v2(f: bindings::v2::Finding) -> bindings::Finding {
 fn wit_context_v2(plugin: &Plugin, subject: &Subject) -> bindings::v2::Context {
     bindings::v2::Context {
         agent: subject.agent.clone(),
-        project: subject.project.clone(),
-        commit: subject.commit.clone(),
+        project: subject.project.to_string(),
+        commit: subject.commit.to_string(),
         config: plugin.spec.config.to_string(),
     }
 }
@@ -1286,8 +1286,8 @@ fn call_function(
         next.push(Tree::new(
             value,
             origin.map(|o| o.origin.clone()).unwrap_or_else(|| Origin {
-                project: subject.project.as_str().into(),
-                commit: subject.commit.as_str().into(),
+                project: subject.project.clone(),
+                commit: subject.commit.clone(),
                 ..Origin::default()
             }),
         ));
