@@ -23,7 +23,7 @@
 //!   controller), and the health check of `wait: true` (polls every 5 s). The controller
 //!   itself needs source-controller's artifacts and its CRDs; what it adds (fetch,
 //!   `kustomize build`, status patches, events) is a few requests per reconcile;
-//! - sluice sync: `sluice::sync::sync`, a whole sync each (fetch, select, decode,
+//! - sluice sync: `sluice_agent::sync::sync`, a whole sync each (fetch, select, decode,
 //!   discovery, dry-run, apply, inventory, health wait, prune and its wait), given the last
 //!   sync's applied digests as the agent does while nothing drifts;
 //! - the agent: the release `sluice run` binary as its own process, with push webhooks:
@@ -326,15 +326,15 @@ async fn sluice_ops(ns: &str) -> [Op; 4] {
     let cp = cluster::shared();
     let repo = git::shared().create_repo(&format!("bench/{ns}"));
     let cache = tempfile::tempdir().expect("cache");
-    let source = sluice::source::Source::new(repo.http_url(), cache.path(), None);
+    let source = sluice_agent::source::Source::new(repo.http_url(), cache.path(), None);
     let yaml = format!(
         "gitops:\n  manifest_projects:\n  - id: bench\n    default_namespace: {ns}\n    reconcile_timeout: 1800s\n"
     );
-    let project = sluice::config::parse(&yaml, "bench")
+    let project = sluice_agent::config::parse(&yaml, "bench")
         .expect("config")
         .manifest_projects
         .remove(0);
-    let mut settings = sluice::sync::Settings {
+    let mut settings = sluice_agent::sync::Settings {
         inventory_id: format!("bench-{ns}"),
         field_manager: "sluice".into(),
         cleanup_managers: Vec::new(),
@@ -344,16 +344,16 @@ async fn sluice_ops(ns: &str) -> [Op; 4] {
         agent: "bench".into(),
         plugins: Ok(Vec::new()),
         others: Vec::new(),
-        takeover: sluice::sync::Takeover::Off,
+        takeover: sluice_agent::sync::Takeover::Off,
         known: Default::default(),
         render_cache: None,
         // As the agent: files decoded by the previous sync are not decoded again.
         decoded: Some(Default::default()),
         protected: Default::default(),
         // As the agent: the health wait reads watches kept across syncs.
-        live: Some(sluice::live::Live::new()),
+        live: Some(sluice_engine::live::Live::new()),
     };
-    let mut c = sluice::cluster::Cluster::connect(cluster::client_as("sluice-bench").await)
+    let mut c = sluice_engine::cluster::Cluster::connect(cluster::client_as("sluice-bench").await)
         .await
         .expect("discovery");
     let mut ops = Vec::new();
@@ -367,14 +367,16 @@ async fn sluice_ops(ns: &str) -> [Op; 4] {
         }
         let commit = {
             let s = source.clone();
-            tokio::task::spawn_blocking(move || s.resolve(&sluice::config::GitRef::DefaultBranch))
-                .await
-                .expect("task")
-                .expect("resolve")
+            tokio::task::spawn_blocking(move || {
+                s.resolve(&sluice_agent::config::GitRef::DefaultBranch)
+            })
+            .await
+            .expect("task")
+            .expect("resolve")
         };
         let mark = cp.audit_mark();
         let t = Instant::now();
-        let report = sluice::sync::sync(&mut c, &source, &project, &commit, &settings)
+        let report = sluice_agent::sync::sync(&mut c, &source, &project, &commit, &settings)
             .await
             .expect("sync");
         ops.push(Op::measured(t.elapsed(), count(mark, "sluice-bench")));
@@ -444,7 +446,7 @@ async fn main() {
     let mut kubectl_discovery = Vec::new();
     for _ in 0..5 {
         let t = Instant::now();
-        sluice::cluster::Cluster::connect(client.clone())
+        sluice_engine::cluster::Cluster::connect(client.clone())
             .await
             .expect("discovery");
         sluice_discovery.push(t.elapsed());

@@ -10,9 +10,9 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use sluice::object::{Object, Origin};
-use sluice::plugins::{self, FailurePolicy, Limits, Mode, Runtime, Spec, Subject};
+use sluice_model::object::{Object, Origin};
 use sluice_testenv::wasm;
+use sluice_wasm::{self as plugins, FailurePolicy, Limits, Mode, Runtime, Spec, Subject};
 
 const OBJECTS: usize = 10_000;
 const RUNS: usize = 5;

@@ -13,7 +13,7 @@
 //! - `native_round_trip`: the same chain plus the JSON text passes the contract asks for
 //!   (each plugin: objects to text, parsed, worked on, written back, parsed by the host);
 //! - `wasm`: the components (`sluice:plugin@0.2.0`: the objects stay in the host, the guest
-//!   reads and writes fields through handles) through `sluice::plugins::run`, one by one
+//!   reads and writes fields through handles) through `sluice_wasm::run`, one by one
 //!   and as one chain, and the cost of a call with no objects (a fresh Store and instance);
 //! - `cold_start`: loading set-namespace with an empty compilation cache, and with the
 //!   on-disk cache a previous load wrote (a new engine, as after a restart).
@@ -26,10 +26,10 @@ use std::time::Duration;
 use divan::Bencher;
 use divan::counter::ItemsCount;
 use serde_json::{Value, json};
-use sluice::object::{Object, Origin};
-use sluice::plugins::{self, FailurePolicy, Limits, Mode, Plugin, Runtime, Spec, Subject};
+use sluice_model::object::{Object, Origin};
+use sluice_wasm::{self as plugins, FailurePolicy, Limits, Mode, Plugin, Runtime, Spec, Subject};
 
-/// The agent's allocator (host/src/main.rs): both sides allocate as they would in it.
+/// The agent's allocator (host/cli/src/main.rs): both sides allocate as they would in it.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

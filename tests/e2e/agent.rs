@@ -1,4 +1,4 @@
-//! The agent loop (`sluice::agent::run`): following commits, isolation between projects,
+//! The agent loop (`sluice_agent::agent::run`): following commits, isolation between projects,
 //! configuration from a repository, restarts.
 
 use std::time::Duration;
@@ -6,7 +6,7 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
-use sluice::agent::{self, ConfigSource};
+use sluice_agent::agent::{self, ConfigSource};
 use sluice_testenv::cluster;
 use sluice_testenv::git::{self, file};
 
@@ -75,7 +75,7 @@ async fn seed_scenario_the_cluster_follows_a_commit_within_seconds() {
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    tokio::spawn(sluice::observability::serve(listener, metrics, None));
+    tokio::spawn(sluice_agent::observability::serve(listener, metrics, None));
     let (_stop, _agent) = start(ConfigSource::File(config), opts, client.clone());
 
     let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
@@ -122,7 +122,7 @@ async fn seed_scenario_the_cluster_follows_a_commit_within_seconds() {
         &ns,
         &format!(
             "inventory-{}",
-            sluice::sync::inventory_id("seed", &format!("group/{ns}"))
+            sluice_agent::sync::inventory_id("seed", &format!("group/{ns}"))
         ),
     )
     .await;
@@ -241,7 +241,7 @@ async fn a_push_webhook_syncs_its_project_at_once() {
         ..options("hook", dir.path())
     };
     let secret = "s3cret-token";
-    let receiver = std::sync::Arc::new(sluice::webhook::Receiver::new(
+    let receiver = std::sync::Arc::new(sluice_agent::webhook::Receiver::new(
         secret.to_string().into(),
         opts.triggers.clone(),
         opts.metrics.clone(),
@@ -250,7 +250,7 @@ async fn a_push_webhook_syncs_its_project_at_once() {
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    tokio::spawn(sluice::observability::serve(
+    tokio::spawn(sluice_agent::observability::serve(
         listener,
         opts.metrics.clone(),
         Some(receiver),
@@ -368,7 +368,7 @@ async fn a_push_webhook_syncs_its_project_at_once() {
 }
 
 /// Successful syncs of `project` so far, from the agent's metrics.
-fn successes(metrics: &sluice::observability::Metrics, project: &str) -> u64 {
+fn successes(metrics: &sluice_agent::observability::Metrics, project: &str) -> u64 {
     let prefix = format!("sluice_syncs_total{{project=\"{project}\",result=\"success\"}} ");
     metrics
         .encode()
@@ -547,7 +547,7 @@ async fn agent_killed_mid_sync_converges_after_restart() {
     );
     let inv = format!(
         "inventory-{}",
-        sluice::sync::inventory_id("restart", &format!("group/{ns}"))
+        sluice_agent::sync::inventory_id("restart", &format!("group/{ns}"))
     );
     let want: Vec<String> = {
         let mut v: Vec<String> = (0..15).map(|i| format!("{ns}_cm{i}__ConfigMap")).collect();
@@ -649,7 +649,7 @@ async fn agent_process_killed_with_sigkill_mid_sync_converges_after_restart() {
     let mut agent = spawn();
     let inv = format!(
         "inventory-{}",
-        sluice::sync::inventory_id("kill", &format!("group/{ns}"))
+        sluice_agent::sync::inventory_id("kill", &format!("group/{ns}"))
     );
     let mut want: Vec<String> = (0..20).map(|i| format!("{ns}_cm{i}__ConfigMap")).collect();
     want.sort();

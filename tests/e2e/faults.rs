@@ -158,7 +158,10 @@ fn agent(
 }
 
 fn inventory_name(agent: &str, project: &str) -> String {
-    format!("inventory-{}", sluice::sync::inventory_id(agent, project))
+    format!(
+        "inventory-{}",
+        sluice_agent::sync::inventory_id(agent, project)
+    )
 }
 
 /// A deterministic sequence of delays (xorshift), so a failing run can be repeated.

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::Api;
 use serde_json::{Value, json};
-use sluice::plugins::{FailurePolicy, Limits, Mode, Runtime, Spec};
 use sluice_testenv::{git, wasm};
+use sluice_wasm::{FailurePolicy, Limits, Mode, Runtime, Spec};
 
 use crate::support::*;
 
@@ -195,7 +195,7 @@ async fn a_python_transformer_and_a_javascript_validator_sync_a_commit() {
         ),
         load("no-latest-tag", "javascript_no_latest_tag", Value::Null),
     ];
-    let settings = sluice::sync::Settings {
+    let settings = sluice_agent::sync::Settings {
         plugins: Ok(plugins),
         ..settings(&format!("t-{ns}"))
     };

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::Api;
-use sluice::leader::{self, Config};
+use sluice_agent::leader::{self, Config};
 use sluice_testenv::cluster;
 
 use crate::support::eventually;

@@ -86,7 +86,10 @@ async fn a_sync_is_told_in_events_in_status_and_in_one_human_line() {
     assert!(!stderr.contains("\"results\""), "{stderr}");
 
     // The Event on the inventory ConfigMap, found the way `kubectl describe` finds it.
-    let inventory = format!("inventory-{}", sluice::sync::inventory_id("ops", &project));
+    let inventory = format!(
+        "inventory-{}",
+        sluice_agent::sync::inventory_id("ops", &project)
+    );
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     let uid = cms.get(&inventory).await.expect("inventory").metadata.uid;
     let api: Api<Event> = Api::namespaced(client.clone(), &ns);

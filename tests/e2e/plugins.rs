@@ -8,9 +8,11 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
 use serde_json::{Value, json};
-use sluice::object::{Object, Origin};
-use sluice::plugins::{self, Error, FailurePolicy, Limits, Mode, Plugin, Runtime, Spec, Subject};
+use sluice_model::object::{Object, Origin};
 use sluice_testenv::{cluster, git, wasm};
+use sluice_wasm::{
+    self as plugins, Error, FailurePolicy, Limits, Mode, Plugin, Runtime, Spec, Subject,
+};
 
 use crate::support::*;
 
@@ -577,8 +579,8 @@ fn a_chain_mixes_both_contract_versions_in_configuration_order() {
 
 // --- in real syncs ----------------------------------------------------------------------
 
-fn settings_with(inventory: &str, plugins: Vec<Arc<Plugin>>) -> sluice::sync::Settings {
-    sluice::sync::Settings {
+fn settings_with(inventory: &str, plugins: Vec<Arc<Plugin>>) -> sluice_agent::sync::Settings {
+    sluice_agent::sync::Settings {
         plugins: Ok(plugins),
         ..settings(inventory)
     }
@@ -654,9 +656,9 @@ async fn a_resync_takes_the_plugins_outcome_from_the_render_cache_until_an_input
             .expect("load"),
         ]
     };
-    let settings = |digest: &str| sluice::sync::Settings {
+    let settings = |digest: &str| sluice_agent::sync::Settings {
         // A new cache value on the same directory each time, as after a restart.
-        render_cache: Some(sluice::plugins::OutcomeCache::new(dir.path())),
+        render_cache: Some(sluice_wasm::OutcomeCache::new(dir.path())),
         ..settings_with(&format!("t-{ns}"), chain(digest))
     };
     let deploys: Api<Deployment> = Api::namespaced(client, &ns);
@@ -739,9 +741,9 @@ async fn enforce_violation_is_not_applied_and_audit_violation_is_applied_and_rep
         "nothing applied"
     );
     // The refusal is an Event about the (not yet existing) inventory.
-    let inventory = sluice::inventory::InventoryRef::default_for(&format!("t-{ns}"), &ns);
-    sluice::history::History::new(client.clone(), None)
-        .record(&sluice::history::Outcome {
+    let inventory = sluice_engine::inventory::InventoryRef::default_for(&format!("t-{ns}"), &ns);
+    sluice_agent::history::History::new(client.clone(), None)
+        .record(&sluice_agent::history::Outcome {
             project: &p.id,
             commit: "0123456789abcdef",
             inventory: &inventory,
@@ -805,18 +807,18 @@ async fn changing_a_plugins_config_in_the_config_repository_takes_effect() {
     };
     config_repo.commit("main", &files("a"), "team a");
     let dir = tempfile::tempdir().expect("dir");
-    let opts = sluice::agent::Options {
+    let opts = sluice_agent::agent::Options {
         plugin_cache_dir: Some(dir.path().join("wasm")),
         ..options("p", dir.path())
     };
-    let source = sluice::agent::ConfigSource::Repo {
+    let source = sluice_agent::agent::ConfigSource::Repo {
         url: config_repo.http_url().into(),
     };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let agent_client = client.clone();
     let _agent = tokio::spawn(async move {
         let _keep = tx;
-        sluice::agent::run(agent_client, source, opts, None, std::future::pending())
+        sluice_agent::agent::run(agent_client, source, opts, None, std::future::pending())
             .await
             .expect("agent");
     });
@@ -892,7 +894,7 @@ async fn a_skipped_or_dropping_transformer_never_prunes() {
         .iter()
         .find(|r| r.obj.name == "c")
         .expect("c reported");
-    assert_eq!(c_result.action, sluice::apply::Action::Retained);
+    assert_eq!(c_result.action, sluice_engine::apply::Action::Retained);
     let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), &ns);
     assert!(
         cms.get_opt("c").await.expect("get").is_some(),
@@ -1033,8 +1035,8 @@ async fn a_project_is_held_to_its_limits_in_git_and_in_plugin_output_and_never_t
         ],
         "take the lease",
     );
-    let guarded = sluice::sync::Settings {
-        protected: sluice::limits::Protected {
+    let guarded = sluice_agent::sync::Settings {
+        protected: sluice_agent::limits::Protected {
             namespace: Some(ns.clone()),
             lease: Some("sluice-t-lock".into()),
             prefix: "sluice-t".into(),
@@ -1072,7 +1074,7 @@ async fn a_transformer_cannot_claim_another_projects_inventory() {
     } = Fixture::new("inject").await;
     // Project A owns its inventory and one object.
     let a_id = format!("a-{ns}");
-    let a = sluice::inventory::InventoryRef::default_for(&a_id, &ns);
+    let a = sluice_engine::inventory::InventoryRef::default_for(&a_id, &ns);
     let a_repo = git::shared().create_repo(&format!("group/{ns}-a"));
     a_repo.commit("main", &[git::file("a.yaml", configmap("a", "1"))], "a");
     let (a_src, _a_cache) = source(&a_repo, None);
@@ -1092,7 +1094,7 @@ async fn a_transformer_cannot_claim_another_projects_inventory() {
     .expect("load");
     let mut b_project = project(&ns, "");
     b_project.id = "test/other".into();
-    let b_settings = sluice::sync::Settings {
+    let b_settings = sluice_agent::sync::Settings {
         others: vec![a.clone()],
         ..settings_with(&format!("b-{ns}"), vec![labels])
     };
@@ -1100,7 +1102,7 @@ async fn a_transformer_cannot_claim_another_projects_inventory() {
         .await
         .expect_err("refused");
     assert!(
-        matches!(err, sluice::sync::Error::InventoryClaimed { .. }),
+        matches!(err, sluice_agent::sync::Error::InventoryClaimed { .. }),
         "{err:?}"
     );
     assert!(err.to_string().contains(&format!("(id {a_id})")), "{err}");

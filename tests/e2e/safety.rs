@@ -8,9 +8,9 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
-use sluice::apply::Action;
-use sluice::inventory::InventoryRef;
-use sluice::sync::Error;
+use sluice_agent::sync::Error;
+use sluice_engine::apply::Action;
+use sluice_engine::inventory::InventoryRef;
 use sluice_testenv::git::{self, file};
 use sluice_testenv::{cluster, wasm};
 
@@ -48,7 +48,10 @@ async fn a_load_balancer_service_without_a_load_balancer_is_current() {
     .await
     .expect("sync succeeds");
     assert_eq!(report.health.len(), 1);
-    assert_eq!(report.health[0].status, sluice::wait::Status::Current);
+    assert_eq!(
+        report.health[0].status,
+        sluice_engine::wait::Status::Current
+    );
 }
 
 #[tokio::test]
@@ -85,13 +88,13 @@ async fn an_unavailable_aggregated_api_fails_only_its_own_objects() {
     let inventory = format!("t-{ns}");
     // The project's inventory already records an object of that group, as it would after
     // the API was last available.
-    let recorded = sluice::object::ObjRef {
+    let recorded = sluice_model::object::ObjRef {
         group: group.as_str().into(),
         kind: "PodMetrics".into(),
         namespace: ns.as_str().into(),
         name: "old".into(),
     };
-    sluice::inventory::store(
+    sluice_engine::inventory::store(
         &client,
         &InventoryRef::default_for(&inventory, &ns),
         "test/project",
@@ -121,7 +124,9 @@ async fn an_unavailable_aggregated_api_fails_only_its_own_objects() {
                 let client = client.clone();
                 let group = group.clone();
                 async move {
-                    let c = sluice::cluster::Cluster::connect(client).await.ok()?;
+                    let c = sluice_engine::cluster::Cluster::connect(client)
+                        .await
+                        .ok()?;
                     c.unavailable_group(&group).is_some().then_some(c)
                 }
             },
@@ -162,7 +167,7 @@ async fn an_unavailable_aggregated_api_fails_only_its_own_objects() {
     );
     let keys = inventory_keys(&client, &ns, &format!("inventory-{inventory}")).await;
     assert!(
-        keys.contains(&sluice::inventory::encode_key(&recorded)),
+        keys.contains(&sluice_engine::inventory::encode_key(&recorded)),
         "an unavailable group's kinds are not gone: {keys:?}"
     );
 }
@@ -198,7 +203,7 @@ async fn a_manifest_cannot_claim_another_projects_inventory() {
         &[file("inv.yaml", claim), file("b.yaml", configmap("b", "1"))],
         "claim A's inventory",
     );
-    let b_settings = sluice::sync::Settings {
+    let b_settings = sluice_agent::sync::Settings {
         others: vec![a.clone()],
         ..settings(&format!("b-{ns}"))
     };
@@ -508,7 +513,7 @@ async fn client_dry_run_needs_only_read_access() {
         .expect("config");
     config.auth_info.impersonate = Some(reader.clone());
     let as_reader = kube::Client::try_from(config).expect("client");
-    let mut c = sluice::cluster::Cluster::connect(as_reader)
+    let mut c = sluice_engine::cluster::Cluster::connect(as_reader)
         .await
         .expect("discovery as the reader");
     let report = sync_once(
@@ -550,15 +555,15 @@ async fn credentials_in_a_project_url_stay_out_of_ids_annotations_and_reports() 
         format!("gitops:\n  manifest_projects:\n  - id: {url}\n    default_namespace: {ns}\n"),
     )
     .expect("write config");
-    let opts = sluice::agent::Options {
+    let opts = sluice_agent::agent::Options {
         config_project: String::new(),
-        takeover: sluice::sync::Takeover::Off,
+        takeover: sluice_agent::sync::Takeover::Off,
         git_ca: Some(server.ca_pem().as_bytes().to_vec()),
         ..options("creds", &dir.path().join("cache"))
     };
-    let outcomes = sluice::agent::run_once(
+    let outcomes = sluice_agent::agent::run_once(
         client.clone(),
-        sluice::agent::ConfigSource::File(config),
+        sluice_agent::agent::ConfigSource::File(config),
         opts,
     )
     .await
@@ -587,7 +592,7 @@ async fn credentials_in_a_project_url_stay_out_of_ids_annotations_and_reports() 
         a.metadata.annotations.unwrap_or_default()["config.k8s.io/owning-inventory"].clone();
     assert_eq!(
         owner,
-        sluice::sync::inventory_id("creds", repo.https_url()),
+        sluice_agent::sync::inventory_id("creds", repo.https_url()),
         "the id is made from the URL without credentials"
     );
 }
@@ -695,19 +700,19 @@ async fn projects_whose_inventory_ids_collide_are_refused_and_others_sync() {
         ),
     )
     .expect("write config");
-    let opts = sluice::agent::Options {
+    let opts = sluice_agent::agent::Options {
         config_project: String::new(),
-        takeover: sluice::sync::Takeover::Off,
+        takeover: sluice_agent::sync::Takeover::Off,
         ..options("collide", &dir.path().join("cache"))
     };
-    let outcomes = sluice::agent::run_once(
+    let outcomes = sluice_agent::agent::run_once(
         client.clone(),
-        sluice::agent::ConfigSource::File(config),
+        sluice_agent::agent::ConfigSource::File(config),
         opts,
     )
     .await
     .expect("run once");
-    let id = sluice::sync::inventory_id("collide", &format!("group/{ns}/web-app"));
+    let id = sluice_agent::sync::inventory_id("collide", &format!("group/{ns}/web-app"));
     for o in &outcomes[..2] {
         let err = o.result.as_ref().expect_err("refused");
         let other = if o.project.ends_with("web_app") {

@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use kube::api::{Api, DynamicObject};
 use kube::discovery::ApiResource;
-use sluice::cluster::Cluster;
-use sluice::config::ManifestProject;
-use sluice::source::{Credentials, Source};
-use sluice::sync::{self, Settings};
+use sluice_agent::config::ManifestProject;
+use sluice_agent::source::{Credentials, Source};
+use sluice_agent::sync::{self, Settings};
+use sluice_engine::cluster::Cluster;
 use sluice_testenv::git::{self, Repo};
 
 /// Tests that make an API group unavailable (an APIService without a backend), and tests
@@ -40,7 +40,7 @@ pub fn project_with_id(id: &str, ns: &str, extra: &str) -> ManifestProject {
     let yaml = format!(
         "gitops:\n  manifest_projects:\n  - id: {id}\n    default_namespace: {ns}\n{extra}"
     );
-    sluice::config::parse(&yaml, "test/config")
+    sluice_agent::config::parse(&yaml, "test/config")
         .expect("test config is valid")
         .manifest_projects
         .remove(0)
@@ -67,13 +67,13 @@ pub fn settings(inventory_id: &str) -> Settings {
         agent: "test".into(),
         plugins: Ok(Vec::new()),
         others: Vec::new(),
-        takeover: sluice::sync::Takeover::Agentk { agent_id: None },
+        takeover: sluice_agent::sync::Takeover::Agentk { agent_id: None },
         known: Default::default(),
         render_cache: None,
         decoded: None,
         protected: Default::default(),
         // As the agent: the health wait reads watches kept across the settings' syncs.
-        live: Some(sluice::live::Live::new()),
+        live: Some(sluice_engine::live::Live::new()),
     }
 }
 
@@ -102,7 +102,7 @@ pub struct Fixture {
     pub repo: Repo,
     /// A source for it over HTTP.
     pub src: Source,
-    /// Discovery and client for `sluice::sync`.
+    /// Discovery and client for `sluice_agent::sync`.
     pub cluster: Cluster,
     /// The source's cache; removed when the test ends.
     pub cache: tempfile::TempDir,
@@ -196,8 +196,8 @@ where
 }
 
 /// Agent options for tests: the shared git server, a 500 ms poll, agentk takeover on.
-pub fn options(agent: &str, cache: &std::path::Path) -> sluice::agent::Options {
-    sluice::agent::Options {
+pub fn options(agent: &str, cache: &std::path::Path) -> sluice_agent::agent::Options {
+    sluice_agent::agent::Options {
         agent_name: agent.into(),
         git_base_url: git::shared().base_url().into(),
         config_project: "test/config".into(),
@@ -208,7 +208,7 @@ pub fn options(agent: &str, cache: &std::path::Path) -> sluice::agent::Options {
         field_manager: "sluice".into(),
         concurrency: 8,
         inventory_ids: Default::default(),
-        takeover: sluice::sync::Takeover::Agentk { agent_id: None },
+        takeover: sluice_agent::sync::Takeover::Agentk { agent_id: None },
         cleanup_managers: vec!["agentk".into()],
         allow_empty_prune: false,
         git_ca: None,
@@ -220,19 +220,19 @@ pub fn options(agent: &str, cache: &std::path::Path) -> sluice::agent::Options {
     }
 }
 
-/// Records a sync's outcome as the agent does after each sync ([`sluice::history`]).
+/// Records a sync's outcome as the agent does after each sync ([`sluice_agent::history`]).
 pub async fn record(
-    history: &mut sluice::history::History,
+    history: &mut sluice_agent::history::History,
     project: &ManifestProject,
     settings: &Settings,
     result: &sync::Report,
 ) {
-    let inventory = sluice::inventory::InventoryRef::default_for(
+    let inventory = sluice_engine::inventory::InventoryRef::default_for(
         &settings.inventory_id,
         &project.default_namespace,
     );
     history
-        .record(&sluice::history::Outcome {
+        .record(&sluice_agent::history::Outcome {
             project: &project.id,
             commit: &result.commit,
             inventory: &inventory,
@@ -255,7 +255,7 @@ pub async fn sluice_events(
         .expect("list events")
         .items
         .into_iter()
-        .filter(|e| e.reporting_component.as_deref() == Some(sluice::history::CONTROLLER))
+        .filter(|e| e.reporting_component.as_deref() == Some(sluice_agent::history::CONTROLLER))
         .map(|e| {
             (
                 e.type_.unwrap_or_default(),

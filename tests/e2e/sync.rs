@@ -4,8 +4,8 @@
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, PostParams};
-use sluice::apply::Action;
-use sluice::source::Credentials;
+use sluice_agent::source::Credentials;
+use sluice_engine::apply::Action;
 use sluice_testenv::cluster;
 use sluice_testenv::git::{self, Entry, file};
 
@@ -347,7 +347,7 @@ async fn private_repository_needs_the_token_and_a_wrong_one_changes_nothing() {
 
     let https = |creds| {
         let cache = tempfile::tempdir().expect("cache");
-        let src = sluice::source::Source::new(repo.https_url(), cache.path(), creds)
+        let src = sluice_agent::source::Source::new(repo.https_url(), cache.path(), creds)
             .with_ca(server.ca_pem().as_bytes().to_vec());
         (src, cache)
     };
@@ -683,7 +683,10 @@ async fn a_sync_waits_until_its_deployments_are_available() {
     let p = project(&ns, "    reconcile_timeout: 120s\n");
     let s = settings(&format!("t-{ns}"));
     let report = sync_once(&mut c, &src, &p, &s).await.expect("sync");
-    assert_eq!(report.health[0].status, sluice::wait::Status::Current);
+    assert_eq!(
+        report.health[0].status,
+        sluice_engine::wait::Status::Current
+    );
     let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     let web = deploys.get("web").await.expect("web");
     let status = web.status.expect("status");
@@ -762,7 +765,7 @@ async fn a_sync_waits_until_its_deployments_are_available() {
     assert!(
         problems[0]
             .message
-            .contains(sluice::wait::DELETED_DURING_WAIT),
+            .contains(sluice_engine::wait::DELETED_DURING_WAIT),
         "{}",
         problems[0].message
     );
@@ -805,7 +808,7 @@ async fn projects_share_the_watches_of_a_namespace() {
         ..
     } = Fixture::new("shared").await;
     let agent = format!("sluice-e2e-{ns}");
-    let mut c = sluice::cluster::Cluster::connect(cluster::client_as(&agent).await)
+    let mut c = sluice_engine::cluster::Cluster::connect(cluster::client_as(&agent).await)
         .await
         .expect("discovery");
     let (other_repo, other_src, _other_cache) = {
@@ -831,11 +834,11 @@ async fn projects_share_the_watches_of_a_namespace() {
     );
     let named = |id: &str| project_with_id(id, &ns, "    reconcile_timeout: 60s\n");
     let (pa, pb) = (named("test/a"), named("test/b"));
-    let live = sluice::live::Live::new();
+    let live = sluice_engine::live::Live::new();
     // (No agentk takeover: looking for an agentk inventory lists ConfigMaps.)
-    let sharing = |inventory: String| sluice::sync::Settings {
+    let sharing = |inventory: String| sluice_agent::sync::Settings {
         live: Some(live.clone()),
-        takeover: sluice::sync::Takeover::Off,
+        takeover: sluice_agent::sync::Takeover::Off,
         ..settings(&inventory)
     };
     let (sa, sb) = (sharing(format!("a-{ns}")), sharing(format!("b-{ns}")));
@@ -850,7 +853,7 @@ async fn projects_share_the_watches_of_a_namespace() {
     assert!(
         b.health
             .iter()
-            .all(|h| h.status == sluice::wait::Status::Current)
+            .all(|h| h.status == sluice_engine::wait::Status::Current)
     );
     // (A watch of its own would list first. The WATCH request of project a's watch may
     // come now: its list ended project a's wait before the watch began.)
@@ -889,7 +892,7 @@ async fn known_objects_cost_no_request_and_changed_ones_are_applied() {
         ..
     } = Fixture::new("known").await;
     let agent = format!("sluice-e2e-{ns}");
-    let mut c = sluice::cluster::Cluster::connect(cluster::client_as(&agent).await)
+    let mut c = sluice_engine::cluster::Cluster::connect(cluster::client_as(&agent).await)
         .await
         .expect("discovery");
     let files = |changed: &str| -> Vec<Entry> {
@@ -908,7 +911,7 @@ async fn known_objects_cost_no_request_and_changed_ones_are_applied() {
     assert_eq!(first.applied.len(), 20);
 
     repo.commit("main", &files("cm-7"), "one changed");
-    let known = sluice::sync::Settings {
+    let known = sluice_agent::sync::Settings {
         known: first.applied.clone(),
         ..s.clone()
     };

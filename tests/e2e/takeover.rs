@@ -8,8 +8,8 @@ use std::process::Command;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
-use sluice::apply::Action;
-use sluice::history::History;
+use sluice_agent::history::History;
+use sluice_engine::apply::Action;
 use sluice_testenv::cluster;
 use sluice_testenv::git::file;
 

@@ -158,7 +158,7 @@ pub async fn client_as(user_agent: &str) -> Client {
 }
 
 async fn client_with(kubeconfig: &Path, user_agent: Option<&str>) -> Result<Client, String> {
-    // Test binaries may link two rustls providers (see sluice::install_crypto_provider).
+    // Test binaries may link two rustls providers (see sluice_engine::install_crypto_provider).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let kc = Kubeconfig::read_from(kubeconfig).map_err(|e| e.to_string())?;
     let mut config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())

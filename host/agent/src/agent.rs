@@ -1,0 +1,1191 @@
+//! `sluice run`: keeps the cluster equal to git, one task per manifest project.
+//!
+//! The agent loads the configuration (a local file, or `.gitlab/agents/<name>/sluice.yaml`,
+//! else `.gitlab/agents/<name>/config.yaml`, on the default branch of a configuration repository, re-read every poll), starts one
+//! worker per manifest project, restarts a worker when its entry changes and stops it when
+//! the entry goes (deleting nothing, as agentk). A worker that fails never stops another.
+//!
+//! Each worker is a small state machine: poll the ref (advertisement only); when the commit
+//! changes, when the last sync failed and its backoff expired, or when the re-apply timer
+//! fires, sync. A newer commit cancels a running sync. A push webhook ([`crate::webhook`])
+//! wakes a worker (or the configuration loader) before its next poll.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+use crate::config::{self, AgentConfig, GitRef, ManifestProject};
+use crate::decode;
+use crate::history::{self, History};
+use crate::report::{self, msg};
+use crate::source::{Credentials, Source};
+use crate::sync::{self, Settings};
+use crate::webhook::{self, Triggers};
+use sluice_engine::apply::Action;
+use sluice_engine::cluster::Cluster;
+use sluice_engine::drift::Drift;
+use sluice_engine::inventory::InventoryRef;
+use sluice_engine::live::Live;
+use sluice_engine::wait;
+use sluice_wasm::{self as plugins, Plugin};
+
+/// Where the configuration comes from.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    /// A local file.
+    File(PathBuf),
+    /// `.gitlab/agents/<agent>/sluice.yaml`, else `config.yaml`, on the default branch of a
+    /// repository ([`config_path`]).
+    Repo {
+        /// Repository URL.
+        url: String,
+    },
+}
+
+/// Agent settings (flags), beyond the configuration file.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Agent name (`.gitlab/agents/<name>`), also the default inventory id prefix.
+    pub agent_name: String,
+    /// Base URL that project paths resolve against, e.g. `https://gitlab.example.com`.
+    pub git_base_url: String,
+    /// Project path of the configuration project (default manifest project).
+    pub config_project: String,
+    /// Credentials per host (`host[:port]`).
+    pub credentials: HashMap<String, Credentials>,
+    /// How often refs are polled. Default 10 s.
+    pub poll_interval: Duration,
+    /// How often a synced commit is applied again in full (the safety net behind the drift
+    /// watches, [`sluice_engine::drift`]). Default 1 h.
+    pub reapply_interval: Duration,
+    /// Git cache directory.
+    pub cache_dir: PathBuf,
+    /// Field manager. Default `sluice`.
+    pub field_manager: String,
+    /// Concurrent applies per stage. Default 8.
+    pub concurrency: usize,
+    /// Inventory id per project id, to take over agentk inventories (`<agentId>-<projectId>`).
+    pub inventory_ids: HashMap<String, String>,
+    /// Adopt agentk inventories found for projects that have no inventory yet.
+    pub takeover: sync::Takeover,
+    /// Field managers whose ownership is removed from applied objects (default `agentk`).
+    pub cleanup_managers: Vec<String>,
+    /// Allow pruning everything when no file is selected.
+    pub allow_empty_prune: bool,
+    /// Extra CA certificates (PEM) for https git servers.
+    pub git_ca: Option<Vec<u8>>,
+    /// Where compiled plugins are cached (none: compile on every start).
+    pub plugin_cache_dir: Option<PathBuf>,
+    /// File selection limits (agentk's by default).
+    pub limits: crate::select::Limits,
+    /// The agent's own objects ([`crate::limits::Protected`]).
+    pub protected: crate::limits::Protected,
+    /// Where syncs are recorded for `/metrics`.
+    pub metrics: Arc<crate::observability::Metrics>,
+    /// What push webhooks can wake: the agent registers its workers here.
+    pub triggers: Arc<Triggers>,
+}
+
+/// A loaded configuration: the file, the module bytes of its plugins, and the plugins.
+struct Loaded {
+    config: AgentConfig,
+    /// Per plugin: sha256 of its module, or why it could not be read.
+    digests: BTreeMap<String, String>,
+    plugins: BTreeMap<String, Result<Arc<Plugin>, plugins::Error>>,
+}
+
+/// The agent could not start. Later failures are logged and retried, never returned.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The API server cannot be reached.
+    #[error(transparent)]
+    Discovery(#[from] sluice_engine::cluster::DiscoveryError),
+    /// No WebAssembly engine could be built.
+    #[error("failed to start the plugin runtime: {0}")]
+    Plugins(String),
+    /// The configuration could not be read (`sluice sync` only; the agent retries).
+    #[error("failed to load the configuration: {0}")]
+    Config(String),
+}
+
+/// Runs until `shutdown` resolves.
+///
+/// # Errors
+/// [`StartError`] when the cluster cannot be reached or no WebAssembly engine can be built at
+/// start; later failures are logged and retried.
+pub async fn run(
+    client: kube::Client,
+    config_source: ConfigSource,
+    opts: Options,
+    levels: Option<report::LevelHandle>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    let cluster = Cluster::connect(client).await?;
+    let runtime = match plugins::Runtime::new(opts.plugin_cache_dir.as_deref()) {
+        Ok(r) => r,
+        Err(e) => {
+            // An unusable cache directory should not stop the agent: compile every start.
+            warn!(error = %e, "plugin compilation cache unavailable; plugins are compiled on every start");
+            plugins::Runtime::new(None).map_err(StartError::Plugins)?
+        }
+    };
+    let runtime = Arc::new(runtime);
+    // The watches of the projects' live objects, shared by the workers ([`Live`]).
+    let live = Live::new();
+    let mut workers = Workers::default();
+    let mut last: Option<(AgentConfig, BTreeMap<String, String>)> = None;
+    // A push to the configuration repository reloads the configuration at once.
+    let config_target = match &config_source {
+        ConfigSource::Repo { url } => Some(webhook::Target {
+            id: url.clone(),
+            url: url.clone(),
+            git_ref: GitRef::DefaultBranch,
+            wake: Arc::new(webhook::Wake::default()),
+        }),
+        ConfigSource::File(_) => None,
+    };
+    let config_wake = config_target
+        .as_ref()
+        .map_or_else(|| Arc::new(webhook::Wake::default()), |t| t.wake.clone());
+    tokio::pin!(shutdown);
+    loop {
+        match load_config(&config_source, &opts).await {
+            Ok((cfg, modules)) => {
+                let digests = digests(&modules);
+                if last
+                    .as_ref()
+                    .is_none_or(|(c, d)| *c != cfg || *d != digests)
+                {
+                    for section in &cfg.ignored_sections {
+                        if last
+                            .as_ref()
+                            .is_none_or(|(c, _)| !c.ignored_sections.contains(section))
+                        {
+                            warn!(
+                                section,
+                                "configuration section is accepted for agentk compatibility and ignored by sluice"
+                            );
+                        }
+                    }
+                    if let Some(l) = &levels {
+                        l.set(cfg.log_level);
+                    }
+                    let loaded =
+                        load_plugins(&runtime, cfg.clone(), modules, digests.clone()).await;
+                    reconcile_workers(&mut workers, &loaded, &cluster, &live, &opts);
+                    opts.triggers.set(
+                        workers
+                            .values()
+                            .map(|w| w.target.clone())
+                            .chain(config_target.clone())
+                            .collect(),
+                    );
+                    opts.metrics.set_ready();
+                    last = Some((cfg, digests));
+                }
+            }
+            Err(e) => error!(error = %e, "{}", msg::CONFIG_FAILED),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(opts.poll_interval) => {}
+            _ = config_wake.notified() => {}
+            _ = &mut shutdown => break,
+        }
+    }
+    opts.triggers.set(Vec::new());
+    drop(workers);
+    info!("agent stopped");
+    Ok(())
+}
+
+/// A running worker: what it was started with, its task, and what wakes it.
+struct Running {
+    key: WorkerKey,
+    handle: JoinHandle<()>,
+    target: webhook::Target,
+}
+
+/// The running workers by project id. Dropping it aborts them all: when the agent's future
+/// is dropped (shutdown, or leadership lost), no worker keeps applying.
+#[derive(Default)]
+struct Workers(HashMap<String, Running>);
+
+impl std::ops::Deref for Workers {
+    type Target = HashMap<String, Running>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Workers {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for (id, Running { handle, .. }) in self.0.drain() {
+            handle.abort();
+            info!(worker_id = %id, "Stopped worker");
+        }
+    }
+}
+
+/// What a worker was started with; a change restarts it.
+#[derive(Debug, Clone, PartialEq)]
+struct WorkerKey {
+    project: ManifestProject,
+    /// Each plugin it uses (its spec, config included) and the sha256 of its module.
+    plugins: Vec<(plugins::Spec, String)>,
+}
+
+fn reconcile_workers(
+    workers: &mut HashMap<String, Running>,
+    loaded: &Loaded,
+    cluster: &Cluster,
+    live: &Live,
+    opts: &Options,
+) {
+    let cfg = &loaded.config;
+    workers.retain(|id, w| {
+        let keep = cfg.manifest_projects.iter().any(|p| &p.id == id);
+        if !keep {
+            info!(worker_id = %id, "{}", msg::STOPPING_WORKER);
+            w.handle.abort();
+            live.forget(id);
+        }
+        keep
+    });
+    let ids = inventory_ids(cfg, opts);
+    for project in &cfg.manifest_projects {
+        let names: Vec<String> = match &project.plugins {
+            Some(names) => names.clone(),
+            None => cfg.plugins.iter().map(|p| p.name.clone()).collect(),
+        };
+        let key = WorkerKey {
+            project: project.clone(),
+            plugins: cfg
+                .plugins
+                .iter()
+                .filter(|p| names.contains(&p.name))
+                .map(|p| {
+                    (
+                        p.clone(),
+                        loaded.digests.get(&p.name).cloned().unwrap_or_default(),
+                    )
+                })
+                .collect(),
+        };
+        match workers.get(&project.id) {
+            Some(w) if w.key == key => continue,
+            Some(w) => {
+                info!(worker_id = %project.id, "{}", msg::RESTARTING_WORKER);
+                w.handle.abort();
+            }
+            None => info!(worker_id = %project.id, "{}", msg::STARTING_WORKER),
+        }
+        let selected = selected_plugins(loaded, project);
+        if let Err(e) = &selected {
+            error!(worker_id = %project.id, error = %e, "plugin unavailable; this project's syncs fail until it loads");
+        }
+        let inventory = inventory_for(cfg, &ids, project);
+        if let Err(e) = &inventory {
+            error!(worker_id = %project.id, error = %e, "this project does not sync until it has an inventory of its own");
+        }
+        let target = webhook::Target {
+            id: project.id.clone(),
+            url: sync::project_url(&project.id, &opts.git_base_url),
+            git_ref: project.git_ref.clone(),
+            wake: Arc::new(webhook::Wake::default()),
+        };
+        let handle = tokio::spawn(worker(
+            cluster.clone(),
+            live.clone(),
+            project.clone(),
+            selected,
+            inventory,
+            opts.clone(),
+            target.wake.clone(),
+        ));
+        workers.insert(
+            project.id.clone(),
+            Running {
+                key,
+                handle,
+                target,
+            },
+        );
+    }
+}
+
+/// The plugins `project` uses, in configuration order (the run order); a plugin that failed
+/// to load fails this project only.
+fn selected_plugins(
+    loaded: &Loaded,
+    project: &ManifestProject,
+) -> Result<Vec<Arc<Plugin>>, plugins::Error> {
+    let cfg = &loaded.config;
+    cfg.plugins
+        .iter()
+        .filter(|p| {
+            project
+                .plugins
+                .as_ref()
+                .is_none_or(|names| names.contains(&p.name))
+        })
+        .map(|p| {
+            loaded.plugins.get(&p.name).cloned().unwrap_or_else(|| {
+                Err(plugins::Error::Load {
+                    plugin: p.name.clone(),
+                    message: "not loaded".into(),
+                })
+            })
+        })
+        .collect()
+}
+
+/// `project`'s inventory id and the default inventories of the other projects.
+fn inventory_for(
+    cfg: &AgentConfig,
+    ids: &BTreeMap<String, Result<String, String>>,
+    project: &ManifestProject,
+) -> Result<(String, Vec<InventoryRef>), String> {
+    let id = ids
+        .get(&project.id)
+        .cloned()
+        .unwrap_or_else(|| Err(format!("no inventory id for project {}", project.id)))?;
+    let others = cfg
+        .manifest_projects
+        .iter()
+        .filter(|p| p.id != project.id)
+        .filter_map(|p| {
+            let id = ids.get(&p.id)?.as_ref().ok()?;
+            Some(InventoryRef::default_for(id, &p.default_namespace))
+        })
+        .collect();
+    Ok((id, others))
+}
+
+/// The source and settings a project syncs with.
+fn prepare(
+    project: &ManifestProject,
+    plugins: Result<Vec<Arc<Plugin>>, plugins::Error>,
+    (inventory_id, others): (String, Vec<InventoryRef>),
+    live: Option<Live>,
+    opts: &Options,
+) -> (Source, Settings) {
+    let url = sync::project_url(&project.id, &opts.git_base_url);
+    // Credentials written into the project's URL win over the host's token.
+    let source = source_for(&url, opts, project.credentials.clone());
+    let settings = Settings {
+        inventory_id,
+        field_manager: opts.field_manager.clone(),
+        cleanup_managers: opts.cleanup_managers.clone(),
+        concurrency: opts.concurrency,
+        limits: opts.limits,
+        allow_empty_prune: opts.allow_empty_prune,
+        agent: opts.agent_name.clone(),
+        plugins,
+        others,
+        takeover: opts.takeover.clone(),
+        known: Arc::default(),
+        render_cache: Some(plugins::OutcomeCache::new(opts.cache_dir.join("rendered"))),
+        decoded: Some(decode::Memo::default()),
+        protected: opts.protected.clone(),
+        live,
+    };
+    (source, settings)
+}
+
+/// What [`run_once`] did for one project.
+#[derive(Debug)]
+pub struct Once {
+    /// The project.
+    pub project: String,
+    /// Its report, or why it failed.
+    pub result: Result<sync::Report, String>,
+}
+
+/// `sluice sync`: syncs every project of the configuration once, waits for health, and
+/// returns each project's outcome (projects run concurrently; one failing never stops
+/// another).
+///
+/// # Errors
+/// [`StartError`] when the cluster, the configuration or the plugin runtime is unusable.
+pub async fn run_once(
+    client: kube::Client,
+    config_source: ConfigSource,
+    opts: Options,
+) -> Result<Vec<Once>, StartError> {
+    let cluster = Cluster::connect(client).await?;
+    let runtime = Arc::new(
+        plugins::Runtime::new(opts.plugin_cache_dir.as_deref())
+            .or_else(|_| plugins::Runtime::new(None))
+            .map_err(StartError::Plugins)?,
+    );
+    let (cfg, modules) = load_config(&config_source, &opts)
+        .await
+        .map_err(StartError::Config)?;
+    let digests = digests(&modules);
+    let loaded = load_plugins(&runtime, cfg, modules, digests).await;
+    let ids = inventory_ids(&loaded.config, &opts);
+    let runs = loaded.config.manifest_projects.iter().map(|project| {
+        let mut cluster = cluster.clone();
+        let (loaded, ids, opts) = (&loaded, &ids, &opts);
+        async move {
+            let result = async {
+                let inventory = inventory_for(&loaded.config, ids, project)?;
+                let (source, settings) = prepare(
+                    project,
+                    selected_plugins(loaded, project),
+                    inventory,
+                    None,
+                    opts,
+                );
+                let commit = resolve(source.clone(), project.git_ref.clone()).await?;
+                info!(project_id = %project.id, commit_id = %commit, "{}", msg::SYNCHRONIZING);
+                let started = std::time::Instant::now();
+                let result = sync::sync(&mut cluster, &source, project, &commit, &settings).await;
+                let mut history = History::new(cluster.client().clone(), instance());
+                let ended = Ended {
+                    project,
+                    settings: &settings,
+                    commit: &commit,
+                    elapsed: started.elapsed(),
+                };
+                ended
+                    .tell(&mut history, &opts.agent_name, result.as_ref())
+                    .await;
+                result.map_err(|e| e.to_string())
+            }
+            .await;
+            Once {
+                project: project.id.clone(),
+                result,
+            }
+        }
+    });
+    Ok(futures::future::join_all(runs).await)
+}
+
+/// Each project's inventory id: `--inventory-id`, else [`sync::inventory_id`]. Ids must be
+/// unique within the agent (two projects sharing one would prune each other's objects):
+/// every project whose id another project also has gets an error instead, naming both.
+pub fn inventory_ids(
+    cfg: &AgentConfig,
+    opts: &Options,
+) -> BTreeMap<String, Result<String, String>> {
+    let ids: Vec<(String, String)> = cfg
+        .manifest_projects
+        .iter()
+        .map(|p| {
+            let id = opts
+                .inventory_ids
+                .get(&p.id)
+                .cloned()
+                .unwrap_or_else(|| sync::inventory_id(&opts.agent_name, &p.id));
+            (p.id.clone(), id)
+        })
+        .collect();
+    ids.iter()
+        .map(|(project, id)| {
+            let sharing: Vec<&str> = ids
+                .iter()
+                .filter(|(p, other)| other == id && p != project)
+                .map(|(p, _)| p.as_str())
+                .collect();
+            let result = if sharing.is_empty() {
+                Ok(id.clone())
+            } else {
+                Err(format!(
+                    "inventory id {id:?} of project {project:?} is also the id of {}: projects sharing an inventory would prune each other's objects; give one of them its own with --inventory-id PROJECT=ID",
+                    sharing.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>().join(", ")
+                ))
+            };
+            (project.clone(), result)
+        })
+        .collect()
+}
+
+fn digests(modules: &BTreeMap<String, Result<Vec<u8>, String>>) -> BTreeMap<String, String> {
+    use sha2::Digest;
+    modules
+        .iter()
+        .map(|(name, m)| {
+            (
+                name.clone(),
+                match m {
+                    Ok(bytes) => hex::encode(sha2::Sha256::digest(bytes)),
+                    Err(e) => format!("error: {e}"),
+                },
+            )
+        })
+        .collect()
+}
+
+/// Compiles every plugin of the configuration (off the async workers).
+async fn load_plugins(
+    runtime: &Arc<plugins::Runtime>,
+    config: AgentConfig,
+    modules: BTreeMap<String, Result<Vec<u8>, String>>,
+    digests: BTreeMap<String, String>,
+) -> Loaded {
+    let rt = runtime.clone();
+    let specs = config.plugins.clone();
+    let plugins = tokio::task::spawn_blocking(move || {
+        specs
+            .iter()
+            .map(|spec| {
+                let loaded = match modules.get(&spec.name) {
+                    Some(Ok(bytes)) => rt.load(spec, bytes).map(Arc::new),
+                    Some(Err(e)) => Err(plugins::Error::Load {
+                        plugin: spec.name.clone(),
+                        message: e.clone(),
+                    }),
+                    None => Err(plugins::Error::Load {
+                        plugin: spec.name.clone(),
+                        message: "module not read".into(),
+                    }),
+                };
+                match &loaded {
+                    Ok(p) => info!(plugin = %spec.name, world = ?p.world(), "plugin loaded"),
+                    Err(e) => error!(plugin = %spec.name, error = %e, "plugin failed to load"),
+                }
+                (spec.name.clone(), loaded)
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_default();
+    Loaded {
+        config,
+        digests,
+        plugins,
+    }
+}
+
+type Modules = BTreeMap<String, Result<Vec<u8>, String>>;
+
+/// Reads the configuration and the modules of its plugins. Modules in a configuration
+/// repository are read at the configuration's commit, so both change together; paths in a
+/// local configuration are relative to its directory.
+async fn load_config(src: &ConfigSource, opts: &Options) -> Result<(AgentConfig, Modules), String> {
+    let (source, agent, config_project) = (
+        src.clone(),
+        opts.agent_name.clone(),
+        opts.config_project.clone(),
+    );
+    let cache_dir = opts.cache_dir.clone();
+    let repo_source = match src {
+        ConfigSource::Repo { url } => Some(source_for(url, opts, None)),
+        ConfigSource::File(_) => None,
+    };
+    tokio::task::spawn_blocking(move || match (source, repo_source) {
+        (ConfigSource::File(path), _) => {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("failed to read {}: {e}", path.display()))?;
+            let cfg =
+                config::parse_with_origin(&text, &config_project, &path.display().to_string())
+                    .map_err(|e| e.to_string())?;
+            let base = path.parent().map(PathBuf::from).unwrap_or_default();
+            let modules = read_modules(&cfg, &cache_dir, |p| {
+                std::fs::read(base.join(p))
+                    .map_err(|e| format!("failed to read module {}: {e}", base.join(p).display()))
+            });
+            Ok((cfg, modules))
+        }
+        (ConfigSource::Repo { .. }, Some(source)) => {
+            let commit = source
+                .resolve(&GitRef::DefaultBranch)
+                .map_err(|e| e.to_string())?;
+            let snapshot = source.fetch(&commit).map_err(|e| e.to_string())?;
+            let path = config_path(&agent, |p| snapshot.entries().iter().any(|e| e.path == p));
+            let origin = format!("{}@{commit}:{path}", source.url());
+            let read = |p: &str| -> Result<Vec<u8>, String> {
+                let p = p.trim_start_matches('/');
+                let entry = snapshot
+                    .entries()
+                    .iter()
+                    .find(|e| e.path == p)
+                    .ok_or_else(|| format!("{p}: not found at commit {commit}"))?;
+                if entry.kind != crate::source::EntryKind::File {
+                    return Err(format!(
+                        "{p}: is not a regular file (symlinks are never followed)"
+                    ));
+                }
+                snapshot.read_blob(&entry.id).map_err(|e| e.to_string())
+            };
+            // A missing file is an empty configuration, as in agentk.
+            let text = match snapshot.entries().iter().any(|e| e.path == path) {
+                true => {
+                    String::from_utf8(read(&path)?).map_err(|_| format!("{origin}: not UTF-8"))?
+                }
+                false => String::new(),
+            };
+            let cfg = config::parse_with_origin(&text, &config_project, &origin)
+                .map_err(|e| e.to_string())?;
+            let modules = read_modules(&cfg, &cache_dir, read);
+            Ok((cfg, modules))
+        }
+        (ConfigSource::Repo { .. }, None) => unreachable!("repo_source is set for repositories"),
+    })
+    .await
+    .map_err(|e| format!("config task failed: {e}"))?
+}
+
+/// The configuration file of agent `agent` in a configuration repository: sluice's own
+/// `.gitlab/agents/<agent>/sluice.yaml` when the repository has it (a file agentk never
+/// parses, for agents that keep agentk running beside sluice), else agentk's
+/// `.gitlab/agents/<agent>/config.yaml` (taking an agentk configuration over as it is).
+pub fn config_path(agent: &str, exists: impl Fn(&str) -> bool) -> String {
+    let own = format!(".gitlab/agents/{agent}/sluice.yaml");
+    if exists(&own) {
+        own
+    } else {
+        format!(".gitlab/agents/{agent}/config.yaml")
+    }
+}
+
+fn read_modules(
+    cfg: &AgentConfig,
+    cache_dir: &std::path::Path,
+    read_path: impl Fn(&str) -> Result<Vec<u8>, String>,
+) -> Modules {
+    cfg.plugins
+        .iter()
+        .map(|s| {
+            let bytes = if s.module.starts_with("https://") {
+                fetch_module(&s.module, s.sha256.as_deref(), cache_dir, MAX_MODULE_BYTES)
+            } else {
+                read_path(&s.module)
+            };
+            (s.name.clone(), bytes)
+        })
+        .collect()
+}
+
+/// The largest module downloaded over https.
+const MAX_MODULE_BYTES: u64 = 100 << 20;
+
+/// A module from `url`, downloaded once per digest: `<cache_dir>/modules/<sha256>.wasm` is
+/// used while its content has that digest (the configuration re-read every poll does not
+/// download again). A download has a 60 s deadline and reads at most `max` bytes, whatever
+/// the server announces; a body whose digest is not `sha256` is refused and not cached.
+fn fetch_module(
+    url: &str,
+    sha256: Option<&str>,
+    cache_dir: &std::path::Path,
+    max: u64,
+) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let shown = without_credentials(url);
+    let cached = sha256.map(|h| cache_dir.join("modules").join(format!("{h}.wasm")));
+    if let (Some(path), Some(want)) = (&cached, sha256)
+        && let Ok(bytes) = std::fs::read(path)
+        && sluice_model::object::sha256_bytes_hex(&bytes) == want
+    {
+        return Ok(bytes);
+    }
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|e| format!("failed to build an HTTP client: {e}"))?;
+    let resp = client
+        .get(url)
+        .send()
+        .and_then(|r| r.error_for_status())
+        .map_err(|e| format!("failed to download {shown}: {}", e.without_url()))?;
+    if resp.content_length().is_some_and(|n| n > max) {
+        return Err(format!("{shown}: module larger than {max} bytes"));
+    }
+    let mut bytes = Vec::new();
+    resp.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("failed to download {shown}: {e}"))?;
+    if bytes.len() as u64 > max {
+        return Err(format!("{shown}: module larger than {max} bytes"));
+    }
+    if let (Some(path), Some(want)) = (&cached, sha256) {
+        let got = sluice_model::object::sha256_bytes_hex(&bytes);
+        if got != want {
+            return Err(format!(
+                "{shown}: sha256 is {got}, the configuration says {want}"
+            ));
+        }
+        // Written whole, then renamed: a reader never sees half a module.
+        let dir = path.parent().unwrap_or(cache_dir);
+        let tmp = dir.join(format!("{want}.tmp-{}", std::process::id()));
+        let stored = std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::write(&tmp, &bytes))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = stored {
+            let _ = std::fs::remove_file(&tmp);
+            warn!(module = %shown, error = %e, "failed to cache a downloaded module; it is downloaded again next time");
+        }
+    }
+    Ok(bytes)
+}
+
+/// `url` without user name and password, for messages.
+fn without_credentials(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.to_string()
+        }
+        Err(_) => "(module URL)".into(),
+    }
+}
+
+/// A source for `url` with `credentials`, else the token of its host, and the extra CA.
+fn source_for(url: &str, opts: &Options, credentials: Option<Credentials>) -> Source {
+    let credentials = credentials.or_else(|| credentials_for(url, opts));
+    let source = Source::new(url, &opts.cache_dir, credentials);
+    match &opts.git_ca {
+        Some(pem) => source.with_ca(pem.clone()),
+        None => source,
+    }
+}
+
+fn credentials_for(url: &str, opts: &Options) -> Option<Credentials> {
+    let host = url.split("://").nth(1)?.split('/').next()?;
+    opts.credentials.get(host).cloned()
+}
+
+/// Worker states: what the worker knows about its project.
+#[derive(Debug, Default)]
+struct State {
+    /// The commit last synced successfully, and when.
+    synced: Option<(String, tokio::time::Instant)>,
+    /// The commit that last failed, and when it may be retried.
+    failed: Option<(String, tokio::time::Instant, Duration)>,
+    /// Live objects drifted from the last sync: sync again now.
+    drifted: bool,
+    /// How soon drift may be restored again.
+    drift_budget: DriftBudget,
+    /// What the last successful sync applied, while no drift was seen since
+    /// ([`sync::Settings::known`]).
+    known: Arc<BTreeMap<sluice_model::object::ObjRef, sluice_engine::apply::Digest>>,
+}
+
+/// Drift is restored at once up to DRIFT_BURST times in a row, then at most once every
+/// DRIFT_MIN_INTERVAL per project: an edit or a deletion by hand is undone within a second,
+/// and a controller that rewrites a field git sets cannot make the agent apply in a loop.
+const DRIFT_MIN_INTERVAL: Duration = Duration::from_secs(5);
+const DRIFT_BURST: u32 = 3;
+
+/// A token bucket for drift restores: DRIFT_BURST tokens, one more every
+/// DRIFT_MIN_INTERVAL.
+#[derive(Debug, Clone, Copy, Default)]
+struct DriftBudget {
+    /// Tokens spent and not yet earned back, and when the last one was earned back (or
+    /// spent, when all were there).
+    spent: u32,
+    since: Option<tokio::time::Instant>,
+}
+
+impl DriftBudget {
+    /// When a drift restore asked for at `now` may start; spends a token.
+    fn take(&mut self, now: tokio::time::Instant) -> tokio::time::Instant {
+        if let Some(since) = self.since {
+            let earned =
+                now.saturating_duration_since(since).as_nanos() / DRIFT_MIN_INTERVAL.as_nanos();
+            let earned = u32::try_from(earned).unwrap_or(u32::MAX).min(self.spent);
+            self.spent -= earned;
+            self.since = Some(since + DRIFT_MIN_INTERVAL * earned);
+        }
+        if self.spent == 0 {
+            self.since = Some(now);
+        }
+        if self.spent < DRIFT_BURST {
+            self.spent += 1;
+            return now;
+        }
+        // All spent: wait for the next token, and spend it.
+        let at = self.since.unwrap_or(now) + DRIFT_MIN_INTERVAL;
+        self.since = Some(at);
+        at
+    }
+}
+
+/// How long one ref listing may take before the poll counts as failed.
+const GIT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// agentk's backoffs: 10 s doubling to 1 min for sync failures.
+const BACKOFF_START: Duration = Duration::from_secs(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+async fn worker(
+    mut cluster: Cluster,
+    live: Live,
+    project: ManifestProject,
+    plugins: Result<Vec<Arc<Plugin>>, plugins::Error>,
+    inventory: Result<(String, Vec<InventoryRef>), String>,
+    opts: Options,
+    wake: Arc<webhook::Wake>,
+) {
+    let Ok(inventory) = inventory else {
+        // The error was logged when the worker started; it never syncs (nothing it could
+        // do is safe) until the configuration changes.
+        return std::future::pending().await;
+    };
+    let (source, settings) = prepare(&project, plugins, inventory, Some(live.clone()), &opts);
+    let mut history = History::new(cluster.client().clone(), instance());
+    let mut state = State::default();
+    // Watches the objects of the last successful sync; none while a sync runs.
+    let mut drift: Option<Drift> = None;
+    // Until the next poll, a push webhook for this project, or drift.
+    let pause = async |drift: &mut Option<Drift>, state: &mut State| {
+        let drifted = async {
+            match drift.as_mut() {
+                Some(d) => d.changed().await,
+                None => std::future::pending().await,
+            }
+        };
+        // The next poll, or sooner when a failed sync's backoff or the re-apply timer ends
+        // (only those still ahead: one that passed did not make the sync due).
+        let now = tokio::time::Instant::now();
+        let next = [
+            Some(now + opts.poll_interval),
+            state.failed.as_ref().map(|(_, at, _)| *at),
+            state
+                .synced
+                .as_ref()
+                .map(|(_, at)| *at + opts.reapply_interval),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|at| *at > now)
+        .min();
+        let why = tokio::select! {
+            _ = tokio::time::sleep_until(next.unwrap_or(now + opts.poll_interval)) => return,
+            _ = wake.notified() => return,
+            why = drifted => why,
+        };
+        info!(project_id = %project.id, drift = %why, "live objects drifted from git; syncing again");
+        *drift = None;
+        state.drifted = true;
+        state.known = Default::default();
+        // A controller that fights git is answered at most every DRIFT_MIN_INTERVAL, after
+        // a burst of DRIFT_BURST.
+        let at = state.drift_budget.take(tokio::time::Instant::now());
+        tokio::time::sleep_until(at).await;
+    };
+    loop {
+        // A push after this point means: list the ref again before waiting.
+        let pushes = wake.pushes();
+        let commit = match resolve(source.clone(), project.git_ref.clone()).await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(project_id = %project.id, agent_id = %opts.agent_name, git_ref = %project.git_ref, error = %e, "{}", msg::POLL_FAILED);
+                pause(&mut drift, &mut state).await;
+                continue;
+            }
+        };
+        let now = tokio::time::Instant::now();
+        let due = match (&state.synced, &state.failed) {
+            (_, Some((c, at, _))) if *c == commit => now >= *at,
+            (Some((c, at)), _) if *c == commit => {
+                state.drifted || now.duration_since(*at) >= opts.reapply_interval
+            }
+            _ => true,
+        };
+        if !due {
+            if wake.pushes() == pushes {
+                pause(&mut drift, &mut state).await;
+            }
+            continue;
+        }
+        // The sync's own writes are not drift. What the watch saw of the objects stays
+        // the expectation for those the sync leaves alone.
+        let expected = drift.take().map(|d| d.baseline()).unwrap_or_default();
+        state.drifted = false;
+        // Objects the last sync applied and no one changed since need no request, unless
+        // this is the periodic full re-apply (the safety net checks everything).
+        let full = state.synced.as_ref().is_some_and(|(c, at)| {
+            *c == commit && now.duration_since(*at) >= opts.reapply_interval
+        });
+        let settings = Settings {
+            known: if full {
+                Default::default()
+            } else {
+                state.known.clone()
+            },
+            ..settings.clone()
+        };
+        if state.synced.as_ref().is_none_or(|(c, _)| *c != commit) {
+            info!(project_id = %project.id, commit_id = %commit, "{}", msg::NEW_COMMIT);
+        }
+        info!(project_id = %project.id, commit_id = %commit, agent_id = %opts.agent_name, "{}", msg::SYNCHRONIZING);
+        let started = std::time::Instant::now();
+        let outcome = tokio::select! {
+            r = sync::sync(&mut cluster, &source, &project, &commit, &settings) => Some(r),
+            _ = newer_commit(source.clone(), project.git_ref.clone(), commit.clone(), opts.poll_interval, &wake) => None,
+        };
+        match outcome {
+            None => {
+                opts.metrics
+                    .record_sync(&project.id, "canceled", started.elapsed(), &[]);
+                info!(project_id = %project.id, commit_id = %commit, "{}", msg::CANCELED);
+                state.known = Default::default();
+                // A newer commit is there: sync it now, not after a poll interval.
+                continue;
+            }
+            Some(result) => {
+                let elapsed = started.elapsed();
+                let ended = Ended {
+                    project: &project,
+                    settings: &settings,
+                    commit: &commit,
+                    elapsed,
+                };
+                ended
+                    .tell(&mut history, &opts.agent_name, result.as_ref())
+                    .await;
+                match result {
+                    Ok(report) => {
+                        opts.metrics
+                            .record_sync(&project.id, "success", elapsed, &report.results);
+                        let applied: Vec<_> = report.applied.keys().cloned().collect();
+                        let untouched: BTreeMap<_, _> = report
+                            .results
+                            .iter()
+                            .filter(|r| r.action == Action::Unchanged)
+                            .filter_map(|r| Some((r.obj.clone(), expected.get(&r.obj)?.clone())))
+                            .collect();
+                        drift = Some(Drift::watch(
+                            &live,
+                            &project.id,
+                            &cluster,
+                            &applied,
+                            &untouched,
+                        ));
+                        state.known = report.applied.clone();
+                        state.synced = Some((commit.clone(), tokio::time::Instant::now()));
+                        state.failed = None;
+                    }
+                    Err(e) => {
+                        opts.metrics
+                            .record_sync(&project.id, "failure", elapsed, &[]);
+                        // Unknown what the cluster holds now: the next sync checks it all.
+                        state.known = Default::default();
+                        let problems = e.problems();
+                        if !problems.is_empty()
+                            && problems
+                                .iter()
+                                .all(|p| p.message.contains(wait::DELETED_DURING_WAIT))
+                        {
+                            // Someone deleted what this sync applied, before it was ready:
+                            // drift, restored now rather than after a failure's backoff.
+                            info!(project_id = %project.id, "objects were deleted during the health wait; syncing again");
+                            state.drifted = true;
+                            let at = state.drift_budget.take(tokio::time::Instant::now());
+                            tokio::time::sleep_until(at).await;
+                            continue;
+                        }
+                        let backoff = match &state.failed {
+                            Some((c, _, b)) if *c == commit => (*b * 2).min(BACKOFF_MAX),
+                            _ => BACKOFF_START,
+                        };
+                        state.failed = Some((
+                            commit.clone(),
+                            tokio::time::Instant::now() + backoff,
+                            backoff,
+                        ));
+                        // Discovery may be stale (a CRD appeared or went); refresh before
+                        // retrying.
+                        let _ = cluster.refresh().await;
+                    }
+                }
+            }
+        }
+        // A push during the sync may have been taken by a wait that the sync's end
+        // abandoned: look at the ref again instead of sleeping.
+        if wake.pushes() == pushes {
+            pause(&mut drift, &mut state).await;
+        }
+    }
+}
+
+/// A sync that ended, for the logs and the cluster's history.
+struct Ended<'a> {
+    project: &'a ManifestProject,
+    settings: &'a Settings,
+    commit: &'a str,
+    elapsed: Duration,
+}
+
+impl Ended<'_> {
+    /// Logs the outcome ([`report::sync_finished`]) and records it on the project's
+    /// inventory ([`History::record`]).
+    async fn tell(
+        &self,
+        history: &mut History,
+        agent: &str,
+        result: Result<&sync::Report, &sync::Error>,
+    ) {
+        report::sync_finished(&self.project.id, agent, self.commit, self.elapsed, result);
+        let inventory =
+            InventoryRef::default_for(&self.settings.inventory_id, &self.project.default_namespace);
+        history
+            .record(&history::Outcome {
+                project: &self.project.id,
+                commit: self.commit,
+                inventory: &inventory,
+                elapsed: self.elapsed,
+                result,
+            })
+            .await;
+    }
+}
+
+/// This replica's name in Events (agentk's `POD_NAME`).
+fn instance() -> Option<String> {
+    std::env::var("POD_NAME").ok().filter(|n| !n.is_empty())
+}
+
+async fn resolve(source: Source, git_ref: GitRef) -> Result<String, String> {
+    tokio::time::timeout(
+        GIT_TIMEOUT,
+        tokio::task::spawn_blocking(move || source.resolve(&git_ref)),
+    )
+    .await
+    .map_err(|_| "timed out listing refs".to_string())?
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
+}
+
+/// Resolves when the ref moves away from `current` (never for a commit ref); looks every
+/// `every`, or when a push wakes it.
+async fn newer_commit(
+    source: Source,
+    git_ref: GitRef,
+    current: String,
+    every: Duration,
+    wake: &webhook::Wake,
+) {
+    if matches!(git_ref, GitRef::Commit(_)) {
+        return std::future::pending().await;
+    }
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = wake.notified() => {}
+        }
+        match resolve(source.clone(), git_ref.clone()).await {
+            Ok(c) if c != current => return,
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drift_is_restored_at_once_a_few_times_then_every_interval() {
+        let t0 = tokio::time::Instant::now();
+        let s = |n: u64| t0 + Duration::from_millis(n);
+        let mut b = DriftBudget::default();
+        // A burst of DRIFT_BURST restores, each at once.
+        assert_eq!(b.take(s(0)), s(0));
+        assert_eq!(b.take(s(100)), s(100));
+        assert_eq!(b.take(s(200)), s(200));
+        // Then one per DRIFT_MIN_INTERVAL, counted from the first spent token.
+        assert_eq!(b.take(s(300)), s(5_000));
+        assert_eq!(b.take(s(5_000)), s(10_000));
+        // A controller that fights git keeps getting one every interval.
+        assert_eq!(b.take(s(10_000)), s(15_000));
+        // Quiet for long enough, and the whole burst is back.
+        let later = s(60_000);
+        assert_eq!(b.take(later), later);
+        assert_eq!(b.take(s(60_001)), s(60_001));
+        assert_eq!(b.take(s(60_002)), s(60_002));
+        assert_eq!(b.take(s(60_003)), s(65_000));
+        // One quiet interval earns one token back.
+        let mut b = DriftBudget::default();
+        for k in 0..3 {
+            b.take(s(k));
+        }
+        assert_eq!(b.take(s(5_500)), s(5_500), "one token earned back at 5 s");
+        assert_eq!(b.take(s(5_600)), s(10_000));
+    }
+
+    #[test]
+    fn sluice_yaml_wins_over_agentk_config_yaml() {
+        let both = |p: &str| p.ends_with("sluice.yaml") || p.ends_with("config.yaml");
+        assert_eq!(config_path("a", both), ".gitlab/agents/a/sluice.yaml");
+        let agentk_only = |p: &str| p.ends_with("config.yaml");
+        assert_eq!(
+            config_path("a", agentk_only),
+            ".gitlab/agents/a/config.yaml"
+        );
+        // Neither: agentk's path, read as an empty configuration.
+        assert_eq!(config_path("a", |_| false), ".gitlab/agents/a/config.yaml");
+    }
+}
+
+#[cfg(test)]
+mod module_tests {
+    use super::*;
+
+    /// A one-shot HTTP server on loopback answering with `body` and no Content-Length.
+    fn serve(body: Vec<u8>) -> String {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            if let Ok((mut conn, _)) = listener.accept() {
+                let mut request = [0u8; 1024];
+                let _ = conn.read(&mut request);
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+                let _ = conn.write_all(&body);
+            }
+        });
+        format!("http://user:secret-token@{addr}/plugin.wasm")
+    }
+
+    #[test]
+    fn a_module_is_downloaded_once_per_digest_and_bounded() {
+        let cache = tempfile::tempdir().expect("dir");
+        let module = b"\0asm pretend".to_vec();
+        let digest = sluice_model::object::sha256_bytes_hex(&module);
+        let url = serve(module.clone());
+        assert_eq!(
+            fetch_module(&url, Some(&digest), cache.path(), 1024),
+            Ok(module.clone())
+        );
+        // The server is gone: the cached copy is used.
+        assert_eq!(
+            fetch_module(&url, Some(&digest), cache.path(), 1024),
+            Ok(module)
+        );
+
+        // A body past the limit, without a Content-Length: refused after max + 1 bytes.
+        let url = serve(vec![b'x'; 4096]);
+        let err =
+            fetch_module(&url, Some(&"0".repeat(64)), cache.path(), 1024).expect_err("too large");
+        assert!(err.ends_with("module larger than 1024 bytes"), "{err}");
+        assert!(!err.contains("secret-token"), "{err}");
+
+        // A body with another digest is refused and not cached.
+        let url = serve(b"other".to_vec());
+        let err =
+            fetch_module(&url, Some(&"0".repeat(64)), cache.path(), 1024).expect_err("digest");
+        assert!(err.contains("the configuration says 0000"), "{err}");
+        assert!(
+            !cache
+                .path()
+                .join("modules")
+                .join(format!("{}.wasm", "0".repeat(64)))
+                .exists()
+        );
+    }
+}

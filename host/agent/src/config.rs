@@ -1,0 +1,906 @@
+//! The agent configuration: agentk's `.gitlab/agents/<name>/config.yaml`, read strictly.
+//!
+//! Every key of agentk's `gitops.manifest_projects[]` is honoured with agentk's defaults
+//! (`docs/configuration.md` lists them). agentk's other top-level sections (`ci_access`,
+//! `user_access`, `remote_development`, `container_scanning`, `flux`) are accepted and
+//! ignored, so existing files load unchanged; [`AgentConfig::ignored_sections`] names them so
+//! the caller can warn once each. Unknown keys and invalid values are errors that name the
+//! key and the line.
+//!
+//! ```
+//! let config = sluice_agent::config::parse(
+//!     "gitops:\n  manifest_projects:\n  - id: group/app\n    default_namespace: apps\n",
+//!     "group/agent-config",
+//! )
+//! .unwrap();
+//! assert_eq!(config.manifest_projects[0].id, "group/app");
+//! assert_eq!(config.manifest_projects[0].paths, ["**/*.{yaml,yml,json}"]);
+//! ```
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::de::{self, IgnoredAny};
+use serde::{Deserialize, Deserializer};
+use serde_saphyr::Spanned;
+pub use sluice_model::policy::{DryRunStrategy, InventoryPolicy, PropagationPolicy};
+
+/// agentk's limit on the size of a configuration file (kas `max_configuration_file_size`).
+pub const MAX_CONFIG_BYTES: usize = 128 * 1024;
+
+/// The glob agentk uses when a manifest project lists no paths.
+pub const DEFAULT_GLOB: &str = "**/*.{yaml,yml,json}";
+
+/// A configuration that could not be loaded. Not retryable: the file must change.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The YAML is malformed, a key is unknown or a value is invalid.
+    #[error("failed to parse agent configuration {origin}: {message}")]
+    Invalid {
+        /// Where the configuration came from (file path or repository and commit).
+        origin: String,
+        /// What is wrong, with the key and line.
+        message: String,
+    },
+    /// The file is larger than agentk's limit.
+    #[error(
+        "failed to parse agent configuration {origin}: file is {size} bytes, the limit is {MAX_CONFIG_BYTES}"
+    )]
+    TooBig {
+        /// Where the configuration came from.
+        origin: String,
+        /// Its size in bytes.
+        size: usize,
+    },
+}
+
+/// Result of this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A loaded agent configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentConfig {
+    /// `gitops.manifest_projects[]`, with defaults applied.
+    pub manifest_projects: Vec<ManifestProject>,
+    /// `observability.logging.level` (default `info`).
+    pub log_level: LogLevel,
+    /// agentk sections present in the file that sluice accepts and ignores.
+    pub ignored_sections: Vec<&'static str>,
+    /// `plugins:` (sluice's own section): every plugin, in the order transformers run.
+    pub plugins: Vec<sluice_wasm::Spec>,
+}
+
+/// One `gitops.manifest_projects[]` entry with agentk's defaults applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ManifestProject {
+    /// Project path (`group/sub/project`) or full git URL; defaults to the configuration
+    /// project. Also the project's identity: two entries with the same id are an error.
+    /// Never holds credentials: a URL's `user:token@` is moved to [`Self::credentials`]
+    /// when the file is parsed, so the id is safe in logs, metrics, inventories and plugins.
+    pub id: String,
+    /// Credentials that were written into the id's URL (`https://user:token@host/…`).
+    /// `Debug` redacts the secret.
+    pub credentials: Option<crate::source::Credentials>,
+    /// Which ref to follow (default: the default branch).
+    pub git_ref: GitRef,
+    /// Namespace for namespaced objects without one, and of the inventory (default `default`).
+    pub default_namespace: String,
+    /// Globs selecting manifest files (default [`DEFAULT_GLOB`]).
+    pub paths: Vec<String>,
+    /// How long to wait for applied objects to become healthy (default 3600 s; 0 = no limit).
+    pub reconcile_timeout: Duration,
+    /// Dry-run strategy (default none).
+    pub dry_run_strategy: DryRunStrategy,
+    /// Delete objects that left git (default true).
+    pub prune: bool,
+    /// How long to wait for pruned objects to disappear (default 3600 s).
+    pub prune_timeout: Duration,
+    /// Propagation policy of prune deletes (default foreground).
+    pub prune_propagation_policy: PropagationPolicy,
+    /// Which live objects may be taken over (default must_match).
+    pub inventory_policy: InventoryPolicy,
+    /// Names of the plugins this project uses (`plugins:` in the entry; default: all).
+    pub plugins: Option<Vec<String>>,
+    /// What the project may create (`limits:` in the entry; default: anything its
+    /// inventory policy and the agent's RBAC allow).
+    pub limits: crate::limits::Limits,
+    /// The ServiceAccount whose identity the project's objects are read, dry-run, applied,
+    /// pruned and waited on with (`service_account:` in the entry, `name` in the project's
+    /// default namespace or `namespace/name`; Kubernetes impersonation, like Flux's
+    /// `serviceAccountName`). None: the agent's own identity.
+    pub service_account: Option<ServiceAccount>,
+}
+
+/// A ServiceAccount a project acts as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceAccount {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+}
+
+impl ServiceAccount {
+    /// Reads `name` (in `default_namespace`) or `namespace/name`; both parts must be
+    /// Kubernetes names (RFC 1123 labels for the namespace, subdomains for the name).
+    ///
+    /// # Errors
+    /// A message saying which part is not a valid name.
+    pub fn parse(text: &str, default_namespace: &str) -> Result<ServiceAccount, String> {
+        let (namespace, name) = text.split_once('/').unwrap_or((default_namespace, text));
+        if !sluice_model::object::is_dns_label(namespace) {
+            return Err(format!("{text:?}: {namespace:?} is not a namespace name"));
+        }
+        if !sluice_model::object::is_dns_subdomain(name) {
+            return Err(format!("{text:?}: {name:?} is not a ServiceAccount name"));
+        }
+        Ok(ServiceAccount {
+            namespace: namespace.into(),
+            name: name.into(),
+        })
+    }
+
+    /// The user the API server knows it as.
+    pub fn user(&self) -> String {
+        format!("system:serviceaccount:{}:{}", self.namespace, self.name)
+    }
+
+    /// The groups every ServiceAccount token carries.
+    pub fn groups(&self) -> [String; 3] {
+        [
+            "system:serviceaccounts".into(),
+            format!("system:serviceaccounts:{}", self.namespace),
+            "system:authenticated".into(),
+        ]
+    }
+}
+
+/// The git ref a manifest project follows.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum GitRef {
+    /// The remote's `HEAD`.
+    DefaultBranch,
+    /// `refs/heads/<name>`.
+    Branch(String),
+    /// `refs/tags/<name>`.
+    Tag(String),
+    /// A commit id: synced once, never polled.
+    Commit(String),
+}
+
+impl fmt::Display for GitRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GitRef::DefaultBranch => f.write_str("HEAD"),
+            GitRef::Branch(b) => write!(f, "refs/heads/{b}"),
+            GitRef::Tag(t) => write!(f, "refs/tags/{t}"),
+            GitRef::Commit(c) => f.write_str(c),
+        }
+    }
+}
+
+sluice_model::string_enum!(
+    /// `observability.logging.level`.
+    LogLevel {
+        /// Everything.
+        Debug = "debug",
+        /// The default.
+        Info = "info",
+        /// Warnings and errors.
+        Warn = "warn",
+        /// Errors only.
+        Error = "error",
+    } default Info
+);
+
+/// The project path of a repository URL (`https://host/group/app.git` → `group/app`), for
+/// entries without `id` when the configuration comes from that repository. Any other URL
+/// (`file://`) is returned whole, credentials removed.
+pub fn project_path(url: &str) -> String {
+    let (url, _) = crate::source::split_userinfo(url);
+    match url.split_once("://") {
+        Some(("https" | "http" | "ssh", rest)) => {
+            let path = rest
+                .split_once('/')
+                .map_or("", |(_, p)| p)
+                .trim_matches('/');
+            let path = path.strip_suffix(".git").unwrap_or(path);
+            if path.is_empty() {
+                url.clone()
+            } else {
+                path.to_string()
+            }
+        }
+        _ => url,
+    }
+}
+
+/// Parses a configuration file.
+///
+/// `config_project` is the project the file lives in: the default for a manifest project
+/// without `id`.
+///
+/// # Errors
+/// [`Error::Invalid`] names the key and the line of the first problem; [`Error::TooBig`]
+/// when the file exceeds agentk's 128 KiB limit.
+pub fn parse(text: &str, config_project: &str) -> Result<AgentConfig> {
+    parse_with_origin(text, config_project, "config.yaml")
+}
+
+/// [`parse`] with a description of where the text came from, used in errors.
+pub fn parse_with_origin(text: &str, config_project: &str, origin: &str) -> Result<AgentConfig> {
+    if text.len() > MAX_CONFIG_BYTES {
+        return Err(Error::TooBig {
+            origin: origin.to_string(),
+            size: text.len(),
+        });
+    }
+    let invalid = |message: String| Error::Invalid {
+        origin: origin.to_string(),
+        message,
+    };
+    // An empty file is an empty configuration, as in agentk.
+    let file: ConfigurationFile = if text.trim().is_empty() {
+        ConfigurationFile::default()
+    } else {
+        serde_saphyr::from_str_with_options(text, yaml_options())
+            .map_err(|e| invalid(e.to_string()))?
+    };
+
+    let mut ignored_sections = Vec::new();
+    for (name, present) in [
+        ("ci_access", file.ci_access.is_some()),
+        ("container_scanning", file.container_scanning.is_some()),
+        ("user_access", file.user_access.is_some()),
+        ("remote_development", file.remote_development.is_some()),
+        ("flux", file.flux.is_some()),
+    ] {
+        if present {
+            ignored_sections.push(name);
+        }
+    }
+
+    let mut manifest_projects: Vec<ManifestProject> = Vec::new();
+    for p in file.gitops.map(|g| g.manifest_projects).unwrap_or_default() {
+        let (id, line) = match p.id {
+            Some(s) => (s.value, Some(s.referenced.line())),
+            None => (config_project.to_string(), None),
+        };
+        if id.is_empty() {
+            return Err(invalid(format!(
+                "gitops.manifest_projects[].id at line {}: must not be empty",
+                line.unwrap_or(0)
+            )));
+        }
+        // Credentials written into a URL leave the id here, once, so that nothing
+        // downstream (logs, metrics, inventory ids, plugin context) can ever show them.
+        let (id, credentials) = crate::source::split_userinfo(&id);
+        if manifest_projects.iter().any(|m| m.id == id) {
+            let at = line.map(|l| format!(" at line {l}")).unwrap_or_default();
+            return Err(invalid(format!(
+                "gitops.manifest_projects[].id{at}: duplicate source id {id:?}"
+            )));
+        }
+        let paths = match p.paths {
+            Some(paths) if !paths.is_empty() => paths.into_iter().map(|p| p.glob).collect(),
+            _ => vec![DEFAULT_GLOB.to_string()],
+        };
+        let limits = match p.limits {
+            None => crate::limits::Limits::default(),
+            Some(l) => crate::limits::Limits::new(l.namespaces, &l.allowed_kinds, &l.denied_kinds)
+                .map_err(|e| invalid(format!("gitops.manifest_projects[{id}].limits: {e}")))?,
+        };
+        let default_namespace = p
+            .default_namespace
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "default".into());
+        let service_account = p
+            .service_account
+            .map(|s| ServiceAccount::parse(&s, &default_namespace))
+            .transpose()
+            .map_err(|e| {
+                invalid(format!(
+                    "gitops.manifest_projects[{id}].service_account: {e}"
+                ))
+            })?;
+        manifest_projects.push(ManifestProject {
+            id,
+            credentials,
+            git_ref: p.r#ref.map(|r| r.0).unwrap_or(GitRef::DefaultBranch),
+            default_namespace,
+            paths,
+            reconcile_timeout: p
+                .reconcile_timeout
+                .map_or(Duration::from_secs(3600), |d| d.0),
+            dry_run_strategy: p.dry_run_strategy.unwrap_or_default(),
+            prune: p.prune.unwrap_or(true),
+            prune_timeout: p.prune_timeout.map_or(Duration::from_secs(3600), |d| d.0),
+            prune_propagation_policy: p.prune_propagation_policy.unwrap_or_default(),
+            inventory_policy: p.inventory_policy.unwrap_or_default(),
+            plugins: p.plugins,
+            limits,
+            service_account,
+        });
+    }
+    let plugins = plugin_specs(file.plugins.unwrap_or_default()).map_err(invalid)?;
+    for p in &manifest_projects {
+        for name in p.plugins.iter().flatten() {
+            if !plugins.iter().any(|s| &s.name == name) {
+                return Err(invalid(format!(
+                    "gitops.manifest_projects[{}].plugins: no plugin named {name:?} in plugins:",
+                    p.id
+                )));
+            }
+        }
+    }
+    let log_level = file
+        .observability
+        .and_then(|o| o.logging)
+        .and_then(|l| l.level)
+        .unwrap_or_default();
+    Ok(AgentConfig {
+        manifest_projects,
+        log_level,
+        ignored_sections,
+        plugins,
+    })
+}
+
+fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_aliases: 100,
+            max_depth: 64,
+            max_documents: 1,
+        },
+    }
+}
+
+// The file's schema. Field names are agentk's; `deny_unknown_fields` is protojson's default.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigurationFile {
+    gitops: Option<GitopsSection>,
+    observability: Option<ObservabilitySection>,
+    // sluice's own section.
+    plugins: Option<Vec<PluginSection>>,
+    // Accepted and ignored (other agentk modules, or GitLab itself, use them).
+    ci_access: Option<IgnoredAny>,
+    container_scanning: Option<IgnoredAny>,
+    user_access: Option<IgnoredAny>,
+    remote_development: Option<IgnoredAny>,
+    flux: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GitopsSection {
+    #[serde(default)]
+    manifest_projects: Vec<ManifestProjectSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManifestProjectSection {
+    id: Option<Spanned<String>>,
+    default_namespace: Option<String>,
+    paths: Option<Vec<PathSection>>,
+    reconcile_timeout: Option<ProtoDuration>,
+    dry_run_strategy: Option<DryRunStrategy>,
+    prune: Option<bool>,
+    prune_timeout: Option<ProtoDuration>,
+    prune_propagation_policy: Option<PropagationPolicy>,
+    inventory_policy: Option<InventoryPolicy>,
+    r#ref: Option<RefSection>,
+    // sluice's extension: which plugins this project uses.
+    plugins: Option<Vec<String>>,
+    // sluice's extension: what the project may create.
+    limits: Option<ProjectLimitsSection>,
+    // sluice's extension: whose identity the project's objects are written with.
+    service_account: Option<String>,
+}
+
+/// `limits:` of a manifest project (sluice's extension).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProjectLimitsSection {
+    namespaces: Option<Vec<String>>,
+    #[serde(default)]
+    allowed_kinds: Vec<String>,
+    #[serde(default)]
+    denied_kinds: Vec<String>,
+}
+
+/// One `plugins:` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PluginSection {
+    name: String,
+    module: String,
+    sha256: Option<String>,
+    config: Option<serde_json::Value>,
+    limits: Option<LimitsSection>,
+    #[serde(default)]
+    capabilities: Vec<sluice_wasm::Capability>,
+    #[serde(default)]
+    failure_policy: sluice_wasm::FailurePolicy,
+    #[serde(default)]
+    mode: sluice_wasm::Mode,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsSection {
+    timeout: Option<ProtoDuration>,
+    memory_mib: Option<usize>,
+    max_output_mib: Option<usize>,
+}
+
+fn plugin_specs(sections: Vec<PluginSection>) -> Result<Vec<sluice_wasm::Spec>, String> {
+    let mut specs: Vec<sluice_wasm::Spec> = Vec::new();
+    for p in sections {
+        let at = format!("plugins[{}]", p.name);
+        if p.name.is_empty() {
+            return Err("plugins[].name must not be empty".into());
+        }
+        if specs.iter().any(|s| s.name == p.name) {
+            return Err(format!("{at}: duplicate plugin name"));
+        }
+        if p.module.starts_with("http://") {
+            return Err(format!(
+                "{at}.module: plain http is not allowed; use https:// with sha256"
+            ));
+        }
+        if p.module.starts_with("https://") && p.sha256.is_none() {
+            return Err(format!(
+                "{at}.sha256: required when module is an https:// URL"
+            ));
+        }
+        if let Some(h) = &p.sha256
+            && (h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(format!("{at}.sha256: expected 64 hex digits"));
+        }
+        let defaults = sluice_wasm::Limits::default();
+        let limits = match p.limits {
+            Some(l) => sluice_wasm::Limits {
+                timeout: l.timeout.map_or(defaults.timeout, |d| d.0),
+                memory_bytes: l.memory_mib.map_or(defaults.memory_bytes, |m| m << 20),
+                max_output_bytes: l
+                    .max_output_mib
+                    .map_or(defaults.max_output_bytes, |m| m << 20),
+            },
+            None => defaults,
+        };
+        specs.push(sluice_wasm::Spec {
+            name: p.name,
+            module: p.module,
+            sha256: p.sha256.map(|h| h.to_ascii_lowercase()),
+            config: p.config.unwrap_or(serde_json::Value::Null),
+            limits,
+            capabilities: p.capabilities,
+            failure_policy: p.failure_policy,
+            mode: p.mode,
+        });
+    }
+    Ok(specs)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PathSection {
+    glob: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ObservabilitySection {
+    logging: Option<LoggingSection>,
+    // agentk accepts it; sluice has no profiler.
+    #[allow(dead_code)] // reason: accepted for compatibility, deliberately unused
+    google_profiler: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoggingSection {
+    level: Option<LogLevel>,
+    #[allow(dead_code)] // reason: agentk's gRPC log level; sluice speaks no gRPC
+    grpc_level: Option<LogLevel>,
+}
+
+/// `ref:` with exactly one of `branch`, `tag`, `commit`.
+#[derive(Debug)]
+struct RefSection(GitRef);
+
+impl<'de> Deserialize<'de> for RefSection {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Raw {
+            branch: Option<String>,
+            tag: Option<String>,
+            commit: Option<String>,
+        }
+        let raw = Raw::deserialize(d)?;
+        let set: Vec<GitRef> = [
+            raw.branch.map(GitRef::Branch),
+            raw.tag.map(GitRef::Tag),
+            raw.commit.map(GitRef::Commit),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        match <[GitRef; 1]>::try_from(set) {
+            Ok([GitRef::Branch(s) | GitRef::Tag(s) | GitRef::Commit(s)]) if s.is_empty() => Err(
+                de::Error::custom("ref: branch, tag or commit must not be empty"),
+            ),
+            Ok([r]) => Ok(RefSection(r)),
+            Err(_) => Err(de::Error::custom(
+                "ref: set exactly one of branch, tag, commit",
+            )),
+        }
+    }
+}
+
+/// A `google.protobuf.Duration` in JSON form: decimal seconds with an `s` suffix (`3600s`,
+/// `1.5s`). `3600` and `1h` are invalid, as in agentk.
+#[derive(Debug)]
+struct ProtoDuration(Duration);
+
+impl<'de> Deserialize<'de> for ProtoDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s)
+            .map(ProtoDuration)
+            .map_err(de::Error::custom)
+    }
+}
+
+/// Parses agentk's duration form (`"3600s"`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let invalid =
+        || format!("invalid duration {s:?}: expected seconds with an s suffix, like \"3600s\"");
+    // protobuf's JSON form, as kas parsed it: digits, at most 9 decimals, `s`; no sign,
+    // exponent or spaces (a negative timeout means nothing here), at most protobuf's
+    // 315,576,000,000 s.
+    let secs = s.strip_suffix('s').ok_or_else(invalid)?;
+    let (whole, frac) = secs.split_once('.').unwrap_or((secs, ""));
+    let digits = |d: &str| d.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() || !digits(whole) || !digits(frac) || frac.len() > 9 || secs.ends_with('.')
+    {
+        return Err(invalid());
+    }
+    let whole: u64 = whole
+        .parse()
+        .ok()
+        .filter(|w| *w <= 315_576_000_000)
+        .ok_or_else(|| format!("invalid duration {s:?}: at most 315576000000s"))?;
+    let nanos: u32 = format!("{frac:0<9}").parse().map_err(|_| invalid())?;
+    Ok(Duration::new(whole, nanos))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(yaml: &str) -> ManifestProject {
+        parse(yaml, "group/agent")
+            .expect("valid config")
+            .manifest_projects
+            .remove(0)
+    }
+
+    fn err(yaml: &str) -> String {
+        parse(yaml, "group/agent")
+            .expect_err("invalid config")
+            .to_string()
+    }
+
+    #[test]
+    fn defaults_are_agentks() {
+        let p = one("gitops:\n  manifest_projects:\n  - {}\n");
+        assert_eq!(p.id, "group/agent");
+        assert_eq!(p.git_ref, GitRef::DefaultBranch);
+        assert_eq!(p.default_namespace, "default");
+        assert_eq!(p.paths, [DEFAULT_GLOB]);
+        assert_eq!(p.reconcile_timeout, Duration::from_secs(3600));
+        assert_eq!(p.prune_timeout, Duration::from_secs(3600));
+        assert_eq!(p.dry_run_strategy, DryRunStrategy::None);
+        assert!(p.prune);
+        assert_eq!(p.prune_propagation_policy, PropagationPolicy::Foreground);
+        assert_eq!(p.inventory_policy, InventoryPolicy::MustMatch);
+    }
+
+    #[test]
+    fn every_field_is_read() {
+        let p = one(concat!(
+            "gitops:\n  manifest_projects:\n  - id: platform/manifests\n",
+            "    ref: {tag: v1.2.0}\n    default_namespace: apps\n",
+            "    paths: [{glob: '/base/**/*.yaml'}, {glob: 'prod/*.json'}]\n",
+            "    reconcile_timeout: 600s\n    dry_run_strategy: server\n    prune: false\n",
+            "    prune_timeout: 1.5s\n    prune_propagation_policy: orphan\n",
+            "    inventory_policy: adopt_all\n",
+        ));
+        assert_eq!(p.id, "platform/manifests");
+        assert_eq!(p.git_ref, GitRef::Tag("v1.2.0".into()));
+        assert_eq!(p.paths, ["/base/**/*.yaml", "prod/*.json"]);
+        assert_eq!(p.reconcile_timeout, Duration::from_secs(600));
+        assert_eq!(p.prune_timeout, Duration::from_millis(1500));
+        assert_eq!(p.dry_run_strategy, DryRunStrategy::Server);
+        assert!(!p.prune);
+        assert_eq!(p.prune_propagation_policy, PropagationPolicy::Orphan);
+        assert_eq!(p.inventory_policy, InventoryPolicy::AdoptAll);
+    }
+
+    #[test]
+    fn empty_strings_mean_default() {
+        let p = one(
+            "gitops:\n  manifest_projects:\n  - dry_run_strategy: ''\n    inventory_policy: ''\n",
+        );
+        assert_eq!(p.dry_run_strategy, DryRunStrategy::None);
+        assert_eq!(p.inventory_policy, InventoryPolicy::MustMatch);
+    }
+
+    #[test]
+    fn other_agentk_sections_are_accepted_and_listed() {
+        let c = parse(
+            "ci_access:\n  projects:\n  - id: a/b\nuser_access:\n  access_as: {agent: {}}\nflux:\n  webhook_receiver_url: http://x\nremote_development:\n  enabled: true\n  some_future_key: 1\ncontainer_scanning:\n  cadence: '0 0 * * *'\n",
+            "g/a",
+        )
+        .expect("valid");
+        assert_eq!(
+            c.ignored_sections,
+            [
+                "ci_access",
+                "container_scanning",
+                "user_access",
+                "remote_development",
+                "flux"
+            ]
+        );
+        assert!(c.manifest_projects.is_empty());
+    }
+
+    #[test]
+    fn empty_file_is_empty_config() {
+        assert!(
+            parse("", "g/a")
+                .expect("valid")
+                .manifest_projects
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let e = err("gitops:\n  manifest_projects:\n  - id: a/b\n    prunee: true\n");
+        assert!(e.contains("prunee"), "{e}");
+        assert!(e.contains("line 4"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_are_errors_with_line() {
+        let e = err("gitops:\n  manifest_projects:\n  - inventory_policy: adopt\n");
+        assert!(e.contains("invalid value \"adopt\""), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+        for bad in [
+            "3600",
+            "1h",
+            "-1s",
+            "1e20s",
+            "1e3s",
+            "+5s",
+            "1.s",
+            ".5s",
+            "1.0000000001s",
+            " 1s",
+            "99999999999999999999s",
+        ] {
+            let e = err(&format!(
+                "gitops:\n  manifest_projects:\n  - reconcile_timeout: '{bad}'\n"
+            ));
+            assert!(e.contains("invalid duration"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_config_project_is_the_path_of_its_repository() {
+        assert_eq!(
+            project_path("https://gitlab.example.com/group/sub/agents.git"),
+            "group/sub/agents"
+        );
+        assert_eq!(
+            project_path("https://oauth2:t@gitlab.example.com/g/a/"),
+            "g/a"
+        );
+        assert_eq!(project_path("ssh://git@host:22/g/a.git"), "g/a");
+        assert_eq!(project_path("file:///srv/a.git"), "file:///srv/a.git");
+    }
+
+    #[test]
+    fn durations_are_protobuf_seconds() {
+        assert_eq!(parse_duration("3600s"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("0.000000001s"), Ok(Duration::from_nanos(1)));
+        assert!(parse_duration("315576000001s").is_err());
+    }
+
+    #[test]
+    fn ref_needs_exactly_one_kind() {
+        assert!(
+            err("gitops:\n  manifest_projects:\n  - ref: {branch: a, tag: b}\n")
+                .contains("exactly one")
+        );
+        assert!(err("gitops:\n  manifest_projects:\n  - ref: {}\n").contains("exactly one"));
+        assert_eq!(
+            one("gitops:\n  manifest_projects:\n  - ref: {commit: abc}\n").git_ref,
+            GitRef::Commit("abc".into())
+        );
+    }
+
+    #[test]
+    fn duplicate_ids_are_rejected() {
+        let e = err("gitops:\n  manifest_projects:\n  - id: a/b\n  - id: a/b\n");
+        assert!(e.contains("duplicate source id \"a/b\""), "{e}");
+        assert!(e.contains("line 4"), "{e}");
+    }
+
+    #[test]
+    fn documented_agentk_examples_load_unchanged() {
+        // The shape of GitLab's documented GitOps configuration (gitops/configuration docs,
+        // agent 15.7+), with every field and the sibling sections agents usually carry.
+        let doc = r#"gitops:
+  manifest_projects:
+  - id: gitlab-org/cluster-integration/gitlab-agent
+    ref:
+      branch: production
+    default_namespace: my-ns
+    paths:
+      # Read all YAML files from this directory.
+    - glob: '/team1/app1/*.yaml'
+      # Read all .yaml files from team2/apps and all subdirectories.
+    - glob: '/team2/apps/**/*.yaml'
+      # If 'paths' is not specified or is an empty list, the configuration below is used.
+    - glob: '/**/*.{yaml,yml,json}'
+    reconcile_timeout: 3600s
+    dry_run_strategy: none
+    prune: true
+    prune_timeout: 3600s
+    prune_propagation_policy: foreground
+    inventory_policy: must_match
+ci_access:
+  groups:
+  - id: my-group
+    access_as:
+      ci_job: {}
+user_access:
+  access_as:
+    agent: {}
+  projects:
+  - id: my-group/my-project
+observability:
+  logging:
+    level: debug
+    grpc_level: warn
+"#;
+        let c = parse(doc, "group/agent").expect("documented example loads");
+        assert_eq!(
+            c.manifest_projects[0].git_ref,
+            GitRef::Branch("production".into())
+        );
+        assert_eq!(c.manifest_projects[0].paths.len(), 3);
+        assert_eq!(c.ignored_sections, ["ci_access", "user_access"]);
+        parse(include_str!("../../../examples/config.yaml"), "demo/agent")
+            .expect("examples/config.yaml loads");
+    }
+
+    #[test]
+    fn plugins_section_is_read_and_checked() {
+        let c = parse(
+            "plugins:\n- name: ns\n  module: plugins/set_namespace.wasm\n  config: {namespace: prod}\n  limits: {timeout: 0.5s, memory_mib: 64}\n  capabilities: [clocks]\n- name: policy\n  module: https://example.com/p.wasm\n  sha256: 0000000000000000000000000000000000000000000000000000000000000001\n  mode: audit\n  failure_policy: ignore\ngitops:\n  manifest_projects:\n  - id: a/b\n    plugins: [ns]\n",
+            "g/a",
+        )
+        .expect("valid");
+        assert_eq!(c.plugins.len(), 2);
+        assert_eq!(
+            c.plugins[0].config,
+            serde_json::json!({"namespace": "prod"})
+        );
+        assert_eq!(c.plugins[0].limits.timeout, Duration::from_millis(500));
+        assert_eq!(c.plugins[0].limits.memory_bytes, 64 << 20);
+        assert_eq!(c.plugins[1].mode, sluice_wasm::Mode::Audit);
+        assert_eq!(
+            c.manifest_projects[0].plugins.as_deref(),
+            Some(&["ns".to_string()][..])
+        );
+        assert!(
+            err("plugins:\n- name: p\n  module: https://x/p.wasm\n").contains("sha256: required")
+        );
+        assert!(err("plugins:\n- name: p\n  module: a.wasm\ngitops:\n  manifest_projects:\n  - plugins: [q]\n").contains("no plugin named \"q\""));
+        assert!(
+            err("plugins:\n- name: p\n  module: a.wasm\n  capabilities: [files]\n")
+                .contains("files")
+        );
+    }
+
+    #[test]
+    fn project_limits_are_read_and_checked() {
+        let c = parse(
+            "gitops:\n  manifest_projects:\n  - id: a/b\n    limits:\n      namespaces: [team-a, team-a-*]\n      allowed_kinds: [apps/*, core/ConfigMap]\n      denied_kinds: [apps/DaemonSet]\n  - id: a/c\n",
+            "g/a",
+        )
+        .expect("valid");
+        let want = crate::limits::Limits::new(
+            Some(vec!["team-a".into(), "team-a-*".into()]),
+            &["apps/*".into(), "core/ConfigMap".into()],
+            &["apps/DaemonSet".into()],
+        )
+        .expect("limits");
+        assert_eq!(c.manifest_projects[0].limits, want);
+        assert!(c.manifest_projects[1].limits.is_open());
+        assert_eq!(
+            err(
+                "gitops:\n  manifest_projects:\n  - id: a/b\n    limits: {denied_kinds: [a/b/c]}\n"
+            ),
+            "failed to parse agent configuration config.yaml: gitops.manifest_projects[a/b].limits: \"a/b/c\" is not a kind: write Kind, group/Kind or group/* (the core group is `core`)"
+        );
+        assert!(
+            err("gitops:\n  manifest_projects:\n  - id: a/b\n    limits: {namespace: [x]}\n")
+                .contains("namespace")
+        );
+    }
+
+    #[test]
+    fn a_projects_service_account_is_read_and_checked() {
+        let c = parse(
+            "gitops:\n  manifest_projects:\n  - id: a/b\n    default_namespace: team-a\n    service_account: deployer\n  - id: a/c\n    service_account: ops/applier\n  - id: a/d\n",
+            "g/a",
+        )
+        .expect("valid");
+        let sa = |ns: &str, name: &str| {
+            Some(ServiceAccount {
+                namespace: ns.into(),
+                name: name.into(),
+            })
+        };
+        assert_eq!(
+            c.manifest_projects[0].service_account,
+            sa("team-a", "deployer")
+        );
+        assert_eq!(c.manifest_projects[1].service_account, sa("ops", "applier"));
+        assert_eq!(c.manifest_projects[2].service_account, None);
+        let user = sa("team-a", "deployer").map(|s| (s.user(), s.groups()));
+        assert_eq!(
+            user,
+            Some((
+                "system:serviceaccount:team-a:deployer".to_string(),
+                [
+                    "system:serviceaccounts".to_string(),
+                    "system:serviceaccounts:team-a".to_string(),
+                    "system:authenticated".to_string()
+                ]
+            ))
+        );
+        assert_eq!(
+            err("gitops:\n  manifest_projects:\n  - id: a/b\n    service_account: Deploy_Er\n"),
+            "failed to parse agent configuration config.yaml: gitops.manifest_projects[a/b].service_account: \"Deploy_Er\": \"Deploy_Er\" is not a ServiceAccount name"
+        );
+        assert!(
+            err("gitops:\n  manifest_projects:\n  - id: a/b\n    service_account: a/b/c\n")
+                .contains("is not a ServiceAccount name")
+        );
+    }
+
+    #[test]
+    fn log_level_is_read() {
+        let c = parse(
+            "observability:\n  logging:\n    level: debug\n    grpc_level: warn\n",
+            "g/a",
+        )
+        .expect("valid");
+        assert_eq!(c.log_level, LogLevel::Debug);
+    }
+}

@@ -1,0 +1,27 @@
+//! sluice's agent: from configuration and git to the engine, for every manifest project.
+//!
+//! One sync takes one path, one module per stage, each handing a plain value to the next:
+//!
+//! [`config`] → [`source`] → [`select`] → [`decode`] → plugins (`sluice-wasm`) → [`limits`] →
+//! the engine (`sluice-engine`: plan, apply, inventory, prune, wait) → [`report`]
+//!
+//! [`sync`] is that path for one commit; [`agent`] runs it per project whenever the commit
+//! changes, a webhook arrives, an object drifts or the re-apply timer fires, under
+//! [`leader`]ship, and records each outcome with [`history`] (Events, last sync).
+//! [`webhook`] and [`observability`] serve the agent's HTTP endpoints.
+//!
+//! Must not know: how the CLI prints (the `sluice` crate). Start reading at [`agent`].
+#![deny(missing_docs)]
+
+pub mod agent;
+pub mod config;
+pub mod decode;
+pub mod history;
+pub mod leader;
+pub mod limits;
+pub mod observability;
+pub mod report;
+pub mod select;
+pub mod source;
+pub mod sync;
+pub mod webhook;

@@ -1,0 +1,905 @@
+//! The `sluice` command line.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use sluice_agent::agent::{self, ConfigSource};
+use sluice_agent::report::{self, LogFormat};
+use sluice_agent::source::Credentials;
+
+// A sync makes and drops many JSON values on several threads; glibc's per-thread arenas
+// kept the freed memory (209 MiB peak RSS at 10,000 objects). mimalloc returns it, and
+// allocates faster (docs/performance.md). The container image sets
+// `MIMALLOC_PURGE_DELAY=0` (mimalloc reads it before `main`): freed memory goes back at once.
+// `main` turns transparent huge pages off (`no_huge_pages`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Pull-mode GitOps agent for Kubernetes: agentk-compatible configuration, server-side
+/// apply, and WebAssembly plugins between git and the cluster.
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version = sluice::VERSION, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent: keep the cluster equal to the manifest projects of the configuration.
+    Run(Box<RunArgs>),
+    /// Sync every manifest project once, wait for health, print a summary, and exit: 0 when
+    /// every project synced, 1 when one failed, 2 when nothing could start (for CI
+    /// pipelines and tests; takes the flags of `run`).
+    Sync(Box<RunArgs>),
+    /// Select, decode and run the plugins offline; print the objects (like `flux build`).
+    Render(RenderArgs),
+    /// The same chain for CI: print findings as `file:line: severity: message (plugin,
+    /// object)`; exit 1 when the commit would be refused.
+    Validate(RenderArgs),
+    /// Render, then server-side dry-run against the cluster (KUBECONFIG) and show what would
+    /// change, as a unified diff. Exit 0: no change; 1: changes; 2: error.
+    Diff {
+        #[command(flatten)]
+        args: RenderArgs,
+        /// The agent's inventory id for this project (`sluice run` uses
+        /// `<agent-name>-<project>`), so objects it owns compare equal.
+        #[arg(long, default_value = "sluice-local")]
+        inventory_id: String,
+    },
+    /// Each project's state, from the cluster alone (KUBECONFIG): synced commit, last sync
+    /// and its result, objects by health, failures. With PROJECT: every object and the
+    /// recent Events.
+    Status {
+        /// A manifest project (as in the configuration, e.g. `group/app`).
+        project: Option<String>,
+        /// Only inventories in this namespace (default: all namespaces).
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// Output format (default: a table).
+        #[arg(short, long, value_enum)]
+        output: Option<Output>,
+    },
+    /// Print the manifests that install the agent: Namespace, ServiceAccount, RBAC, the git
+    /// token Secret, the Deployment and its Service (`| kubectl apply --server-side -f -`).
+    Generate(GenerateArgs),
+    /// Plugin tools.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Debug, Args)]
+struct GenerateArgs {
+    /// Agent name: `.gitlab/agents/<name>/` in the configuration repository.
+    #[arg(long, default_value = "sluice")]
+    agent_name: String,
+    /// Namespace the agent runs in.
+    #[arg(long, default_value = "sluice-system")]
+    agent_namespace: String,
+    /// Configuration repository the agent follows.
+    #[arg(long, conflicts_with = "config", required_unless_present = "config")]
+    config_repo: Option<String>,
+    /// A configuration file instead, installed as a ConfigMap (its plugins must then be
+    /// `https://` modules).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Base URL project paths resolve against.
+    #[arg(long, default_value = "https://gitlab.com")]
+    git_base_url: String,
+    /// File holding the git token, or `-` for stdin; it goes into a Secret (never argv).
+    #[arg(long)]
+    git_token_file: Option<PathBuf>,
+    /// File holding a webhook secret, or `-` for stdin: turns on the push webhooks
+    /// (`/hooks/gitlab`, `/hooks/github`, `/hooks/generic` on the Service's port 8080).
+    #[arg(long)]
+    webhook_secret_file: Option<PathBuf>,
+    /// Container image.
+    #[arg(long, default_value_t = sluice::install::default_image())]
+    image: String,
+    /// 1, or 2 for a warm standby (leader election picks the one that syncs).
+    #[arg(long, default_value_t = 1)]
+    replicas: u32,
+    /// `cluster-admin` (as agentk's install), or `namespaced`: only what syncing into
+    /// --namespace needs.
+    #[arg(long, value_enum, default_value_t = RbacMode::ClusterAdmin)]
+    rbac: RbacMode,
+    /// With `--rbac namespaced`: the namespaces the agent may sync into (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    namespace: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RbacMode {
+    ClusterAdmin,
+    Namespaced,
+}
+
+#[derive(Debug, Subcommand)]
+enum PluginCommand {
+    /// Show a plugin's world, exports, imports, WIT version, size and compile time.
+    Inspect {
+        /// The component (.wasm).
+        file: PathBuf,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Output::Yaml)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Yaml,
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct RenderArgs {
+    /// Directory of manifests.
+    #[arg(required_unless_present = "repo", conflicts_with = "repo")]
+    dir: Option<PathBuf>,
+    /// Repository URL instead of a directory.
+    #[arg(long)]
+    repo: Option<String>,
+    /// Branch or commit of --repo (default branch).
+    #[arg(long = "ref", requires = "repo")]
+    git_ref: Option<String>,
+    /// Agent configuration: paths, default namespace and plugins of a manifest project.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Which manifest project of --config (default: the first).
+    #[arg(long)]
+    project: Option<String>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Yaml)]
+    output: Output,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Agent configuration file (agentk's config.yaml).
+    #[arg(
+        long,
+        conflicts_with = "config_repo",
+        required_unless_present = "config_repo"
+    )]
+    config: Option<PathBuf>,
+    /// Configuration repository: `.gitlab/agents/<agent-name>/sluice.yaml` (else agentk's
+    /// `config.yaml` beside it) is read from its default branch and followed.
+    #[arg(long, requires = "agent_name")]
+    config_repo: Option<String>,
+    /// Agent name: the configuration path and the default inventory id prefix.
+    #[arg(long, default_value = "sluice")]
+    agent_name: String,
+    /// Base URL that project paths (`gitops.manifest_projects[].id`) resolve against.
+    #[arg(
+        long,
+        env = "SLUICE_GIT_BASE_URL",
+        default_value = "https://gitlab.com"
+    )]
+    git_base_url: String,
+    /// Project path of the configuration project: the manifest project of entries without
+    /// `id` (GitLab 15.7+). Default: the path of --config-repo.
+    #[arg(long, default_value = "")]
+    config_project: String,
+    /// File holding the git token for the host of --git-base-url (never logged).
+    #[arg(long, env = "SLUICE_GIT_TOKEN_FILE")]
+    git_token_file: Option<PathBuf>,
+    /// Extra CA certificates (PEM) trusted for https git servers, e.g. a self-hosted GitLab.
+    #[arg(long, env = "SLUICE_GIT_CA_FILE")]
+    git_ca_file: Option<PathBuf>,
+    /// User name sent with the token.
+    #[arg(long, default_value = "oauth2")]
+    git_username: String,
+    /// Ref poll interval.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    poll_interval: Duration,
+    /// Interval of the full re-apply (every object dry-run, changed ones applied): the
+    /// safety net behind the watches, which restore drift within seconds.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    reapply_interval: Duration,
+    /// Server-side apply field manager.
+    #[arg(long, default_value = "sluice")]
+    field_manager: String,
+    /// Concurrent applies within a stage.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Inventory id for a project, `PROJECT=ID`, to take over an agentk inventory
+    /// (`inventory-<agentId>-<projectId>`). Repeatable.
+    #[arg(long = "inventory-id", value_parser = parse_pair)]
+    inventory_ids: Vec<(String, String)>,
+    /// agentk's numeric agent id: only this agent's inventories (`inventory-<id>-<project
+    /// id>`) are adopted. Without it, the agentk inventory that owns a project's live
+    /// objects is found by its contents.
+    #[arg(long)]
+    agentk_agent_id: Option<String>,
+    /// Never adopt agentk inventories.
+    #[arg(long)]
+    no_agentk_takeover: bool,
+    /// Field managers whose ownership of applied fields is removed, so fields removed from
+    /// git are removed from the cluster after a takeover. Repeatable.
+    #[arg(long = "cleanup-field-manager", default_values_t = ["agentk".to_string()])]
+    cleanup_field_managers: Vec<String>,
+    /// Maximum number of manifest files per project and commit.
+    #[arg(long, default_value_t = 1000)]
+    max_files: usize,
+    /// Maximum size of one manifest file, in bytes.
+    #[arg(long, default_value_t = 5 << 20)]
+    max_file_bytes: u64,
+    /// Maximum total size of a project's manifest files, in bytes.
+    #[arg(long, default_value_t = 20 << 20)]
+    max_total_bytes: u64,
+    /// Allow pruning every object when no file is selected.
+    #[arg(long)]
+    allow_empty_prune: bool,
+    /// Git cache directory.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Json)]
+    log_format: LogFormat,
+    /// Namespace of the leader Lease; set (as agentk's POD_NAMESPACE) to run as one of
+    /// several replicas where only the Lease holder syncs. Unset: no leader election.
+    #[arg(long, env = "POD_NAMESPACE")]
+    leader_election_namespace: Option<String>,
+    /// This replica's identity in the Lease (agentk: POD_NAME; default: the host name).
+    #[arg(long, env = "POD_NAME")]
+    leader_election_identity: Option<String>,
+    /// Lease name (default `sluice-<agent-name>-lock`, never one of agentk's, which keeps
+    /// its own leader election when it runs beside sluice).
+    #[arg(long)]
+    lease_name: Option<String>,
+    /// Address of /metrics, /liveness and /readiness (agentk's flag and default), and of the
+    /// webhook receivers.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    observability_listen_address: String,
+    /// File holding the webhook secret: turns on `POST /hooks/gitlab` (the secret is the
+    /// webhook's "Secret token"), `/hooks/github` (its HMAC secret) and `/hooks/generic`
+    /// (`Authorization: Bearer <secret>`); a valid push syncs its project at once.
+    #[arg(long, env = "SLUICE_WEBHOOK_SECRET_FILE")]
+    webhook_secret_file: Option<PathBuf>,
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .ok_or_else(|| format!("expected PROJECT=ID, got {s:?}"))
+}
+
+/// Flags of agentk's command line (its Helm chart passes `--token-file` and `--kas-address`
+/// and no subcommand).
+const AGENTK_FLAGS: &[&str] = &[
+    "--token-file",
+    "--kas-address",
+    "--kas-ca-cert-file",
+    "--kas-header",
+    "--kas-insecure-skip-tls-verify",
+    "--kas-tls-server-name",
+];
+
+/// The agentk flags in `args` (without the program name) when they start without a sluice
+/// subcommand: the image of agentk's chart was swapped for sluice's, args unchanged.
+fn agentk_invocation(args: &[String]) -> Vec<&str> {
+    if args.first().is_none_or(|a| !a.starts_with('-')) {
+        return Vec::new();
+    }
+    args.iter()
+        .filter_map(|a| {
+            let flag = a.split('=').next().unwrap_or(a);
+            AGENTK_FLAGS.iter().copied().find(|f| *f == flag)
+        })
+        .collect()
+}
+
+/// Turns transparent huge pages off for this process, unless `MIMALLOC_ALLOW_THP` asks
+/// for them. mimalloc advises the kernel to back its arenas with 2 MiB pages, and a huge
+/// page is resident as a whole however little of it is in use: at 10,000 objects the
+/// agent's peak RSS was 98.2 MiB with them and 80.2 MiB without, for the same CPU time
+/// (docs/performance.md); an agent with one Deployment, 49 against 31 MiB.
+fn no_huge_pages() {
+    #[cfg(target_os = "linux")]
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+        // Only fails on kernels before 3.15, which then keep their default.
+        let _ = rustix::thread::disable_transparent_huge_pages(true);
+    }
+}
+
+fn main() -> ExitCode {
+    no_huge_pages();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let agentk = agentk_invocation(&args);
+    if !agentk.is_empty() {
+        eprintln!(
+            "error: sluice was started with agentk's command line ({}). sluice does not connect to GitLab's KAS: it reads its configuration and manifests from git itself.\n\
+             Change the container's args (in agentk's Helm chart: replace the chart, or override its args) to, for example:\n\
+             \x20 run --config-repo=https://gitlab.example.com/GROUP/AGENT-CONFIG-PROJECT.git --agent-name=AGENT-NAME --git-base-url=https://gitlab.example.com --git-token-file=/etc/sluice/git/token\n\
+             The agent token of --token-file cannot read repositories: give sluice a project or group access token with read_repository.\n\
+             `sluice generate` prints complete install manifests; docs/migrating-from-agentk.md has the steps.",
+            agentk.join(", ")
+        );
+        return ExitCode::from(2);
+    }
+    let cli = Cli::parse();
+    sluice_engine::install_crypto_provider();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: failed to start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Command::Run(args) => rt.block_on(run(*args)),
+        Command::Sync(args) => rt.block_on(sync_once(*args)),
+        Command::Render(args) => rt.block_on(render(args, false)),
+        Command::Validate(args) => rt.block_on(render(args, true)),
+        Command::Diff { args, inventory_id } => rt.block_on(diff(args, &inventory_id)),
+        Command::Status {
+            project,
+            namespace,
+            output,
+        } => rt.block_on(status(project.as_deref(), namespace.as_deref(), output)),
+        Command::Generate(args) => generate(args),
+        Command::Plugin(PluginCommand::Inspect { file, output }) => inspect(&file, output),
+    }
+}
+
+/// `generate`: exit 0 with the manifests on stdout, 2 on bad flags or unreadable files.
+fn generate(args: GenerateArgs) -> ExitCode {
+    use sluice::install::{ConfigFrom, Params, Rbac};
+    use std::io::Read;
+    let fail = |message: String| {
+        eprintln!("error: {message}");
+        ExitCode::from(2)
+    };
+    let is_stdin = |p: &Option<PathBuf>| p.as_ref().is_some_and(|p| p.as_os_str() == "-");
+    if is_stdin(&args.git_token_file) && is_stdin(&args.webhook_secret_file) {
+        return fail("only one of --git-token-file and --webhook-secret-file can be `-`".into());
+    }
+    // A secret from a file or stdin; never empty.
+    let read = |path: &Option<PathBuf>, what: &str| -> Result<Option<String>, String> {
+        let text = match path {
+            Some(path) if path.as_os_str() == "-" => {
+                let mut text = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut text)
+                    .map_err(|e| format!("failed to read the {what} from stdin: {e}"))?;
+                text
+            }
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| format!("failed to read {}: {e}", path.display()))?,
+            None => return Ok(None),
+        };
+        if text.trim().is_empty() {
+            return Err(format!("the {what} is empty"));
+        }
+        Ok(Some(text))
+    };
+    let git_token = match read(&args.git_token_file, "git token") {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
+    let webhook_secret = match read(&args.webhook_secret_file, "webhook secret") {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
+    let config = match (&args.config_repo, &args.config) {
+        (Some(url), _) => ConfigFrom::Repo(url.clone()),
+        (None, Some(path)) => match std::fs::read_to_string(path) {
+            Ok(text) => ConfigFrom::File(text),
+            Err(e) => return fail(format!("failed to read {}: {e}", path.display())),
+        },
+        (None, None) => unreachable!("clap requires --config-repo or --config"),
+    };
+    let rbac = match args.rbac {
+        RbacMode::ClusterAdmin if !args.namespace.is_empty() => {
+            return fail("--namespace needs --rbac namespaced".into());
+        }
+        RbacMode::ClusterAdmin => Rbac::ClusterAdmin,
+        RbacMode::Namespaced => Rbac::Namespaced(args.namespace.clone()),
+    };
+    let params = Params {
+        agent_name: args.agent_name,
+        namespace: args.agent_namespace,
+        image: args.image,
+        replicas: args.replicas,
+        rbac,
+        config,
+        git_base_url: args.git_base_url,
+        git_token,
+        webhook_secret,
+    };
+    match sluice::install::manifests(&params) {
+        Ok(objects) => {
+            print!("{}", sluice::install::to_yaml(&objects));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e.to_string()),
+    }
+}
+
+/// `status`: 0 when the state could be read, 1 when PROJECT has no inventory, 2 on errors.
+async fn status(
+    project: Option<&str>,
+    namespace: Option<&str>,
+    output: Option<Output>,
+) -> ExitCode {
+    let client = match kube_client().await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let cluster = match sluice_engine::cluster::Cluster::connect(client).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let projects = match sluice::status::collect(&cluster, namespace, project).await {
+        Ok(p) => p,
+        Err(e @ sluice::status::Error::NotFound(_)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let now = k8s_openapi::jiff::Timestamp::now();
+    match (output, project) {
+        (Some(Output::Json), _) => println!(
+            "{}",
+            serde_json::to_string_pretty(&projects).unwrap_or_default()
+        ),
+        (Some(Output::Yaml), _) => {
+            print!("{}", serde_saphyr::to_string(&projects).unwrap_or_default())
+        }
+        (None, Some(_)) => {
+            for p in &projects {
+                print!("{}", sluice::status::detail(p, now));
+            }
+        }
+        (None, None) if projects.is_empty() => eprintln!("no sluice inventories found"),
+        (None, None) => print!("{}", sluice::status::table(&projects, now)),
+    }
+    ExitCode::SUCCESS
+}
+
+/// `render` and `validate`. Exit codes: 0 fine, 1 the commit would be refused (bad input
+/// or error findings), 2 the command itself failed.
+async fn render(args: RenderArgs, validate: bool) -> ExitCode {
+    let input = match (&args.dir, &args.repo) {
+        (Some(d), _) => sluice::render::Input::Dir(d.clone()),
+        (None, Some(r)) => sluice::render::Input::Repo(r.clone(), args.git_ref.clone()),
+        (None, None) => unreachable!("clap requires DIR or --repo"),
+    };
+    let result =
+        sluice::render::render(&input, args.config.as_deref(), args.project.as_deref()).await;
+    match result {
+        Ok(r) => {
+            if validate {
+                for f in &r.findings {
+                    println!("{f}");
+                }
+                if r.findings.iter().any(|f| f.severity == "error") {
+                    // Audit-mode errors: reported, not blocking (the cluster would apply).
+                    eprintln!("{} findings (audit mode: not blocking)", r.findings.len());
+                }
+                eprintln!("{} objects valid", r.objects.len());
+                return ExitCode::SUCCESS;
+            }
+            let values: Vec<serde_json::Value> = r.objects.iter().map(|o| o.value()).collect();
+            match args.output {
+                Output::Json => {
+                    let list =
+                        serde_json::json!({"apiVersion": "v1", "kind": "List", "items": values});
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&list).unwrap_or_default()
+                    );
+                }
+                Output::Yaml => {
+                    for v in values {
+                        println!("---");
+                        print!("{}", serde_saphyr::to_string(&v).unwrap_or_default());
+                    }
+                }
+            }
+            for f in &r.findings {
+                eprintln!("{f}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(sluice_agent::sync::Error::Plugin(sluice_wasm::Error::Denied(findings))) => {
+            for f in &findings {
+                println!("{f}");
+            }
+            eprintln!(
+                "{} error findings: the commit would be refused",
+                findings.len()
+            );
+            ExitCode::from(1)
+        }
+        // A plugin configuration the plugin rejects is bad input, like a bad manifest.
+        Err(e @ sluice_agent::sync::Error::Plugin(sluice_wasm::Error::Config { .. })) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+        Err(e) if e.is_user_error() => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// A client from KUBECONFIG or the in-cluster configuration; exit code 2 when there is none.
+async fn kube_client() -> Result<kube::Client, ExitCode> {
+    sluice_engine::kube_client().await.map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    })
+}
+
+/// `diff`: kubectl's exit codes (0 no change, 1 changes, >1 error).
+async fn diff(args: RenderArgs, inventory_id: &str) -> ExitCode {
+    let input = match (&args.dir, &args.repo) {
+        (Some(d), _) => sluice::render::Input::Dir(d.clone()),
+        (None, Some(r)) => sluice::render::Input::Repo(r.clone(), args.git_ref.clone()),
+        (None, None) => unreachable!("clap requires DIR or --repo"),
+    };
+    let client = match kube_client().await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match sluice::render::diff(
+        &input,
+        args.config.as_deref(),
+        args.project.as_deref(),
+        inventory_id,
+        client,
+    )
+    .await
+    {
+        Ok(changes) if changes.is_empty() => ExitCode::SUCCESS,
+        Ok(changes) => {
+            for c in &changes {
+                let text = similar::TextDiff::from_lines(&c.live, &c.desired);
+                print!(
+                    "{}",
+                    text.unified_diff().header(
+                        &format!("live/{}", c.obj),
+                        &format!("git/{} ({})", c.obj, c.origin)
+                    )
+                );
+            }
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn inspect(file: &std::path::Path, output: Output) -> ExitCode {
+    let bytes = match std::fs::read(file) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: failed to read {}: {e}", file.display());
+            return ExitCode::from(2);
+        }
+    };
+    let info = sluice_wasm::Runtime::for_cli()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| rt.inspect(&bytes).map_err(|e| e.to_string()));
+    match info {
+        Ok(info) => {
+            let text = match output {
+                Output::Json => serde_json::to_string_pretty(&info).unwrap_or_default(),
+                Output::Yaml => serde_saphyr::to_string(&info).unwrap_or_default(),
+            };
+            println!("{}", text.trim_end());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}: {e}", file.display());
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// What `run` and `sync` share: the client, the configuration source and the options.
+struct Setup {
+    client: kube::Client,
+    source: ConfigSource,
+    opts: agent::Options,
+    metrics: std::sync::Arc<sluice_agent::observability::Metrics>,
+}
+
+async fn setup(args: &RunArgs) -> Result<Setup, ExitCode> {
+    let mut credentials = HashMap::new();
+    if let Some(path) = &args.git_token_file {
+        match std::fs::read_to_string(path) {
+            Ok(token) => {
+                let host = args
+                    .git_base_url
+                    .split("://")
+                    .nth(1)
+                    .and_then(|r| r.split('/').next())
+                    .unwrap_or_default();
+                credentials.insert(
+                    host.to_string(),
+                    Credentials {
+                        username: args.git_username.clone(),
+                        password: token.trim().to_string(),
+                    },
+                );
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "failed to read the git token file");
+                return Err(ExitCode::from(2));
+            }
+        }
+    }
+    let git_ca = match &args.git_ca_file {
+        Some(path) => match std::fs::read(path) {
+            Ok(pem) => Some(pem),
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "failed to read the git CA file");
+                return Err(ExitCode::from(2));
+            }
+        },
+        None => None,
+    };
+    let client = match sluice_engine::kube_client().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "failed to configure the Kubernetes client");
+            return Err(ExitCode::from(2));
+        }
+    };
+    let source = match (&args.config, &args.config_repo) {
+        (Some(path), _) => ConfigSource::File(path.clone()),
+        (None, Some(url)) => ConfigSource::Repo { url: url.clone() },
+        (None, None) => unreachable!("clap requires one of --config, --config-repo"),
+    };
+    // Entries without `id` name the configuration project (agentk, GitLab 15.7+).
+    let config_project = match (&args.config_project, &args.config_repo) {
+        (p, _) if !p.is_empty() => p.clone(),
+        (_, Some(url)) => sluice_agent::config::project_path(url),
+        _ => String::new(),
+    };
+    let metrics = std::sync::Arc::new(sluice_agent::observability::Metrics::default());
+    let cache_root = args
+        .cache_dir
+        .clone()
+        .unwrap_or_else(sluice_model::default_cache_dir);
+    let opts = agent::Options {
+        agent_name: args.agent_name.clone(),
+        git_base_url: args.git_base_url.clone(),
+        config_project,
+        credentials,
+        poll_interval: args.poll_interval,
+        reapply_interval: args.reapply_interval,
+        cache_dir: cache_root.clone(),
+        field_manager: args.field_manager.clone(),
+        concurrency: args.concurrency,
+        inventory_ids: args.inventory_ids.iter().cloned().collect(),
+        takeover: if args.no_agentk_takeover {
+            sluice_agent::sync::Takeover::Off
+        } else {
+            sluice_agent::sync::Takeover::Agentk {
+                agent_id: args.agentk_agent_id.clone(),
+            }
+        },
+        cleanup_managers: args.cleanup_field_managers.clone(),
+        allow_empty_prune: args.allow_empty_prune,
+        git_ca,
+        plugin_cache_dir: Some(cache_root.join("wasm")),
+        metrics: metrics.clone(),
+        triggers: Default::default(),
+        limits: sluice_agent::select::Limits {
+            max_files: args.max_files,
+            max_file_bytes: args.max_file_bytes,
+            max_total_bytes: args.max_total_bytes,
+        },
+        protected: sluice_agent::limits::Protected {
+            namespace: args.leader_election_namespace.clone(),
+            lease: Some(
+                args.lease_name
+                    .clone()
+                    .unwrap_or_else(|| sluice::install::lease_name(&args.agent_name)),
+            ),
+            prefix: format!("sluice-{}", args.agent_name),
+        },
+    };
+    Ok(Setup {
+        client,
+        source,
+        opts,
+        metrics,
+    })
+}
+
+/// `sluice sync`: every project once, then a table like `flux get kustomizations`.
+async fn sync_once(args: RunArgs) -> ExitCode {
+    let _levels = report::init(args.log_format, sluice_agent::config::LogLevel::Info);
+    let Setup {
+        client,
+        source,
+        opts,
+        ..
+    } = match setup(&args).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let outcomes = match agent::run_once(client, source, opts).await {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    println!("{:<40} {:<8} {:<12} SUMMARY", "PROJECT", "READY", "COMMIT");
+    for o in &outcomes {
+        match &o.result {
+            Ok(r) => {
+                let mut summary = report::summary(&r.results);
+                if !r.prune_held.is_empty() {
+                    summary.push_str(&format!(" (prune held: {})", r.prune_held.join("; ")));
+                }
+                println!(
+                    "{:<40} {:<8} {:<12} {summary}",
+                    o.project,
+                    "True",
+                    r.commit.get(..12).unwrap_or(&r.commit)
+                );
+            }
+            Err(e) => println!("{:<40} {:<8} {:<12} {e}", o.project, "False", "-"),
+        }
+    }
+    if outcomes.iter().all(|o| o.result.is_ok()) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+async fn run(args: RunArgs) -> ExitCode {
+    let levels = report::init(args.log_format, sluice_agent::config::LogLevel::Info);
+    let Setup {
+        client,
+        source,
+        opts,
+        metrics,
+    } = match setup(&args).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let hooks = match &args.webhook_secret_file {
+        None => None,
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(secret) if !secret.trim().is_empty() => {
+                Some(std::sync::Arc::new(sluice_agent::webhook::Receiver::new(
+                    secret.trim().to_string().into(),
+                    opts.triggers.clone(),
+                    metrics.clone(),
+                )))
+            }
+            Ok(_) => {
+                tracing::error!(path = %path.display(), "the webhook secret file is empty");
+                return ExitCode::from(2);
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "failed to read the webhook secret file");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    match tokio::net::TcpListener::bind(&args.observability_listen_address).await {
+        Ok(listener) => {
+            tokio::spawn(sluice_agent::observability::serve(
+                listener,
+                metrics.clone(),
+                hooks,
+            ));
+        }
+        Err(e) => {
+            tracing::error!(address = %args.observability_listen_address, error = %e, "failed to listen for /metrics, /liveness and /readiness");
+            return ExitCode::from(2);
+        }
+    }
+    let Some(namespace) = args.leader_election_namespace.clone() else {
+        return match agent::run(client, source, opts, Some(levels), shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "agent failed to start");
+                ExitCode::from(1)
+            }
+        };
+    };
+    let identity = args
+        .leader_election_identity
+        .clone()
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .unwrap_or_else(|| format!("sluice-{}", std::process::id()));
+    let lease = args
+        .lease_name
+        .clone()
+        .unwrap_or_else(|| sluice::install::lease_name(&opts.agent_name));
+    let cfg = sluice_agent::leader::Config::new(&namespace, &lease, &identity);
+    // A standby is ready: it serves its purpose by waiting (a rollout must not stall on it).
+    metrics.set_ready();
+    let levels = std::sync::Arc::new(levels);
+    sluice_agent::leader::run(client.clone(), cfg, shutdown_signal(), || {
+        let (client, source, opts, levels) =
+            (client.clone(), source.clone(), opts.clone(), levels.clone());
+        async move {
+            // Levels are shared by every leadership term; the handle is cheap to clone.
+            if let Err(e) = agent::run(
+                client,
+                source,
+                opts,
+                Some(levels.as_ref().clone()),
+                std::future::pending(),
+            )
+            .await
+            {
+                tracing::error!(error = %e, "agent failed to start");
+            }
+        }
+    })
+    .await;
+    ExitCode::SUCCESS
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return ctrl_c.await.unwrap_or_default(),
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn agentk_chart_arguments_are_recognised() {
+        assert_eq!(
+            agentk_invocation(&args(&[
+                "--token-file=/etc/agentk/secrets/token",
+                "--kas-address",
+                "wss://kas.gitlab.com"
+            ])),
+            ["--token-file", "--kas-address"]
+        );
+        // A sluice subcommand first: sluice's own flags, whatever follows.
+        assert!(agentk_invocation(&args(&["run", "--token-file=x"])).is_empty());
+        assert!(agentk_invocation(&args(&["--version"])).is_empty());
+        assert!(agentk_invocation(&args(&[])).is_empty());
+        Cli::command().debug_assert();
+    }
+}
