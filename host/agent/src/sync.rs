@@ -1,6 +1,9 @@
 //! One sync of one commit of one manifest project: the whole path, top to bottom.
 //!
-//! fetch → select → decode → (plugins) → plan → apply → inventory/prune → wait.
+//! [`sync`] reads as the path: render (fetch, select, decode) → plugins (namespaces,
+//! transformers and validators, limits) → inventory (locate, claim, agentk takeover) → plan →
+//! apply → prune → wait → verdict. Each stage is one call handing a plain value to the next;
+//! the engine (`sluice-engine`) does the cluster-facing work.
 //!
 //! Any failure before apply returns with nothing changed in the cluster. Apply itself
 //! dry-runs everything first. Pruning only happens after a fully successful apply, and never
@@ -9,17 +12,18 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use crate::config::{DryRunStrategy, ManifestProject, PropagationPolicy};
-use crate::source::Source;
-use crate::{decode, select};
 use sluice_engine::apply::{self, Action, ObjectResult};
 use sluice_engine::cluster::Cluster;
-use sluice_engine::inventory::{self, INVENTORY_LABEL, InventoryRef, Ownership};
+use sluice_engine::inventory::{self, INVENTORY_LABEL, InventoryRef};
 use sluice_engine::live::Live;
-use sluice_engine::plan;
 use sluice_engine::wait::{self, Status};
-use sluice_model::object::{ObjRef, Object};
+use sluice_engine::{plan, prune, takeover};
+use sluice_model::object::{ObjRef, Object, Origin};
 use sluice_wasm::{self as plugin_stage, OutcomeCache, Plugin};
+
+use crate::config::{DryRunStrategy, ManifestProject};
+use crate::source::Source;
+use crate::{decode, select};
 
 /// Why a sync failed. Every variant leaves the cluster as the last good sync left it,
 /// except [`Error::Apply`] and [`Error::Unhealthy`], which report what was done.
@@ -102,6 +106,24 @@ pub struct Problem {
     pub origin: Option<sluice_model::object::Origin>,
     /// What went wrong.
     pub message: String,
+}
+
+impl From<inventory::Claimed> for Error {
+    fn from(c: inventory::Claimed) -> Self {
+        Error::InventoryClaimed {
+            inventory: c.inventory,
+            reason: c.reason,
+        }
+    }
+}
+
+impl From<takeover::Error> for Error {
+    fn from(e: takeover::Error) -> Self {
+        match e {
+            takeover::Error::Inventory(e) => Error::Inventory(e),
+            takeover::Error::Ambiguous(c) => c.into(),
+        }
+    }
 }
 
 impl Error {
@@ -271,7 +293,8 @@ pub async fn render(
         .await
 }
 
-/// Runs the whole path for `commit`.
+/// Runs the whole path for `commit`: one stage after another, each handing a plain value to
+/// the next (render → plugins → inventory → plan → apply → prune → wait → verdict).
 ///
 /// # Errors
 /// See [`Error`].
@@ -296,57 +319,159 @@ pub async fn sync(
         settings.decoded.as_ref(),
     )
     .await?;
-    let commit = commit.as_str();
     laps.lap("render");
-
     // Objects of API groups that did not answer discovery are not applied (and fail the
     // sync, naming the APIService); everything else goes on.
-    let (mut objects, unserved) = split_unavailable(cluster, objects);
+    let (objects, unserved) = split_unavailable(cluster, objects);
+    let mut out = plugins(cluster, objects, project, &commit, settings).await?;
+    laps.lap("plugins");
+    let mut target = inventory(cluster, &mut out.objects, project, settings).await?;
+    laps.lap("inventory");
+    let plan = plan::plan(std::mem::take(&mut out.objects), &target.stored)?;
+    let prune_held = prune::holds(cluster, &plan, &target.stored, &out.rendered, &out.skipped);
+    laps.lap("plan");
+    let mut applied = apply(cluster, plan, &mut target, project, settings).await?;
+    applied.results.extend(unserved.iter().cloned());
+    laps.lap("apply");
+    let mut report = Report {
+        commit,
+        results: std::mem::take(&mut applied.results),
+        health: Vec::new(),
+        findings: out.findings,
+        prune_held,
+        adopted: None,
+        inventory: target.inv.clone(),
+        applied: Arc::default(),
+        plugins_cached: out.cached,
+    };
+    if project.dry_run_strategy != DryRunStrategy::None {
+        return Ok(report);
+    }
+    let (desired, deleted) =
+        prune_stage(cluster, &applied, &mut target, project, &mut report).await?;
+    laps.lap("prune");
+    let (health, gone) = wait_stage(
+        &applied,
+        project,
+        settings,
+        &report.results,
+        &desired,
+        &deleted,
+    )
+    .await;
+    laps.lap("wait");
+    verdict(report, health, gone, &unserved, &desired, &applied.digests)
+}
+
+/// The plugin stage's output, with what the prune rules need to know of its input.
+struct Transformed {
+    objects: Vec<Object>,
+    findings: Vec<plugin_stage::Finding>,
+    /// What git says, before any plugin: a plugin must not make the sync prune any of it.
+    rendered: BTreeSet<ObjRef>,
+    /// Plugins skipped under `failure_policy: ignore`.
+    skipped: Vec<String>,
+    cached: bool,
+}
+
+/// Namespaces (agentk's rules), the plugins, the namespace rules again for what plugins
+/// made, and the project's limits: git and plugins alike, before any request.
+async fn plugins(
+    cluster: &Cluster,
+    mut objects: Vec<Object>,
+    project: &ManifestProject,
+    commit: &str,
+    settings: &Settings,
+) -> Result<Transformed, Error> {
     let mut scopes = cluster.scopes();
     scopes.add_crds(&objects);
     decode::set_namespaces(&mut objects, &project.default_namespace, &scopes)?;
-    // What git says, before any plugin: a plugin must not make the sync prune any of it.
     let rendered: BTreeSet<ObjRef> = objects.iter().map(Object::obj_ref).collect();
+    let subject = plugin_stage::Subject {
+        agent: settings.agent.clone(),
+        project: project.id.as_str().into(),
+        commit: commit.into(),
+    };
     let plugins = settings.plugins.clone()?;
-    let outcome = transform(
-        objects,
-        plugins,
-        &plugin_stage::Subject {
-            agent: settings.agent.clone(),
-            project: project.id.as_str().into(),
-            commit: commit.into(),
-        },
-        settings.render_cache.as_ref(),
-    )
-    .await?;
-    laps.lap("plugins");
-    let cached = outcome.cached;
-    let (mut objects, findings) = (outcome.objects, outcome.findings);
-    // Plugins may add objects or kinds: the namespace rules hold for their output too.
+    let outcome = transform(objects, plugins, &subject, settings.render_cache.as_ref()).await?;
+    let mut objects = outcome.objects;
     scopes.add_crds(&objects);
     decode::set_namespaces(&mut objects, &project.default_namespace, &scopes)?;
-    // And so do the project's limits: git and plugins alike, before any request.
     let refused = crate::limits::check(&objects, &project.limits, &settings.protected);
     if !refused.is_empty() {
         return Err(Error::Limits(refused));
     }
+    Ok(Transformed {
+        objects,
+        findings: outcome.findings,
+        rendered,
+        skipped: outcome.skipped,
+        cached: outcome.cached,
+    })
+}
 
-    let (inv, template) = locate_inventory(
-        &mut objects,
-        &settings.inventory_id,
-        &project.default_namespace,
-    )?;
-    // What the ConfigMap holds (None: no ConfigMap yet); writes are skipped when it would
-    // not change, so the 5-minute re-apply of an unchanged commit writes nothing.
+/// Which inventory the sync records in, and what it holds.
+struct Target {
+    inv: InventoryRef,
+    /// Where git has the inventory ConfigMap, when the commit brings its own.
+    template: Option<Origin>,
+    /// What the ConfigMap holds now (`None`: no ConfigMap yet); writes are skipped when they
+    /// would not change it, so the 5-minute re-apply of an unchanged commit writes nothing.
+    recorded: Option<BTreeSet<ObjRef>>,
+    malformed: Vec<String>,
+    /// Everything recorded, an adopted agentk inventory's objects included: the prune base.
+    stored: BTreeSet<ObjRef>,
+    /// The agentk inventory this sync adopts, if any.
+    adopted: Option<(InventoryRef, inventory::Stored)>,
+}
+
+impl Target {
+    /// Writes `set` as the inventory unless that is what it already holds.
+    async fn record(
+        &mut self,
+        cluster: &Cluster,
+        project: &str,
+        set: BTreeSet<ObjRef>,
+    ) -> Result<(), Error> {
+        if self.recorded.as_ref() != Some(&set) {
+            inventory::store(cluster.client(), &self.inv, project, &set, &self.malformed).await?;
+            self.recorded = Some(set);
+        }
+        Ok(())
+    }
+
+    fn adopt_ids(&self) -> Vec<String> {
+        self.adopted.iter().map(|(old, _)| old.id.clone()).collect()
+    }
+}
+
+/// Locates the inventory (the commit's own ConfigMap or the default), reads it, checks it is
+/// this project's, and finds the agentk inventory to take over when there is none yet.
+async fn inventory(
+    cluster: &Cluster,
+    objects: &mut Vec<Object>,
+    project: &ManifestProject,
+    settings: &Settings,
+) -> Result<Target, Error> {
+    let (inv, template) =
+        inventory::locate(objects, &settings.inventory_id, &project.default_namespace)
+            .map_err(Error::InventoryObjects)?;
     let loaded = inventory::load(cluster.client(), &inv).await?;
-    check_ownership(&inv, loaded.as_ref(), project, settings)?;
+    inventory::check_claim(&inv, loaded.as_ref(), &project.id, &settings.others)?;
     let adopted = match (&loaded, &settings.takeover) {
         (None, Takeover::Agentk { agent_id }) => {
-            find_agentk_inventory(cluster, &inv, &objects, agent_id.as_deref(), settings).await?
+            takeover::find(
+                cluster,
+                &inv,
+                objects,
+                agent_id.as_deref(),
+                &settings.others,
+            )
+            .await?
         }
         _ => None,
     };
-    let mut recorded = loaded.as_ref().map(|s| s.objects.clone());
+    let recorded = loaded.as_ref().map(|s| s.objects.clone());
     let malformed = loaded.map(|s| s.malformed).unwrap_or_default();
     let mut stored = recorded.clone().unwrap_or_default();
     if let Some((old, old_set)) = &adopted {
@@ -356,27 +481,54 @@ pub async fn sync(
     if objects.is_empty() && project.prune && !stored.is_empty() && !settings.allow_empty_prune {
         return Err(Error::EmptySet);
     }
-    laps.lap("inventory");
-    let plan = plan::plan(objects, &stored)?;
-    let prune_held = prune_holds(cluster, &plan, &stored, &rendered, &outcome.skipped);
-    laps.lap("plan");
+    Ok(Target {
+        inv,
+        template,
+        recorded,
+        malformed,
+        stored,
+        adopted,
+    })
+}
 
+/// What the apply stage did, and what the stages after it need.
+struct Applied {
+    results: Vec<ObjectResult>,
+    /// The plan's prune set, in prune order.
+    prune: Vec<ObjRef>,
+    /// Everything the plan applies.
+    desired: BTreeSet<ObjRef>,
+    digests: BTreeMap<ObjRef, apply::Digest>,
+    /// The cluster as the project's identity (its `service_account`, else the agent's).
+    actor: Cluster,
+    /// When every write of the sync had returned (`live::caught_up`).
+    wrote: std::time::Instant,
+    concurrency: usize,
+}
+
+/// Dry-runs the whole plan, records everything about to be written, then applies it, as
+/// the project's ServiceAccount when it names one (the inventory stays the agent's to write).
+async fn apply(
+    cluster: &mut Cluster,
+    plan: plan::Plan,
+    target: &mut Target,
+    project: &ManifestProject,
+    settings: &Settings,
+) -> Result<Applied, Error> {
+    let inv = &target.inv;
     let opts = apply::Options {
         field_manager: settings.field_manager.clone(),
         cleanup_managers: settings.cleanup_managers.clone(),
         concurrency: settings.concurrency,
         inventory_id: inv.id.clone(),
-        adopt_ids: adopted.iter().map(|(old, _)| old.id.clone()).collect(),
+        adopt_ids: target.adopt_ids(),
         inventory_policy: project.inventory_policy,
         dry_run: project.dry_run_strategy,
         known: settings.known.clone(),
         ..apply::Options::new(&inv.id)
     };
-    let dry_run = project.dry_run_strategy != DryRunStrategy::None;
-    let desired_refs = plan.desired();
+    let desired = plan.desired();
     let plan::Plan { stages, prune } = plan;
-    // The project's objects are read, dry-run, applied, pruned and waited on as its
-    // ServiceAccount when it names one; the inventory stays the agent's to write.
     let mut actor = match &project.service_account {
         Some(sa) => cluster
             .acting_as(&sa.user(), &sa.groups())
@@ -388,15 +540,15 @@ pub async fn sync(
     };
     let mut checked = apply::check(&actor, stages, &opts)
         .await
-        .map_err(|e| name_the_template(e, &inv, template.as_ref()))?;
+        .map_err(|e| name_the_template(e, inv, target.template.as_ref()))?;
     let digests = checked.digests().clone();
-    laps.lap("check");
     let mut results = Vec::new();
-    if !dry_run {
+    if project.dry_run_strategy == DryRunStrategy::None {
         // The inventory's own namespace may come with this commit (a fresh cluster,
         // disaster recovery): it is applied first, as cli-utils does, so the inventory
         // can be written before anything else.
-        results.extend(apply::namespace_first(&actor, &mut checked, &inv.namespace, &opts).await?);
+        let namespace = inv.namespace.clone();
+        results.extend(apply::namespace_first(&actor, &mut checked, &namespace, &opts).await?);
         // Record everything about to be written before the first write, so an agent killed
         // mid-apply still knows what it may have created (cli-utils' inventory-add step).
         let upcoming: BTreeSet<ObjRef> = checked
@@ -404,100 +556,96 @@ pub async fn sync(
             .map(Object::obj_ref)
             .chain(results.iter().map(|r: &ObjectResult| r.obj.clone()))
             .collect();
-        let set = stored.union(&upcoming).cloned().collect();
-        record(cluster, &inv, project, &mut recorded, set, &malformed).await?;
+        let set = target.stored.union(&upcoming).cloned().collect();
+        target.record(cluster, &project.id, set).await?;
     }
     // (namespace_first took its Namespace out of the plan: nothing is applied twice.)
     let applied = apply::apply(&mut actor, checked, &opts).await;
-    // Every write of the sync has returned (`live::caught_up`).
     let wrote = std::time::Instant::now();
     // The apply may have refreshed discovery (new CRDs): the agent's handle keeps it.
     cluster.take_discovery(&actor);
+    let applied = applied?;
     // One buffer of the right size for every result of the sync (10,000 objects: an
     // ObjectResult is about 180 bytes, and a doubling Vec would copy them on the way).
-    let applied = applied?;
-    let mut all = Vec::with_capacity(results.len() + applied.len() + unserved.len() + prune.len());
+    let mut all = Vec::with_capacity(results.len() + applied.len() + prune.len() + 1);
     all.append(&mut results);
     all.extend(applied);
-    all.extend(unserved.iter().cloned());
-    let mut results = all;
-    laps.lap("apply");
-    if dry_run {
-        return Ok(Report {
-            commit: commit.into(),
-            results,
-            health: Vec::new(),
-            findings,
-            prune_held,
-            adopted: None,
-            inventory: inv,
-            applied: Arc::default(),
-            plugins_cached: cached,
-        });
-    }
+    Ok(Applied {
+        results: all,
+        prune,
+        desired,
+        digests,
+        actor,
+        wrote,
+        concurrency: settings.concurrency,
+    })
+}
 
+/// Prunes (unless held back or off), records what stays, and retires an adopted agentk
+/// inventory once sluice's records all of it. Returns what the sync applied and what it
+/// deleted.
+async fn prune_stage(
+    cluster: &Cluster,
+    applied: &Applied,
+    target: &mut Target,
+    project: &ManifestProject,
+    report: &mut Report,
+) -> Result<(BTreeSet<ObjRef>, Vec<ObjRef>), Error> {
     // Already recorded before the writes (stored ∪ upcoming ⊇ stored ∪ applied).
-    let desired = applied_refs(&results);
+    let desired = applied_refs(&report.results);
     // Recorded objects of unavailable groups stay recorded (their kinds are not gone):
-    // they are in the prune set, which `prune_holds` holds back.
+    // they are in the prune set, which `prune::holds` holds back.
     let mut kept: BTreeSet<ObjRef> = desired.clone();
-    let mut pruned = Vec::new();
-    if project.prune && prune_held.is_empty() {
-        let ctx = PruneContext {
-            inv: &inv,
-            project,
-            adopt_ids: &opts.adopt_ids,
-            recorded: &stored,
-            desired: &desired_refs,
+    let mut deleted = Vec::new();
+    if project.prune && report.prune_held.is_empty() {
+        let adopt_ids = target.adopt_ids();
+        let rules = prune::Rules {
+            inv: &target.inv,
+            policy: project.inventory_policy,
+            propagation: project.prune_propagation_policy,
+            adopt_ids: &adopt_ids,
+            recorded: &target.stored,
+            desired: &applied.desired,
         };
-        // In prune order, kind after kind; the objects of one kind at once, as many at a
-        // time as applies (one at a time, 1,000 deletes took 40 s).
-        let cluster: &Cluster = &actor;
-        for same_kind in prune.chunk_by(|a, b| (&a.group, &a.kind) == (&b.group, &b.kind)) {
-            // (By index: a closure taking references here makes the worker future not `Send`.)
-            let deletes = (0..same_kind.len()).map(|i| prune_one(cluster, &same_kind[i], &ctx));
-            for (r, result) in same_kind
-                .iter()
-                .zip(apply::bounded(deletes, opts.concurrency).await)
-            {
-                match result.action {
-                    Action::Pruned => pruned.push(r.clone()),
-                    Action::Failed | Action::Retained => {
-                        kept.insert(r.clone());
-                    }
-                    _ => {}
-                }
-                results.push(result);
-            }
-        }
+        let pruned =
+            prune::prune(&applied.actor, &applied.prune, &rules, applied.concurrency).await;
+        kept.extend(pruned.kept);
+        deleted = pruned.deleted;
+        report.results.extend(pruned.results);
     } else {
-        kept.extend(prune.iter().cloned());
+        kept.extend(applied.prune.iter().cloned());
         if project.prune {
-            let why = prune_held.join("; ");
-            tracing::warn!(project_id = %project.id, commit_id = %commit, reason = %why, "pruning held back");
-            results.extend(prune.iter().map(|r| ObjectResult {
-                obj: r.clone(),
-                origin: None,
-                action: Action::Retained,
-                message: Some(format!("not pruned this sync: {why}")),
-                written: None,
-            }));
+            let why = report.prune_held.join("; ");
+            tracing::warn!(project_id = %project.id, commit_id = %report.commit, reason = %why, "pruning held back");
+            report.results.extend(prune::retain(&applied.prune, &why));
         }
     }
-    record(cluster, &inv, project, &mut recorded, kept, &malformed).await?;
-    laps.lap("prune");
-    // The adopted agentk inventory is retired only once sluice's records all of it.
-    if let Some((old, _)) = &adopted {
+    target.record(cluster, &project.id, kept).await?;
+    if let Some((old, _)) = &target.adopted {
         inventory::retire(cluster.client(), old).await?;
         tracing::info!(project_id = %project.id, inventory = %old.id, "agentk inventory retired");
+        report.adopted = Some(old.id.clone());
     }
+    Ok((desired, deleted))
+}
 
-    let applied: Vec<ObjRef> = desired.into_iter().collect();
+/// Waits until what the sync applied is healthy (from the agent's watches when it has them)
+/// and what it deleted is gone, each within the project's timeout.
+async fn wait_stage(
+    applied: &Applied,
+    project: &ManifestProject,
+    settings: &Settings,
+    results: &[ObjectResult],
+    desired: &BTreeSet<ObjRef>,
+    deleted: &[ObjRef],
+) -> (Vec<wait::Health>, Vec<wait::Health>) {
+    let actor = &applied.actor;
+    let desired: Vec<ObjRef> = desired.iter().cloned().collect();
     let current = async {
         match &settings.live {
             // The agent's watches: what the last sync left is not listed again.
             Some(live) => {
-                let tracked = live.track(&project.id, cluster, &applied);
+                let tracked = live.track(&project.id, actor, &desired);
                 let written: HashMap<ObjRef, Box<str>> = results
                     .iter()
                     .filter_map(|r| Some((r.obj.clone(), r.written.clone()?)))
@@ -505,22 +653,34 @@ pub async fn sync(
                 wait::wait_live(
                     live,
                     &tracked,
-                    &applied,
+                    &desired,
                     &written,
-                    wrote,
+                    applied.wrote,
                     project.reconcile_timeout,
                 )
                 .await
             }
-            None => wait::wait_current(&actor, &applied, project.reconcile_timeout).await,
+            None => wait::wait_current(actor, &desired, project.reconcile_timeout).await,
         }
     };
-    let (health, gone) = tokio::join!(
+    tokio::join!(
         current,
-        wait::wait_gone(&actor, &pruned, project.prune_timeout)
-    );
-    laps.lap("wait");
-    let failed_prunes: Vec<&ObjectResult> = results
+        wait::wait_gone(actor, deleted, project.prune_timeout)
+    )
+}
+
+/// The sync's outcome: the report, or [`Error::Unhealthy`] naming every object not applied,
+/// not pruned, or not healthy in time.
+fn verdict(
+    mut report: Report,
+    health: Vec<wait::Health>,
+    gone: Vec<wait::Health>,
+    unserved: &[ObjectResult],
+    applied: &BTreeSet<ObjRef>,
+    digests: &BTreeMap<ObjRef, apply::Digest>,
+) -> Result<Report, Error> {
+    let failed_prunes: Vec<&ObjectResult> = report
+        .results
         .iter()
         .filter(|r| r.action == Action::Failed && r.origin.is_none())
         .collect();
@@ -533,13 +693,14 @@ pub async fn sync(
         })
         .collect();
     if !failed_prunes.is_empty() || !not_ready.is_empty() || !unserved.is_empty() {
-        let origins: BTreeMap<&ObjRef, &sluice_model::object::Origin> = results
+        let origins: BTreeMap<&ObjRef, &Origin> = report
+            .results
             .iter()
             .filter_map(|r| Some((&r.obj, r.origin.as_ref()?)))
             .collect();
         let mut problems = Vec::new();
         let mut parts = Vec::new();
-        let mut part = |what: String, items: Vec<Problem>| {
+        let mut part = |what: &str, items: Vec<Problem>| {
             let listed: Vec<String> = items
                 .iter()
                 .map(|p| format!("{}{}{}", p.obj, separator(&p.message), p.message))
@@ -547,77 +708,55 @@ pub async fn sync(
             parts.push(format!("{} {what}: {}", items.len(), listed.join("; ")));
             problems.extend(items);
         };
+        let failed = |r: &ObjectResult, origin| Problem {
+            obj: r.obj.clone(),
+            origin,
+            message: r.message.clone().unwrap_or_default(),
+        };
         if !unserved.is_empty() {
-            part(
-                "resources not applied".into(),
-                unserved
-                    .iter()
-                    .map(|r| Problem {
-                        obj: r.obj.clone(),
-                        origin: r.origin.clone(),
-                        message: r.message.clone().unwrap_or_default(),
-                    })
-                    .collect(),
-            );
+            let items = unserved
+                .iter()
+                .map(|r| failed(r, r.origin.clone()))
+                .collect();
+            part("resources not applied", items);
         }
         if !failed_prunes.is_empty() {
             part(
-                "resources failed to prune".into(),
-                failed_prunes
-                    .iter()
-                    .map(|r| Problem {
-                        obj: r.obj.clone(),
-                        origin: None,
-                        message: r.message.clone().unwrap_or_default(),
-                    })
-                    .collect(),
+                "resources failed to prune",
+                failed_prunes.iter().map(|r| failed(r, None)).collect(),
             );
         }
         if !not_ready.is_empty() {
-            part(
-                "resources failed to reconcile before timeout".into(),
-                not_ready
-                    .iter()
-                    .map(|h| Problem {
-                        obj: h.obj.clone(),
-                        origin: origins.get(&h.obj).map(|o| (*o).clone()),
-                        message: format!(
-                            "is {:?}{}",
-                            h.status,
-                            h.message
-                                .as_ref()
-                                .map(|m| format!(" ({m})"))
-                                .unwrap_or_default()
-                        ),
-                    })
-                    .collect(),
-            );
+            let items = not_ready
+                .iter()
+                .map(|h| Problem {
+                    obj: h.obj.clone(),
+                    origin: origins.get(&h.obj).map(|o| (*o).clone()),
+                    message: format!(
+                        "is {:?}{}",
+                        h.status,
+                        h.message
+                            .as_ref()
+                            .map(|m| format!(" ({m})"))
+                            .unwrap_or_default()
+                    ),
+                })
+                .collect();
+            part("resources failed to reconcile before timeout", items);
         }
         return Err(Error::Unhealthy {
             message: parts.join("; "),
             problems,
         });
     }
-    let applied = Arc::new(
-        applied_refs(&results)
+    report.applied = Arc::new(
+        applied_refs(&report.results)
             .into_iter()
-            .filter_map(|r| {
-                let digest = *digests.get(&r)?;
-                Some((r, digest))
-            })
+            .filter_map(|r| Some((r.clone(), *digests.get(&r)?)))
             .collect(),
     );
-    Ok(Report {
-        commit: commit.into(),
-        results,
-        health,
-        findings,
-        prune_held,
-        adopted: adopted.map(|(old, _)| old.id),
-        applied,
-        inventory: inv,
-        plugins_cached: cached,
-    })
+    report.health = health;
+    Ok(report)
 }
 
 /// Time per stage of one sync, logged at debug level when the sync ends, fails or is
@@ -730,76 +869,6 @@ fn split_unavailable(cluster: &Cluster, objects: Vec<Object>) -> (Vec<Object>, V
     (objects, unserved)
 }
 
-/// Why pruning must wait this sync, if it must. Pure apart from reading which API groups
-/// are unavailable.
-fn prune_holds(
-    cluster: &Cluster,
-    plan: &plan::Plan,
-    stored: &BTreeSet<ObjRef>,
-    rendered: &BTreeSet<ObjRef>,
-    skipped: &[String],
-) -> Vec<String> {
-    let unavailable: BTreeSet<&str> = stored
-        .iter()
-        .filter_map(|r| cluster.unavailable_group(&r.group))
-        .collect();
-    hold_reasons(plan, rendered, skipped, &unavailable)
-}
-
-/// The prune safety rules, as a pure function (see [`Report::prune_held`]).
-fn hold_reasons(
-    plan: &plan::Plan,
-    rendered: &BTreeSet<ObjRef>,
-    skipped: &[String],
-    unavailable: &BTreeSet<&str>,
-) -> Vec<String> {
-    let mut why = Vec::new();
-    if plan.prune.is_empty() {
-        return why;
-    }
-    if !skipped.is_empty() {
-        why.push(format!(
-            "plugin {} failed and was skipped (failure_policy: ignore), so the object set is not what the plugins would make",
-            skipped.join(", ")
-        ));
-    }
-    for u in unavailable {
-        why.push(format!(
-            "{u}; objects of this project may be in it, so whether they left git cannot be told apart from not being seen"
-        ));
-    }
-    let removed: Vec<String> = plan
-        .prune
-        .iter()
-        .filter(|r| rendered.contains(r))
-        .map(ToString::to_string)
-        .collect();
-    if !removed.is_empty() {
-        why.push(format!(
-            "the plugins removed {} objects that are still in git ({}); a transformer must not drop objects it received",
-            removed.len(),
-            removed.into_iter().take(5).collect::<Vec<_>>().join(", ")
-        ));
-    }
-    why
-}
-
-/// Writes `set` as the inventory unless that is what it already holds.
-async fn record(
-    cluster: &Cluster,
-    inv: &InventoryRef,
-    project: &ManifestProject,
-    recorded: &mut Option<BTreeSet<ObjRef>>,
-    set: BTreeSet<ObjRef>,
-    malformed: &[String],
-) -> Result<(), Error> {
-    if recorded.as_ref() != Some(&set) {
-        inventory::store(cluster.client(), inv, &project.id, &set, malformed).await?;
-        *recorded = Some(set);
-    }
-    Ok(())
-}
-
 fn applied_refs(results: &[ObjectResult]) -> BTreeSet<ObjRef> {
     results
         .iter()
@@ -811,37 +880,6 @@ fn applied_refs(results: &[ObjectResult]) -> BTreeSet<ObjRef> {
         })
         .map(|r| r.obj.clone())
         .collect()
-}
-
-/// agentk lets users commit their own inventory ConfigMap (labelled with the inventory id);
-/// it is then used instead of the default and is not applied as a normal object. Returns
-/// the inventory, and where git has the ConfigMap when the commit brings one.
-fn locate_inventory(
-    objects: &mut Vec<Object>,
-    default_id: &str,
-    namespace: &str,
-) -> Result<(InventoryRef, Option<sluice_model::object::Origin>), Error> {
-    let is_inventory = |o: &Object| o.kind() == "ConfigMap" && o.label(INVENTORY_LABEL).is_some();
-    let found: Vec<Object> = objects
-        .iter()
-        .filter(|o| is_inventory(o))
-        .cloned()
-        .collect();
-    match found.as_slice() {
-        [] => Ok((InventoryRef::default_for(default_id, namespace), None)),
-        [o] => {
-            objects.retain(|x| !is_inventory(x));
-            let inv = InventoryRef {
-                name: o.name().to_string(),
-                namespace: o.namespace().unwrap_or(namespace).to_string(),
-                id: o
-                    .label(INVENTORY_LABEL)
-                    .unwrap_or_else(|| default_id.into()),
-            };
-            Ok((inv, Some(o.origin.clone())))
-        }
-        many => Err(Error::InventoryObjects(many.len())),
-    }
 }
 
 /// When objects are refused because another inventory owns them and the commit brings its
@@ -865,267 +903,6 @@ fn name_the_template(
         }
     }
     apply::Error::Rejected { failures, total }
-}
-
-/// An inventory is this project's alone: not another project's id or ConfigMap (of this
-/// agent, or marked as another project's by any sluice), and not a ConfigMap that is
-/// already the inventory of another id.
-fn check_ownership(
-    inv: &InventoryRef,
-    live: Option<&inventory::Stored>,
-    project: &ManifestProject,
-    settings: &Settings,
-) -> Result<(), Error> {
-    let refuse = |reason: String| {
-        Err(Error::InventoryClaimed {
-            inventory: format!("{}/{} (id {})", inv.namespace, inv.name, inv.id),
-            reason,
-        })
-    };
-    if let Some(other) = settings
-        .others
-        .iter()
-        .find(|o| o.id == inv.id || (o.name == inv.name && o.namespace == inv.namespace))
-    {
-        return refuse(format!(
-            "it is the inventory of another project of this agent ({}/{}, id {}); give this project an inventory of its own",
-            other.namespace, other.name, other.id
-        ));
-    }
-    if let Some(live) = live {
-        if let Some(id) = live.id.as_deref().filter(|id| *id != inv.id) {
-            return refuse(format!(
-                "the ConfigMap already exists as the inventory of id {id:?}"
-            ));
-        }
-        if let Some(owner) = live.project.as_deref().filter(|p| *p != project.id) {
-            return refuse(format!(
-                "the ConfigMap is the inventory of project {owner:?}"
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// agentk named its inventories `inventory-<agentId>-<projectId>` (numeric GitLab ids a
-/// sluice user rarely knows). For a project with no inventory yet, the one to adopt is the
-/// agentk inventory in the project's namespace that owns the live objects of this commit:
-/// the id most of them carry in `config.k8s.io/owning-inventory`, if its ConfigMap exists,
-/// is not another sluice project's, and lists them.
-async fn find_agentk_inventory(
-    cluster: &Cluster,
-    inv: &InventoryRef,
-    objects: &[Object],
-    agent_id: Option<&str>,
-    settings: &Settings,
-) -> Result<Option<(InventoryRef, inventory::Stored)>, Error> {
-    let candidates: Vec<(InventoryRef, inventory::Stored)> =
-        inventory::list(cluster.client(), &inv.namespace)
-            .await?
-            .into_iter()
-            .filter(|(c, s)| {
-                is_agentk_id(&c.id, agent_id)
-                    && c.name == format!("inventory-{}", c.id)
-                    && s.project.is_none()
-                    && !settings.others.iter().any(|o| o.id == c.id)
-            })
-            .collect();
-    if candidates.is_empty() {
-        return Ok(None);
-    }
-    // Count, per candidate, the desired objects it lists whose live annotation is its id.
-    let mut votes: BTreeMap<String, usize> = BTreeMap::new();
-    for o in objects {
-        let r = o.obj_ref();
-        let Some((_, stored)) = candidates.iter().find(|(_, s)| s.objects.contains(&r)) else {
-            continue;
-        };
-        let live = cluster.get(&r).await.ok().flatten();
-        if let Some(owner) = live
-            .as_ref()
-            .and_then(|l| sluice_model::object::annotation(l, inventory::OWNING_INVENTORY))
-            && stored.id.as_deref() == Some(owner)
-        {
-            *votes.entry(owner.to_string()).or_default() += 1;
-        }
-    }
-    let best = votes
-        .iter()
-        .max_by_key(|(_, n)| **n)
-        .map(|(id, n)| (id.clone(), *n));
-    let Some((id, n)) = best else { return Ok(None) };
-    if votes.values().filter(|v| **v == n).count() > 1 {
-        return Err(Error::InventoryClaimed {
-            inventory: format!("{}/{}", inv.namespace, inv.name),
-            reason: format!(
-                "several agentk inventories own this commit's objects ({}); pass --agentk-agent-id or --inventory-id PROJECT=ID to choose",
-                votes.keys().cloned().collect::<Vec<_>>().join(", ")
-            ),
-        });
-    }
-    Ok(candidates.into_iter().find(|(c, _)| c.id == id))
-}
-
-/// `<agentId>-<projectId>`, both numeric (agentk's inventory ids).
-fn is_agentk_id(id: &str, agent_id: Option<&str>) -> bool {
-    let Some((agent, project)) = id.split_once('-') else {
-        return false;
-    };
-    let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    numeric(agent) && numeric(project) && agent_id.is_none_or(|a| a == agent)
-}
-
-/// What a prune decision needs to know beyond the object.
-struct PruneContext<'a> {
-    inv: &'a InventoryRef,
-    project: &'a ManifestProject,
-    adopt_ids: &'a [String],
-    /// Everything the inventory records (adopted entries included).
-    recorded: &'a BTreeSet<ObjRef>,
-    /// Everything this commit applies.
-    desired: &'a BTreeSet<ObjRef>,
-}
-
-async fn prune_one(cluster: &Cluster, r: &ObjRef, ctx: &PruneContext<'_>) -> ObjectResult {
-    let result = |action, message: Option<String>| ObjectResult {
-        obj: r.clone(),
-        origin: None,
-        action,
-        message,
-        written: None,
-    };
-    if let Some(why) = cluster.unavailable_group(&r.group) {
-        return result(Action::Retained, Some(format!("not pruned: {why}")));
-    }
-    let api = match cluster.api_for_ref(r) {
-        Some(api) => api,
-        None => {
-            match kube::discovery::oneshot::group(cluster.client(), &r.group).await {
-                // Discovery may be stale: ask once more before believing the kind is gone.
-                Ok(g) if g.recommended_kind(&r.kind).is_some() => {
-                    return result(
-                    Action::Retained,
-                    Some("not pruned: its kind appeared since the last discovery; retried next sync".into()),
-                );
-                }
-                Ok(_) => return result(Action::Pruned, Some("kind no longer served".into())),
-                Err(kube::Error::Api(e)) if e.code == 404 => {
-                    return result(Action::Pruned, Some("kind no longer served".into()));
-                }
-                Err(e) => {
-                    return result(
-                        Action::Retained,
-                        Some(format!(
-                            "not pruned: failed to discover {}: {}",
-                            r.group,
-                            apply::api_message(&e)
-                        )),
-                    );
-                }
-            }
-        }
-    };
-    let live = match api.get_opt(&r.name).await {
-        Ok(Some(o)) => serde_json::to_value(o).unwrap_or_default(),
-        Ok(None) => return result(Action::Pruned, Some("already gone".into())),
-        Err(e) => {
-            return result(
-                Action::Failed,
-                Some(format!(
-                    "failed to read before prune: {}",
-                    apply::api_message(&e)
-                )),
-            );
-        }
-    };
-    if inventory::keep_on_remove(&live) {
-        let patch =
-            serde_json::json!({"metadata": {"annotations": {inventory::OWNING_INVENTORY: null}}});
-        return match api
-            .patch(
-                &r.name,
-                &kube::api::PatchParams::default(),
-                &kube::api::Patch::Merge(&patch),
-            )
-            .await
-        {
-            Ok(_) => result(Action::Abandoned, Some("kept: on-remove annotation".into())),
-            Err(e) => result(
-                Action::Failed,
-                Some(format!("failed to release: {}", apply::api_message(&e))),
-            ),
-        };
-    }
-    let mut ownership = Ownership::of(&live, &ctx.inv.id);
-    if ownership == Ownership::NoMatch
-        && sluice_model::object::annotation(&live, inventory::OWNING_INVENTORY)
-            .is_some_and(|a| ctx.adopt_ids.iter().any(|id| id == a))
-    {
-        ownership = Ownership::Match;
-    }
-    if !inventory::may_prune(ctx.project.inventory_policy, ownership) {
-        return result(Action::Skipped, Some("not owned by this inventory".into()));
-    }
-    if r.group.is_empty()
-        && r.kind == "Namespace"
-        && let Some(why) = namespace_in_use(cluster, &r.name, ctx).await
-    {
-        return result(Action::Retained, Some(format!("not pruned: {why}")));
-    }
-    let propagation = match ctx.project.prune_propagation_policy {
-        PropagationPolicy::Orphan => kube::api::PropagationPolicy::Orphan,
-        PropagationPolicy::Background => kube::api::PropagationPolicy::Background,
-        PropagationPolicy::Foreground => kube::api::PropagationPolicy::Foreground,
-    };
-    let dp = kube::api::DeleteParams {
-        propagation_policy: Some(propagation),
-        ..Default::default()
-    };
-    match api.delete(&r.name, &dp).await {
-        Ok(_) => result(Action::Pruned, None),
-        Err(e) => result(
-            Action::Failed,
-            Some(format!("failed to delete: {}", apply::api_message(&e))),
-        ),
-    }
-}
-
-/// Why the Namespace `name` must not be deleted, if it must not: deleting a Namespace
-/// deletes everything in it, so it is pruned only when it holds nothing but what this
-/// project recorded (and what the cluster made for those objects). cli-utils'
-/// local-namespaces filter refuses the first two cases too.
-async fn namespace_in_use(cluster: &Cluster, name: &str, ctx: &PruneContext<'_>) -> Option<String> {
-    if name == ctx.inv.namespace {
-        return Some(format!(
-            "namespace still in use: it holds this project's inventory {}",
-            ctx.inv.name
-        ));
-    }
-    if let Some(o) = ctx.desired.iter().find(|o| o.namespace == name) {
-        return Some(format!(
-            "namespace still in use: {o} of this commit is in it"
-        ));
-    }
-    if let Some(group) = cluster.unavailable().keys().next() {
-        return Some(format!(
-            "cannot tell whether it is empty while API group {group} is unavailable"
-        ));
-    }
-    match cluster.foreign_objects(name, ctx.recorded).await {
-        Ok(foreign) if foreign.is_empty() => None,
-        Ok(foreign) => Some(format!(
-            "namespace still in use: it holds {} objects this project does not own ({}{}); move or delete them, or remove the Namespace from the inventory",
-            foreign.len(),
-            foreign
-                .iter()
-                .take(3)
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", "),
-            if foreign.len() > 3 { ", …" } else { "" }
-        )),
-        Err(e) => Some(format!("failed to list what it holds: {e}")),
-    }
 }
 
 /// Where a project's repository lives: a full URL as given, or a path under `base_url`.
@@ -1173,49 +950,6 @@ pub fn inventory_id(agent: &str, project: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn cm(name: &str) -> ObjRef {
-        ObjRef {
-            group: "".into(),
-            kind: "ConfigMap".into(),
-            namespace: "ns".into(),
-            name: name.into(),
-        }
-    }
-
-    #[test]
-    fn pruning_is_held_for_each_reason_and_only_when_something_would_be_pruned() {
-        let plan = |prune: &[&str]| plan::Plan {
-            stages: Vec::new(),
-            prune: prune.iter().map(|n| cm(n)).collect(),
-        };
-        let rendered: BTreeSet<ObjRef> = [cm("a"), cm("b")].into();
-        let none = BTreeSet::new();
-        assert!(hold_reasons(&plan(&["c"]), &rendered, &[], &none).is_empty());
-        assert!(hold_reasons(&plan(&[]), &rendered, &["p".into()], &none).is_empty());
-        let skipped = hold_reasons(&plan(&["c"]), &rendered, &["p".into()], &none);
-        assert_eq!(skipped.len(), 1);
-        assert!(skipped[0].starts_with("plugin p failed and was skipped"));
-        let dropped = hold_reasons(&plan(&["b", "c"]), &rendered, &[], &none);
-        assert_eq!(
-            dropped,
-            [
-                "the plugins removed 1 objects that are still in git (ConfigMap/ns/b); a transformer must not drop objects it received"
-            ]
-        );
-        let down: BTreeSet<&str> = ["API group x is unavailable"].into();
-        assert_eq!(hold_reasons(&plan(&["c"]), &rendered, &[], &down).len(), 1);
-    }
-
-    #[test]
-    fn agentk_ids_are_two_numbers() {
-        assert!(is_agentk_id("17-42", None));
-        assert!(is_agentk_id("17-42", Some("17")));
-        assert!(!is_agentk_id("17-42", Some("18")));
-        for id in ["17", "17-", "-42", "a-42", "17-42-1", "sluice-g-app"] {
-            assert!(!is_agentk_id(id, None), "{id}");
-        }
-    }
 
     #[test]
     fn urls_and_ids() {

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ObjectMeta, PostParams};
 
-use sluice_model::object::ObjRef;
+use sluice_model::object::{ObjRef, Object, Origin};
 use sluice_model::policy::InventoryPolicy;
 
 /// Label naming the inventory a ConfigMap is.
@@ -369,9 +369,143 @@ pub fn keep_on_remove(live: &serde_json::Value) -> bool {
         || sluice_model::object::annotation(live, LIFECYCLE_DELETION) == Some("detach")
 }
 
+/// An inventory that is not this project's to use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("refusing inventory {inventory}: {reason}")]
+pub struct Claimed {
+    /// Namespace, name and id.
+    pub inventory: String,
+    /// Whose it is, and what to change.
+    pub reason: String,
+}
+
+/// An inventory is `project`'s alone: not one of `others` (by id or ConfigMap: the agent's
+/// other projects), not marked as another project's by any sluice, and not a ConfigMap that
+/// is already the inventory of another id. `live` is what the ConfigMap holds, if it exists.
+///
+/// # Errors
+/// [`Claimed`], saying whose it is.
+pub fn check_claim(
+    inv: &InventoryRef,
+    live: Option<&Stored>,
+    project: &str,
+    others: &[InventoryRef],
+) -> Result<(), Claimed> {
+    let refuse = |reason: String| {
+        Err(Claimed {
+            inventory: format!("{}/{} (id {})", inv.namespace, inv.name, inv.id),
+            reason,
+        })
+    };
+    if let Some(other) = others
+        .iter()
+        .find(|o| o.id == inv.id || (o.name == inv.name && o.namespace == inv.namespace))
+    {
+        return refuse(format!(
+            "it is the inventory of another project of this agent ({}/{}, id {}); give this project an inventory of its own",
+            other.namespace, other.name, other.id
+        ));
+    }
+    if let Some(live) = live {
+        if let Some(id) = live.id.as_deref().filter(|id| *id != inv.id) {
+            return refuse(format!(
+                "the ConfigMap already exists as the inventory of id {id:?}"
+            ));
+        }
+        if let Some(owner) = live.project.as_deref().filter(|p| *p != project) {
+            return refuse(format!(
+                "the ConfigMap is the inventory of project {owner:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Which inventory a set of objects uses. agentk lets users commit their own inventory
+/// ConfigMap (labelled [`INVENTORY_LABEL`] with the inventory id); it is then used instead
+/// of the default (`default_id` in `namespace`), taken out of `objects` (it is not applied
+/// as a normal object), and its origin returned.
+///
+/// # Errors
+/// The number of inventory ConfigMaps, when there is more than one.
+pub fn locate(
+    objects: &mut Vec<Object>,
+    default_id: &str,
+    namespace: &str,
+) -> Result<(InventoryRef, Option<Origin>), usize> {
+    let is_inventory = |o: &Object| o.kind() == "ConfigMap" && o.label(INVENTORY_LABEL).is_some();
+    let found: Vec<Object> = objects
+        .iter()
+        .filter(|o| is_inventory(o))
+        .cloned()
+        .collect();
+    match found.as_slice() {
+        [] => Ok((InventoryRef::default_for(default_id, namespace), None)),
+        [o] => {
+            objects.retain(|x| !is_inventory(x));
+            let inv = InventoryRef {
+                name: o.name().to_string(),
+                namespace: o.namespace().unwrap_or(namespace).to_string(),
+                id: o
+                    .label(INVENTORY_LABEL)
+                    .unwrap_or_else(|| default_id.into()),
+            };
+            Ok((inv, Some(o.origin.clone())))
+        }
+        many => Err(many.len()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_inventory_claimed_by_another_project_or_id_is_refused() {
+        let inv = InventoryRef::default_for("agent-g-app", "apps");
+        assert_eq!(check_claim(&inv, None, "g/app", &[]), Ok(()));
+        let other = InventoryRef::default_for("agent-g-web", "apps");
+        assert_eq!(
+            check_claim(&inv, None, "g/app", std::slice::from_ref(&other)),
+            Ok(())
+        );
+        let same_id = InventoryRef {
+            name: "mine".into(),
+            ..inv.clone()
+        };
+        let err = check_claim(&inv, None, "g/app", &[same_id]).unwrap_err();
+        assert!(
+            err.reason
+                .starts_with("it is the inventory of another project of this agent (apps/mine"),
+            "{err}"
+        );
+        let live = |id: Option<&str>, project: Option<&str>| Stored {
+            id: id.map(Into::into),
+            project: project.map(Into::into),
+            ..Stored::default()
+        };
+        assert_eq!(
+            check_claim(
+                &inv,
+                Some(&live(Some("agent-g-app"), Some("g/app"))),
+                "g/app",
+                &[]
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            check_claim(&inv, Some(&live(Some("x"), None)), "g/app", &[])
+                .unwrap_err()
+                .to_string(),
+            "refusing inventory apps/inventory-agent-g-app (id agent-g-app): the ConfigMap already exists as the inventory of id \"x\""
+        );
+        assert_eq!(
+            check_claim(&inv, Some(&live(None, Some("g/web"))), "g/app", &[])
+                .unwrap_err()
+                .reason,
+            "the ConfigMap is the inventory of project \"g/web\""
+        );
+    }
 
     fn r(g: &str, k: &str, ns: &str, n: &str) -> ObjRef {
         ObjRef {

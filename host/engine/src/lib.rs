@@ -3,7 +3,8 @@
 //! Given objects (from anywhere), the engine plans them ([`plan`]: kind order, CRDs and
 //! Namespaces first, the prune set), dry-runs and server-side applies them ([`apply`]),
 //! records them in an inventory in agentk's and cli-utils' ConfigMap format ([`inventory`]),
-//! prunes what left the set and waits for health with kstatus' rules ([`wait`]), reading shared watches ([`live`]) that also
+//! adopts agentk's inventories ([`takeover`]), deletes what left the set ([`prune`]) and
+//! waits for health with kstatus' rules ([`wait`]), reading shared watches ([`live`]) that also
 //! report [`drift`]. [`cluster`] is its view of the API server: discovery, scopes, reads.
 //!
 //! Must not know: git, configuration files, plugins. It is usable as a library the way
@@ -16,6 +17,8 @@ pub mod drift;
 pub mod inventory;
 pub mod live;
 pub mod plan;
+pub mod prune;
+pub mod takeover;
 pub mod wait;
 
 /// Selects rustls' `ring` provider for the process. Two providers end up linked (kube uses
