@@ -31,6 +31,7 @@ use sluice_engine::drift::Drift;
 use sluice_engine::inventory::InventoryRef;
 use sluice_engine::live::Live;
 use sluice_engine::wait;
+use sluice_model::object::ObjRef;
 use sluice_wasm::{self as plugins, Plugin};
 
 /// Where the configuration comes from.
@@ -771,7 +772,7 @@ struct State {
     drift_budget: DriftBudget,
     /// What the last successful sync applied, while no drift was seen since
     /// ([`sync::Settings::known`]).
-    known: Arc<BTreeMap<sluice_model::object::ObjRef, sluice_engine::apply::Digest>>,
+    known: Arc<BTreeMap<ObjRef, sluice_engine::apply::Digest>>,
 }
 
 /// Drift is restored at once up to DRIFT_BURST times in a row, then at most once every
@@ -840,176 +841,226 @@ async fn worker(
     let mut state = State::default();
     // Watches the objects of the last successful sync; none while a sync runs.
     let mut drift: Option<Drift> = None;
-    // Until the next poll, a push webhook for this project, or drift.
-    let pause = async |drift: &mut Option<Drift>, state: &mut State| {
-        let drifted = async {
-            match drift.as_mut() {
-                Some(d) => d.changed().await,
-                None => std::future::pending().await,
-            }
-        };
-        // The next poll, or sooner when a failed sync's backoff or the re-apply timer ends
-        // (only those still ahead: one that passed did not make the sync due).
-        let now = tokio::time::Instant::now();
-        let next = [
-            Some(now + opts.poll_interval),
-            state.failed.as_ref().map(|(_, at, _)| *at),
-            state
-                .synced
-                .as_ref()
-                .map(|(_, at)| *at + opts.reapply_interval),
-        ]
-        .into_iter()
-        .flatten()
-        .filter(|at| *at > now)
-        .min();
-        let why = tokio::select! {
-            _ = tokio::time::sleep_until(next.unwrap_or(now + opts.poll_interval)) => return,
-            _ = wake.notified() => return,
-            why = drifted => why,
-        };
-        info!(project_id = %project.id, drift = %why, "live objects drifted from git; syncing again");
-        *drift = None;
-        state.drifted = true;
-        state.known = Default::default();
-        // A controller that fights git is answered at most every DRIFT_MIN_INTERVAL, after
-        // a burst of DRIFT_BURST.
-        let at = state.drift_budget.take(tokio::time::Instant::now());
-        tokio::time::sleep_until(at).await;
-    };
+    let id = &project.id;
     loop {
         // A push after this point means: list the ref again before waiting.
         let pushes = wake.pushes();
         let commit = match resolve(source.clone(), project.git_ref.clone()).await {
             Ok(c) => c,
             Err(e) => {
-                warn!(project_id = %project.id, agent_id = %opts.agent_name, git_ref = %project.git_ref, error = %e, "{}", msg::POLL_FAILED);
-                pause(&mut drift, &mut state).await;
+                warn!(project_id = %id, agent_id = %opts.agent_name, git_ref = %project.git_ref, error = %e, "{}", msg::POLL_FAILED);
+                pause(&mut drift, &mut state, id, &opts, &wake).await;
                 continue;
             }
         };
         let now = tokio::time::Instant::now();
-        let due = match (&state.synced, &state.failed) {
-            (_, Some((c, at, _))) if *c == commit => now >= *at,
-            (Some((c, at)), _) if *c == commit => {
-                state.drifted || now.duration_since(*at) >= opts.reapply_interval
-            }
-            _ => true,
-        };
-        if !due {
+        if !state.due(&commit, now, opts.reapply_interval) {
             if wake.pushes() == pushes {
-                pause(&mut drift, &mut state).await;
+                pause(&mut drift, &mut state, id, &opts, &wake).await;
             }
             continue;
         }
         // The sync's own writes are not drift. What the watch saw of the objects stays
         // the expectation for those the sync leaves alone.
         let expected = drift.take().map(|d| d.baseline()).unwrap_or_default();
-        state.drifted = false;
-        // Objects the last sync applied and no one changed since need no request, unless
-        // this is the periodic full re-apply (the safety net checks everything).
-        let full = state.synced.as_ref().is_some_and(|(c, at)| {
-            *c == commit && now.duration_since(*at) >= opts.reapply_interval
-        });
+        if state.synced.as_ref().is_none_or(|(c, _)| *c != commit) {
+            info!(project_id = %id, commit_id = %commit, "{}", msg::NEW_COMMIT);
+        }
         let settings = Settings {
-            known: if full {
-                Default::default()
-            } else {
-                state.known.clone()
-            },
+            known: state.start(&commit, now, opts.reapply_interval),
             ..settings.clone()
         };
-        if state.synced.as_ref().is_none_or(|(c, _)| *c != commit) {
-            info!(project_id = %project.id, commit_id = %commit, "{}", msg::NEW_COMMIT);
-        }
-        info!(project_id = %project.id, commit_id = %commit, agent_id = %opts.agent_name, "{}", msg::SYNCHRONIZING);
+        info!(project_id = %id, commit_id = %commit, agent_id = %opts.agent_name, "{}", msg::SYNCHRONIZING);
         let started = std::time::Instant::now();
-        let outcome = tokio::select! {
-            r = sync::sync(&mut cluster, &source, &project, &commit, &settings) => Some(r),
-            _ = newer_commit(source.clone(), project.git_ref.clone(), commit.clone(), opts.poll_interval, &wake) => None,
-        };
-        match outcome {
-            None => {
-                opts.metrics
-                    .record_sync(&project.id, "canceled", started.elapsed(), &[]);
-                info!(project_id = %project.id, commit_id = %commit, "{}", msg::CANCELED);
+        let result = tokio::select! {
+            r = sync::sync(&mut cluster, &source, &project, &commit, &settings) => r,
+            _ = newer_commit(source.clone(), project.git_ref.clone(), commit.clone(), opts.poll_interval, &wake) => {
+                opts.metrics.record_sync(id, "canceled", started.elapsed(), &[]);
+                info!(project_id = %id, commit_id = %commit, "{}", msg::CANCELED);
                 state.known = Default::default();
                 // A newer commit is there: sync it now, not after a poll interval.
                 continue;
             }
-            Some(result) => {
-                let elapsed = started.elapsed();
-                let ended = Ended {
-                    project: &project,
-                    settings: &settings,
-                    commit: &commit,
-                    elapsed,
-                };
-                ended
-                    .tell(&mut history, &opts.agent_name, result.as_ref())
-                    .await;
-                match result {
-                    Ok(report) => {
-                        opts.metrics
-                            .record_sync(&project.id, "success", elapsed, &report.results);
-                        let applied: Vec<_> = report.applied.keys().cloned().collect();
-                        let untouched: BTreeMap<_, _> = report
-                            .results
-                            .iter()
-                            .filter(|r| r.action == Action::Unchanged)
-                            .filter_map(|r| Some((r.obj.clone(), expected.get(&r.obj)?.clone())))
-                            .collect();
-                        drift = Some(Drift::watch(
-                            &live,
-                            &project.id,
-                            &cluster,
-                            &applied,
-                            &untouched,
-                        ));
-                        state.known = report.applied.clone();
-                        state.synced = Some((commit.clone(), tokio::time::Instant::now()));
-                        state.failed = None;
-                    }
-                    Err(e) => {
-                        opts.metrics
-                            .record_sync(&project.id, "failure", elapsed, &[]);
-                        // Unknown what the cluster holds now: the next sync checks it all.
-                        state.known = Default::default();
-                        let problems = e.problems();
-                        if !problems.is_empty()
-                            && problems
-                                .iter()
-                                .all(|p| p.message.contains(wait::DELETED_DURING_WAIT))
-                        {
-                            // Someone deleted what this sync applied, before it was ready:
-                            // drift, restored now rather than after a failure's backoff.
-                            info!(project_id = %project.id, "objects were deleted during the health wait; syncing again");
-                            state.drifted = true;
-                            let at = state.drift_budget.take(tokio::time::Instant::now());
-                            tokio::time::sleep_until(at).await;
-                            continue;
-                        }
-                        let backoff = match &state.failed {
-                            Some((c, _, b)) if *c == commit => (*b * 2).min(BACKOFF_MAX),
-                            _ => BACKOFF_START,
-                        };
-                        state.failed = Some((
-                            commit.clone(),
-                            tokio::time::Instant::now() + backoff,
-                            backoff,
-                        ));
-                        // Discovery may be stale (a CRD appeared or went); refresh before
-                        // retrying.
-                        let _ = cluster.refresh().await;
-                    }
+        };
+        let elapsed = started.elapsed();
+        let ended = Ended {
+            project: &project,
+            settings: &settings,
+            commit: &commit,
+            elapsed,
+        };
+        ended
+            .tell(&mut history, &opts.agent_name, result.as_ref())
+            .await;
+        match result {
+            Ok(report) => {
+                opts.metrics
+                    .record_sync(id, "success", elapsed, &report.results);
+                drift = Some(watch_drift(&live, &cluster, id, &report, &expected));
+                state.succeeded(&commit, report.applied.clone());
+            }
+            Err(e) => {
+                opts.metrics.record_sync(id, "failure", elapsed, &[]);
+                if deleted_during_wait(&e) {
+                    // Someone deleted what this sync applied, before it was ready: drift,
+                    // restored now rather than after a failure's backoff.
+                    info!(project_id = %id, "objects were deleted during the health wait; syncing again");
+                    state.drifted(tokio::time::Instant::now()).await;
+                    continue;
                 }
+                state.failed(&commit, tokio::time::Instant::now());
+                // Discovery may be stale (a CRD appeared or went); refresh before retrying.
+                let _ = cluster.refresh().await;
             }
         }
         // A push during the sync may have been taken by a wait that the sync's end
         // abandoned: look at the ref again instead of sleeping.
         if wake.pushes() == pushes {
-            pause(&mut drift, &mut state).await;
+            pause(&mut drift, &mut state, id, &opts, &wake).await;
         }
+    }
+}
+
+/// Waits until the next poll (or sooner, when a failed sync's backoff or the re-apply timer
+/// ends), a push webhook for this project, or drift; after drift, until the drift budget
+/// allows the restore.
+async fn pause(
+    drift: &mut Option<Drift>,
+    state: &mut State,
+    project: &str,
+    opts: &Options,
+    wake: &webhook::Wake,
+) {
+    let drifted = async {
+        match drift.as_mut() {
+            Some(d) => d.changed().await,
+            None => std::future::pending().await,
+        }
+    };
+    let next = state.next_wake(
+        tokio::time::Instant::now(),
+        opts.poll_interval,
+        opts.reapply_interval,
+    );
+    let why = tokio::select! {
+        _ = tokio::time::sleep_until(next) => return,
+        _ = wake.notified() => return,
+        why = drifted => why,
+    };
+    info!(project_id = %project, drift = %why, "live objects drifted from git; syncing again");
+    *drift = None;
+    state.known = Default::default();
+    state.drifted(tokio::time::Instant::now()).await;
+}
+
+/// Watches the objects a successful sync applied for drift; the unchanged ones keep what
+/// the last watch saw of them (`expected`) as their baseline.
+fn watch_drift(
+    live: &Live,
+    cluster: &Cluster,
+    project: &str,
+    report: &sync::Report,
+    expected: &BTreeMap<ObjRef, sluice_engine::drift::Fingerprint>,
+) -> Drift {
+    let applied: Vec<_> = report.applied.keys().cloned().collect();
+    let untouched: BTreeMap<_, _> = report
+        .results
+        .iter()
+        .filter(|r| r.action == Action::Unchanged)
+        .filter_map(|r| Some((r.obj.clone(), expected.get(&r.obj)?.clone())))
+        .collect();
+    Drift::watch(live, project, cluster, &applied, &untouched)
+}
+
+/// A sync that failed only because what it applied was deleted before it became healthy.
+fn deleted_during_wait(e: &sync::Error) -> bool {
+    let problems = e.problems();
+    !problems.is_empty()
+        && problems
+            .iter()
+            .all(|p| p.message.contains(wait::DELETED_DURING_WAIT))
+}
+
+impl State {
+    /// Whether `commit` is to be synced at `now`: a new commit at once, a failed one when
+    /// its backoff ends, the synced one after drift or when the re-apply timer ends.
+    fn due(&self, commit: &str, now: tokio::time::Instant, reapply: Duration) -> bool {
+        match (&self.synced, &self.failed) {
+            (_, Some((c, at, _))) if c == commit => now >= *at,
+            (Some((c, at)), _) if c == commit => self.drifted || now.duration_since(*at) >= reapply,
+            _ => true,
+        }
+    }
+
+    /// A sync of `commit` starts at `now`: returns what it may take as applied
+    /// ([`sync::Settings::known`]): nothing on the periodic full re-apply (the safety net
+    /// checks everything), else what the last sync applied and no one changed since.
+    fn start(
+        &mut self,
+        commit: &str,
+        now: tokio::time::Instant,
+        reapply: Duration,
+    ) -> Arc<BTreeMap<ObjRef, sluice_engine::apply::Digest>> {
+        self.drifted = false;
+        let full = self
+            .synced
+            .as_ref()
+            .is_some_and(|(c, at)| c == commit && now.duration_since(*at) >= reapply);
+        if full {
+            Default::default()
+        } else {
+            self.known.clone()
+        }
+    }
+
+    /// The next time to look at the ref: the next poll, or sooner when a failed sync's
+    /// backoff or the re-apply timer ends (only those still ahead: one that passed did not
+    /// make the sync due).
+    fn next_wake(
+        &self,
+        now: tokio::time::Instant,
+        poll: Duration,
+        reapply: Duration,
+    ) -> tokio::time::Instant {
+        [
+            self.failed.as_ref().map(|(_, at, _)| *at),
+            self.synced.as_ref().map(|(_, at)| *at + reapply),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|at| *at > now)
+        .fold(now + poll, std::cmp::min)
+    }
+
+    fn succeeded(
+        &mut self,
+        commit: &str,
+        applied: Arc<BTreeMap<ObjRef, sluice_engine::apply::Digest>>,
+    ) {
+        self.known = applied;
+        self.synced = Some((commit.to_string(), tokio::time::Instant::now()));
+        self.failed = None;
+    }
+
+    /// A sync of `commit` failed at `now`: retried after agentk's backoff, 10 s doubling to
+    /// 1 min while the same commit keeps failing. Unknown what the cluster holds now: the
+    /// next sync checks it all.
+    fn failed(&mut self, commit: &str, now: tokio::time::Instant) {
+        self.known = Default::default();
+        let backoff = match &self.failed {
+            Some((c, _, b)) if c == commit => (*b * 2).min(BACKOFF_MAX),
+            _ => BACKOFF_START,
+        };
+        self.failed = Some((commit.to_string(), now + backoff, backoff));
+    }
+
+    /// Live objects drifted at `now`: sync again, once the drift budget allows (a
+    /// controller that fights git is answered at most every DRIFT_MIN_INTERVAL, after a
+    /// burst of DRIFT_BURST).
+    async fn drifted(&mut self, now: tokio::time::Instant) {
+        self.drifted = true;
+        let at = self.drift_budget.take(now);
+        tokio::time::sleep_until(at).await;
     }
 }
 
@@ -1088,6 +1139,58 @@ async fn newer_commit(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_commit_is_due_when_new_after_its_backoff_after_drift_or_at_reapply() {
+        let t0 = tokio::time::Instant::now();
+        let reapply = Duration::from_secs(300);
+        let mut state = State::default();
+        assert!(state.due("a", t0, reapply), "new commit");
+        state.succeeded("a", Default::default());
+        let t1 = state.synced.as_ref().unwrap().1;
+        assert!(!state.due("a", t1 + Duration::from_secs(10), reapply));
+        assert!(state.due("a", t1 + reapply, reapply), "re-apply timer");
+        assert!(state.due("b", t1, reapply), "another commit");
+        state.drifted = true;
+        assert!(state.due("a", t1, reapply), "drift");
+        state.drifted = false;
+        state.failed("b", t1);
+        assert!(!state.due("b", t1 + Duration::from_secs(9), reapply));
+        assert!(state.due("b", t1 + BACKOFF_START, reapply));
+    }
+
+    #[test]
+    fn a_failing_commit_backs_off_from_10_s_doubling_to_a_minute() {
+        let t0 = tokio::time::Instant::now();
+        let mut state = State::default();
+        let mut backoffs = Vec::new();
+        for _ in 0..5 {
+            state.failed("a", t0);
+            backoffs.push(state.failed.as_ref().unwrap().2.as_secs());
+        }
+        assert_eq!(backoffs, [10, 20, 40, 60, 60]);
+        state.failed("b", t0);
+        assert_eq!(
+            state.failed.as_ref().unwrap().2,
+            BACKOFF_START,
+            "a new commit starts over"
+        );
+    }
+
+    #[test]
+    fn the_worker_wakes_at_the_next_poll_backoff_or_reapply_still_ahead() {
+        let t0 = tokio::time::Instant::now();
+        let (poll, reapply) = (Duration::from_secs(20), Duration::from_secs(300));
+        let mut state = State::default();
+        assert_eq!(state.next_wake(t0, poll, reapply), t0 + poll);
+        state.failed("a", t0);
+        assert_eq!(state.next_wake(t0, poll, reapply), t0 + BACKOFF_START);
+        assert_eq!(
+            state.next_wake(t0 + BACKOFF_START, poll, reapply),
+            t0 + BACKOFF_START + poll,
+            "a backoff that passed does not count"
+        );
+    }
 
     #[test]
     fn drift_is_restored_at_once_a_few_times_then_every_interval() {
