@@ -5,7 +5,7 @@
 #   bin=$(scripts/build-static.sh)                 # target/x86_64-unknown-linux-musl/release/sluice
 #   mkdir -p target/image && cp "$bin" target/image/sluice
 #   cp /etc/ssl/certs/ca-certificates.crt target/image/    # Debian's ca-certificates
-#   docker build -f Dockerfile -t registry.example.com/sluice:0.1.0 target/image
+#   docker build -f Dockerfile -t registry.example.com/sluice:0.5.0 target/image
 #
 # Runs as uid/gid 65532 (non-root); `sluice generate` sets runAsNonRoot, a read-only root
 # filesystem and emptyDir volumes for /tmp and the cache (/var/cache/sluice).

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need and runs them all: formatting, lints, unit tests and the
-# end-to-end tests against a real control plane and git server.
+# end-to-end tests against a real control plane and git server. CI (.ci/run) runs exactly
+# this. Ends with the time each step took.
 #
 # Needs: rustup (the toolchain and wasm targets come from rust-toolchain.toml), Go >= 1.26
 # (the control plane is built from the Go module proxy, once per version, cached under
@@ -9,14 +10,55 @@
 # The example plugins' toolchains (componentize-py, componentize-js, and for C Debian's
 # clang and wasi-libc plus wit-bindgen and wasm-tools from crates.io) are installed by
 # examples/plugins/build.sh, which the tests run, and cached under ~/.cache/sluice.
+#
+# Caches, all under ~/.cache/sluice and keyed by version: the control plane, kapply, the
+# example plugins' tools, and cargo's build directory. A clone without a `target/` gets a
+# link to the build directory of this toolchain (cargo-target/rust-<version>), so a fresh
+# clone rebuilds only the workspace's own crates, not its ~500 dependencies; cargo's own
+# fingerprints decide what is stale. SLUICE_SHARED_TARGET=0 keeps a private `target/`.
+# End-to-end tests run SLUICE_E2E_THREADS at a time (default 4: they mostly wait on the
+# API server and agents).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n==> %s\n' "$*" >&2; }
+started=$SECONDS
+current="" current_start=$SECONDS
+timings=()
+step() {
+  end_step
+  current="$*" current_start=$SECONDS
+  printf '\n==> %s\n' "$*" >&2
+}
+end_step() {
+  if [ -n "$current" ]; then timings+=("$((SECONDS - current_start))|$current"); fi
+  current=""
+}
+summary() {
+  end_step
+  printf '\n==> time per step\n' >&2
+  for t in "${timings[@]}"; do
+    printf '%5d s  %s\n' "${t%%|*}" "${t#*|}" >&2
+  done
+  printf '%5d s  total\n' "$((SECONDS - started))" >&2
+}
+trap summary EXIT
 
 for tool in rustup cargo go git; do
   command -v "$tool" >/dev/null || { echo "error: $tool is required but not installed" >&2; exit 1; }
 done
+
+cache="${XDG_CACHE_HOME:-$HOME/.cache}/sluice"
+if [ ! -e target ] && [ "${SLUICE_SHARED_TARGET:-1}" != 0 ]; then
+  toolchain=$(sed -n 's/^channel = "\(.*\)"/\1/p' rust-toolchain.toml)
+  shared="$cache/cargo-target/rust-$toolchain"
+  mkdir -p "$shared"
+  # Bounded: artefacts of old dependency versions pile up; start over past 40 GiB.
+  if [ "$(du -s --block-size=1G "$shared" | cut -f1)" -gt 40 ]; then
+    rm -rf "$shared" && mkdir -p "$shared"
+  fi
+  ln -s "$shared" target
+  echo "target/ -> $shared (shared build directory; SLUICE_SHARED_TARGET=0 for a private one)" >&2
+fi
 
 step "Rust toolchain (rust-toolchain.toml)"
 rustup toolchain install >&2
@@ -31,8 +73,10 @@ tests/cluster/build-kapply.sh >/dev/null
 step "cargo fmt --check"
 cargo fmt --all --check
 
-step "cargo clippy --all-targets -- -D warnings (host, and the plugins as WebAssembly)"
+step "cargo clippy --all-targets -- -D warnings (host)"
 cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo clippy -- -D warnings (the plugins as WebAssembly)"
 plugins=""
 for d in plugins/*/ tests/plugins/*/; do
   n=$(basename "$d")
@@ -44,8 +88,11 @@ cargo clippy --release --target wasm32-wasip2 $plugins -- -D warnings
 step "example plugins in Python, JavaScript, C and Go (toolchains installed and cached on first use)"
 examples/plugins/build.sh >/dev/null
 
+step "build the tests"
+cargo test --workspace --no-run
+
 step "cargo test (unit, integration, end-to-end)"
-cargo test --workspace
+cargo test --workspace -- --test-threads "${SLUICE_E2E_THREADS:-4}"
 
 step "static binary (musl) for the container image: build, then run it in an empty root"
 static_bin=$(scripts/build-static.sh --debug | tail -1)
