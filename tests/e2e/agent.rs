@@ -253,7 +253,7 @@ async fn a_push_webhook_syncs_its_project_at_once() {
     tokio::spawn(sluice_agent::observability::serve(
         listener,
         opts.metrics.clone(),
-        Some(receiver),
+        Some(sluice_agent::webhook::routes(receiver)),
     ));
     let (_stop, _agent) = start(ConfigSource::File(config), opts, client.clone());
     let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);

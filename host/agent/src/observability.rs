@@ -141,7 +141,7 @@ impl Metrics {
         }
     }
 
-    /// Records one webhook request ([`crate::webhook`]).
+    /// Records one webhook request (`/hooks/*`).
     pub fn record_webhook(&self, provider: &str, result: &str) {
         self.webhooks
             .get_or_create(&WebhookLabels {
@@ -173,7 +173,7 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves `/metrics`, `/liveness` and `/readiness` on `listener` until the task is dropped,
-/// and the webhook receivers (`/hooks/*`, [`crate::webhook`]) when `hooks` is given.
+/// and the routes of `more` beside them (the webhook receivers, `webhook::routes`).
 ///
 /// The port is unauthenticated and often reachable from the whole cluster, so a client
 /// cannot hold it: at most [`MAX_CONNECTIONS`] connections (more are closed at once),
@@ -182,10 +182,10 @@ pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
-    hooks: Option<Arc<crate::webhook::Receiver>>,
+    more: Option<axum::Router>,
 ) -> std::io::Result<()> {
-    let app = match hooks {
-        Some(receiver) => router(metrics).merge(crate::webhook::routes(receiver)),
+    let app = match more {
+        Some(routes) => router(metrics).merge(routes),
         None => router(metrics),
     };
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));

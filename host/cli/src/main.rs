@@ -808,7 +808,7 @@ async fn run(args: RunArgs) -> ExitCode {
             tokio::spawn(sluice_agent::observability::serve(
                 listener,
                 metrics.clone(),
-                hooks,
+                hooks.map(sluice_agent::webhook::routes),
             ));
         }
         Err(e) => {
