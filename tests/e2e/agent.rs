@@ -75,7 +75,7 @@ async fn seed_scenario_the_cluster_follows_a_commit_within_seconds() {
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    tokio::spawn(sluice_agent::observability::serve(listener, metrics, None));
+    tokio::spawn(sluice_agent::observability::serve(listener, metrics));
     let (_stop, _agent) = start(ConfigSource::File(config), opts, client.clone());
 
     let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
@@ -246,14 +246,19 @@ async fn a_push_webhook_syncs_its_project_at_once() {
         opts.triggers.clone(),
         opts.metrics.clone(),
     ));
+    // The receivers and the metrics on two ports, as `sluice run` serves them.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
+    tokio::spawn(sluice_agent::webhook::serve(listener, receiver));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let metrics_addr = listener.local_addr().expect("addr");
     tokio::spawn(sluice_agent::observability::serve(
         listener,
         opts.metrics.clone(),
-        Some(sluice_agent::webhook::routes(receiver)),
     ));
     let (_stop, _agent) = start(ConfigSource::File(config), opts, client.clone());
     let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
@@ -354,7 +359,7 @@ async fn a_push_webhook_syncs_its_project_at_once() {
     })
     .await;
 
-    let metrics = http_get(addr, "/metrics").await;
+    let metrics = http_get(metrics_addr, "/metrics").await;
     for line in [
         r#"sluice_webhook_requests_total{provider="gitlab",result="unauthorized"} 1"#,
         r#"sluice_webhook_requests_total{provider="gitlab",result="triggered"} 1"#,
@@ -365,6 +370,117 @@ async fn a_push_webhook_syncs_its_project_at_once() {
         assert!(metrics.contains(line), "{line} in\n{metrics}");
     }
     assert!(!metrics.contains(secret));
+}
+
+/// Anyone who can reach the webhook receiver cannot make the kubelet restart the agent: the
+/// receivers have a port of their own, so a flood of half-sent requests there (900
+/// connections, each reconnecting as soon as it is dropped) leaves `/liveness` answering
+/// within 1 s on every try, and the flood's one address holds at most its share of the
+/// receiver's connections, so a push from another address still gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_answer_while_the_webhook_port_is_flooded() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("dir");
+    let opts = options("flood", dir.path());
+    let secret = "flood-secret";
+    let receiver = Arc::new(sluice_agent::webhook::Receiver::new(
+        secret.to_string().into(),
+        opts.triggers.clone(),
+        opts.metrics.clone(),
+    ));
+    let hooks = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let hooks_addr = hooks.local_addr().expect("addr");
+    tokio::spawn(sluice_agent::webhook::serve(hooks, receiver));
+    let probes = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let probes_addr = probes.local_addr().expect("addr");
+    opts.metrics.set_ready();
+    tokio::spawn(sluice_agent::observability::serve(
+        probes,
+        opts.metrics.clone(),
+    ));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let connects = Arc::new(AtomicU64::new(0));
+    let flood: Vec<_> = (0..900)
+        .map(|_| {
+            let (stop, connects) = (stop.clone(), connects.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(mut s) = tokio::net::TcpStream::connect(hooks_addr).await else {
+                        tokio::task::yield_now().await;
+                        continue;
+                    };
+                    connects.fetch_add(1, Ordering::Relaxed);
+                    let _ = s
+                        .write_all(b"POST /hooks/gitlab HTTP/1.1\r\nHost: x\r\n")
+                        .await;
+                    // Held until the server drops it, then again at once.
+                    let mut buf = [0u8; 64];
+                    let _ = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    for attempt in 0..20 {
+        let started = std::time::Instant::now();
+        let answer =
+            tokio::time::timeout(Duration::from_secs(1), http_get(probes_addr, "/liveness"))
+                .await
+                .unwrap_or_else(|_| panic!("/liveness did not answer within 1 s (try {attempt})"));
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "try {attempt}: {answer}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(1));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        http_get(probes_addr, "/readiness")
+            .await
+            .starts_with("HTTP/1.1 200"),
+        "readiness too"
+    );
+
+    // A push from another address (127.0.0.2, also loopback) is served during the flood.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.2:0".parse().expect("addr"))
+        .expect("bind 127.0.0.2");
+    let mut s = socket
+        .connect(hooks_addr)
+        .await
+        .expect("connect from 127.0.0.2");
+    let body = r#"{"project": "nobody/here"}"#;
+    let request = format!(
+        "POST /hooks/generic HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {secret}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .expect("the push is answered during the flood")
+        .expect("read");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+
+    stop.store(true, Ordering::Relaxed);
+    for f in flood {
+        f.abort();
+    }
+    let connects = connects.load(Ordering::Relaxed);
+    eprintln!("flood: {connects} connections to the receiver");
+    assert!(
+        connects > 900,
+        "the flood reconnected as it was dropped ({connects})"
+    );
 }
 
 /// Successful syncs of `project` so far, from the agent's metrics.

@@ -8,7 +8,8 @@
 //! [`sync`] is that path for one commit; [`agent`] runs it per project whenever the commit
 //! changes, a webhook arrives, an object drifts or the re-apply timer fires, under
 //! [`leader`]ship, and records each outcome with [`history`] (Events, last sync).
-//! [`webhook`] and [`observability`] serve the agent's HTTP endpoints.
+//! [`webhook`] (push receivers) and [`observability`] (metrics, probes) serve the agent's
+//! HTTP endpoints, each on a port of its own ([`http`]).
 //!
 //! Must not know: how the CLI prints (the `sluice` crate). Start reading at [`agent`].
 #![deny(missing_docs)]
@@ -17,6 +18,7 @@ pub mod agent;
 pub mod config;
 pub mod decode;
 pub mod history;
+pub mod http;
 pub mod leader;
 pub mod limits;
 pub mod observability;

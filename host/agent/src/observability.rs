@@ -1,6 +1,7 @@
 //! What operators scrape and probe: `/metrics` (OpenMetrics text), `/liveness` and
 //! `/readiness`, on agentk's listen address (`:8080` by default), so an agentk Deployment's
-//! probes and scrape annotations keep working after the image is swapped.
+//! probes and scrape annotations keep working after the image is swapped. The push
+//! webhooks have a port of their own (`webhook::serve`).
 //!
 //! Workers record each sync in [`Metrics`]; the server only reads.
 
@@ -167,58 +168,24 @@ impl Metrics {
 
 /// Connections served at once; more are closed when accepted.
 pub const MAX_CONNECTIONS: usize = 64;
-/// How long a client may take to send its request headers.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long one connection may stay open, keep-alive included.
-pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves `/metrics`, `/liveness` and `/readiness` on `listener` until the task is dropped,
-/// and the routes of `more` beside them (the webhook receivers, `webhook::routes`).
+/// within [`MAX_CONNECTIONS`] and the timeouts of [`crate::http`]. The port is
+/// unauthenticated and often reachable from the whole cluster, so no client can hold it;
+/// the push webhooks are served on a port of their own (`webhook::serve`), so a flood there
+/// never fails the kubelet's probes here.
 ///
-/// The port is unauthenticated and often reachable from the whole cluster, so a client
-/// cannot hold it: at most [`MAX_CONNECTIONS`] connections (more are closed at once),
-/// request headers within [`HEADER_TIMEOUT`] (slowloris), and every connection closed after
-/// [`CONNECTION_TIMEOUT`].
+/// # Errors
+/// See [`crate::http::serve`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
-    more: Option<axum::Router>,
 ) -> std::io::Result<()> {
-    let app = match more {
-        Some(routes) => router(metrics).merge(routes),
-        None => router(metrics),
+    let bounds = crate::http::Bounds {
+        connections: MAX_CONNECTIONS,
+        per_peer: MAX_CONNECTIONS,
     };
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // Out of file descriptors or a reset before accept: wait, then go on.
-                tracing::warn!(error = %e, "failed to accept an observability connection");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            drop(stream);
-            continue;
-        };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        tokio::spawn(async move {
-            // HTTP/1 only: protocol sniffing would wait for a first byte with no timeout.
-            let mut builder =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .http1_only();
-            builder
-                .http1()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT);
-            let connection =
-                builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
-            drop(slot);
-        });
-    }
+    crate::http::serve(listener, router(metrics), bounds).await
 }
 
 fn router(metrics: Arc<Metrics>) -> axum::Router {
@@ -288,7 +255,7 @@ mod tests {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let server = tokio::spawn(serve(listener, Arc::new(Metrics::default()), None));
+        let server = tokio::spawn(serve(listener, Arc::new(Metrics::default())));
         assert!(get(addr, "/liveness").await.starts_with("HTTP/1.1 200"));
 
         // Slowloris: half a request, never finished, is cut off after the header timeout.
@@ -296,7 +263,13 @@ mod tests {
         slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
             .await
             .expect("write");
-        assert!(closed_within(&mut slow, HEADER_TIMEOUT + Duration::from_secs(3)).await);
+        assert!(
+            closed_within(
+                &mut slow,
+                crate::http::HEADER_TIMEOUT + Duration::from_secs(3)
+            )
+            .await
+        );
 
         // Every slot held by an idle connection: one more is closed at once...
         let mut idle = Vec::new();
@@ -308,7 +281,7 @@ mod tests {
         assert!(closed_within(&mut surplus, Duration::from_secs(2)).await);
         // ...and the port serves again once the idle ones time out.
         for s in &mut idle {
-            assert!(closed_within(s, HEADER_TIMEOUT + Duration::from_secs(3)).await);
+            assert!(closed_within(s, crate::http::HEADER_TIMEOUT + Duration::from_secs(3)).await);
         }
         assert!(get(addr, "/liveness").await.starts_with("HTTP/1.1 200"));
         server.abort();

@@ -430,6 +430,26 @@ impl Receiver {
     }
 }
 
+/// Connections the receiver serves at once, and from one peer address: a flood from one
+/// address cannot take the slots GitLab's pushes need.
+pub const BOUNDS: crate::http::Bounds = crate::http::Bounds {
+    connections: 64,
+    per_peer: 8,
+};
+
+/// Serves the receivers ([`routes`]) on `listener`, a port of their own (`:9292` by default,
+/// Flux's receiver port), within [`BOUNDS`] and the timeouts of [`crate::http`], until the
+/// task is dropped.
+///
+/// # Errors
+/// See [`crate::http::serve`].
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    receiver: Arc<Receiver>,
+) -> std::io::Result<()> {
+    crate::http::serve(listener, routes(receiver), BOUNDS).await
+}
+
 /// The `/hooks/*` routes.
 pub fn routes(receiver: Arc<Receiver>) -> axum::Router {
     let route = |provider: Provider| {

@@ -200,14 +200,21 @@ pub fn manifests(p: &Params) -> Result<Vec<Value>, Error> {
             "subjects": subject,
         }));
     }
+    let mut ports = vec![json!({"name": "http", "port": 8080, "targetPort": "http"})];
+    if p.webhook_secret.is_some() {
+        ports.push(json!({"name": "webhook", "port": WEBHOOK_PORT, "targetPort": "webhook"}));
+    }
     out.push(json!({
         "apiVersion": "v1", "kind": "Service", "metadata": meta(&name),
-        "spec": {"selector": selector(p),
-                 "ports": [{"name": "http", "port": 8080, "targetPort": "http"}]},
+        "spec": {"selector": selector(p), "ports": ports},
     }));
     out.push(deployment(p, &name));
     Ok(out)
 }
+
+/// The port of the push webhooks (`sluice run --webhook-listen-address`), apart from the
+/// probes' and metrics' port 8080.
+pub const WEBHOOK_PORT: u16 = 9292;
 
 /// The leader-election Lease of agent `agent`: `sluice-<agent>-lock`, never one of
 /// agentk's (`agent-<numeric id>-lock`).
@@ -242,8 +249,10 @@ fn deployment(p: &Params, name: &str) -> Value {
         volumes.push(json!({"name": "git", "secret": {"secretName": format!("{name}-git"), "defaultMode": 0o440}}));
         mounts.push(json!({"name": "git", "mountPath": "/etc/sluice/git", "readOnly": true}));
     }
+    let mut ports = vec![json!({"name": "http", "containerPort": 8080})];
     if p.webhook_secret.is_some() {
         args.push("--webhook-secret-file=/etc/sluice/webhook/secret".into());
+        ports.push(json!({"name": "webhook", "containerPort": WEBHOOK_PORT}));
         volumes.push(json!({"name": "webhook", "secret": {"secretName": format!("{name}-webhook"), "defaultMode": 0o440}}));
         mounts
             .push(json!({"name": "webhook", "mountPath": "/etc/sluice/webhook", "readOnly": true}));
@@ -276,7 +285,7 @@ fn deployment(p: &Params, name: &str) -> Value {
                             {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
                             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                         ],
-                        "ports": [{"name": "http", "containerPort": 8080}],
+                        "ports": ports,
                         "livenessProbe": probe("/liveness"),
                         "readinessProbe": probe("/readiness"),
                         "resources": {
@@ -347,6 +356,29 @@ mod tests {
         assert!(c["volumeMounts"].as_array().expect("mounts").contains(
             &json!({"name": "webhook", "mountPath": "/etc/sluice/webhook", "readOnly": true})
         ));
+        // The receivers have a port of their own, in the Pod and the Service.
+        assert_eq!(
+            c["ports"],
+            json!([{"name": "http", "containerPort": 8080}, {"name": "webhook", "containerPort": 9292}])
+        );
+        let service = out
+            .iter()
+            .find(|o| o["kind"] == "Service")
+            .expect("Service");
+        assert_eq!(
+            service["spec"]["ports"][1],
+            json!({"name": "webhook", "port": 9292, "targetPort": "webhook"})
+        );
+        let without = manifests(&params(Rbac::ClusterAdmin)).expect("valid");
+        let service = without
+            .iter()
+            .find(|o| o["kind"] == "Service")
+            .expect("Service");
+        assert_eq!(
+            service["spec"]["ports"].as_array().map(Vec::len),
+            Some(1),
+            "no webhook port without a secret"
+        );
     }
 
     fn kinds(objects: &[Value]) -> Vec<String> {

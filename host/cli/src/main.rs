@@ -93,7 +93,8 @@ struct GenerateArgs {
     #[arg(long)]
     git_token_file: Option<PathBuf>,
     /// File holding a webhook secret, or `-` for stdin: turns on the push webhooks
-    /// (`/hooks/gitlab`, `/hooks/github`, `/hooks/generic` on the Service's port 8080).
+    /// (`/hooks/gitlab`, `/hooks/github`, `/hooks/generic` on the Service's port `webhook`,
+    /// 9292).
     #[arg(long)]
     webhook_secret_file: Option<PathBuf>,
     /// Container image.
@@ -251,10 +252,13 @@ struct RunArgs {
     /// its own leader election when it runs beside sluice).
     #[arg(long)]
     lease_name: Option<String>,
-    /// Address of /metrics, /liveness and /readiness (agentk's flag and default), and of the
-    /// webhook receivers.
+    /// Address of /metrics, /liveness and /readiness (agentk's flag and default).
     #[arg(long, default_value = "0.0.0.0:8080")]
     observability_listen_address: String,
+    /// Address of the webhook receivers (`/hooks/*`), a port of their own (Flux's receiver
+    /// port), served only with `--webhook-secret-file`.
+    #[arg(long, default_value = "0.0.0.0:9292")]
+    webhook_listen_address: String,
     /// File holding the webhook secret: turns on `POST /hooks/gitlab` (the secret is the
     /// webhook's "Secret token"), `/hooks/github` (its HMAC secret) and `/hooks/generic`
     /// (`Authorization: Bearer <secret>`); a valid push syncs its project at once.
@@ -808,12 +812,22 @@ async fn run(args: RunArgs) -> ExitCode {
             tokio::spawn(sluice_agent::observability::serve(
                 listener,
                 metrics.clone(),
-                hooks.map(sluice_agent::webhook::routes),
             ));
         }
         Err(e) => {
             tracing::error!(address = %args.observability_listen_address, error = %e, "failed to listen for /metrics, /liveness and /readiness");
             return ExitCode::from(2);
+        }
+    }
+    if let Some(receiver) = hooks {
+        match tokio::net::TcpListener::bind(&args.webhook_listen_address).await {
+            Ok(listener) => {
+                tokio::spawn(sluice_agent::webhook::serve(listener, receiver));
+            }
+            Err(e) => {
+                tracing::error!(address = %args.webhook_listen_address, error = %e, "failed to listen for the push webhooks");
+                return ExitCode::from(2);
+            }
         }
     }
     let Some(namespace) = args.leader_election_namespace.clone() else {
