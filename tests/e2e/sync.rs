@@ -1000,3 +1000,55 @@ async fn known_objects_cost_no_request_and_changed_ones_are_applied() {
         .collect();
     assert_eq!(configured, [("cm-3", Action::Configured)]);
 }
+
+/// A poll lists only the configured ref (protocol v2's `ls-refs` with that ref as its
+/// prefix): against a repository with 100,000 tags it costs what it costs against one
+/// with a single tag, for a branch, the default branch and a tag alike.
+#[tokio::test]
+async fn a_poll_lists_only_the_configured_ref_whatever_the_tags() {
+    use sluice_agent::config::GitRef;
+    use sluice_agent::source::Source;
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "tags").await;
+    let server = git::shared();
+    let few = server.create_repo(&format!("tags/{ns}-few"));
+    let many = server.create_repo(&format!("tags/{ns}-many"));
+    let few_head = few.commit("main", &[file("a.yaml", configmap("a", "1"))], "first");
+    let many_head = many.commit("main", &[file("a.yaml", configmap("a", "1"))], "first");
+    few.tag("t0", &few_head);
+    many.pack_tags(100_000, &many_head);
+
+    // Bytes the server sends for one poll of `git_ref` (the second: the first may set
+    // up the cache), and the commit it resolved to.
+    let poll = |repo: git::Repo, git_ref: GitRef| async move {
+        tokio::task::spawn_blocking(move || {
+            let cache = tempfile::tempdir().expect("cache");
+            let source = Source::new(repo.http_url(), cache.path(), None);
+            source.resolve(&git_ref).expect("first poll");
+            let before = repo.bytes_served();
+            let commit = source.resolve(&git_ref).expect("poll");
+            (repo.bytes_served() - before, commit)
+        })
+        .await
+        .expect("poll task")
+    };
+    for git_ref in [
+        GitRef::Branch("main".into()),
+        GitRef::DefaultBranch,
+        GitRef::Tag("t0".into()),
+    ] {
+        let (few_bytes, few_commit) = poll(few.clone(), git_ref.clone()).await;
+        let (many_bytes, many_commit) = poll(many.clone(), git_ref.clone()).await;
+        eprintln!("poll of {git_ref}: {few_bytes} bytes with 1 tag, {many_bytes} with 100,000");
+        assert_eq!(
+            (few_commit, many_commit),
+            (few_head.clone(), many_head.clone())
+        );
+        // The same listing but for the repository's name and ids: a few bytes apart, where
+        // listing every tag would be about 5 MB.
+        assert!(
+            many_bytes <= few_bytes + 512,
+            "{git_ref}: {many_bytes} bytes with 100,000 tags against {few_bytes} with one"
+        );
+    }
+}

@@ -33,6 +33,19 @@ pub struct GitServer {
 
 static SHARED: OnceLock<Result<GitServer, String>> = OnceLock::new();
 
+/// Response bytes the server sent, per repository (`group/app.git`).
+static SERVED: std::sync::Mutex<Option<std::collections::HashMap<String, u64>>> =
+    std::sync::Mutex::new(None);
+
+fn count_served(path: &str, bytes: usize) {
+    let repo = match path.trim_start_matches('/').split_once(".git/") {
+        Some((repo, _)) => format!("{repo}.git"),
+        None => return,
+    };
+    let mut served = SERVED.lock().unwrap_or_else(|e| e.into_inner());
+    *served.get_or_insert_default().entry(repo).or_default() += bytes as u64;
+}
+
 /// The git server of this test run, started on first use.
 ///
 /// # Panics
@@ -184,6 +197,30 @@ impl Repo {
     /// `file:///…/<path>.git`.
     pub fn file_url(&self) -> String {
         format!("file://{}", self.dir.display())
+    }
+
+    /// Response bytes the server has sent for this repository so far (ref listings and
+    /// packs), over http and https.
+    pub fn bytes_served(&self) -> u64 {
+        let served = SERVED.lock().unwrap_or_else(|e| e.into_inner());
+        served
+            .as_ref()
+            .and_then(|s| s.get(&format!("{}.git", self.path)))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Writes `count` tags (`refs/tags/t0` …) on `commit` at once, as packed refs: a
+    /// repository with a long history of releases.
+    pub fn pack_tags(&self, count: usize, commit: &str) {
+        use std::fmt::Write;
+        let mut refs: Vec<String> = (0..count).map(|i| format!("refs/tags/t{i}")).collect();
+        refs.sort();
+        let mut text = String::from("# pack-refs with: peeled fully-peeled sorted \n");
+        for r in refs {
+            let _ = writeln!(text, "{commit} {r}");
+        }
+        std::fs::write(self.dir.join("packed-refs"), text).expect("write packed-refs");
     }
 
     /// The bare repository's directory.
@@ -349,7 +386,10 @@ async fn serve(
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     match run_cgi(cmd, &body).await {
-        Ok(resp) => resp,
+        Ok((resp, bytes)) => {
+            count_served(&path, bytes);
+            resp
+        }
         Err(e) => Response::builder()
             .status(StatusCode::INTERNAL_SERVER_ERROR)
             .body(Body::from(format!("git http-backend failed: {e}\n")))
@@ -357,7 +397,11 @@ async fn serve(
     }
 }
 
-async fn run_cgi(mut cmd: tokio::process::Command, body: &[u8]) -> std::io::Result<Response> {
+/// The CGI's response, and the size of its body.
+async fn run_cgi(
+    mut cmd: tokio::process::Command,
+    body: &[u8],
+) -> std::io::Result<(Response, usize)> {
     use tokio::io::AsyncWriteExt;
     let mut child = cmd.spawn()?;
     let mut stdin = child.stdin.take().expect("piped stdin");
@@ -403,8 +447,10 @@ async fn run_cgi(mut cmd: tokio::process::Command, body: &[u8]) -> std::io::Resu
             resp = resp.header(name.trim(), value);
         }
     }
-    resp.body(Body::from(out.stdout[end + sep..].to_vec()))
-        .map_err(std::io::Error::other)
+    let body = out.stdout[end + sep..].to_vec();
+    let bytes = body.len();
+    let resp = resp.body(Body::from(body)).map_err(std::io::Error::other)?;
+    Ok((resp, bytes))
 }
 
 /// `(user, password)` from an `Authorization: Basic …` header.

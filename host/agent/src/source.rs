@@ -186,7 +186,9 @@ impl Source {
         &self.url
     }
 
-    /// The commit `git_ref` points at on the remote, from the ref advertisement only.
+    /// The commit `git_ref` points at on the remote, from the ref advertisement only, and
+    /// of that only the configured ref (protocol v2's `ls-refs` with the ref as its prefix):
+    /// a repository with 100,000 tags costs a poll what one with one tag does.
     /// A [`GitRef::Commit`] is returned as given, without contacting the remote.
     ///
     /// # Errors
@@ -201,7 +203,7 @@ impl Source {
             url: self.url.clone(),
             message,
         };
-        let remote = self.remote(&repo).map_err(list_err)?;
+        let remote = self.remote_for(&repo, git_ref).map_err(list_err)?;
         let conn = remote
             .connect(gix::remote::Direction::Fetch)
             .map_err(|e| list_err(chain(&e)))?;
@@ -448,6 +450,24 @@ impl Source {
                     gix::remote::Direction::Fetch,
                 )
             })
+            .map_err(|e| chain(&e))
+    }
+
+    /// The remote with one refspec, for `git_ref` alone, and no implicit tags: the server
+    /// is asked to list that ref only.
+    fn remote_for<'r>(
+        &self,
+        repo: &'r gix::Repository,
+        git_ref: &GitRef,
+    ) -> Result<gix::Remote<'r>, String> {
+        let spec = match git_ref {
+            GitRef::DefaultBranch | GitRef::Commit(_) => "+HEAD:refs/remotes/origin/HEAD".into(),
+            GitRef::Branch(b) => format!("+refs/heads/{b}:refs/remotes/origin/{b}"),
+            GitRef::Tag(t) => format!("+refs/tags/{t}:refs/tags/{t}"),
+        };
+        repo.remote_at(self.url.as_str())
+            .map(|r| r.with_fetch_tags(gix::remote::fetch::Tags::None))
+            .and_then(|r| r.with_refspecs([spec.as_str()], gix::remote::Direction::Fetch))
             .map_err(|e| chain(&e))
     }
 
