@@ -850,3 +850,195 @@ async fn a_project_acting_as_its_service_account_is_bounded_by_that_accounts_rba
         "{writes:?}"
     );
 }
+
+/// An HTTPS admission webhook on 127.0.0.1 that denies ConfigMaps whose name starts with
+/// `denied`, with a message of its own; every other request is allowed. Returns its
+/// address and the CA that signed its certificate (the `caBundle`).
+/// Stop it with `handle.shutdown()`, which also closes the connections the API server keeps.
+async fn admission_webhook(
+    listener: std::net::TcpListener,
+) -> (axum_server::Handle<std::net::SocketAddr>, String) {
+    let (ca, cert, key) = sluice_testenv::pki::serving_cert_pem().expect("certificates");
+    let tls = axum_server::tls_rustls::RustlsConfig::from_pem(cert.into_bytes(), key.into_bytes())
+        .await
+        .expect("TLS config");
+    let app = axum::Router::new().route(
+        "/validate",
+        axum::routing::post(|axum::Json(review): axum::Json<serde_json::Value>| async move {
+            let request = &review["request"];
+            let name = request["name"].as_str().unwrap_or_default();
+            let response = if name.starts_with("denied") {
+                json!({"uid": request["uid"], "allowed": false,
+                       "status": {"code": 403, "message": format!("policy-x: ConfigMap {name} is not allowed here")}})
+            } else {
+                json!({"uid": request["uid"], "allowed": true})
+            };
+            axum::Json(json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}))
+        }),
+    );
+    listener.set_nonblocking(true).expect("nonblocking");
+    let handle = axum_server::Handle::new();
+    let server = axum_server::from_tcp_rustls(listener, tls)
+        .expect("https listener")
+        .handle(handle.clone())
+        .serve(app.into_make_service());
+    tokio::spawn(async move {
+        let _ = server.await;
+    });
+    (handle, ca)
+}
+
+/// A real admission webhook (HTTPS, registered with a ValidatingWebhookConfiguration for
+/// the test's namespace only) that denies one object: the commit is refused at the
+/// server-side dry run with the webhook's message and the object's origin, and nothing is
+/// written. With the webhook down under `failurePolicy: Fail`, the sync fails with a clear
+/// error and writes nothing; once it is back, the retry applies the commit.
+#[tokio::test]
+async fn an_admission_webhook_that_denies_an_object_refuses_the_commit_whole() {
+    use base64::Engine;
+    use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+    let Fixture {
+        client,
+        ns,
+        repo,
+        src,
+        cluster: mut c,
+        cache: _cache,
+    } = Fixture::new("admission").await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (server, ca) = admission_webhook(listener).await;
+    let name = format!("sluice-e2e-{ns}");
+    let webhooks: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+    let configuration: ValidatingWebhookConfiguration = serde_json::from_value(json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [{
+            "name": "deny.sluice.test",
+            "clientConfig": {
+                "url": format!("https://{addr}/validate"),
+                "caBundle": base64::engine::general_purpose::STANDARD.encode(&ca),
+            },
+            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"], "resources": ["configmaps"]}],
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+            "failurePolicy": "Fail",
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "timeoutSeconds": 5,
+        }],
+    }))
+    .expect("configuration");
+    webhooks
+        .create(&PostParams::default(), &configuration)
+        .await
+        .expect("register the webhook");
+    // The API server reads new webhook configurations from an informer: wait until it
+    // calls this one (a denied server-side dry run).
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let probe: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "denied-probe"}})).expect("cm");
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let start = std::time::Instant::now();
+    while cms.create(&dry, &probe).await.is_ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the webhook was never called"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let p = project(&ns, "");
+    let s = settings(&format!("t-{ns}"));
+    repo.commit(
+        "main",
+        &[
+            file("allowed.yaml", configmap("allowed-a", "1")),
+            file("denied.yaml", configmap("denied-b", "1")),
+        ],
+        "one denied",
+    );
+    let err = sync_once(&mut c, &src, &p, &s).await.expect_err("denied");
+    let text = err.to_string();
+    assert!(
+        text.starts_with("1 of 2 objects failed server-side dry-run, nothing was applied"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("denied.yaml:1: ConfigMap/{ns}/denied-b"))
+            && text.contains("admission webhook \"deny.sluice.test\" denied the request: policy-x: ConfigMap denied-b is not allowed here"),
+        "{text}"
+    );
+    let written = cms.list(&Default::default()).await.expect("list");
+    assert!(
+        written
+            .items
+            .iter()
+            .all(|c| c.metadata.name.as_deref() == Some("kube-root-ca.crt")),
+        "nothing was written, inventory included: {:?}",
+        written
+            .items
+            .iter()
+            .map(|c| c.metadata.name.clone())
+            .collect::<Vec<_>>()
+    );
+
+    // The webhook down, failurePolicy Fail: a clear error, and nothing written.
+    server.shutdown();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    repo.commit(
+        "main",
+        &[file("allowed.yaml", configmap("allowed-a", "1"))],
+        "only allowed",
+    );
+    let err = sync_once(&mut c, &src, &p, &s)
+        .await
+        .expect_err("webhook down");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("allowed.yaml:1: ConfigMap/{ns}/allowed-a"))
+            && text.contains("failed calling webhook \"deny.sluice.test\""),
+        "{text}"
+    );
+    assert!(cms.get_opt("allowed-a").await.expect("get").is_none());
+
+    // Back on the same address (with a CA of its own, given to the configuration): the
+    // retry applies the commit.
+    let listener = std::net::TcpListener::bind(addr).expect("bind the same address again");
+    let (server, ca) = admission_webhook(listener).await;
+    let patch = json!({"webhooks": [{"name": "deny.sluice.test", "clientConfig": {
+        "url": format!("https://{addr}/validate"),
+        "caBundle": base64::engine::general_purpose::STANDARD.encode(&ca)}}]});
+    webhooks
+        .patch(&name, &PatchParams::default(), &Patch::Strategic(&patch))
+        .await
+        .expect("new CA");
+    let start = std::time::Instant::now();
+    let report = loop {
+        match sync_once(&mut c, &src, &p, &s).await {
+            Ok(report) => break report,
+            Err(e) => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "never applied: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    assert!(
+        report
+            .results
+            .iter()
+            .any(|r| r.obj.name == "allowed-a" && r.action == Action::Created)
+    );
+    assert!(cms.get_opt("allowed-a").await.expect("get").is_some());
+    server.shutdown();
+    webhooks
+        .delete(&name, &DeleteParams::default())
+        .await
+        .expect("unregister the webhook");
+}

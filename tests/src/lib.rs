@@ -14,7 +14,7 @@
 
 pub mod cluster;
 pub mod git;
-mod pki;
+pub mod pki;
 mod procs;
 pub mod wasm;
 
