@@ -1102,7 +1102,7 @@ async fn a_transformer_cannot_claim_another_projects_inventory() {
         .await
         .expect_err("refused");
     assert!(
-        matches!(err, sluice_agent::sync::Error::InventoryClaimed { .. }),
+        matches!(err, sluice_agent::sync::Error::InventoryClaimed(_)),
         "{err:?}"
     );
     assert!(err.to_string().contains(&format!("(id {a_id})")), "{err}");

@@ -212,7 +212,7 @@ async fn a_manifest_cannot_claim_another_projects_inventory() {
     let err = sync_once(&mut c, &src, &b_project, &b_settings)
         .await
         .expect_err("refused");
-    assert!(matches!(err, Error::InventoryClaimed { .. }), "{err:?}");
+    assert!(matches!(err, Error::InventoryClaimed(_)), "{err:?}");
     assert_eq!(
         err.to_string(),
         format!(

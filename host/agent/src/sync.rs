@@ -73,13 +73,8 @@ pub enum Error {
     #[error(transparent)]
     Plugin(#[from] sluice_wasm::Error),
     /// The inventory this sync would use belongs to someone else.
-    #[error("refusing inventory {inventory}: {reason}")]
-    InventoryClaimed {
-        /// Namespace, name and id.
-        inventory: String,
-        /// Whose it is, and what to change.
-        reason: String,
-    },
+    #[error(transparent)]
+    InventoryClaimed(#[from] inventory::Claimed),
     /// Objects the project may not create: its `limits:`, or the agent's own objects.
     #[error("{} objects are outside what this project may create: {}", .0.len(), .0.iter().map(|v| format!("{} ({}): {}", v.obj, v.origin, v.message)).collect::<Vec<_>>().join("; "))]
     Limits(Vec<crate::limits::Violation>),
@@ -106,15 +101,6 @@ pub struct Problem {
     pub origin: Option<sluice_model::object::Origin>,
     /// What went wrong.
     pub message: String,
-}
-
-impl From<inventory::Claimed> for Error {
-    fn from(c: inventory::Claimed) -> Self {
-        Error::InventoryClaimed {
-            inventory: c.inventory,
-            reason: c.reason,
-        }
-    }
 }
 
 impl From<takeover::Error> for Error {
@@ -165,7 +151,7 @@ impl Error {
                 | Error::Decode(_)
                 | Error::Plan(_)
                 | Error::InventoryObjects(_)
-                | Error::InventoryClaimed { .. }
+                | Error::InventoryClaimed(_)
                 | Error::Limits(_)
                 | Error::Identity { .. }
                 | Error::EmptySet
@@ -547,8 +533,7 @@ async fn apply(
         // The inventory's own namespace may come with this commit (a fresh cluster,
         // disaster recovery): it is applied first, as cli-utils does, so the inventory
         // can be written before anything else.
-        let namespace = inv.namespace.clone();
-        results.extend(apply::namespace_first(&actor, &mut checked, &namespace, &opts).await?);
+        results.extend(apply::namespace_first(&actor, &mut checked, &inv.namespace, &opts).await?);
         // Record everything about to be written before the first write, so an agent killed
         // mid-apply still knows what it may have created (cli-utils' inventory-add step).
         let upcoming: BTreeSet<ObjRef> = checked

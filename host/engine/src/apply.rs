@@ -622,7 +622,7 @@ fn preflight_failures(preflights: &Preflights) -> Vec<ObjectResult> {
 /// Runs `futures` at most `limit` at a time, keeping their order. A future is made only
 /// when a slot frees up: a write's future is about 2.7 KB, so making all 10,000 of a sync
 /// up front held 27 MB at once.
-pub async fn bounded<T, F: Future<Output = T>>(
+pub(crate) async fn bounded<T, F: Future<Output = T>>(
     futures: impl IntoIterator<Item = F>,
     limit: usize,
 ) -> Vec<T> {
