@@ -50,6 +50,8 @@ for tool in rustup cargo go git; do
 done
 
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/sluice"
+# A link whose directory was removed (a cleared cache): make the directory again.
+if [ -L target ] && [ ! -e target ]; then mkdir -p "$(readlink target)"; fi
 if [ ! -e target ] && [ "${SLUICE_SHARED_TARGET:-1}" != 0 ]; then
   toolchain=$(sed -n 's/^channel = "\(.*\)"/\1/p' rust-toolchain.toml)
   shared="$cache/cargo-target/rust-$toolchain"
