@@ -949,7 +949,6 @@ async fn pause(
     };
     info!(project_id = %project, drift = %why, "live objects drifted from git; syncing again");
     *drift = None;
-    state.known = Default::default();
     state.drifted(tokio::time::Instant::now()).await;
 }
 
@@ -1058,6 +1057,8 @@ impl State {
     /// controller that fights git is answered at most every DRIFT_MIN_INTERVAL, after a
     /// burst of DRIFT_BURST).
     async fn drifted(&mut self, now: tokio::time::Instant) {
+        // What drifted is no longer as applied: the next sync checks everything.
+        self.known = Default::default();
         self.drifted = true;
         let at = self.drift_budget.take(now);
         tokio::time::sleep_until(at).await;
@@ -1157,6 +1158,31 @@ mod tests {
         state.failed("b", t1);
         assert!(!state.due("b", t1 + Duration::from_secs(9), reapply));
         assert!(state.due("b", t1 + BACKOFF_START, reapply));
+    }
+
+    #[tokio::test]
+    async fn drift_and_failure_forget_what_was_known_as_applied() {
+        let r = ObjRef {
+            group: "".into(),
+            kind: "ConfigMap".into(),
+            namespace: "ns".into(),
+            name: "a".into(),
+        };
+        let known = || Arc::new(BTreeMap::from([(r.clone(), [0u8; 32])]));
+        let mut state = State::default();
+        state.succeeded("a", known());
+        state.drifted(tokio::time::Instant::now()).await;
+        assert!(
+            state.known.is_empty(),
+            "drift: the next sync checks everything"
+        );
+        assert!(state.drifted);
+        state.succeeded("a", known());
+        state.failed("a", tokio::time::Instant::now());
+        assert!(
+            state.known.is_empty(),
+            "failure: the next sync checks everything"
+        );
     }
 
     #[test]
