@@ -34,8 +34,8 @@ pub struct GitServer {
 static SHARED: OnceLock<Result<GitServer, String>> = OnceLock::new();
 
 /// Response bytes the server sent, per repository (`group/app.git`).
-static SERVED: std::sync::Mutex<Option<std::collections::HashMap<String, u64>>> =
-    std::sync::Mutex::new(None);
+static SERVED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<String, u64>>> =
+    std::sync::LazyLock::new(Default::default);
 
 fn count_served(path: &str, bytes: usize) {
     let repo = match path.trim_start_matches('/').split_once(".git/") {
@@ -43,7 +43,7 @@ fn count_served(path: &str, bytes: usize) {
         None => return,
     };
     let mut served = SERVED.lock().unwrap_or_else(|e| e.into_inner());
-    *served.get_or_insert_default().entry(repo).or_default() += bytes as u64;
+    *served.entry(repo).or_default() += bytes as u64;
 }
 
 /// The git server of this test run, started on first use.
@@ -204,8 +204,7 @@ impl Repo {
     pub fn bytes_served(&self) -> u64 {
         let served = SERVED.lock().unwrap_or_else(|e| e.into_inner());
         served
-            .as_ref()
-            .and_then(|s| s.get(&format!("{}.git", self.path)))
+            .get(&format!("{}.git", self.path))
             .copied()
             .unwrap_or(0)
     }
