@@ -54,6 +54,7 @@ fn objects(values: &[Value]) -> Vec<Object> {
                     path: format!("f{i}.yaml").into(),
                     doc_index: 0,
                     line: 3,
+                    renderer: None,
                 },
             )
         })

@@ -74,7 +74,27 @@ pub fn settings(inventory_id: &str) -> Settings {
         protected: Default::default(),
         // As the agent: the health wait reads watches kept across the settings' syncs.
         live: Some(sluice_engine::live::Live::new()),
+        renderers: Some(renderers()),
     }
+}
+
+/// The test process's renderers (Kustomize, Helm), built by `renderers/build.sh` and
+/// compiled once into the user's sluice cache, as the CLI does.
+pub fn renderers() -> std::sync::Arc<sluice_wasm::renderer::Renderers> {
+    static RENDERERS: std::sync::OnceLock<std::sync::Arc<sluice_wasm::renderer::Renderers>> =
+        std::sync::OnceLock::new();
+    RENDERERS
+        .get_or_init(|| {
+            let cache = sluice_model::default_cache_dir().join("wasm");
+            std::sync::Arc::new(
+                sluice_wasm::renderer::Renderers::new(
+                    Some(sluice_testenv::cluster::renderers_dir()),
+                    Some(&cache),
+                )
+                .expect("renderers"),
+            )
+        })
+        .clone()
 }
 
 /// Resolves `git_ref` and syncs that commit once.
@@ -213,6 +233,7 @@ pub fn options(agent: &str, cache: &std::path::Path) -> sluice_agent::agent::Opt
         allow_empty_prune: false,
         git_ca: None,
         plugin_cache_dir: None,
+        renderers: Some(renderers()),
         limits: Default::default(),
         protected: Default::default(),
         metrics: Default::default(),

@@ -342,6 +342,36 @@ pub fn kapply() -> PathBuf {
         .unwrap_or_else(|e| panic!("kapply could not be built: {e}"))
 }
 
+/// A native reference CLI built by `cluster/build-cli.sh` at the version
+/// `cluster/versions.env` pins (a no-op when cached): `kustomize` or `helm`, whose output
+/// the renderer tests compare sluice's with.
+///
+/// # Panics
+/// When the build fails; its output is on stderr.
+pub fn reference_cli(name: &str) -> PathBuf {
+    static CLIS: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut clis = CLIS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, path)) = clis.iter().find(|(n, _)| n == name) {
+        return path.clone();
+    }
+    let path = run_script_with("cluster/build-cli.sh", &[name])
+        .unwrap_or_else(|e| panic!("{name} could not be built: {e}"));
+    clis.push((name.to_string(), path.clone()));
+    path
+}
+
+/// sluice's renderers (Kustomize and Helm as WebAssembly), built by `renderers/build.sh`
+/// (a no-op when cached): the directory holding `kustomize.wasm` and `helm.wasm`.
+///
+/// # Panics
+/// When the build fails; its output is on stderr.
+pub fn renderers_dir() -> PathBuf {
+    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    DIR.get_or_init(|| run_script("../renderers/build.sh"))
+        .clone()
+        .unwrap_or_else(|e| panic!("the renderers could not be built: {e}"))
+}
+
 /// flux-ssa (`cluster/fluxssa`): one kustomize-controller reconcile with Flux's apply engine,
 /// for the apply bench; built on first use (`cluster/build-fluxssa.sh`).
 pub fn flux_ssa() -> PathBuf {
@@ -354,9 +384,14 @@ pub fn flux_ssa() -> PathBuf {
 /// The path a script (relative to this crate) prints on its last line; its progress goes to
 /// stderr.
 pub(crate) fn run_script(name: &str) -> Result<PathBuf, String> {
+    run_script_with(name, &[])
+}
+
+fn run_script_with(name: &str, args: &[&str]) -> Result<PathBuf, String> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(name);
     let out = Command::new("bash")
         .arg(&script)
+        .args(args)
         .stderr(std::process::Stdio::inherit())
         .output()
         .map_err(|e| format!("failed to run {}: {e}", script.display()))?;

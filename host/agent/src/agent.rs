@@ -81,6 +81,9 @@ pub struct Options {
     pub git_ca: Option<Vec<u8>>,
     /// Where compiled plugins are cached (none: compile on every start).
     pub plugin_cache_dir: Option<PathBuf>,
+    /// Kustomize and Helm, shared by every project (none: a project that needs one fails
+    /// with a message saying so).
+    pub renderers: Option<Arc<sluice_wasm::renderer::Renderers>>,
     /// File selection limits (agentk's by default).
     pub limits: crate::select::Limits,
     /// The agent's own objects ([`crate::limits::Protected`]).
@@ -300,7 +303,7 @@ fn reconcile_workers(
         }
         let target = webhook::Target {
             id: project.id.clone(),
-            url: sync::project_url(&project.id, &opts.git_base_url),
+            url: sync::project_url(project.repository(), &opts.git_base_url),
             git_ref: project.git_ref.clone(),
             wake: Arc::new(webhook::Wake::default()),
         };
@@ -380,7 +383,7 @@ fn prepare(
     live: Option<Live>,
     opts: &Options,
 ) -> (Source, Settings) {
-    let url = sync::project_url(&project.id, &opts.git_base_url);
+    let url = sync::project_url(project.repository(), &opts.git_base_url);
     // Credentials written into the project's URL win over the host's token.
     let source = source_for(&url, opts, project.credentials.clone());
     let settings = Settings {
@@ -399,6 +402,7 @@ fn prepare(
         decoded: Some(decode::Memo::default()),
         protected: opts.protected.clone(),
         live,
+        renderers: opts.renderers.clone(),
     };
     (source, settings)
 }

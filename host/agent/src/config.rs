@@ -109,6 +109,43 @@ pub struct ManifestProject {
     /// default namespace or `namespace/name`; Kubernetes impersonation, like Flux's
     /// `serviceAccountName`). None: the agent's own identity.
     pub service_account: Option<ServiceAccount>,
+    /// Rendered with Helm from a chart instead of read as files (`helm:` in the entry, or
+    /// an agentk `gitops.charts[]` entry).
+    pub chart: Option<Chart>,
+    /// The repository to fetch when it is not [`Self::id`]: agentk's charts are keyed by
+    /// their release (`chart:<namespace>/<release>`), and several may come from one project.
+    pub repository: Option<String>,
+}
+
+impl ManifestProject {
+    /// The project (path or URL) whose repository this entry fetches.
+    pub fn repository(&self) -> &str {
+        self.repository.as_deref().unwrap_or(&self.id)
+    }
+}
+
+/// A Helm chart a project renders: what `helm template` is given.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chart {
+    /// The chart's directory in the repository (`.` for the root).
+    pub path: String,
+    /// The release name (`.Release.Name`).
+    pub release_name: String,
+    /// The release namespace (`.Release.Namespace`), also the project's default namespace.
+    pub namespace: String,
+    /// Values, merged in order, later ones winning (as `-f a -f b`).
+    pub values: Vec<ChartValues>,
+    /// Render the chart's `crds/` too (default true, as `helm install` does).
+    pub include_crds: bool,
+}
+
+/// One source of chart values.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChartValues {
+    /// Values written in the configuration.
+    Inline(serde_json::Value),
+    /// A values file in the chart's repository, at the same commit.
+    File(String),
 }
 
 /// A ServiceAccount a project acts as.
@@ -261,7 +298,11 @@ pub fn parse_with_origin(text: &str, config_project: &str, origin: &str) -> Resu
     }
 
     let mut manifest_projects: Vec<ManifestProject> = Vec::new();
-    for p in file.gitops.map(|g| g.manifest_projects).unwrap_or_default() {
+    let (projects, charts) = file
+        .gitops
+        .map(|g| (g.manifest_projects, g.charts))
+        .unwrap_or_default();
+    for p in projects {
         let (id, line) = match p.id {
             Some(s) => (s.value, Some(s.referenced.line())),
             None => (config_project.to_string(), None),
@@ -303,6 +344,11 @@ pub fn parse_with_origin(text: &str, config_project: &str, origin: &str) -> Resu
                     "gitops.manifest_projects[{id}].service_account: {e}"
                 ))
             })?;
+        let chart = p
+            .helm
+            .map(|h| h.chart(&default_namespace, &id))
+            .transpose()
+            .map_err(|e| invalid(format!("gitops.manifest_projects[{id}].helm: {e}")))?;
         manifest_projects.push(ManifestProject {
             id,
             credentials,
@@ -320,7 +366,21 @@ pub fn parse_with_origin(text: &str, config_project: &str, origin: &str) -> Resu
             plugins: p.plugins,
             limits,
             service_account,
+            chart,
+            repository: None,
         });
+    }
+    for c in charts {
+        let project = c
+            .to_project(config_project)
+            .map_err(|e| invalid(format!("gitops.charts[{}]: {e}", c.release_name)))?;
+        if manifest_projects.iter().any(|m| m.id == project.id) {
+            return Err(invalid(format!(
+                "gitops.charts[{}]: duplicate release in namespace {:?}",
+                c.release_name, project.default_namespace
+            )));
+        }
+        manifest_projects.push(project);
     }
     let plugins = plugin_specs(file.plugins.unwrap_or_default()).map_err(invalid)?;
     for p in &manifest_projects {
@@ -378,6 +438,206 @@ struct ConfigurationFile {
 struct GitopsSection {
     #[serde(default)]
     manifest_projects: Vec<ManifestProjectSection>,
+    /// agentk's Helm charts (15.4 to 16.3), read as agentk read them.
+    #[serde(default)]
+    charts: Vec<ChartSection>,
+}
+
+/// `helm:` of a manifest project (sluice's extension): render a chart of the project.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HelmSection {
+    /// The chart's directory (default: the repository's root).
+    chart: Option<String>,
+    release_name: Option<String>,
+    namespace: Option<String>,
+    #[serde(default)]
+    values_files: Vec<String>,
+    values: Option<serde_json::Value>,
+    include_crds: Option<bool>,
+}
+
+impl HelmSection {
+    fn chart(self, default_namespace: &str, id: &str) -> Result<Chart, String> {
+        let release_name = match self.release_name {
+            Some(n) => n,
+            // The project's last path component, as `helm install` users name releases.
+            None => id
+                .trim_end_matches('/')
+                .trim_end_matches(".git")
+                .rsplit('/')
+                .next()
+                .unwrap_or(id)
+                .to_string(),
+        };
+        let mut values: Vec<ChartValues> = self
+            .values_files
+            .into_iter()
+            .map(|f| repository_path(&f).map(ChartValues::File))
+            .collect::<Result<_, _>>()?;
+        match self.values {
+            None | Some(serde_json::Value::Null) => {}
+            Some(v @ serde_json::Value::Object(_)) => values.push(ChartValues::Inline(v)),
+            Some(_) => return Err("values: must be a map".into()),
+        }
+        Ok(Chart {
+            path: repository_path(self.chart.as_deref().unwrap_or("."))?,
+            release_name,
+            namespace: self
+                .namespace
+                .unwrap_or_else(|| default_namespace.to_string()),
+            values,
+            include_crds: self.include_crds.unwrap_or(true),
+        })
+    }
+}
+
+/// A path in the repository, normalized (`./a//b/` is `a/b`, the root is `.`); `..` and
+/// absolute paths are refused: a chart or values file is always inside its repository.
+fn repository_path(path: &str) -> Result<String, String> {
+    let mut parts = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                return Err(format!(
+                    "{path:?}: \"..\" is not allowed; paths are relative to the repository's root"
+                ));
+            }
+            p => parts.push(p),
+        }
+    }
+    if path.starts_with('/') {
+        return Err(format!(
+            "{path:?}: paths are relative to the repository's root"
+        ));
+    }
+    Ok(if parts.is_empty() {
+        ".".into()
+    } else {
+        parts.join("/")
+    })
+}
+
+/// One agentk `gitops.charts[]` entry (ChartCF).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChartSection {
+    release_name: String,
+    source: ChartSourceSection,
+    #[serde(default)]
+    values: Vec<ChartValuesSection>,
+    namespace: Option<String>,
+    /// Helm's release history length. sluice keeps no Helm releases (its inventory is the
+    /// record of what a chart applied), so it is accepted and ignored.
+    #[allow(dead_code)] // reason: accepted for compatibility, deliberately unused
+    max_history: Option<i32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChartSourceSection {
+    project: ChartProjectSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChartProjectSection {
+    id: Option<String>,
+    path: Option<String>,
+    r#ref: Option<RefSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChartValuesSection {
+    inline: Option<serde_json::Value>,
+    file: Option<ChartValuesFileSection>,
+    url: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChartValuesFileSection {
+    project_id: Option<String>,
+    r#ref: Option<RefSection>,
+    file: String,
+}
+
+impl ChartSection {
+    fn to_project(&self, config_project: &str) -> Result<ManifestProject, String> {
+        if self.release_name.is_empty() {
+            return Err("release_name must not be empty".into());
+        }
+        let source = &self.source.project;
+        let repository = source
+            .id
+            .clone()
+            .filter(|i| !i.is_empty())
+            .unwrap_or_else(|| config_project.to_string());
+        let (repository, credentials) = crate::source::split_userinfo(&repository);
+        let git_ref = source
+            .r#ref
+            .as_ref()
+            .map(|r| r.0.clone())
+            .unwrap_or(GitRef::DefaultBranch);
+        let mut values = Vec::new();
+        for v in &self.values {
+            match (&v.inline, &v.file, &v.url) {
+                (Some(inline @ serde_json::Value::Object(_)), None, None) => {
+                    values.push(ChartValues::Inline(inline.clone()));
+                }
+                (Some(_), None, None) => return Err("values[].inline: must be a map".into()),
+                (None, Some(f), None) => {
+                    let same_project = f
+                        .project_id
+                        .as_deref()
+                        .is_none_or(|p| crate::source::split_userinfo(p).0 == repository);
+                    let same_ref = f.r#ref.as_ref().is_none_or(|r| r.0 == git_ref);
+                    if !same_project || !same_ref {
+                        return Err(format!(
+                            "values[].file {:?}: sluice reads values files from the chart's own project and ref only (commit the file beside the chart)",
+                            f.file
+                        ));
+                    }
+                    values.push(ChartValues::File(repository_path(&f.file)?));
+                }
+                (None, None, Some(_)) => {
+                    return Err("values[].url: sluice fetches no values over the network; commit the file and use values[].file".into());
+                }
+                _ => return Err("values[]: set exactly one of inline, file, url".into()),
+            }
+        }
+        let namespace = self
+            .namespace
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "default".into());
+        Ok(ManifestProject {
+            id: format!("chart:{namespace}/{}", self.release_name),
+            credentials,
+            git_ref,
+            default_namespace: namespace.clone(),
+            paths: Vec::new(),
+            reconcile_timeout: Duration::from_secs(3600),
+            dry_run_strategy: DryRunStrategy::default(),
+            prune: true,
+            prune_timeout: Duration::from_secs(3600),
+            prune_propagation_policy: PropagationPolicy::default(),
+            inventory_policy: InventoryPolicy::default(),
+            plugins: None,
+            limits: crate::limits::Limits::default(),
+            service_account: None,
+            chart: Some(Chart {
+                path: repository_path(source.path.as_deref().unwrap_or("."))?,
+                release_name: self.release_name.clone(),
+                namespace,
+                values,
+                include_crds: true,
+            }),
+            repository: Some(repository),
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -399,6 +659,8 @@ struct ManifestProjectSection {
     limits: Option<ProjectLimitsSection>,
     // sluice's extension: whose identity the project's objects are written with.
     service_account: Option<String>,
+    // sluice's extension: render a Helm chart of the project.
+    helm: Option<HelmSection>,
 }
 
 /// `limits:` of a manifest project (sluice's extension).

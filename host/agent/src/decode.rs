@@ -68,6 +68,7 @@ pub fn decode_with(
             project: project.clone(),
             commit: commit.clone(),
             path: file.path.as_str().into(),
+            renderer: file.renderer.clone(),
             ..Origin::default()
         };
         let key = memo.map(|_| content_key(&file.bytes));
@@ -488,6 +489,7 @@ mod tests {
         SelectedFile {
             path: path.into(),
             bytes: text.as_bytes().to_vec(),
+            renderer: None,
         }
     }
 
@@ -549,7 +551,8 @@ mod tests {
                 commit: "abc".into(),
                 path: "app/a.yaml".into(),
                 doc_index: 0,
-                line: 2
+                line: 2,
+                renderer: None,
             }
         );
         assert_eq!(objs[1].kind(), "Service");

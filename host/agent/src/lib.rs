@@ -22,6 +22,7 @@ pub mod http;
 pub mod leader;
 pub mod limits;
 pub mod observability;
+pub mod render;
 pub mod report;
 pub mod select;
 pub mod source;

@@ -110,6 +110,9 @@ pub struct SelectedFile {
     pub path: String,
     /// Its content.
     pub bytes: Vec<u8>,
+    /// The renderer whose output this is (`render`), with its version; `None` for a file
+    /// of the repository.
+    pub renderer: Option<sluice_model::object::Name>,
 }
 
 /// Something with files: a commit ([`Snapshot`]) or, for the CLI, a directory.
@@ -267,6 +270,7 @@ pub fn select(
         files.push(SelectedFile {
             path: entry.path.clone(),
             bytes: tree.read(entry)?,
+            renderer: None,
         });
     }
     Ok(files)

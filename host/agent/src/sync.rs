@@ -23,7 +23,7 @@ use sluice_wasm::{self as plugin_stage, OutcomeCache, Plugin};
 
 use crate::config::{DryRunStrategy, ManifestProject};
 use crate::source::Source;
-use crate::{decode, select};
+use crate::{decode, render, select};
 
 /// Why a sync failed. Every variant leaves the cluster as the last good sync left it,
 /// except [`Error::Apply`] and [`Error::Unhealthy`], which report what was done.
@@ -35,6 +35,9 @@ pub enum Error {
     /// File selection failed (user error; retry when the commit changes).
     #[error(transparent)]
     Select(#[from] select::Error),
+    /// Rendering (Kustomize, Helm) failed: a user error, unless no renderer is installed.
+    #[error(transparent)]
+    Render(render::Error),
     /// Decoding failed (user error).
     #[error(transparent)]
     Decode(#[from] decode::Errors),
@@ -112,6 +115,15 @@ impl From<takeover::Error> for Error {
     }
 }
 
+impl From<render::Error> for Error {
+    fn from(e: render::Error) -> Self {
+        match e {
+            render::Error::Select(e) => Error::Select(e),
+            e => Error::Render(e),
+        }
+    }
+}
+
 impl Error {
     /// The objects this failure is about (none when the commit as a whole failed).
     pub fn problems(&self) -> Vec<Problem> {
@@ -145,6 +157,9 @@ impl Error {
     /// True for errors only a new commit (or config) can fix; these are logged as
     /// decode failures and retried slowly.
     pub fn is_user_error(&self) -> bool {
+        if let Error::Render(e) = self {
+            return !e.is_installation();
+        }
         matches!(
             self,
             Error::Select(_)
@@ -226,6 +241,9 @@ pub struct Settings {
     /// The files earlier syncs of this project decoded ([`decode::Memo`]), so a commit
     /// that changes few files decodes few. `None`: every file is decoded every sync.
     pub decoded: Option<decode::Memo>,
+    /// Kustomize and Helm ([`render`]); `None`: none installed, and a project that needs
+    /// one fails.
+    pub renderers: Option<Arc<sluice_wasm::renderer::Renderers>>,
     /// The agent's own objects, which no project may create or change.
     pub protected: crate::limits::Protected,
     /// The agent's watches of the live objects ([`Live`]), which the health wait reads
@@ -253,24 +271,26 @@ pub enum Takeover {
 /// is retried with backoff).
 pub const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
-/// Fetches, selects and decodes `commit`: the offline part of the path. Returns the
-/// objects and the full commit id (`commit` may be a short id).
+/// Fetches, selects, renders and decodes `commit`: the offline part of the path. Returns
+/// the objects and the full commit id (`commit` may be a short id).
 ///
 /// # Errors
-/// Source, selection and decode errors.
+/// Source, selection, render and decode errors.
 pub async fn render(
     source: &Source,
     project: &ManifestProject,
     commit: &str,
     limits: select::Limits,
     memo: Option<&decode::Memo>,
+    cx: &render::Context,
 ) -> Result<(Vec<Object>, String), Error> {
-    let (globs, id, memo) = (project.paths.clone(), project.id.clone(), memo.cloned());
-    // Fetch (within its deadline), select and decode are blocking I/O and CPU: all off
-    // the async workers.
+    let (project, memo, cx) = (project.clone(), memo.cloned(), cx.clone());
+    let id = project.id.clone();
+    // Fetch (within its deadline), select, render and decode are blocking I/O and CPU:
+    // all off the async workers.
     source
         .fetch_within(commit, FETCH_TIMEOUT, move |snapshot| {
-            let files = select::select(&snapshot, &globs, &limits)?;
+            let files = render::render(&snapshot, &project, &limits, &cx)?;
             Ok((
                 decode::decode_with(&files, &id, &snapshot.commit, memo.as_ref())?,
                 snapshot.commit.clone(),
@@ -297,12 +317,17 @@ pub async fn sync(
     settings: &Settings,
 ) -> Result<Report, Error> {
     let mut laps = Laps::new(&project.id);
+    let cx = render::Context {
+        renderers: settings.renderers.clone(),
+        capabilities: Some(cluster.capabilities()),
+    };
     let (objects, commit) = render(
         source,
         project,
         commit,
         settings.limits,
         settings.decoded.as_ref(),
+        &cx,
     )
     .await?;
     laps.lap("render");

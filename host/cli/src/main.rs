@@ -707,6 +707,12 @@ async fn setup(args: &RunArgs) -> Result<Setup, ExitCode> {
         allow_empty_prune: args.allow_empty_prune,
         git_ca,
         plugin_cache_dir: Some(cache_root.join("wasm")),
+        // Modules load when a project first needs one: an agent that renders nothing
+        // pays for an engine and nothing more.
+        renderers: sluice_wasm::renderer::Renderers::new(None, Some(&cache_root.join("wasm")))
+            .map_err(|e| tracing::warn!(error = %e, "renderers unavailable"))
+            .ok()
+            .map(std::sync::Arc::new),
         metrics: metrics.clone(),
         triggers: Default::default(),
         limits: sluice_agent::select::Limits {

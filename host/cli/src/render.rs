@@ -8,7 +8,7 @@ use std::sync::Arc;
 use sluice_agent::config::{self, AgentConfig, ManifestProject};
 use sluice_agent::select::{self, Dir};
 use sluice_agent::source::Source;
-use sluice_agent::{decode, sync};
+use sluice_agent::{decode, render, sync};
 use sluice_model::object::Object;
 use sluice_wasm::{self as plugins, Finding, Runtime};
 
@@ -28,6 +28,18 @@ pub struct Rendered {
     pub objects: Vec<Object>,
     /// Non-blocking findings.
     pub findings: Vec<Finding>,
+}
+
+/// Kustomize and Helm for the CLI, with the compilation cache of `render` and `validate`
+/// (`<cache dir>/wasm`), and Helm's default capabilities (no cluster is asked).
+fn renderers() -> render::Context {
+    let cache = sluice_model::default_cache_dir().join("wasm");
+    render::Context {
+        renderers: sluice_wasm::renderer::Renderers::new(None, Some(&cache))
+            .ok()
+            .map(Arc::new),
+        capabilities: None,
+    }
 }
 
 /// Renders `input` with the project entry `project` (by id, or the first) of `config`.
@@ -57,13 +69,31 @@ pub async fn render(
             PathBuf::new(),
         ),
     };
-    let entry = pick(&cfg, project)?;
+    let mut entry = pick(&cfg, project)?;
+    // A chart directory without a configuration renders as `helm template DIR` would
+    // (release `release-name`, namespace `default`), with its CRDs as sluice applies them.
+    if let (None, Input::Dir(dir)) = (config_file, input)
+        && dir.join("Chart.yaml").is_file()
+    {
+        entry.chart = Some(config::Chart {
+            path: ".".into(),
+            release_name: "release-name".into(),
+            namespace: entry.default_namespace.clone(),
+            values: Vec::new(),
+            include_crds: true,
+        });
+    }
     let (mut objects, commit) = match input {
         Input::Dir(dir) => {
-            let (dir, globs) = (dir.clone(), entry.paths.clone());
+            let (dir, project, cx) = (dir.clone(), entry.clone(), renderers());
             let files = tokio::task::spawn_blocking(move || -> Result<_, sync::Error> {
                 let tree = Dir::walk(&dir).map_err(|e| sync::Error::Task(e.to_string()))?;
-                Ok(select::select(&tree, &globs, &select::Limits::default())?)
+                Ok(render::render(
+                    &tree,
+                    &project,
+                    &select::Limits::default(),
+                    &cx,
+                )?)
             })
             .await
             .map_err(|e| sync::Error::Task(e.to_string()))??;
@@ -85,7 +115,15 @@ pub async fn render(
             let commit = tokio::task::spawn_blocking(move || resolver.resolve(&git_ref))
                 .await
                 .map_err(|e| sync::Error::Task(e.to_string()))??;
-            sync::render(&source, &entry, &commit, select::Limits::default(), None).await?
+            sync::render(
+                &source,
+                &entry,
+                &commit,
+                select::Limits::default(),
+                None,
+                &renderers(),
+            )
+            .await?
         }
     };
     let scopes = sluice_model::scopes::Scopes::offline(&objects);

@@ -48,6 +48,8 @@ pub struct Cluster {
     index: std::sync::Arc<Index>,
     /// Groups that failed discovery, with why (naming the APIService).
     unavailable: std::sync::Arc<BTreeMap<String, String>>,
+    /// The version and API versions, for renderers (Helm's `.Capabilities`).
+    capabilities: std::sync::Arc<sluice_model::Capabilities>,
 }
 
 impl Cluster {
@@ -92,6 +94,13 @@ impl Cluster {
         self.discovery = other.discovery.clone();
         self.index = other.index.clone();
         self.unavailable = other.unavailable.clone();
+        self.capabilities = other.capabilities.clone();
+    }
+
+    /// The API server's version and every served `group/version` and
+    /// `group/version/Kind`, as discovered (Helm's `.Capabilities`).
+    pub fn capabilities(&self) -> std::sync::Arc<sluice_model::Capabilities> {
+        self.capabilities.clone()
     }
 }
 
@@ -234,9 +243,29 @@ impl Cluster {
         for why in unavailable.values() {
             tracing::warn!(reason = %why, "discovery is partial: objects of this API group are not synced until it answers");
         }
+        // One more request: only Helm charts read it, and an error leaves Helm's default.
+        let kube_version =
+            match tokio::time::timeout(PROBE_TIMEOUT, client.apiserver_version()).await {
+                Ok(Ok(info)) => info.git_version,
+                _ => String::new(),
+            };
+        let index = Index::of(&discovery);
+        let mut api_versions: Vec<String> = index
+            .by_version
+            .iter()
+            .flat_map(|(gv, kinds)| {
+                std::iter::once(gv.clone()).chain(kinds.keys().map(move |k| format!("{gv}/{k}")))
+            })
+            .collect();
+        api_versions.sort();
         Ok(Cluster {
             client,
-            index: Index::of(&discovery).into(),
+            capabilities: sluice_model::Capabilities {
+                kube_version,
+                api_versions,
+            }
+            .into(),
+            index: index.into(),
             discovery: discovery.into(),
             unavailable: unavailable.into(),
         })

@@ -24,3 +24,13 @@ pub fn default_cache_dir() -> std::path::PathBuf {
         .unwrap_or_else(std::env::temp_dir)
         .join("sluice")
 }
+
+/// What a cluster offers, as Helm's `.Capabilities` reads it: the API server's version
+/// (`v1.36.3`) and every served `group/version` and `group/version/Kind`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// The API server's `gitVersion`.
+    pub kube_version: String,
+    /// Served API versions, sorted.
+    pub api_versions: Vec<String>,
+}

@@ -17,8 +17,14 @@ pub struct Origin {
     pub path: Name,
     /// Index of the document in the file (0-based, empty documents not counted).
     pub doc_index: usize,
-    /// 1-based line where the document (or List item) starts.
+    /// 1-based line where the document (or List item) starts; for a rendered object, in
+    /// the renderer's output for [`Self::path`].
     pub line: u64,
+    /// The renderer that made the object from [`Self::path`] (a Helm template, a
+    /// Kustomize resource or kustomization), with its version: `helm v4.3.2`. None: the
+    /// file itself holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renderer: Option<Name>,
 }
 
 /// A DNS-1123 label, as Namespace names and most object names must be.
@@ -39,7 +45,10 @@ pub fn is_dns_subdomain(s: &str) -> bool {
 
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.path, self.line)
+        match &self.renderer {
+            None => write!(f, "{}:{}", self.path, self.line),
+            Some(r) => write!(f, "{} (rendered by {r})", self.path),
+        }
     }
 }
 

@@ -253,6 +253,7 @@ mod tests {
             path: "a.yaml".into(),
             doc_index: 1,
             line: 7,
+            renderer: None,
         };
         Outcome {
             objects: vec![Object::new(

@@ -178,6 +178,7 @@ impl types::HostObject for State {
                     path: origin.path.into(),
                     doc_index: origin.index as usize,
                     line: u64::from(origin.line),
+                    renderer: None,
                 },
             ),
             live: true,

@@ -106,7 +106,84 @@ pub fn call(
     if !config.is_null() {
         input["functionConfig"] = config.clone();
     }
-    let stdin = MemoryInputPipe::new(input.to_string());
+    let Exited {
+        code,
+        stdout: out,
+        stderr,
+    } = run(
+        engine,
+        pre,
+        input.to_string().into_bytes(),
+        limits,
+        capabilities,
+        tick,
+        trap_message,
+    )?;
+    let stderr_tail = || stderr.clone();
+    let parsed: Result<Value, String> = std::str::from_utf8(&out)
+        .map_err(|e| e.to_string())
+        .and_then(|text| serde_saphyr::from_str::<Value>(text).map_err(|e| e.to_string()));
+    let list = match (code, parsed) {
+        (_, Ok(v)) if v["kind"] == "ResourceList" => v,
+        (0, Ok(_)) => {
+            return Err(CallError::Invalid(
+                "stdout is not a ResourceList (kind: ResourceList)".into(),
+            ));
+        }
+        (0, Err(e)) => {
+            return Err(CallError::Invalid(format!(
+                "stdout is not a ResourceList: {e}"
+            )));
+        }
+        (code, _) => {
+            return Err(CallError::Failed(format!(
+                "exited with code {code}: {}",
+                stderr_tail()
+            )));
+        }
+    };
+    let results: Vec<Value> = list["results"].as_array().cloned().unwrap_or_default();
+    if code != 0 && !results.iter().any(|r| severity(r) == "error") {
+        return Err(CallError::Failed(format!(
+            "exited with code {code}: {}",
+            stderr_tail()
+        )));
+    }
+    let items = match &list["items"] {
+        Value::Array(items) => items.clone(),
+        Value::Null => Vec::new(),
+        _ => return Err(CallError::Invalid("items is not a list".into())),
+    };
+    Ok(Output { items, results })
+}
+
+/// How a command ended: its exit code, its stdout, and the last 2 KiB of its stderr.
+pub struct Exited {
+    /// The exit code (0 when `_start` returned).
+    pub code: i32,
+    /// Everything it wrote to stdout (at most `limits.max_output_bytes`).
+    pub stdout: Vec<u8>,
+    /// The end of what it wrote to stderr, trimmed.
+    pub stderr: String,
+}
+
+/// Runs a WASI preview 1 command once with `stdin`, in the sandbox: no preopened
+/// directory, no environment unless granted, deterministic clocks and randomness unless
+/// granted, the memory cap, the deadline, and stdout capped at the output limit.
+///
+/// # Errors
+/// [`CallError::Failed`] when it traps, times out or runs out of memory;
+/// [`CallError::Invalid`] when its output is over the limit.
+pub fn run(
+    engine: &Engine,
+    pre: &FunctionPre,
+    stdin: Vec<u8>,
+    limits: &super::Limits,
+    capabilities: &[Capability],
+    tick: Duration,
+    trap_message: impl Fn(&wasmtime::Error) -> String,
+) -> Result<Exited, CallError> {
+    let stdin = MemoryInputPipe::new(stdin);
     // One byte over the limit tells a full pipe from output that fits exactly.
     let stdout = MemoryOutputPipe::new(limits.max_output_bytes + 1);
     let stderr = MemoryOutputPipe::new(64 << 10);
@@ -154,50 +231,17 @@ pub fn call(
             limits.max_output_bytes
         )));
     }
-    let stderr_tail = || {
-        let text = String::from_utf8_lossy(&stderr.contents()).into_owned();
-        let text = text.trim();
-        let start = text.len().saturating_sub(2048);
-        let start = (start..=text.len())
-            .find(|i| text.is_char_boundary(*i))
-            .unwrap_or(text.len());
-        text[start..].to_string()
-    };
-    let parsed: Result<Value, String> = std::str::from_utf8(&out)
-        .map_err(|e| e.to_string())
-        .and_then(|text| serde_saphyr::from_str::<Value>(text).map_err(|e| e.to_string()));
-    let list = match (code, parsed) {
-        (_, Ok(v)) if v["kind"] == "ResourceList" => v,
-        (0, Ok(_)) => {
-            return Err(CallError::Invalid(
-                "stdout is not a ResourceList (kind: ResourceList)".into(),
-            ));
-        }
-        (0, Err(e)) => {
-            return Err(CallError::Invalid(format!(
-                "stdout is not a ResourceList: {e}"
-            )));
-        }
-        (code, _) => {
-            return Err(CallError::Failed(format!(
-                "exited with code {code}: {}",
-                stderr_tail()
-            )));
-        }
-    };
-    let results: Vec<Value> = list["results"].as_array().cloned().unwrap_or_default();
-    if code != 0 && !results.iter().any(|r| severity(r) == "error") {
-        return Err(CallError::Failed(format!(
-            "exited with code {code}: {}",
-            stderr_tail()
-        )));
-    }
-    let items = match &list["items"] {
-        Value::Array(items) => items.clone(),
-        Value::Null => Vec::new(),
-        _ => return Err(CallError::Invalid("items is not a list".into())),
-    };
-    Ok(Output { items, results })
+    let text = String::from_utf8_lossy(&stderr.contents()).into_owned();
+    let text = text.trim();
+    let start = text.len().saturating_sub(2048);
+    let start = (start..=text.len())
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(text.len());
+    Ok(Exited {
+        code,
+        stdout: out.to_vec(),
+        stderr: text[start..].to_string(),
+    })
 }
 
 /// A result's severity: `error`, `warning` or `info` (KRM's default is `error`).

@@ -32,6 +32,7 @@ mod bindings;
 mod cache;
 mod handles;
 mod krm;
+pub mod renderer;
 mod sandbox;
 
 use std::collections::BTreeMap;
@@ -974,6 +975,7 @@ fn origin(o: &bindings::Origin, subject: &Subject) -> Origin {
         path: o.path.as_str().into(),
         doc_index: o.index as usize,
         line: u64::from(o.line),
+        renderer: None,
     }
 }
 

@@ -1,0 +1,296 @@
+//! Renderers: Kustomize and Helm, the Go libraries themselves compiled to WebAssembly
+//! (`GOOS=wasip1`, `renderers/` in the repository), run in the plugins' sandbox.
+//!
+//! A renderer is a WASI preview 1 command. The host writes one JSON request to its stdin
+//! (the files it may read, and what to render) and reads one JSON response from its stdout:
+//! `{"documents": [{"source": <file>, "yaml": <one object>}]}` or `{"error": <message>}`.
+//! It gets no preopened directory at all, so it reads only the files in the request (the
+//! project's, or the chart's, at the commit); no environment, no network (preview 1 has no
+//! sockets), deterministic clocks and randomness, a memory cap and a deadline, as every
+//! plugin. What a Go program does at start-up (its runtime, every package's `init`) is paid
+//! per render; the compiled module is loaded once per process, on first use.
+//!
+//! Modules are found in a directory: `$SLUICE_RENDERERS_DIR`, else `renderers/` beside the
+//! executable (the container image's layout). A module is compiled once and kept in the
+//! compilation cache given to [`Renderers::new`]; the image ships that cache precompiled
+//! (`sluice renderers compile`) so that an agent never compiles one (Helm's takes more
+//! memory to compile than the agent's limit).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use sha2::Digest;
+
+use super::krm::{self, FunctionPre};
+use super::{Limits, Runtime};
+
+/// The renderers sluice ships.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Renderer {
+    /// `kustomize build` (sigs.k8s.io/kustomize/api krusty).
+    Kustomize,
+    /// `helm template --skip-tests` (helm.sh/helm/v4).
+    Helm,
+}
+
+impl Renderer {
+    /// Every renderer.
+    pub const ALL: [Renderer; 2] = [Renderer::Kustomize, Renderer::Helm];
+
+    /// Its name: `kustomize` or `helm`; the module is `<name>.wasm`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Renderer::Kustomize => "kustomize",
+            Renderer::Helm => "helm",
+        }
+    }
+
+    /// The CLI whose output it reproduces, with the version (renderers/*/go.mod pins the
+    /// libraries of that release).
+    pub fn version(self) -> &'static str {
+        match self {
+            Renderer::Kustomize => "kustomize v5.8.2",
+            Renderer::Helm => "helm v4.3.2",
+        }
+    }
+
+    /// How long one render may take, and how much memory and output it may use: far more
+    /// than a plugin's defaults, as the Go runtime alone starts at tens of MiB.
+    pub fn limits(self) -> Limits {
+        Limits {
+            timeout: Duration::from_secs(60),
+            memory_bytes: 1 << 30,
+            max_output_bytes: 64 << 20,
+        }
+    }
+}
+
+impl std::fmt::Display for Renderer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.version())
+    }
+}
+
+/// A rendered object: its YAML and the file it came from (a template, a resource file, or
+/// the kustomization that generated it), relative to the project's root.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Document {
+    /// The file, relative to the project's root.
+    pub source: String,
+    /// One object.
+    pub yaml: String,
+}
+
+/// A render that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No module for this renderer was found.
+    #[error(
+        "the {renderer} renderer is not installed: no {file} in {dir} (set SLUICE_RENDERERS_DIR, or use sluice's container image)"
+    )]
+    NotInstalled {
+        /// Which renderer.
+        renderer: Renderer,
+        /// The module's file name.
+        file: String,
+        /// Where it was looked for.
+        dir: String,
+    },
+    /// The module did not compile or link.
+    #[error("the {renderer} renderer does not load: {message}")]
+    Load {
+        /// Which renderer.
+        renderer: Renderer,
+        /// Why.
+        message: String,
+    },
+    /// The renderer said no: the input is wrong (the renderer's own message).
+    #[error("{message}")]
+    Refused {
+        /// Which renderer.
+        renderer: Renderer,
+        /// Its message.
+        message: String,
+    },
+    /// It trapped, timed out, ran out of memory or wrote something that is not a response.
+    #[error("{renderer} failed: {message}")]
+    Failed {
+        /// Which renderer.
+        renderer: Renderer,
+        /// Why.
+        message: String,
+    },
+}
+
+/// The renderers of one process: modules loaded on first use, shared by every project.
+pub struct Renderers {
+    runtime: Runtime,
+    dir: Option<PathBuf>,
+    loaded: Mutex<BTreeMap<Renderer, Arc<FunctionPre>>>,
+    /// The last renders' output by the SHA-256 of renderer and request, most recent last:
+    /// a resync of an unchanged commit renders nothing.
+    memo: Mutex<VecDeque<([u8; 32], Arc<Vec<Document>>)>>,
+}
+
+/// Renders kept in memory ([`Renderers::render`]).
+const MEMO_ENTRIES: usize = 64;
+
+impl std::fmt::Debug for Renderers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Renderers")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Deserialize)]
+struct Response {
+    #[serde(default)]
+    documents: Vec<Document>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+impl Renderers {
+    /// Renderers whose modules are in `dir` (`None`: [`Renderers::locate`]), compiled code
+    /// cached under `cache_dir`.
+    ///
+    /// # Errors
+    /// When the engine cannot be built.
+    /// A `cache/` directory beside the modules (the image's, made by
+    /// [`Renderers::compile_all`] at build time) is used instead of `cache_dir`.
+    pub fn new(dir: Option<PathBuf>, cache_dir: Option<&Path>) -> Result<Renderers, String> {
+        let dir = dir.or_else(Renderers::locate);
+        let shipped = dir.as_ref().map(|d| d.join("cache")).filter(|c| c.is_dir());
+        Ok(Renderers {
+            runtime: Runtime::new(shipped.as_deref().or(cache_dir))?,
+            dir,
+            loaded: Mutex::default(),
+            memo: Mutex::default(),
+        })
+    }
+
+    /// Where the modules are: `$SLUICE_RENDERERS_DIR`, else `renderers/` beside the
+    /// executable when it exists.
+    pub fn locate() -> Option<PathBuf> {
+        if let Some(dir) = std::env::var_os("SLUICE_RENDERERS_DIR") {
+            return Some(dir.into());
+        }
+        let exe = std::env::current_exe().ok()?;
+        let dir = exe.parent()?.join("renderers");
+        dir.is_dir().then_some(dir)
+    }
+
+    /// Compiles (or takes from the cache) every installed renderer, returning how long each
+    /// took: for an image build, so that agents never compile.
+    ///
+    /// # Errors
+    /// The first renderer that does not load.
+    pub fn compile_all(&self) -> Result<Vec<(Renderer, Duration)>, Error> {
+        Renderer::ALL
+            .into_iter()
+            .map(|r| {
+                let start = Instant::now();
+                self.load(r).map(|_| (r, start.elapsed()))
+            })
+            .collect()
+    }
+
+    fn load(&self, renderer: Renderer) -> Result<Arc<FunctionPre>, Error> {
+        // Held while compiling: two projects needing the same renderer compile it once.
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pre) = loaded.get(&renderer) {
+            return Ok(pre.clone());
+        }
+        let file = format!("{}.wasm", renderer.name());
+        let not_installed = || Error::NotInstalled {
+            renderer,
+            file: file.clone(),
+            dir: self.dir.as_ref().map_or_else(
+                || "(no renderers directory)".into(),
+                |d| d.display().to_string(),
+            ),
+        };
+        let path = self.dir.as_ref().ok_or_else(not_installed)?.join(&file);
+        let bytes = std::fs::read(&path).map_err(|_| not_installed())?;
+        let fail = |message: String| Error::Load { renderer, message };
+        let start = Instant::now();
+        let module = krm::compile(&self.runtime.engine, &bytes).map_err(fail)?;
+        let pre = Arc::new(krm::prepare(&self.runtime.engine, &module).map_err(fail)?);
+        tracing::info!(
+            renderer = renderer.name(),
+            elapsed_ms = start.elapsed().as_millis() as u64,
+            "renderer loaded"
+        );
+        loaded.insert(renderer, pre.clone());
+        Ok(pre)
+    }
+
+    /// Runs `renderer` once over `request` (its JSON request), blocking: call it off the
+    /// async workers.
+    ///
+    /// # Errors
+    /// See [`Error`].
+    pub fn render(
+        &self,
+        renderer: Renderer,
+        request: &serde_json::Value,
+    ) -> Result<Vec<Document>, Error> {
+        let text = request.to_string();
+        let key: [u8; 32] = sha2::Sha256::new()
+            .chain_update(renderer.version())
+            .chain_update([0])
+            .chain_update(&text)
+            .finalize()
+            .into();
+        let memo = |f: &mut dyn FnMut(&mut VecDeque<([u8; 32], Arc<Vec<Document>>)>)| {
+            f(&mut self.memo.lock().unwrap_or_else(|p| p.into_inner()));
+        };
+        let mut hit = None;
+        memo(&mut |m| {
+            if let Some(at) = m.iter().position(|(k, _)| *k == key) {
+                let entry = m.remove(at).expect("position is in range");
+                hit = Some(entry.1.clone());
+                m.push_back(entry);
+            }
+        });
+        if let Some(documents) = hit {
+            return Ok(documents.as_ref().clone());
+        }
+        let pre = self.load(renderer)?;
+        let limits = renderer.limits();
+        let failed = |message: String| Error::Failed { renderer, message };
+        let exited = krm::run(
+            &self.runtime.engine,
+            &pre,
+            text.into_bytes(),
+            &limits,
+            &[],
+            super::TICK,
+            |e| super::trap_message(e, &limits),
+        )
+        .map_err(|e| match e {
+            krm::CallError::Failed(m) | krm::CallError::Invalid(m) => failed(m),
+        })?;
+        let response: Response = serde_json::from_slice(&exited.stdout).map_err(|e| {
+            failed(format!(
+                "exited with code {} without a response ({e}): {}",
+                exited.code, exited.stderr
+            ))
+        })?;
+        if let Some(message) = response.error {
+            return Err(Error::Refused { renderer, message });
+        }
+        let documents = Arc::new(response.documents);
+        memo(&mut |m| {
+            if m.len() == MEMO_ENTRIES {
+                m.pop_front();
+            }
+            m.push_back((key, documents.clone()));
+        });
+        Ok(documents.as_ref().clone())
+    }
+}

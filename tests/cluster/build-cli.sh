@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Builds a native reference CLI from the Go module proxy at the version versions.env pins and
+# caches it per version outside the repository: `kustomize` and `helm`, whose output the
+# renderer tests compare sluice's with. Usage: build-cli.sh kustomize|helm. Prints the
+# binary's path on its last line.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=versions.env
+. "$here/versions.env"
+
+case "${1:-}" in
+  kustomize) version=$KUSTOMIZE_VERSION pkg="sigs.k8s.io/kustomize/kustomize/v5@$KUSTOMIZE_VERSION" bin=kustomize ;;
+  helm) version=$HELM_VERSION pkg="helm.sh/helm/v4/cmd/helm@$HELM_VERSION" bin=helm ;;
+  *) echo "usage: $0 kustomize|helm" >&2; exit 2 ;;
+esac
+cache=${SLUICE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/sluice}
+out="$cache/$1-$version"
+if [ -x "$out/$1" ]; then
+  echo "$out/$1"
+  exit 0
+fi
+start=$(date +%s)
+printf '[%s %s] building %s\n' "$1" "$(date +%H:%M:%S)" "$pkg" >&2
+rm -rf "$out.partial" && mkdir -p "$out.partial"
+GOBIN="$out.partial" CGO_ENABLED=0 go install -trimpath -ldflags "-s -w" "$pkg" >&2
+if [ "$bin" != "$1" ]; then mv "$out.partial/$bin" "$out.partial/$1"; fi
+rm -rf "$out"
+mv "$out.partial" "$out"
+printf '[%s %s] done in %s s\n' "$1" "$(date +%H:%M:%S)" "$(($(date +%s) - start))" >&2
+echo "$out/$1"
