@@ -23,7 +23,11 @@ for name in kustomize helm; do
     mv "$module.partial" "$module"
     printf '[renderers %s] %s done in %s s (%s bytes)\n' "$(date +%H:%M:%S)" "$name" "$(($(date +%s) - start))" "$(stat -c %s "$module")" >&2
   fi
-  cp "$module" "$out/$name.wasm.partial"
-  mv "$out/$name.wasm.partial" "$out/$name.wasm"
+  # Copied only when it changed: a precompiled <name>.cwasm beside it stays valid while it
+  # is newer than the module.
+  if ! cmp -s "$module" "$out/$name.wasm"; then
+    cp "$module" "$out/$name.wasm.partial"
+    mv "$out/$name.wasm.partial" "$out/$name.wasm"
+  fi
 done
 cd "$out" && pwd

@@ -155,8 +155,16 @@ func explain(err error) error {
 	text := strings.ReplaceAll(err.Error(), base+"/", "")
 	text = strings.ReplaceAll(text, base, ".")
 	switch {
-	case strings.Contains(text, "git") && (strings.Contains(text, "exec") || strings.Contains(text, "not supported") || strings.Contains(text, "clone")):
-		return fmt.Errorf("%s: remote bases are not fetched (sluice renders only what is in the project): vendor the base into the repository and refer to it by a relative path", text)
+	case strings.Contains(text, "no 'git' program") || strings.Contains(text, "dial tcp"):
+		// Go's wasip1 network is an in-process stand-in: nothing left the sandbox.
+		what := "a remote base"
+		if i := strings.Index(text, "accumulating resources from '"); i >= 0 {
+			rest := text[i+len("accumulating resources from '"):]
+			if j := strings.IndexByte(rest, '\''); j >= 0 {
+				what = fmt.Sprintf("remote base '%s'", rest[:j])
+			}
+		}
+		return fmt.Errorf("%s is not fetched (sluice renders only what is in the project): vendor the base into the repository and refer to it by a relative path", what)
 	case strings.Contains(text, "plugin") || strings.Contains(text, "function"):
 		return fmt.Errorf("%s: exec, container and Go plugins are not run (only kustomize's built-in transformers are): render with a sluice plugin instead, or commit the output", text)
 	}

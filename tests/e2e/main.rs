@@ -13,6 +13,7 @@ mod languages;
 mod leader;
 mod operate;
 mod plugins;
+mod render;
 mod safety;
 mod support;
 mod sync;

@@ -69,6 +69,22 @@ enum Command {
     /// Plugin tools.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// The Kustomize and Helm renderers (WebAssembly modules shipped beside sluice).
+    #[command(subcommand)]
+    Renderers(RenderersCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum RenderersCommand {
+    /// Compile the renderers ahead of time, writing `<name>.cwasm` beside each module: an
+    /// image build runs it, so that an agent maps them instead of compiling (Helm's compile
+    /// takes more memory than an agent is given).
+    Compile {
+        /// The renderers' directory (default: $SLUICE_RENDERERS_DIR, else `renderers/`
+        /// beside the executable).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -347,6 +363,31 @@ fn main() -> ExitCode {
         } => rt.block_on(status(project.as_deref(), namespace.as_deref(), output)),
         Command::Generate(args) => generate(args),
         Command::Plugin(PluginCommand::Inspect { file, output }) => inspect(&file, output),
+        Command::Renderers(RenderersCommand::Compile { dir }) => compile_renderers(dir),
+    }
+}
+
+/// `renderers compile`: exit 0 when every renderer is compiled (or already was), 1 when
+/// one is missing or does not compile.
+fn compile_renderers(dir: Option<PathBuf>) -> ExitCode {
+    let renderers = match sluice_wasm::renderer::Renderers::new(dir, None) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match renderers.compile_all() {
+        Ok(done) => {
+            for (renderer, took) in done {
+                println!("{renderer}: ready in {:.1} s", took.as_secs_f64());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 

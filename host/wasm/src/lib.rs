@@ -270,6 +270,14 @@ impl Runtime {
     /// # Errors
     /// When the engine or its cache cannot be configured.
     pub fn new(cache_dir: Option<&Path>) -> Result<Runtime, String> {
+        Runtime::with_config(cache_dir, |_| {})
+    }
+
+    /// [`Runtime::new`], with `tune` changing the engine's configuration last.
+    pub(crate) fn with_config(
+        cache_dir: Option<&Path>,
+        tune: impl FnOnce(&mut wasmtime::Config),
+    ) -> Result<Runtime, String> {
         let mut config = wasmtime::Config::new();
         config.wasm_component_model(true);
         // Epochs rather than fuel: a deadline in wall-clock time at a fraction of fuel's
@@ -290,6 +298,7 @@ impl Runtime {
             config.cache(Some(cache.clone()));
             cached = Some(cache);
         }
+        tune(&mut config);
         io()?;
         let engine = Engine::new(&config)
             .map_err(|e| format!("failed to build the WebAssembly engine: {e}"))?;

@@ -62,7 +62,7 @@ impl Renderer {
     pub fn limits(self) -> Limits {
         Limits {
             timeout: Duration::from_secs(60),
-            memory_bytes: 1 << 30,
+            memory_bytes: 256 << 20,
             max_output_bytes: 64 << 20,
         }
     }
@@ -89,7 +89,7 @@ pub struct Document {
 pub enum Error {
     /// No module for this renderer was found.
     #[error(
-        "the {renderer} renderer is not installed: no {file} in {dir} (set SLUICE_RENDERERS_DIR, or use sluice's container image)"
+        "not installed: no {file} in {dir} (set SLUICE_RENDERERS_DIR, or use sluice's container image)"
     )]
     NotInstalled {
         /// Which renderer.
@@ -100,7 +100,7 @@ pub enum Error {
         dir: String,
     },
     /// The module did not compile or link.
-    #[error("the {renderer} renderer does not load: {message}")]
+    #[error("does not load: {message}")]
     Load {
         /// Which renderer.
         renderer: Renderer,
@@ -116,7 +116,7 @@ pub enum Error {
         message: String,
     },
     /// It trapped, timed out, ran out of memory or wrote something that is not a response.
-    #[error("{renderer} failed: {message}")]
+    #[error("failed: {message}")]
     Failed {
         /// Which renderer.
         renderer: Renderer,
@@ -134,6 +134,33 @@ pub struct Renderers {
     /// a resync of an unchanged commit renders nothing.
     memo: Mutex<VecDeque<([u8; 32], Arc<Vec<Document>>)>>,
 }
+
+/// The precompiled renderer at `compiled`, mapped from its file (its code is paged in as it
+/// runs and shared, not copied into the agent's memory), when it is there, newer than the
+/// module at `module`, and made by this engine.
+fn mapped(engine: &wasmtime::Engine, module: &Path, compiled: &Path) -> Option<wasmtime::Module> {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if let (Some(source), Some(made)) = (modified(module), modified(compiled))
+        && made < source
+    {
+        return None;
+    }
+    modified(compiled)?;
+    // SAFETY: wasmtime runs the machine code in the file as it is, so the file must be one
+    // wasmtime serialized. `<name>.cwasm` is written only by `Renderers::load` and
+    // `sluice renderers compile` (`Module::serialize` of this very module) into the
+    // renderers' directory, which is the agent's own installation: the container image's
+    // read-only layer, or the build's output. wasmtime checks the engine's version and
+    // configuration recorded in it and refuses a mismatch (then sluice compiles instead).
+    #[allow(unsafe_code)]
+    let module = unsafe { wasmtime::Module::deserialize_file(engine, compiled) };
+    module
+        .map_err(|e| tracing::warn!(path = %compiled.display(), error = %e, "precompiled renderer not usable; compiling"))
+        .ok()
+}
+
+/// The WebAssembly stack a render may use.
+const MAX_STACK: usize = 16 << 20;
 
 /// Renders kept in memory ([`Renderers::render`]).
 const MEMO_ENTRIES: usize = 64;
@@ -166,7 +193,12 @@ impl Renderers {
         let dir = dir.or_else(Renderers::locate);
         let shipped = dir.as_ref().map(|d| d.join("cache")).filter(|c| c.is_dir());
         Ok(Renderers {
-            runtime: Runtime::new(shipped.as_deref().or(cache_dir))?,
+            runtime: Runtime::with_config(shipped.as_deref().or(cache_dir), |c| {
+                // Go's calls are WebAssembly calls: a template nested 1000 deep (Helm's own
+                // limit) needs more than wasmtime's default 512 KiB of stack.
+                c.max_wasm_stack(MAX_STACK);
+                c.async_stack_size(MAX_STACK + (1 << 20));
+            })?,
             dir,
             loaded: Mutex::default(),
             memo: Mutex::default(),
@@ -214,11 +246,35 @@ impl Renderers {
                 |d| d.display().to_string(),
             ),
         };
-        let path = self.dir.as_ref().ok_or_else(not_installed)?.join(&file);
-        let bytes = std::fs::read(&path).map_err(|_| not_installed())?;
+        let dir = self.dir.as_ref().ok_or_else(not_installed)?;
+        let (path, compiled) = (
+            dir.join(&file),
+            dir.join(format!("{}.cwasm", renderer.name())),
+        );
         let fail = |message: String| Error::Load { renderer, message };
         let start = Instant::now();
-        let module = krm::compile(&self.runtime.engine, &bytes).map_err(fail)?;
+        let module = match mapped(&self.runtime.engine, &path, &compiled) {
+            Some(module) => module,
+            None => {
+                let bytes = std::fs::read(&path).map_err(|_| not_installed())?;
+                tracing::warn!(
+                    renderer = renderer.name(),
+                    "compiling a renderer (no precompiled {}.cwasm beside it): this takes tens of seconds and, for Helm, more than a GiB of memory; run `sluice renderers compile` where it is installed",
+                    renderer.name()
+                );
+                let module = krm::compile(&self.runtime.engine, &bytes).map_err(fail)?;
+                drop(bytes);
+                // Next time: mapped, not compiled. A directory that cannot be written (a
+                // read-only image) is no error: the compilation cache still has it.
+                if let Ok(code) = module.serialize() {
+                    let partial = compiled.with_extension("cwasm.partial");
+                    if std::fs::write(&partial, code).is_ok() {
+                        let _ = std::fs::rename(&partial, &compiled);
+                    }
+                }
+                module
+            }
+        };
         let pre = Arc::new(krm::prepare(&self.runtime.engine, &module).map_err(fail)?);
         tracing::info!(
             renderer = renderer.name(),
@@ -270,7 +326,7 @@ impl Renderers {
             &limits,
             &[],
             super::TICK,
-            |e| super::trap_message(e, &limits),
+            |e| without_backtrace(super::trap_message(e, &limits)),
         )
         .map_err(|e| match e {
             krm::CallError::Failed(m) | krm::CallError::Invalid(m) => failed(m),
@@ -282,7 +338,10 @@ impl Renderers {
             ))
         })?;
         if let Some(message) = response.error {
-            return Err(Error::Refused { renderer, message });
+            return Err(Error::Refused {
+                renderer,
+                message: shortened(message),
+            });
         }
         let documents = Arc::new(response.documents);
         memo(&mut |m| {
@@ -292,5 +351,70 @@ impl Renderers {
             m.push_back((key, documents.clone()));
         });
         Ok(documents.as_ref().clone())
+    }
+}
+
+/// A renderer's message, at most about 2 KiB: its start (where it failed) and its end (why).
+/// Helm's error for a template that includes itself repeats the include chain a thousand
+/// times.
+fn shortened(message: String) -> String {
+    const KEEP: usize = 1024;
+    if message.len() <= 2 * KEEP + 64 {
+        return message;
+    }
+    let head = (0..=KEEP)
+        .rev()
+        .find(|i| message.is_char_boundary(*i))
+        .unwrap_or(0);
+    let tail = (message.len() - KEEP..message.len())
+        .find(|i| message.is_char_boundary(*i))
+        .unwrap_or(message.len());
+    format!(
+        "{} … ({} bytes left out) … {}",
+        &message[..head],
+        tail - head,
+        &message[tail..]
+    )
+}
+
+/// A trap's message without the WebAssembly backtrace (function numbers of a Go program
+/// help nobody): `trapped: call stack exhausted`.
+fn without_backtrace(message: String) -> String {
+    match (
+        message.find("error while executing at wasm backtrace:"),
+        message.rfind(": "),
+    ) {
+        (Some(a), Some(b)) if b > a => format!("{}{}", &message[..a], &message[b + 2..]),
+        _ => message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backtraces_are_cut_from_trap_messages() {
+        assert_eq!(
+            without_backtrace(
+                "trapped: error while executing at wasm backtrace:\n    0: 0x1 - <unknown>!<wasm function 5>: wasm trap: call stack exhausted".into()
+            ),
+            "trapped: call stack exhausted"
+        );
+        assert_eq!(
+            without_backtrace("timed out after 60s".into()),
+            "timed out after 60s"
+        );
+        let long = format!("start{}end", "x".repeat(10_000));
+        let short = shortened(long);
+        assert!(
+            short.starts_with("startxx") && short.ends_with("xxend"),
+            "{short}"
+        );
+        assert!(
+            short.len() < 2200 && short.contains("bytes left out"),
+            "{short}"
+        );
+        assert_eq!(shortened("short".into()), "short");
     }
 }

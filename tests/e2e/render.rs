@@ -1,0 +1,731 @@
+//! Rendering: Kustomize and Helm in the WebAssembly sandbox give what the native CLIs of the
+//! same versions print (`kustomize build`, `helm template`, built from the Go module proxy by
+//! `tests/cluster/build-cli.sh`), compared as sets of objects; charts and overlays sync,
+//! change and prune against the real control plane; hostile inputs fail with their origin
+//! and change nothing.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sluice_agent::config::ManifestProject;
+use sluice_agent::select::{self, Dir, SelectedFile};
+use sluice_agent::{decode, render};
+use sluice_testenv::cluster;
+
+use crate::support::{Fixture, renderers, settings, sync_once};
+
+/// Writes `files` under `dir`.
+fn write(dir: &Path, files: &[(&str, &str)]) {
+    for (path, text) in files {
+        let path = dir.join(path);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(path, text).expect("write");
+    }
+}
+
+fn context() -> render::Context {
+    render::Context {
+        renderers: Some(renderers()),
+        capabilities: None,
+    }
+}
+
+fn parse_project(yaml: &str) -> ManifestProject {
+    sluice_agent::config::parse(yaml, "test/config")
+        .expect("config")
+        .manifest_projects
+        .remove(0)
+}
+
+/// Objects as sorted JSON texts: a set to compare.
+fn canonical(files: &[SelectedFile]) -> Vec<String> {
+    let mut objects: Vec<String> = decode::decode(files, "p", "c")
+        .expect("decode")
+        .into_iter()
+        .map(|o| o.value().to_string())
+        .collect();
+    objects.sort();
+    objects
+}
+
+/// What sluice renders for `project` in `dir`.
+fn sluice(dir: &Path, project: &ManifestProject) -> Result<Vec<SelectedFile>, render::Error> {
+    let tree = Dir::walk(dir).expect("walk");
+    render::render(&tree, project, &select::Limits::default(), &context())
+}
+
+/// What a native CLI prints, as one file; panics with its stderr when it fails.
+fn native(cli: &str, args: &[&str], dir: &Path) -> Result<Vec<SelectedFile>, String> {
+    let out = Command::new(cluster::reference_cli(cli))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run the native CLI");
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(vec![SelectedFile {
+        path: "native.yaml".into(),
+        bytes: out.stdout,
+        renderer: None,
+    }])
+}
+
+/// A base, a component and two overlays using what overlays use: name prefixes and
+/// suffixes, namespaces, labels, annotations, images, replicas, ConfigMap and Secret
+/// generators (hashed names and the references to them), strategic-merge and JSON 6902
+/// patches, components and replacements.
+fn kustomize_corpus(dir: &Path) {
+    write(
+        dir,
+        &[
+            (
+                "base/kustomization.yaml",
+                "resources:\n- deployment.yaml\n- service.yaml\ncommonAnnotations:\n  team: web\nconfigMapGenerator:\n- name: app-config\n  literals: [LOG_LEVEL=info]\n  files: [app.properties]\nsecretGenerator:\n- name: app-secret\n  literals: [password=hunter2]\n",
+            ),
+            (
+                "base/deployment.yaml",
+                "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 1\n  selector:\n    matchLabels: {app: web}\n  template:\n    metadata:\n      labels: {app: web}\n    spec:\n      containers:\n      - name: web\n        image: nginx:1.25\n        env:\n        - {name: MODE, value: placeholder}\n        envFrom:\n        - configMapRef: {name: app-config}\n        - secretRef: {name: app-secret}\n",
+            ),
+            (
+                "base/service.yaml",
+                "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  selector: {app: web}\n  ports:\n  - port: 80\n    targetPort: 8080\n",
+            ),
+            ("base/app.properties", "color=blue\nsize=large\n"),
+            (
+                "components/monitoring/kustomization.yaml",
+                "apiVersion: kustomize.config.k8s.io/v1alpha1\nkind: Component\nresources:\n- dashboard.yaml\npatches:\n- patch: |-\n    apiVersion: apps/v1\n    kind: Deployment\n    metadata:\n      name: web\n      annotations:\n        prometheus.io/scrape: \"true\"\n",
+            ),
+            (
+                "components/monitoring/dashboard.yaml",
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: dashboard\ndata:\n  panel: requests\n",
+            ),
+            (
+                "overlays/prod/kustomization.yaml",
+                "namespace: prod\nnamePrefix: prod-\nnameSuffix: -v1\nlabels:\n- pairs: {env: prod}\n  includeSelectors: true\nresources:\n- ../../base\ncomponents:\n- ../../components/monitoring\nimages:\n- name: nginx\n  newName: registry.example.com/nginx\n  newTag: \"1.27\"\nreplicas:\n- name: web\n  count: 3\npatches:\n- path: resources.yaml\n- target: {kind: Service, name: web}\n  patch: |-\n    - op: replace\n      path: /spec/ports/0/port\n      value: 8080\nconfigMapGenerator:\n- name: app-config\n  behavior: merge\n  literals: [LOG_LEVEL=warn]\nreplacements:\n- source: {kind: ConfigMap, name: dashboard, fieldPath: data.panel}\n  targets:\n  - select: {kind: Deployment, name: web}\n    fieldPaths:\n    - spec.template.spec.containers.[name=web].env.[name=MODE].value\n",
+            ),
+            (
+                "overlays/prod/resources.yaml",
+                "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  template:\n    spec:\n      containers:\n      - name: web\n        resources:\n          limits: {memory: 256Mi}\n",
+            ),
+            (
+                "overlays/dev/kustomization.yaml",
+                "namespace: dev\nresources:\n- ../../base\npatches:\n- target: {kind: Deployment}\n  patch: |-\n    - op: replace\n      path: /spec/replicas\n      value: 0\n",
+            ),
+        ],
+    );
+}
+
+/// sluice's Kustomize gives the objects `kustomize build` (same version, native) gives, for
+/// each overlay of the corpus.
+#[tokio::test]
+async fn kustomize_renders_what_kustomize_build_prints() {
+    let dir = tempfile::tempdir().expect("dir");
+    kustomize_corpus(dir.path());
+    for overlay in ["overlays/prod", "overlays/dev", "base"] {
+        let project = parse_project(&format!(
+            "gitops:\n  manifest_projects:\n  - id: p\n    paths: [{{glob: \"{overlay}/**\"}}]\n"
+        ));
+        let ours = sluice(dir.path(), &project).expect("sluice renders");
+        let theirs = native("kustomize", &["build", overlay], dir.path()).expect("kustomize build");
+        let (ours, theirs) = (canonical(&ours), canonical(&theirs));
+        eprintln!("{overlay}: {} objects", theirs.len());
+        assert!(theirs.len() >= 3, "{overlay}: the corpus renders objects");
+        assert_eq!(ours, theirs, "{overlay}: sluice and kustomize build differ");
+    }
+    // Every object names the file it came from and the renderer.
+    let project = parse_project(
+        "gitops:\n  manifest_projects:\n  - id: p\n    paths: [{glob: \"overlays/prod/**\"}]\n",
+    );
+    let files = sluice(dir.path(), &project).expect("render");
+    let paths: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
+    for expected in [
+        "base/deployment.yaml",
+        "base/service.yaml",
+        "components/monitoring/dashboard.yaml",
+        "base/kustomization.yaml",
+    ] {
+        assert!(paths.contains(&expected), "{expected} in {paths:?}");
+    }
+    assert!(
+        files
+            .iter()
+            .all(|f| f.renderer.as_deref() == Some("kustomize v5.8.2"))
+    );
+}
+
+/// A chart with what charts have: a subchart directory, a packaged subchart (.tgz), a
+/// library chart, CRDs, `.Files.Get` and `.Files.Glob`, `tpl`, `required`, `include`,
+/// a values file over the defaults, a NOTES.txt and a test hook.
+fn helm_corpus(dir: &Path) {
+    let chart = dir.join("charts/app");
+    write(
+        &chart,
+        &[
+            (
+                "Chart.yaml",
+                "apiVersion: v2\nname: app\nversion: 1.2.3\nappVersion: \"4.5\"\ndependencies:\n- name: sub\n  version: 0.1.0\n- name: packed\n  version: 0.1.0\n- name: common\n  version: 0.1.0\n",
+            ),
+            (
+                "values.yaml",
+                "name: app\nreplicas: 1\ngreeting: \"hello {{ .Release.Name }}\"\nsub:\n  color: blue\npacked:\n  enabled: true\n",
+            ),
+            ("values-prod.yaml", "replicas: 3\nsub:\n  color: red\n"),
+            ("files/config.ini", "[server]\nport = 8080\n"),
+            ("files/a.txt", "alpha"),
+            ("files/b.txt", "beta"),
+            (
+                "templates/deployment.yaml",
+                "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {{ .Release.Name }}-{{ required \"name is required\" .Values.name }}\n  labels:\n{{ include \"common.labels\" . | indent 4 }}\nspec:\n  replicas: {{ .Values.replicas }}\n  selector:\n    matchLabels: {app: {{ .Values.name }}}\n  template:\n    metadata:\n      labels: {app: {{ .Values.name }}}\n    spec:\n      containers:\n      - name: app\n        image: \"nginx:{{ .Chart.AppVersion }}\"\n        env:\n        - name: GREETING\n          value: {{ tpl .Values.greeting . | quote }}\n        - name: KUBE\n          value: {{ .Capabilities.KubeVersion.Version | quote }}\n",
+            ),
+            (
+                "templates/config.yaml",
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}-files\n  namespace: {{ .Release.Namespace }}\ndata:\n  config.ini: |-\n{{ .Files.Get \"files/config.ini\" | indent 4 }}\n{{ (.Files.Glob \"files/*.txt\").AsConfig | indent 2 }}\n",
+            ),
+            (
+                "templates/NOTES.txt",
+                "Thank you for installing {{ .Chart.Name }}.\n",
+            ),
+            (
+                "templates/tests/test.yaml",
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {{ .Release.Name }}-test\n  annotations:\n    helm.sh/hook: test\nspec:\n  containers:\n  - name: t\n    image: busybox\n",
+            ),
+            (
+                "crds/widgets.yaml",
+                "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: widgets.example.com\nspec:\n  group: example.com\n  names: {kind: Widget, plural: widgets, singular: widget}\n  scope: Namespaced\n  versions:\n  - name: v1\n    served: true\n    storage: true\n    schema:\n      openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}\n",
+            ),
+            (
+                "charts/sub/Chart.yaml",
+                "apiVersion: v2\nname: sub\nversion: 0.1.0\n",
+            ),
+            (
+                "charts/sub/templates/cm.yaml",
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}-sub\ndata:\n  color: {{ .Values.color }}\n  global: {{ .Values.global | toJson | quote }}\n",
+            ),
+            (
+                "charts/common/Chart.yaml",
+                "apiVersion: v2\nname: common\nversion: 0.1.0\ntype: library\n",
+            ),
+            (
+                "charts/common/templates/_labels.tpl",
+                "{{- define \"common.labels\" -}}\napp.kubernetes.io/name: {{ .Chart.Name }}\napp.kubernetes.io/instance: {{ .Release.Name }}\nhelm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}\n{{- end -}}\n",
+            ),
+        ],
+    );
+    // The packaged subchart, made by the real `helm package`.
+    let src = dir.join("packed-src/packed");
+    write(
+        &src,
+        &[
+            (
+                "Chart.yaml",
+                "apiVersion: v2\nname: packed\nversion: 0.1.0\n",
+            ),
+            (
+                "templates/svc.yaml",
+                "{{- if .Values.enabled }}\napiVersion: v1\nkind: Service\nmetadata:\n  name: {{ .Release.Name }}-packed\nspec:\n  ports:\n  - port: 80\n{{- end }}\n",
+            ),
+        ],
+    );
+    let charts = chart.join("charts");
+    let out = Command::new(cluster::reference_cli("helm"))
+        .args(["package", src.to_str().expect("utf-8"), "-d"])
+        .arg(&charts)
+        .output()
+        .expect("helm package");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(dir.join("packed-src")).expect("rm");
+}
+
+/// sluice's Helm gives the objects `helm template --skip-tests --include-crds` (same
+/// version, native) gives: for a chart as `helm create` writes it, and for the corpus chart
+/// with a values file; a `required` value that is missing fails both with Helm's message.
+#[tokio::test]
+async fn helm_renders_what_helm_template_prints() {
+    let dir = tempfile::tempdir().expect("dir");
+    helm_corpus(dir.path());
+    let out = Command::new(cluster::reference_cli("helm"))
+        .args(["create", "charts/created"])
+        .current_dir(dir.path())
+        .output()
+        .expect("helm create");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let cases: [(&str, &str, &[&str]); 3] = [
+        ("charts/created", "", &[]),
+        ("charts/app", "", &[]),
+        (
+            "charts/app",
+            "      values_files: [charts/app/values-prod.yaml]\n      values: {greeting: \"hi {{ .Release.Namespace }}\"}\n",
+            &[
+                "-f",
+                "charts/app/values-prod.yaml",
+                "--set",
+                "greeting=hi {{ .Release.Namespace }}",
+            ],
+        ),
+    ];
+    for (chart, values, flags) in cases {
+        let project = parse_project(&format!(
+            "gitops:\n  manifest_projects:\n  - id: p\n    default_namespace: shop\n    helm:\n      chart: {chart}\n      release_name: web\n{values}"
+        ));
+        let ours = sluice(dir.path(), &project).expect("sluice renders");
+        let mut args = vec![
+            "template",
+            "web",
+            chart,
+            "--namespace",
+            "shop",
+            "--skip-tests",
+            "--include-crds",
+        ];
+        args.extend_from_slice(flags);
+        let theirs = native("helm", &args, dir.path()).expect("helm template");
+        let (ours, theirs) = (canonical(&ours), canonical(&theirs));
+        eprintln!("{chart} {flags:?}: {} objects", theirs.len());
+        assert!(theirs.len() >= 3, "{chart}: the chart renders objects");
+        assert_eq!(
+            ours, theirs,
+            "{chart} {flags:?}: sluice and helm template differ"
+        );
+    }
+
+    // Origins: the template, under the chart's directory, and the renderer.
+    let project = parse_project(
+        "gitops:\n  manifest_projects:\n  - id: p\n    helm:\n      chart: charts/app\n      release_name: web\n",
+    );
+    let files = sluice(dir.path(), &project).expect("render");
+    let paths: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
+    for expected in [
+        "charts/app/templates/deployment.yaml",
+        "charts/app/charts/sub/templates/cm.yaml",
+        "charts/app/charts/packed/templates/svc.yaml",
+        "charts/app/crds/widgets.yaml",
+    ] {
+        assert!(paths.contains(&expected), "{expected} in {paths:?}");
+    }
+    assert!(
+        !paths.iter().any(|p| p.contains("tests/")),
+        "test hooks are skipped"
+    );
+
+    // A missing required value: both fail, and sluice says what Helm says.
+    let project = parse_project(
+        "gitops:\n  manifest_projects:\n  - id: p\n    helm:\n      chart: charts/app\n      release_name: web\n      values: {name: null}\n",
+    );
+    let err = sluice(dir.path(), &project)
+        .expect_err("required value")
+        .to_string();
+    let theirs = native(
+        "helm",
+        &["template", "web", "charts/app", "--set", "name=null"],
+        dir.path(),
+    )
+    .expect_err("helm fails too");
+    assert!(err.contains("name is required"), "{err}");
+    assert!(theirs.contains("name is required"), "{theirs}");
+    assert!(err.starts_with("charts/app: helm v4.3.2: "), "{err}");
+}
+
+/// The path of a checked-out corpus, for committing: every file under `dir`.
+fn entries(dir: &Path) -> Vec<sluice_testenv::git::Entry> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<sluice_testenv::git::Entry>) {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+            .expect("read_dir")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        names.sort();
+        for path in names {
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let rel = path.strip_prefix(root).expect("under root");
+                out.push(sluice_testenv::git::file(
+                    rel.to_str().expect("utf-8"),
+                    std::fs::read(&path).expect("read"),
+                ));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+fn value_of(files: &[sluice_testenv::git::Entry], path: &str) -> String {
+    files
+        .iter()
+        .find_map(|e| match e {
+            sluice_testenv::git::Entry::File(p, bytes) if p == path => {
+                Some(String::from_utf8(bytes.clone()).expect("utf-8"))
+            }
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{path} in the corpus"))
+}
+
+fn replace(files: &mut Vec<sluice_testenv::git::Entry>, path: &str, text: Option<String>) {
+    files.retain(|e| !matches!(e, sluice_testenv::git::Entry::File(p, _) if p == path));
+    if let Some(text) = text {
+        files.push(sluice_testenv::git::file(path, text));
+    }
+}
+
+async fn deployment_replicas(client: &kube::Client, ns: &str, name: &str) -> Option<i64> {
+    let api = crate::support::api(client, ns, "apps/v1", "Deployment", "deployments");
+    api.get_opt(name)
+        .await
+        .expect("get")
+        .map(|d| d.data["spec"]["replicas"].as_i64().unwrap_or(-1))
+}
+
+async fn exists(client: &kube::Client, ns: &str, kind: &str, plural: &str, name: &str) -> bool {
+    let v = if kind == "Deployment" {
+        "apps/v1"
+    } else {
+        "v1"
+    };
+    crate::support::api(client, ns, v, kind, plural)
+        .get_opt(name)
+        .await
+        .expect("get")
+        .is_some()
+}
+
+/// A Kustomize overlay syncs (objects named, labelled and scaled as the overlay says, the
+/// generated ConfigMap under its hashed name), then a commit that drops a resource from the
+/// base prunes it.
+#[tokio::test]
+async fn a_kustomize_overlay_syncs_and_prunes_what_left_the_base() {
+    let mut fx = Fixture::new("kust").await;
+    let dir = tempfile::tempdir().expect("dir");
+    kustomize_corpus(dir.path());
+    let mut files = entries(dir.path());
+    // The overlay's namespace is the test's.
+    let kust = value_of(&files, "overlays/prod/kustomization.yaml")
+        .replace("namespace: prod", &format!("namespace: {}", fx.ns));
+    replace(&mut files, "overlays/prod/kustomization.yaml", Some(kust));
+    fx.repo.commit("main", &files, "overlay");
+    let project = crate::support::project(&fx.ns, "    paths: [{glob: \"overlays/prod/**\"}]\n");
+    let settings = settings(&format!("kust-{}", fx.ns));
+    let report = sync_once(&mut fx.cluster, &fx.src, &project, &settings)
+        .await
+        .expect("sync");
+    assert_eq!(
+        deployment_replicas(&fx.client, &fx.ns, "prod-web-v1").await,
+        Some(3)
+    );
+    assert!(exists(&fx.client, &fx.ns, "Service", "services", "prod-web-v1").await);
+    let generated = report
+        .results
+        .iter()
+        .find(|r| r.obj.name.starts_with("prod-app-config-v1-"))
+        .expect("the generated ConfigMap was applied");
+    let origin = generated.origin.as_ref().expect("origin");
+    assert_eq!(origin.renderer.as_deref(), Some("kustomize v5.8.2"));
+
+    // The base drops its Service: the overlay's output no longer has it, and it is pruned.
+    let base = value_of(&files, "base/kustomization.yaml").replace("- service.yaml\n", "");
+    replace(&mut files, "base/kustomization.yaml", Some(base));
+    let patched = value_of(&files, "overlays/prod/kustomization.yaml").replace(
+        "- target: {kind: Service, name: web}\n  patch: |-\n    - op: replace\n      path: /spec/ports/0/port\n      value: 8080\n",
+        "",
+    );
+    replace(
+        &mut files,
+        "overlays/prod/kustomization.yaml",
+        Some(patched),
+    );
+    fx.repo.commit("main", &files, "drop the service");
+    sync_once(&mut fx.cluster, &fx.src, &project, &settings)
+        .await
+        .expect("second sync");
+    assert!(!exists(&fx.client, &fx.ns, "Service", "services", "prod-web-v1").await);
+    assert_eq!(
+        deployment_replicas(&fx.client, &fx.ns, "prod-web-v1").await,
+        Some(3)
+    );
+}
+
+/// A chart configured as agentk configured it (`gitops.charts[]`, values inline and from a
+/// file of the chart's project) syncs with the cluster's Capabilities; a values change is
+/// applied; a template removed from the chart is pruned. The same chart from sluice's own
+/// `helm:` section renders the same objects.
+#[tokio::test]
+async fn an_agentk_chart_syncs_changes_values_and_prunes_a_removed_template() {
+    let mut fx = Fixture::new("chart").await;
+    let chart = [
+        ("charts/web/Chart.yaml", "apiVersion: v2\nname: web\nversion: 0.1.0\n".to_string()),
+        (
+            "charts/web/values.yaml",
+            "replicas: 1\ncolor: blue\n".to_string(),
+        ),
+        (
+            "charts/web/templates/deployment.yaml",
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {{ .Release.Name }}\nspec:\n  replicas: {{ .Values.replicas }}\n  selector:\n    matchLabels: {app: {{ .Release.Name }}}\n  template:\n    metadata:\n      labels: {app: {{ .Release.Name }}}\n    spec:\n      containers:\n      - name: app\n        image: nginx:1.27\n".to_string(),
+        ),
+        (
+            "charts/web/templates/config.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}-config\ndata:\n  color: {{ .Values.color }}\n  kube: {{ .Capabilities.KubeVersion.Version | quote }}\n  apps: {{ .Capabilities.APIVersions.Has \"apps/v1/Deployment\" | quote }}\n".to_string(),
+        ),
+        ("env/prod.yaml", "color: green\n".to_string()),
+    ];
+    let files = |chart: &[(&str, String)]| -> Vec<sluice_testenv::git::Entry> {
+        chart
+            .iter()
+            .map(|(p, t)| sluice_testenv::git::file(p, t))
+            .collect()
+    };
+    fx.repo.commit("main", &files(&chart), "chart");
+    let repo_id = format!("group/{}", fx.ns);
+    let config = |replicas: u32| {
+        format!(
+            "gitops:\n  charts:\n  - release_name: web\n    namespace: {ns}\n    max_history: 3\n    source:\n      project:\n        id: {repo_id}\n        path: charts/web\n    values:\n    - file:\n        project_id: {repo_id}\n        file: env/prod.yaml\n    - inline:\n        replicas: {replicas}\n",
+            ns = fx.ns
+        )
+    };
+    let project = sluice_agent::config::parse(&config(2), "test/config")
+        .expect("agentk's chart config")
+        .manifest_projects
+        .remove(0);
+    assert_eq!(project.id, format!("chart:{}/web", fx.ns));
+    assert_eq!(project.repository(), repo_id);
+    let settings = settings(&format!("chart-{}", fx.ns));
+    sync_once(&mut fx.cluster, &fx.src, &project, &settings)
+        .await
+        .expect("sync");
+    assert_eq!(
+        deployment_replicas(&fx.client, &fx.ns, "web").await,
+        Some(2)
+    );
+    let cm = crate::support::api(&fx.client, &fx.ns, "v1", "ConfigMap", "configmaps")
+        .get("web-config")
+        .await
+        .expect("configmap");
+    assert_eq!(
+        cm.data["data"]["color"], "green",
+        "the values file wins over the chart's"
+    );
+    assert_eq!(cm.data["data"]["apps"], "true");
+    let served = fx.cluster.capabilities().kube_version.clone();
+    assert!(served.starts_with("v1."), "{served}");
+    assert_eq!(
+        cm.data["data"]["kube"]
+            .as_str()
+            .map(|v| served.starts_with(v)),
+        Some(true),
+        "the chart sees the cluster's version ({served}), not Helm's default"
+    );
+
+    // A values change.
+    let project = sluice_agent::config::parse(&config(4), "test/config")
+        .expect("config")
+        .manifest_projects
+        .remove(0);
+    sync_once(&mut fx.cluster, &fx.src, &project, &settings)
+        .await
+        .expect("values change");
+    assert_eq!(
+        deployment_replicas(&fx.client, &fx.ns, "web").await,
+        Some(4)
+    );
+
+    // A template removed from the chart: its object is pruned.
+    let without: Vec<(&str, String)> = chart
+        .iter()
+        .filter(|(p, _)| !p.ends_with("config.yaml"))
+        .cloned()
+        .collect();
+    fx.repo.commit("main", &files(&without), "drop the config");
+    sync_once(&mut fx.cluster, &fx.src, &project, &settings)
+        .await
+        .expect("template removed");
+    assert!(!exists(&fx.client, &fx.ns, "ConfigMap", "configmaps", "web-config").await);
+    assert_eq!(
+        deployment_replicas(&fx.client, &fx.ns, "web").await,
+        Some(4)
+    );
+
+    // sluice's own section, same chart and values: the same objects.
+    let own = crate::support::project_with_id(
+        &repo_id,
+        &fx.ns,
+        "    helm:\n      chart: charts/web\n      release_name: web\n      values_files: [env/prod.yaml]\n      values: {replicas: 4}\n",
+    );
+    let tree_dir = tempfile::tempdir().expect("dir");
+    for (p, t) in &without {
+        write(tree_dir.path(), &[(*p, t.as_str())]);
+    }
+    let a = canonical(&sluice(tree_dir.path(), &own).expect("own section"));
+    let b = canonical(&sluice(tree_dir.path(), &project).expect("agentk section"));
+    assert_eq!(a, b);
+}
+
+/// What each Argo CD advisory did with a renderer run as a process: here each fails with
+/// its origin, within the renderer's limits, and nothing reaches the cluster.
+#[tokio::test]
+async fn hostile_charts_and_overlays_fail_with_their_origin_and_change_nothing() {
+    let mut fx = Fixture::new("hostile").await;
+    let ok_chart = |extra: &[(&str, &str)]| -> Vec<sluice_testenv::git::Entry> {
+        let mut files = vec![
+            sluice_testenv::git::file(
+                "chart/Chart.yaml",
+                "apiVersion: v2\nname: c\nversion: 0.1.0\n",
+            ),
+            sluice_testenv::git::file(
+                "chart/templates/cm.yaml",
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: innocent\n",
+            ),
+            sluice_testenv::git::file("secret/token", "s3cr3t-of-another-project"),
+        ];
+        for (p, t) in extra {
+            files.retain(|e| !matches!(e, sluice_testenv::git::Entry::File(q, _) if q == p));
+            files.push(sluice_testenv::git::file(p, t));
+        }
+        files
+    };
+    let chart_project = crate::support::project(
+        &fx.ns,
+        "    helm:\n      chart: chart\n      release_name: h\n",
+    );
+    let settings = settings(&format!("hostile-{}", fx.ns));
+    let started = std::time::Instant::now();
+    let cases: Vec<(&str, Vec<sluice_testenv::git::Entry>, &str)> = vec![
+        (
+            // CVE-2022-24731, CVE-2023-40026: a template reads a file outside its chart.
+            ".Files.Get outside the chart",
+            ok_chart(&[(
+                "chart/templates/leak.yaml",
+                "{{- if or (.Files.Get \"../secret/token\") (.Files.Get \"/etc/passwd\") (.Files.Get \"../../secret/token\") }}\n{{- fail \"LEAKED\" }}\n{{- else }}\n{{- fail \"nothing outside the chart is readable\" }}\n{{- end }}\n",
+            )]),
+            "nothing outside the chart is readable",
+        ),
+        (
+            // include recursion.
+            "include recursion",
+            ok_chart(&[(
+                "chart/templates/loop.yaml",
+                "{{- define \"loop\" }}{{ include \"loop\" . }}{{ end }}{{ include \"loop\" . }}\n",
+            )]),
+            "loop",
+        ),
+        (
+            // CVE-2022-31016: output without end.
+            "1 GiB of output",
+            ok_chart(&[(
+                "chart/templates/big.yaml",
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: big\ndata:\n{{- range $i := until 100000000 }}\n  k{{ $i }}: {{ repeat 100 \"x\" }}\n{{- end }}\n",
+            )]),
+            "chart: helm v4.3.2: failed: ",
+        ),
+        (
+            // A chart repository over the network.
+            "a dependency not committed",
+            ok_chart(&[(
+                "chart/Chart.yaml",
+                "apiVersion: v2\nname: c\nversion: 0.1.0\ndependencies:\n- name: redis\n  version: 1.0.0\n  repository: https://charts.example.com\n",
+            )]),
+            "helm dependency build",
+        ),
+    ];
+    for (what, files, expected) in cases {
+        fx.repo.commit("main", &files, what);
+        let err = sync_once(&mut fx.cluster, &fx.src, &chart_project, &settings)
+            .await
+            .expect_err(what)
+            .to_string();
+        eprintln!("{what}: {err}");
+        assert!(err.contains(expected), "{what}: {err}");
+        assert!(
+            err.contains("chart: helm v4.3.2"),
+            "{what} names the chart: {err}"
+        );
+        assert!(!err.contains("s3cr3t"), "{what}: {err}");
+    }
+
+    // A symlink in a chart is refused before Helm runs; values from outside the
+    // repository are refused when the configuration is read.
+    fx.repo.commit(
+        "main",
+        &{
+            let mut f = ok_chart(&[]);
+            f.push(sluice_testenv::git::Entry::Symlink(
+                "chart/templates/passwd.yaml".into(),
+                "../../../../etc/passwd".into(),
+            ));
+            f
+        },
+        "symlink",
+    );
+    let err = sync_once(&mut fx.cluster, &fx.src, &chart_project, &settings)
+        .await
+        .expect_err("symlink")
+        .to_string();
+    assert!(
+        err.contains("chart/templates/passwd.yaml: is a symbolic link"),
+        "{err}"
+    );
+    let err = sluice_agent::config::parse(
+        "gitops:\n  manifest_projects:\n  - id: p\n    helm:\n      values_files: [../../etc/passwd]\n",
+        "c",
+    )
+    .expect_err("values path traversal (CVE-2022-24348)")
+    .to_string();
+    assert!(err.contains("\"..\" is not allowed"), "{err}");
+
+    // Kustomize: a remote base, an exec plugin, a base through a symlink out of the
+    // repository.
+    let overlay = |kustomization: &str| {
+        vec![
+            sluice_testenv::git::file("app/kustomization.yaml", kustomization),
+            sluice_testenv::git::file(
+                "app/cm.yaml",
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: innocent\n",
+            ),
+            sluice_testenv::git::Entry::Symlink("links/outside".into(), "/etc".into()),
+        ]
+    };
+    let kust_project = crate::support::project(&fx.ns, "    paths: [{glob: \"app/**\"}]\n");
+    for (what, kustomization, expected) in [
+        (
+            "a remote base",
+            "resources:\n- cm.yaml\n- https://github.com/kubernetes-sigs/kustomize//examples/helloWorld?ref=v5.8.2\n",
+            "app: kustomize v5.8.2:",
+        ),
+        (
+            "an exec plugin",
+            "resources:\n- cm.yaml\ntransformers:\n- |-\n  apiVersion: example.com/v1\n  kind: Run\n  metadata:\n    name: run\n    annotations:\n      config.kubernetes.io/function: |\n        exec:\n          path: /bin/sh\n",
+            "app: kustomize v5.8.2:",
+        ),
+        (
+            "a symlink out of the repository",
+            "resources:\n- cm.yaml\n- ../links/outside/passwd\n",
+            "app: kustomize v5.8.2:",
+        ),
+    ] {
+        fx.repo.commit("main", &overlay(kustomization), what);
+        let err = sync_once(&mut fx.cluster, &fx.src, &kust_project, &settings)
+            .await
+            .expect_err(what)
+            .to_string();
+        eprintln!("{what}: {err}");
+        assert!(err.contains(expected), "{what}: {err}");
+    }
+    eprintln!("all hostile cases in {:?}", started.elapsed());
+
+    // Nothing of any of it reached the cluster.
+    for name in ["innocent", "leak", "big"] {
+        assert!(
+            !exists(&fx.client, &fx.ns, "ConfigMap", "configmaps", name).await,
+            "{name} was applied"
+        );
+    }
+}
