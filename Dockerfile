@@ -5,6 +5,8 @@
 #   bin=$(scripts/build-static.sh)                 # target/x86_64-unknown-linux-musl/release/sluice
 #   mkdir -p target/image && cp "$bin" target/image/sluice
 #   cp /etc/ssl/certs/ca-certificates.crt target/image/    # Debian's ca-certificates
+#   renderers/build.sh target/image/renderers       # Kustomize and Helm as WebAssembly
+#   "$bin" renderers compile --dir target/image/renderers   # precompiled: agents never compile
 #   docker build -f Dockerfile -t registry.example.com/sluice:0.5.0 target/image
 #
 # Runs as uid/gid 65532 (non-root); `sluice generate` sets runAsNonRoot, a read-only root
@@ -12,6 +14,8 @@
 FROM scratch
 COPY ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 COPY sluice /sluice
+# Found beside the binary (`/renderers`); loaded only when a project renders.
+COPY renderers /renderers
 USER 65532:65532
 ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
 # mimalloc gives freed memory back to the system at once instead of after 10 ms: at 10,000

@@ -14,6 +14,10 @@ rm -rf "$ctx" && mkdir -p "$ctx"
 cp "$bin" "$ctx/sluice"
 cp /etc/ssl/certs/ca-certificates.crt "$ctx/"
 cp Dockerfile "$ctx/"
+# The renderers, compiled ahead of time for this engine: an agent maps them instead of
+# compiling (the modules stay, for a machine the precompiled code does not fit).
+renderers/build.sh "$ctx/renderers" >/dev/null
+"$bin" renderers compile --dir "$ctx/renderers"
 if command -v docker >/dev/null && docker info >/dev/null 2>&1; then
   docker build -t "$tag" "$ctx"
 elif command -v podman >/dev/null; then

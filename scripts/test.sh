@@ -12,6 +12,7 @@
 # examples/plugins/build.sh, which the tests run, and cached under ~/.cache/sluice.
 #
 # Caches, all under ~/.cache/sluice and keyed by version: the control plane, kapply, the
+# native kustomize and helm, the renderers (Go modules compiled to WebAssembly), the
 # example plugins' tools, and cargo's build directory. A clone without a `target/` gets a
 # link to the build directory of this toolchain (cargo-target/rust-<version>), so a fresh
 # clone rebuilds only the workspace's own crates, not its ~500 dependencies; cargo's own
@@ -74,6 +75,14 @@ tests/cluster/build.sh >/dev/null
 step "kapply, agentk's engine (sigs.k8s.io/cli-utils), for the takeover tests"
 tests/cluster/build-kapply.sh >/dev/null
 
+step "renderers: Kustomize and Helm compiled to WebAssembly (built once per version; cached)"
+renderers/build.sh >/dev/null
+
+step "kustomize, helm and sops: the native CLIs the renderers are compared with, and the SOPS fixtures' encrypter (built once per version)"
+tests/cluster/build-cli.sh kustomize >/dev/null
+tests/cluster/build-cli.sh helm >/dev/null
+tests/cluster/build-cli.sh sops >/dev/null
+
 step "cargo fmt --check"
 cargo fmt --all --check
 
@@ -101,4 +110,4 @@ cargo test --workspace
 step "static binary (musl) for the container image: build, then run it in an empty root"
 static_bin=$(scripts/build-static.sh --debug | tail -1)
 cargo build --release --target wasm32-wasip2 -p allowed-registries
-scripts/smoke-static.sh "$static_bin" target/wasm32-wasip2/release/allowed_registries.wasm
+scripts/smoke-static.sh "$static_bin" target/wasm32-wasip2/release/allowed_registries.wasm target/renderers

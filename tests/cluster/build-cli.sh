@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds a native reference CLI from the Go module proxy at the version versions.env pins and
 # caches it per version outside the repository: `kustomize` and `helm`, whose output the
-# renderer tests compare sluice's with. Usage: build-cli.sh kustomize|helm. Prints the
-# binary's path on its last line.
+# renderer tests compare sluice's with, and `sops`, which encrypts the fixtures sluice
+# decrypts. Usage: build-cli.sh kustomize|helm|sops. Prints the binary's path on its last
+# line.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -12,7 +13,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 case "${1:-}" in
   kustomize) version=$KUSTOMIZE_VERSION pkg="sigs.k8s.io/kustomize/kustomize/v5@$KUSTOMIZE_VERSION" bin=kustomize ;;
   helm) version=$HELM_VERSION pkg="helm.sh/helm/v4/cmd/helm@$HELM_VERSION" bin=helm ;;
-  *) echo "usage: $0 kustomize|helm" >&2; exit 2 ;;
+  sops) version=$SOPS_VERSION pkg="github.com/getsops/sops/v3/cmd/sops@$SOPS_VERSION" bin=sops ;;
+  *) echo "usage: $0 kustomize|helm|sops" >&2; exit 2 ;;
 esac
 cache=${SLUICE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/sluice}
 out="$cache/$1-$version"

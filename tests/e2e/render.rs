@@ -27,6 +27,7 @@ fn context() -> render::Context {
     render::Context {
         renderers: Some(renderers()),
         capabilities: None,
+        keys: None,
     }
 }
 
@@ -728,4 +729,170 @@ async fn hostile_charts_and_overlays_fail_with_their_origin_and_change_nothing()
             "{name} was applied"
         );
     }
+}
+
+/// Encrypts `text` (a file named `name`) with the real `sops` for `recipient`.
+fn sops_encrypt(name: &str, text: &str, recipient: &str, rule: &[&str]) -> String {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).expect("write");
+    let out = Command::new(cluster::reference_cli("sops"))
+        .args(["encrypt", "--age", recipient])
+        .args(rule)
+        .arg(&path)
+        // sops reads .sops.yaml upwards from the file: the temporary directory has none.
+        .current_dir(dir.path())
+        .output()
+        .expect("sops encrypt");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+async fn key_secret(client: &kube::Client, ns: &str, name: &str, identity: &str) {
+    use k8s_openapi::api::core::v1::Secret;
+    let api: kube::Api<Secret> = kube::Api::namespaced(client.clone(), ns);
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name},
+        "stringData": {"age.agekey": format!("# created by the test\n{identity}\n")},
+    }))
+    .expect("secret");
+    api.patch(
+        name,
+        &kube::api::PatchParams::apply("test").force(),
+        &kube::api::Patch::Apply(&secret),
+    )
+    .await
+    .expect("key secret");
+}
+
+/// SOPS files encrypted by the real `sops` (YAML with `encrypted_regex`, JSON with
+/// `encrypted_suffix`) are decrypted with the age key of the Secret the project names and
+/// applied; a file changed after encryption, a key that does not fit and a missing Secret
+/// each fail naming the file or the Secret, apply nothing of the commit, and no decrypted
+/// value appears in an error or the report.
+#[tokio::test]
+async fn sops_encrypted_secrets_apply_and_tampered_or_unkeyed_ones_change_nothing() {
+    use age::secrecy::ExposeSecret;
+    let mut fx = Fixture::new("sops").await;
+    let identity = age::x25519::Identity::generate();
+    let recipient = identity.to_public().to_string();
+    key_secret(
+        &fx.client,
+        &fx.ns,
+        "sops-age",
+        identity.to_string().expose_secret(),
+    )
+    .await;
+
+    let yaml = sops_encrypt(
+        "db.yaml",
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: db\n  labels:\n    app: web\ntype: Opaque\nstringData:\n  password: hunter2\ndata:\n  token: c2VjcmV0LXRva2Vu\n",
+        &recipient,
+        &["--encrypted-regex", "^(data|stringData)$"],
+    );
+    assert!(!yaml.contains("hunter2") && yaml.contains("ENC[AES256_GCM,"));
+    let json = sops_encrypt(
+        "api.json",
+        r#"{"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "api"}, "stringData": {"api_token": "tok-123", "region": "eu"}}"#,
+        &recipient,
+        &["--encrypted-suffix", "_token"],
+    );
+    assert!(json.contains("\"region\": \"eu\"") && !json.contains("tok-123"));
+    let project = crate::support::project(&fx.ns, "    decryption:\n      secret: sops-age\n");
+    let settings = settings(&format!("sops-{}", fx.ns));
+    fx.repo.commit(
+        "main",
+        &[
+            sluice_testenv::git::file("db.yaml", &yaml),
+            sluice_testenv::git::file("api.json", &json),
+        ],
+        "secrets",
+    );
+    let report = sync_once(&mut fx.cluster, &fx.src, &project, &settings)
+        .await
+        .expect("sync");
+    let secrets = crate::support::api(&fx.client, &fx.ns, "v1", "Secret", "secrets");
+    let db = secrets.get("db").await.expect("db");
+    let b64 = |s: &str| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, s);
+    assert_eq!(db.data["data"]["password"], b64("hunter2"));
+    assert_eq!(db.data["data"]["token"], "c2VjcmV0LXRva2Vu");
+    let api = secrets.get("api").await.expect("api");
+    assert_eq!(api.data["data"]["api_token"], b64("tok-123"));
+    assert_eq!(api.data["data"]["region"], b64("eu"));
+    let origin = report
+        .results
+        .iter()
+        .find(|r| r.obj.name == "db")
+        .and_then(|r| r.origin.clone())
+        .expect("origin");
+    assert_eq!(origin.renderer.as_deref(), Some(render::SOPS));
+    assert!(!format!("{report:?}").contains("hunter2"));
+
+    // Tampered: a label changed after encryption. Nothing of the commit is applied.
+    let tampered = yaml.replace("app: web", "app: evil");
+    fx.repo.commit(
+        "main",
+        &[
+            sluice_testenv::git::file("db.yaml", &tampered),
+            sluice_testenv::git::file("api.json", &json),
+            sluice_testenv::git::file("new.yaml", crate::support::configmap("new", "1")),
+        ],
+        "tampered",
+    );
+    let err = sync_once(&mut fx.cluster, &fx.src, &project, &settings)
+        .await
+        .expect_err("tampered")
+        .to_string();
+    assert!(err.starts_with("db.yaml: MAC mismatch"), "{err}");
+    assert!(!exists(&fx.client, &fx.ns, "ConfigMap", "configmaps", "new").await);
+    let labels = secrets.get("db").await.expect("db").metadata.labels;
+    assert_eq!(
+        labels.unwrap_or_default().get("app").map(String::as_str),
+        Some("web")
+    );
+
+    // A key that does not fit, then no Secret at all.
+    let other = age::x25519::Identity::generate();
+    key_secret(
+        &fx.client,
+        &fx.ns,
+        "sops-age",
+        other.to_string().expose_secret(),
+    )
+    .await;
+    fx.repo.commit(
+        "main",
+        &[
+            sluice_testenv::git::file("db.yaml", &yaml),
+            sluice_testenv::git::file("new.yaml", crate::support::configmap("new", "1")),
+        ],
+        "other key",
+    );
+    let err = sync_once(&mut fx.cluster, &fx.src, &project, &settings)
+        .await
+        .expect_err("wrong key")
+        .to_string();
+    assert!(
+        err.contains("db.yaml: none of the project's 1 age keys decrypts"),
+        "{err}"
+    );
+    let absent = crate::support::project(&fx.ns, "    decryption:\n      secret: absent\n");
+    let err = sync_once(&mut fx.cluster, &fx.src, &absent, &settings)
+        .await
+        .expect_err("no secret")
+        .to_string();
+    assert_eq!(
+        err,
+        format!("decryption keys: Secret {}/absent: not found", fx.ns)
+    );
+    assert!(!exists(&fx.client, &fx.ns, "ConfigMap", "configmaps", "new").await);
+    assert!(
+        secrets.get_opt("api").await.expect("api").is_some(),
+        "nothing was pruned"
+    );
 }

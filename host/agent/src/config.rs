@@ -115,6 +115,18 @@ pub struct ManifestProject {
     /// The repository to fetch when it is not [`Self::id`]: agentk's charts are keyed by
     /// their release (`chart:<namespace>/<release>`), and several may come from one project.
     pub repository: Option<String>,
+    /// Where the age keys that decrypt the project's SOPS files are (`decryption:` in the
+    /// entry). None: a SOPS file fails the sync.
+    pub decryption: Option<Decryption>,
+}
+
+/// A Secret holding age identities, in its keys ending `.agekey` (Flux's convention).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decryption {
+    /// The Secret's namespace (default: the project's default namespace).
+    pub namespace: String,
+    /// The Secret's name.
+    pub secret: String,
 }
 
 impl ManifestProject {
@@ -349,6 +361,20 @@ pub fn parse_with_origin(text: &str, config_project: &str, origin: &str) -> Resu
             .map(|h| h.chart(&default_namespace, &id))
             .transpose()
             .map_err(|e| invalid(format!("gitops.manifest_projects[{id}].helm: {e}")))?;
+        let decryption = p
+            .decryption
+            .map(|d| {
+                if d.secret.is_empty() {
+                    return Err(invalid(format!(
+                        "gitops.manifest_projects[{id}].decryption.secret: must not be empty"
+                    )));
+                }
+                Ok(Decryption {
+                    namespace: d.namespace.unwrap_or_else(|| default_namespace.clone()),
+                    secret: d.secret,
+                })
+            })
+            .transpose()?;
         manifest_projects.push(ManifestProject {
             id,
             credentials,
@@ -368,6 +394,7 @@ pub fn parse_with_origin(text: &str, config_project: &str, origin: &str) -> Resu
             service_account,
             chart,
             repository: None,
+            decryption,
         });
     }
     for c in charts {
@@ -628,6 +655,7 @@ impl ChartSection {
             plugins: None,
             limits: crate::limits::Limits::default(),
             service_account: None,
+            decryption: None,
             chart: Some(Chart {
                 path: repository_path(source.path.as_deref().unwrap_or("."))?,
                 release_name: self.release_name.clone(),
@@ -661,6 +689,16 @@ struct ManifestProjectSection {
     service_account: Option<String>,
     // sluice's extension: render a Helm chart of the project.
     helm: Option<HelmSection>,
+    // sluice's extension: the age keys of the project's SOPS files.
+    decryption: Option<DecryptionSection>,
+}
+
+/// `decryption:` of a manifest project (sluice's extension).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecryptionSection {
+    secret: String,
+    namespace: Option<String>,
 }
 
 /// `limits:` of a manifest project (sluice's extension).

@@ -25,6 +25,7 @@ pub mod observability;
 pub mod render;
 pub mod report;
 pub mod select;
+pub mod sops;
 pub mod source;
 pub mod sync;
 pub mod webhook;

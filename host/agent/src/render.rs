@@ -43,6 +43,9 @@ pub enum Error {
         #[source]
         source: renderer::Error,
     },
+    /// A SOPS file does not decrypt.
+    #[error(transparent)]
+    Decrypt(#[from] crate::sops::Error),
     /// The input cannot be given to a renderer.
     #[error("{path}: {message}")]
     Input {
@@ -75,6 +78,9 @@ pub struct Context {
     /// The cluster's version and API versions, for Helm's `.Capabilities` (`None`: Helm's
     /// defaults, as `helm template` without `--kube-version`).
     pub capabilities: Option<std::sync::Arc<Capabilities>>,
+    /// The age keys of the project's SOPS files (`None`: the project has none, and a SOPS
+    /// file among its manifests fails the render).
+    pub keys: Option<std::sync::Arc<crate::sops::Keys>>,
 }
 
 /// Kustomization file names, in kustomize's order of preference.
@@ -95,7 +101,10 @@ pub fn render(
     if let Some(chart) = &project.chart {
         return helm(tree, chart, limits, cx);
     }
-    let files = select::select(tree, &project.paths, limits)?;
+    let mut files = select::select(tree, &project.paths, limits)?;
+    for f in &mut files {
+        decrypt(f, cx)?;
+    }
     let roots = kustomize_roots(&files);
     if roots.is_empty() {
         return Ok(files);
@@ -104,10 +113,30 @@ pub fn render(
         .into_iter()
         .filter(|f| !roots.iter().any(|r| under(&f.path, r)))
         .collect();
-    let input = encode(project_files(tree, "", limits, false)?);
+    // Kustomize reads SOPS files decrypted, as Flux decrypts a build's sources: its output
+    // then has no MAC to break. Without keys they stay encrypted, and an encrypted object
+    // in the output is refused below.
+    let mut input = project_files(tree, "", limits, false)?;
+    if cx.keys.is_some() {
+        for (path, bytes) in &mut input {
+            if crate::sops::is_encrypted(bytes) {
+                *bytes = crate::sops::decrypt(path, bytes, cx.keys.as_deref().expect("checked"))?;
+            }
+        }
+    }
+    let input = encode(input);
     for root in roots {
         let request = json!({"root": root, "files": input});
         let documents = run(cx, Renderer::Kustomize, &root, &request)?;
+        if let Some(d) = documents
+            .iter()
+            .find(|d| crate::sops::is_encrypted(d.yaml.as_bytes()))
+        {
+            return Err(Error::Input {
+                path: d.source.clone(),
+                message: "is encrypted with SOPS, and no age key was given (the project's decryption.secret; --age-key-file for the CLI)".into(),
+            });
+        }
         out.extend(files_of(documents, Renderer::Kustomize));
     }
     Ok(out)
@@ -147,8 +176,14 @@ fn helm(
                                 .into(),
                     });
                 }
-                let bytes = read_bounded(tree, entry, limits)?;
-                String::from_utf8(bytes).map_err(|_| Error::Input {
+                let mut file = SelectedFile {
+                    path: path.clone(),
+                    bytes: read_bounded(tree, entry, limits)?,
+                    renderer: None,
+                };
+                // Values files encrypted with SOPS, as helm-secrets users keep them.
+                decrypt(&mut file, cx)?;
+                String::from_utf8(file.bytes).map_err(|_| Error::Input {
                     path: path.clone(),
                     message: "values file is not UTF-8".into(),
                 })?
@@ -193,6 +228,21 @@ fn run(
     })?;
     renderers.render(renderer, request).map_err(err)
 }
+
+/// Decrypts `file` in place when it is a SOPS file, marking it as decrypted by `sops`.
+fn decrypt(file: &mut SelectedFile, cx: &Context) -> Result<(), Error> {
+    if !crate::sops::is_encrypted(&file.bytes) {
+        return Ok(());
+    }
+    let no_keys = crate::sops::Keys::default();
+    let keys = cx.keys.as_deref().unwrap_or(&no_keys);
+    file.bytes = crate::sops::decrypt(&file.path, &file.bytes, keys)?;
+    file.renderer = Some(SOPS.into());
+    Ok(())
+}
+
+/// The origin's renderer of a decrypted file.
+pub const SOPS: &str = "sops (age)";
 
 /// The directories to build with Kustomize: those of selected kustomization files, minus
 /// any inside another.

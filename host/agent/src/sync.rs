@@ -38,6 +38,16 @@ pub enum Error {
     /// Rendering (Kustomize, Helm) failed: a user error, unless no renderer is installed.
     #[error(transparent)]
     Render(render::Error),
+    /// The project's decryption keys could not be read (retried: the Secret may come).
+    #[error("decryption keys: Secret {namespace}/{secret}: {message}")]
+    Keys {
+        /// The Secret's namespace.
+        namespace: String,
+        /// The Secret's name.
+        secret: String,
+        /// Why.
+        message: String,
+    },
     /// Decoding failed (user error).
     #[error(transparent)]
     Decode(#[from] decode::Errors),
@@ -320,6 +330,10 @@ pub async fn sync(
     let cx = render::Context {
         renderers: settings.renderers.clone(),
         capabilities: Some(cluster.capabilities()),
+        keys: match &project.decryption {
+            Some(d) => Some(Arc::new(decryption_keys(cluster, d).await?)),
+            None => None,
+        },
     };
     let (objects, commit) = render(
         source,
@@ -373,6 +387,40 @@ pub async fn sync(
     laps.lap("wait");
     verdict(report, health, gone, &unserved, &desired, &applied.digests)
 }
+
+/// The age identities in the keys ending `.agekey` of the project's decryption Secret
+/// (Flux's convention), read with the project's identity.
+async fn decryption_keys(
+    cluster: &Cluster,
+    d: &crate::config::Decryption,
+) -> Result<crate::sops::Keys, Error> {
+    use k8s_openapi::api::core::v1::Secret;
+    let fail = |message: String| Error::Keys {
+        namespace: d.namespace.clone(),
+        secret: d.secret.clone(),
+        message,
+    };
+    let api: kube::Api<Secret> = kube::Api::namespaced(cluster.client().clone(), &d.namespace);
+    let secret = tokio::time::timeout(KEYS_TIMEOUT, api.get_opt(&d.secret))
+        .await
+        .map_err(|_| fail(format!("no answer within {KEYS_TIMEOUT:?}")))?
+        .map_err(|e| fail(sluice_engine::apply::api_message(&e)))?
+        .ok_or_else(|| fail("not found".into()))?;
+    let data = secret.data.unwrap_or_default();
+    let keys = crate::sops::Keys::parse(
+        data.iter()
+            .filter(|(k, _)| k.ends_with(".agekey"))
+            .map(|(k, v)| (k.as_str(), v.0.as_slice())),
+    )
+    .map_err(fail)?;
+    if keys.is_empty() {
+        return Err(fail("holds no key ending .agekey".into()));
+    }
+    Ok(keys)
+}
+
+/// How long reading the decryption Secret may take.
+const KEYS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The plugin stage's output, with what the prune rules need to know of its input.
 struct Transformed {

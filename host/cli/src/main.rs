@@ -172,6 +172,31 @@ struct RenderArgs {
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Output::Yaml)]
     output: Output,
+    /// age key file (`AGE-SECRET-KEY-1...` lines) for SOPS-encrypted files, as `sops`
+    /// reads it.
+    #[arg(long, env = "SOPS_AGE_KEY_FILE")]
+    age_key_file: Option<PathBuf>,
+    /// Print decrypted Secret values (masked by default).
+    #[arg(long)]
+    show_secrets: bool,
+}
+
+/// The age keys of `--age-key-file`, or exit code 2.
+fn age_keys(
+    file: Option<&std::path::Path>,
+) -> Result<Option<std::sync::Arc<sluice_agent::sops::Keys>>, ExitCode> {
+    let Some(file) = file else { return Ok(None) };
+    let text = std::fs::read(file).map_err(|e| {
+        eprintln!("error: failed to read {}: {e}", file.display());
+        ExitCode::from(2)
+    })?;
+    let name = file.display().to_string();
+    sluice_agent::sops::Keys::parse([(name.as_str(), text.as_slice())])
+        .map(|k| Some(std::sync::Arc::new(k)))
+        .map_err(|e| {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        })
 }
 
 #[derive(Debug, Args)]
@@ -521,8 +546,17 @@ async fn render(args: RenderArgs, validate: bool) -> ExitCode {
         (None, Some(r)) => sluice::render::Input::Repo(r.clone(), args.git_ref.clone()),
         (None, None) => unreachable!("clap requires DIR or --repo"),
     };
-    let result =
-        sluice::render::render(&input, args.config.as_deref(), args.project.as_deref()).await;
+    let keys = match age_keys(args.age_key_file.as_deref()) {
+        Ok(k) => k,
+        Err(code) => return code,
+    };
+    let result = sluice::render::render(
+        &input,
+        args.config.as_deref(),
+        args.project.as_deref(),
+        keys.as_ref(),
+    )
+    .await;
     match result {
         Ok(r) => {
             if validate {
@@ -536,7 +570,11 @@ async fn render(args: RenderArgs, validate: bool) -> ExitCode {
                 eprintln!("{} objects valid", r.objects.len());
                 return ExitCode::SUCCESS;
             }
-            let values: Vec<serde_json::Value> = r.objects.iter().map(|o| o.value()).collect();
+            let values: Vec<serde_json::Value> = if args.show_secrets {
+                r.objects.iter().map(|o| o.value()).collect()
+            } else {
+                sluice::render::mask_decrypted(&r.objects, keys.is_some())
+            };
             match args.output {
                 Output::Json => {
                     let list =
@@ -599,6 +637,10 @@ async fn diff(args: RenderArgs, inventory_id: &str) -> ExitCode {
         (None, Some(r)) => sluice::render::Input::Repo(r.clone(), args.git_ref.clone()),
         (None, None) => unreachable!("clap requires DIR or --repo"),
     };
+    let keys = match age_keys(args.age_key_file.as_deref()) {
+        Ok(k) => k,
+        Err(code) => return code,
+    };
     let client = match kube_client().await {
         Ok(c) => c,
         Err(code) => return code,
@@ -609,6 +651,7 @@ async fn diff(args: RenderArgs, inventory_id: &str) -> ExitCode {
         args.project.as_deref(),
         inventory_id,
         client,
+        keys.as_ref(),
     )
     .await
     {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use sluice_agent::config::{self, AgentConfig, ManifestProject};
 use sluice_agent::select::{self, Dir};
+use sluice_agent::sops::Keys;
 use sluice_agent::source::Source;
 use sluice_agent::{decode, render, sync};
 use sluice_model::object::Object;
@@ -32,13 +33,14 @@ pub struct Rendered {
 
 /// Kustomize and Helm for the CLI, with the compilation cache of `render` and `validate`
 /// (`<cache dir>/wasm`), and Helm's default capabilities (no cluster is asked).
-fn renderers() -> render::Context {
+fn renderers(keys: Option<&Arc<Keys>>) -> render::Context {
     let cache = sluice_model::default_cache_dir().join("wasm");
     render::Context {
         renderers: sluice_wasm::renderer::Renderers::new(None, Some(&cache))
             .ok()
             .map(Arc::new),
         capabilities: None,
+        keys: keys.cloned(),
     }
 }
 
@@ -51,6 +53,7 @@ pub async fn render(
     input: &Input,
     config_file: Option<&Path>,
     project: Option<&str>,
+    keys: Option<&Arc<Keys>>,
 ) -> Result<Rendered, sync::Error> {
     let (cfg, base) = match config_file {
         Some(path) => {
@@ -85,7 +88,7 @@ pub async fn render(
     }
     let (mut objects, commit) = match input {
         Input::Dir(dir) => {
-            let (dir, project, cx) = (dir.clone(), entry.clone(), renderers());
+            let (dir, project, cx) = (dir.clone(), entry.clone(), renderers(keys));
             let files = tokio::task::spawn_blocking(move || -> Result<_, sync::Error> {
                 let tree = Dir::walk(&dir).map_err(|e| sync::Error::Task(e.to_string()))?;
                 Ok(render::render(
@@ -121,7 +124,7 @@ pub async fn render(
                 &commit,
                 select::Limits::default(),
                 None,
-                &renderers(),
+                &renderers(keys),
             )
             .await?
         }
@@ -213,8 +216,9 @@ pub async fn diff(
     project: Option<&str>,
     inventory_id: &str,
     client: kube::Client,
+    keys: Option<&Arc<Keys>>,
 ) -> Result<Vec<Change>, sync::Error> {
-    let rendered = render(input, config_file, project).await?;
+    let rendered = render(input, config_file, project, keys).await?;
     let cluster = sluice_engine::cluster::Cluster::connect(client).await?;
     let mut objects = rendered.objects;
     let mut scopes = cluster.scopes();
@@ -345,4 +349,29 @@ mod tests {
             assert!(!text.contains(secret), "{secret} in {text}");
         }
     }
+}
+
+/// Replaces every value of a decrypted Secret's `data` and `stringData` (a Secret from a
+/// SOPS file, or any Secret when a key was given) with a marker: `render` prints no
+/// decrypted value unless asked (`--show-secrets`).
+pub fn mask_decrypted(objects: &[Object], decrypting: bool) -> Vec<serde_json::Value> {
+    objects
+        .iter()
+        .map(|o| {
+            let mut v = o.value();
+            let decrypted = o.origin.renderer.as_deref() == Some(render::SOPS) || decrypting;
+            if decrypted && o.kind() == "Secret" && o.api_version() == "v1" {
+                for field in ["data", "stringData"] {
+                    if let Some(m) = v[field].as_object_mut() {
+                        for value in m.values_mut() {
+                            *value = serde_json::Value::from(
+                                "*** (decrypted; --show-secrets prints it)",
+                            );
+                        }
+                    }
+                }
+            }
+            v
+        })
+        .collect()
 }

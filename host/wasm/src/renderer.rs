@@ -192,13 +192,21 @@ impl Renderers {
     pub fn new(dir: Option<PathBuf>, cache_dir: Option<&Path>) -> Result<Renderers, String> {
         let dir = dir.or_else(Renderers::locate);
         let shipped = dir.as_ref().map(|d| d.join("cache")).filter(|c| c.is_dir());
-        Ok(Renderers {
-            runtime: Runtime::with_config(shipped.as_deref().or(cache_dir), |c| {
+        let runtime = |cache: Option<&Path>| {
+            Runtime::with_config(cache, |c| {
                 // Go's calls are WebAssembly calls: a template nested 1000 deep (Helm's own
                 // limit) needs more than wasmtime's default 512 KiB of stack.
                 c.max_wasm_stack(MAX_STACK);
                 c.async_stack_size(MAX_STACK + (1 << 20));
-            })?,
+            })
+        };
+        // A cache that cannot be used (a read-only home) is no reason to render nothing.
+        let runtime = runtime(shipped.as_deref().or(cache_dir)).or_else(|e| {
+            tracing::warn!(error = %e, "renderer compilation cache unavailable");
+            runtime(None)
+        })?;
+        Ok(Renderers {
+            runtime,
             dir,
             loaded: Mutex::default(),
             memo: Mutex::default(),
@@ -206,12 +214,15 @@ impl Renderers {
     }
 
     /// Where the modules are: `$SLUICE_RENDERERS_DIR`, else `renderers/` beside the
-    /// executable when it exists.
+    /// executable when it exists (`/renderers` in the image).
     pub fn locate() -> Option<PathBuf> {
         if let Some(dir) = std::env::var_os("SLUICE_RENDERERS_DIR") {
             return Some(dir.into());
         }
-        let exe = std::env::current_exe().ok()?;
+        // Without /proc (a bare chroot) the executable's path is what it was started as.
+        let exe = std::env::current_exe()
+            .ok()
+            .or_else(|| std::env::args_os().next().map(PathBuf::from))?;
         let dir = exe.parent()?.join("renderers");
         dir.is_dir().then_some(dir)
     }
@@ -283,6 +294,11 @@ impl Renderers {
         );
         loaded.insert(renderer, pre.clone());
         Ok(pre)
+    }
+
+    /// Forgets the renders kept in memory, so the next render of a request runs (benches).
+    pub fn forget(&self) {
+        self.memo.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// Runs `renderer` once over `request` (its JSON request), blocking: call it off the
