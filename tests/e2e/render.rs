@@ -896,3 +896,145 @@ async fn sops_encrypted_secrets_apply_and_tampered_or_unkeyed_ones_change_nothin
         "nothing was pruned"
     );
 }
+
+/// `sluice render`, `validate` and `diff` on all three kinds: a Kustomize overlay, a chart
+/// directory, and a SOPS file (masked unless `--show-secrets`; refused without a key).
+#[tokio::test]
+async fn the_cli_renders_validates_and_diffs_overlays_charts_and_sops_files() {
+    use age::secrecy::ExposeSecret;
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "clirender").await;
+    let dir = tempfile::tempdir().expect("dir");
+    let root = dir.path();
+    kustomize_corpus(root);
+    let dev = std::fs::read_to_string(root.join("overlays/dev/kustomization.yaml")).expect("read");
+    write(
+        root,
+        &[
+            (
+                "overlays/dev/kustomization.yaml",
+                &dev.replace("namespace: dev", &format!("namespace: {ns}")),
+            ),
+            (
+                "kust.yaml",
+                &format!(
+                    "gitops:\n  manifest_projects:\n  - id: k\n    default_namespace: {ns}\n    paths: [{{glob: \"overlays/dev/**\"}}]\n"
+                ),
+            ),
+            (
+                "chart/Chart.yaml",
+                "apiVersion: v2\nname: c\nversion: 0.1.0\n",
+            ),
+            (
+                "chart/templates/cm.yaml",
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}-cm\ndata:\n  a: \"1\"\n",
+            ),
+            (
+                "chart.yaml",
+                &format!(
+                    "gitops:\n  manifest_projects:\n  - id: c\n    default_namespace: {ns}\n    helm: {{chart: chart, release_name: web}}\n"
+                ),
+            ),
+        ],
+    );
+    let identity = age::x25519::Identity::generate();
+    let key = root.join("key.txt");
+    std::fs::write(&key, identity.to_string().expose_secret()).expect("key");
+    let encrypted = sops_encrypt(
+        "s.yaml",
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: s\nstringData:\n  password: hunter2\n",
+        &identity.to_public().to_string(),
+        &["--encrypted-regex", "^(data|stringData)$"],
+    );
+    write(root, &[("secrets/s.yaml", &encrypted)]);
+    write(
+        root,
+        &[(
+            "sops.yaml",
+            &format!(
+                "gitops:\n  manifest_projects:\n  - id: s\n    default_namespace: {ns}\n    paths: [{{glob: \"secrets/**\"}}]\n"
+            ),
+        )],
+    );
+    let sluice = |args: &[&str]| {
+        let out = Command::new(sluice_testenv::wasm::sluice_binary())
+            .args(args)
+            .current_dir(root)
+            .env("SLUICE_RENDERERS_DIR", cluster::renderers_dir())
+            .env("KUBECONFIG", &cluster::shared().kubeconfig)
+            .env_remove("SOPS_AGE_KEY_FILE")
+            .output()
+            .expect("run sluice");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let key = key.to_str().expect("utf-8");
+
+    let (code, out, err) = sluice(&["render", ".", "--config", "kust.yaml", "-o", "json"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("\"replicas\": 0") && out.contains("app-config-"),
+        "{out}"
+    );
+    let (code, out, err) = sluice(&["render", "chart"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("name: release-name-cm"), "{out}");
+    let (code, _, err) = sluice(&["validate", ".", "--config", "chart.yaml"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("1 objects valid"), "{err}");
+
+    let (code, _, err) = sluice(&["render", ".", "--config", "sops.yaml"]);
+    assert_eq!(code, Some(1), "no key: {err}");
+    assert!(
+        err.contains("secrets/s.yaml: encrypted with SOPS, and no age key was given"),
+        "{err}"
+    );
+    let (code, out, err) = sluice(&[
+        "render",
+        ".",
+        "--config",
+        "sops.yaml",
+        "--age-key-file",
+        key,
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("*** (decrypted") && !out.contains("hunter2"),
+        "{out}"
+    );
+    let (code, out, _) = sluice(&[
+        "render",
+        ".",
+        "--config",
+        "sops.yaml",
+        "--age-key-file",
+        key,
+        "--show-secrets",
+    ]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("password: hunter2"), "{out}");
+
+    // diff: all three against the cluster, exit 1 (changes), no decrypted value printed.
+    for (config, expected) in [
+        ("kust.yaml", format!("+++ git/Deployment/{ns}/web")),
+        ("chart.yaml", format!("+++ git/ConfigMap/{ns}/web-cm")),
+        ("sops.yaml", format!("+++ git/Secret/{ns}/s")),
+    ] {
+        let (code, out, err) = sluice(&[
+            "diff",
+            ".",
+            "--config",
+            config,
+            "--inventory-id",
+            "cli-render",
+            "--age-key-file",
+            key,
+        ]);
+        assert_eq!(code, Some(1), "{config}: {err}");
+        assert!(out.contains(&expected), "{config}: {out}");
+        assert!(!out.contains("hunter2"), "{config}: {out}");
+    }
+}
