@@ -186,7 +186,7 @@ fn main() {
         "| input | objects | native CLI process | sluice render process | warm render in a running agent | resync (memo) |"
     );
     println!("|---|---|---|---|---|---|");
-    let cases: [(&str, ManifestProject, Vec<&str>, &Path, Vec<String>); 3] = [
+    let cases: [Case; 3] = [
         (
             "`helm create` chart",
             project(
@@ -291,6 +291,16 @@ fn main() {
         );
     }
 }
+
+/// A bench input: its name, the project that renders it, the native CLI and its
+/// arguments, and `sluice`'s arguments.
+type Case<'a> = (
+    &'a str,
+    ManifestProject,
+    Vec<&'a str>,
+    &'a Path,
+    Vec<String>,
+);
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0

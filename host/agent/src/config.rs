@@ -651,7 +651,9 @@ impl ChartSection {
             prune: true,
             prune_timeout: Duration::from_secs(3600),
             prune_propagation_policy: PropagationPolicy::default(),
-            inventory_policy: InventoryPolicy::default(),
+            // The objects agentk's Helm release made carry no inventory annotation: the
+            // chart adopts them, as it would under agentk.
+            inventory_policy: InventoryPolicy::AdoptIfNoInventory,
             plugins: None,
             limits: crate::limits::Limits::default(),
             service_account: None,
@@ -896,6 +898,93 @@ mod tests {
         parse(yaml, "group/agent")
             .expect_err("invalid config")
             .to_string()
+    }
+
+    #[test]
+    fn agentk_charts_are_projects_of_their_own() {
+        let cfg = parse(
+            "gitops:\n  charts:\n  - release_name: web\n    namespace: shop\n    max_history: 2\n    source:\n      project:\n        id: g/charts\n        path: ./charts//web/\n        ref: {tag: v1}\n    values:\n    - inline: {a: 1}\n    - file: {project_id: g/charts, file: env/prod.yaml}\n  - release_name: api\n    source: {project: {path: api}}\n",
+            "group/agent",
+        )
+        .expect("agentk's charts");
+        let [web, api] = <[ManifestProject; 2]>::try_from(cfg.manifest_projects).expect("two");
+        assert_eq!(
+            (web.id.as_str(), web.repository()),
+            ("chart:shop/web", "g/charts")
+        );
+        assert_eq!(web.git_ref, GitRef::Tag("v1".into()));
+        assert_eq!(web.default_namespace, "shop");
+        assert_eq!(web.inventory_policy, InventoryPolicy::AdoptIfNoInventory);
+        let chart = web.chart.expect("chart");
+        assert_eq!(chart.path, "charts/web");
+        assert_eq!(
+            chart.values,
+            [
+                ChartValues::Inline(serde_json::json!({"a": 1})),
+                ChartValues::File("env/prod.yaml".into())
+            ]
+        );
+        assert!(chart.include_crds);
+        assert_eq!(
+            (api.id.as_str(), api.repository()),
+            ("chart:default/api", "group/agent")
+        );
+
+        for (yaml, expected) in [
+            ("values:\n    - url: {url: https://x}\n", "values[].url"),
+            (
+                "values:\n    - file: {project_id: other/p, file: v.yaml}\n",
+                "own project and ref only",
+            ),
+            (
+                "values:\n    - file: {file: ../../etc/passwd}\n",
+                "\"..\" is not allowed",
+            ),
+            ("values:\n    - {}\n", "exactly one of inline, file, url"),
+        ] {
+            let e = err(&format!(
+                "gitops:\n  charts:\n  - release_name: web\n    source: {{project: {{path: c}}}}\n    {yaml}"
+            ));
+            assert!(e.contains(expected), "{yaml}: {e}");
+        }
+        let dup = err(
+            "gitops:\n  charts:\n  - release_name: a\n    source: {project: {path: x}}\n  - release_name: a\n    source: {project: {path: y}}\n",
+        );
+        assert!(dup.contains("duplicate release"), "{dup}");
+    }
+
+    #[test]
+    fn helm_and_decryption_are_sluices_extensions_of_a_project() {
+        let p = one(
+            "gitops:\n  manifest_projects:\n  - id: g/web.git\n    default_namespace: web\n    helm: {values_files: [a.yaml, ./b.yaml], values: {x: 1}, include_crds: false}\n    decryption: {secret: keys}\n",
+        );
+        let chart = p.chart.expect("chart");
+        assert_eq!(
+            (chart.path.as_str(), chart.release_name.as_str()),
+            (".", "web")
+        );
+        assert_eq!(chart.namespace, "web");
+        assert_eq!(chart.values.len(), 3);
+        assert!(!chart.include_crds);
+        assert_eq!(
+            p.decryption,
+            Some(Decryption {
+                namespace: "web".into(),
+                secret: "keys".into()
+            })
+        );
+        assert!(
+            err("gitops:\n  manifest_projects:\n  - helm: {values: [1]}\n")
+                .contains("must be a map")
+        );
+        assert!(
+            err("gitops:\n  manifest_projects:\n  - helm: {chart: /etc}\n")
+                .contains("relative to the repository")
+        );
+        assert!(
+            err("gitops:\n  manifest_projects:\n  - decryption: {secret: \"\"}\n")
+                .contains("must not be empty")
+        );
     }
 
     #[test]

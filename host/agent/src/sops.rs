@@ -295,13 +295,12 @@ fn go_float(f: f64) -> String {
     format!("{f}")
 }
 
+/// What [`walk`] does with each leaf: the leaf and the map keys leading to it.
+type Leaf<'a> = dyn FnMut(&mut Node, &[String]) -> Result<(), String> + 'a;
+
 /// Visits every leaf in document order with the map keys leading to it (items of a list
 /// share their list's path, as in sops).
-fn walk(
-    node: &mut Node,
-    path: &mut Vec<String>,
-    leaf: &mut dyn FnMut(&mut Node, &[String]) -> Result<(), String>,
-) -> Result<(), String> {
+fn walk(node: &mut Node, path: &mut Vec<String>, leaf: &mut Leaf<'_>) -> Result<(), String> {
     match node {
         Node::Map(entries) => {
             for (k, v) in entries {

@@ -323,6 +323,31 @@ fn clean(v: &serde_json::Value) -> serde_json::Value {
     v
 }
 
+/// Replaces every value of a decrypted Secret's `data` and `stringData` (a Secret from a
+/// SOPS file, or any Secret when a key was given) with a marker: `render` prints no
+/// decrypted value unless asked (`--show-secrets`).
+pub fn mask_decrypted(objects: &[Object], decrypting: bool) -> Vec<serde_json::Value> {
+    objects
+        .iter()
+        .map(|o| {
+            let mut v = o.value();
+            let decrypted = o.origin.renderer.as_deref() == Some(render::SOPS) || decrypting;
+            if decrypted && o.kind() == "Secret" && o.api_version() == "v1" {
+                for field in ["data", "stringData"] {
+                    if let Some(m) = v[field].as_object_mut() {
+                        for value in m.values_mut() {
+                            *value = serde_json::Value::from(
+                                "*** (decrypted; --show-secrets prints it)",
+                            );
+                        }
+                    }
+                }
+            }
+            v
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,29 +374,4 @@ mod tests {
             assert!(!text.contains(secret), "{secret} in {text}");
         }
     }
-}
-
-/// Replaces every value of a decrypted Secret's `data` and `stringData` (a Secret from a
-/// SOPS file, or any Secret when a key was given) with a marker: `render` prints no
-/// decrypted value unless asked (`--show-secrets`).
-pub fn mask_decrypted(objects: &[Object], decrypting: bool) -> Vec<serde_json::Value> {
-    objects
-        .iter()
-        .map(|o| {
-            let mut v = o.value();
-            let decrypted = o.origin.renderer.as_deref() == Some(render::SOPS) || decrypting;
-            if decrypted && o.kind() == "Secret" && o.api_version() == "v1" {
-                for field in ["data", "stringData"] {
-                    if let Some(m) = v[field].as_object_mut() {
-                        for value in m.values_mut() {
-                            *value = serde_json::Value::from(
-                                "*** (decrypted; --show-secrets prints it)",
-                            );
-                        }
-                    }
-                }
-            }
-            v
-        })
-        .collect()
 }

@@ -132,8 +132,11 @@ pub struct Renderers {
     loaded: Mutex<BTreeMap<Renderer, Arc<FunctionPre>>>,
     /// The last renders' output by the SHA-256 of renderer and request, most recent last:
     /// a resync of an unchanged commit renders nothing.
-    memo: Mutex<VecDeque<([u8; 32], Arc<Vec<Document>>)>>,
+    memo: Mutex<Memo>,
 }
+
+/// Renders by the SHA-256 of renderer and request, most recent last.
+type Memo = VecDeque<([u8; 32], Arc<Vec<Document>>)>;
 
 /// The precompiled renderer at `compiled`, mapped from its file (its code is paged in as it
 /// runs and shared, not copied into the agent's memory), when it is there, newer than the
@@ -318,17 +321,16 @@ impl Renderers {
             .chain_update(&text)
             .finalize()
             .into();
-        let memo = |f: &mut dyn FnMut(&mut VecDeque<([u8; 32], Arc<Vec<Document>>)>)| {
-            f(&mut self.memo.lock().unwrap_or_else(|p| p.into_inner()));
-        };
-        let mut hit = None;
-        memo(&mut |m| {
-            if let Some(at) = m.iter().position(|(k, _)| *k == key) {
-                let entry = m.remove(at).expect("position is in range");
-                hit = Some(entry.1.clone());
+        let memo = || self.memo.lock().unwrap_or_else(|p| p.into_inner());
+        let hit = {
+            let mut m = memo();
+            m.iter().position(|(k, _)| *k == key).and_then(|at| {
+                let entry = m.remove(at)?;
+                let documents = entry.1.clone();
                 m.push_back(entry);
-            }
-        });
+                Some(documents)
+            })
+        };
         if let Some(documents) = hit {
             return Ok(documents.as_ref().clone());
         }
@@ -360,12 +362,13 @@ impl Renderers {
             });
         }
         let documents = Arc::new(response.documents);
-        memo(&mut |m| {
+        {
+            let mut m = memo();
             if m.len() == MEMO_ENTRIES {
                 m.pop_front();
             }
             m.push_back((key, documents.clone()));
-        });
+        }
         Ok(documents.as_ref().clone())
     }
 }
