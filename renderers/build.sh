@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds sluice's renderers (Kustomize, Helm: the Go libraries compiled with GOOS=wasip1)
+# Builds sluice's renderers (Kustomize, Helm: the Go libraries compiled with GOOS=wasip1 as
+# reactors, -buildmode=c-shared: sluice starts one once and calls it per render)
 # from the Go module proxy, pinned by each renderer's go.sum, and caches each module under
 # ~/.cache/sluice/renderers keyed by the SHA-256 of its sources and the Go version. Copies
 # them into the directory given (default target/renderers) and prints that directory on its
@@ -19,7 +20,7 @@ for name in kustomize helm; do
   if [ ! -f "$module" ]; then
     start=$(date +%s)
     printf '[renderers %s] building %s (%s)\n' "$(date +%H:%M:%S)" "$name" "$goversion" >&2
-    (cd "$src" && GOOS=wasip1 GOARCH=wasm CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$module.partial" .)
+    (cd "$src" && GOOS=wasip1 GOARCH=wasm CGO_ENABLED=0 go build -buildmode=c-shared -trimpath -ldflags "-s -w" -o "$module.partial" .)
     mv "$module.partial" "$module"
     printf '[renderers %s] %s done in %s s (%s bytes)\n' "$(date +%H:%M:%S)" "$name" "$(($(date +%s) - start))" "$(stat -c %s "$module")" >&2
   fi

@@ -2,10 +2,11 @@
 // install action, client-only), as a WebAssembly command for sluice's sandbox
 // (GOOS=wasip1).
 //
-// It has no filesystem, network or environment: the host writes one JSON request to stdin
-// (the chart's files at the commit, values, release name and namespace, the cluster's
-// Kubernetes version and API versions) and reads one JSON response from stdout, each
-// rendered object with the template it came from. The chart sees only its own files, so a
+// It has no filesystem, network or environment: the host writes one JSON request into its
+// memory (the chart's files at the commit, values, release name and namespace, the
+// cluster's Kubernetes version and API versions) and reads one JSON response, each
+// rendered object with the template it came from. Built as a reactor (-buildmode=c-shared):
+// sluice starts it once and calls it per render. The chart sees only its own files, so a
 // values path, `.Files.Get` or a symlink cannot reach outside it. Chart repositories are
 // never contacted: dependencies must be in `charts/` (`helm dependency build`).
 package main
@@ -23,6 +24,7 @@ import (
 	"sort"
 	"strings"
 	"time"
+	"unsafe"
 
 	"helm.sh/helm/v4/pkg/chart/common"
 	"helm.sh/helm/v4/pkg/chart/common/util"
@@ -65,16 +67,51 @@ type response struct {
 }
 
 func main() {
+	in, err := io.ReadAll(os.Stdin)
+	if err != nil {
+		os.Exit(2)
+	}
+	if _, err := os.Stdout.Write(handle(in)); err != nil {
+		os.Exit(2)
+	}
+}
+
+// handle answers one request with one JSON response.
+func handle(in []byte) []byte {
 	var out response
-	docs, err := run(os.Stdin)
+	docs, err := run(bytes.NewReader(in))
 	if err != nil {
 		out.Error = err.Error()
 	} else {
 		out.Documents = docs
 	}
-	if err := json.NewEncoder(os.Stdout).Encode(out); err != nil {
-		os.Exit(2)
+	text, err := json.Marshal(out)
+	if err != nil {
+		return []byte(`{"error":"the response does not encode"}`)
 	}
+	return text
+}
+
+// The reactor interface (`go build -buildmode=c-shared`): sluice instantiates the module
+// once, calls `_initialize` (Go's runtime and every package's init, paid once), then per
+// render `sluice_alloc` for the request's bytes, writes them there, and calls
+// `sluice_render`, which returns where the response is: address << 32 | length.
+var pending, reply []byte
+
+//go:wasmexport sluice_alloc
+func sluiceAlloc(size int32) unsafe.Pointer {
+	pending = make([]byte, size)
+	return unsafe.Pointer(unsafe.SliceData(pending))
+}
+
+//go:wasmexport sluice_render
+func sluiceRender() int64 {
+	reply = handle(pending)
+	pending = nil
+	if len(reply) == 0 {
+		return 0
+	}
+	return int64(uintptr(unsafe.Pointer(unsafe.SliceData(reply))))<<32 | int64(len(reply))
 }
 
 func run(in io.Reader) ([]document, error) {

@@ -1,21 +1,25 @@
 // sluice's Kustomize renderer: `kustomize build` (sigs.k8s.io/kustomize/api krusty) as a
 // WebAssembly command for sluice's sandbox (GOOS=wasip1).
 //
-// It has no filesystem, network or environment: the host writes one JSON request to stdin,
-// the files of the project at the commit and the directory to build, and reads one JSON
-// response from stdout, the rendered objects each with the file it came from. Kustomize
+// It has no filesystem, network or environment: the host writes one JSON request into its
+// memory (the files of the project at the commit and the directory to build) and reads one
+// JSON response, the rendered objects each with the file it came from. Built as a reactor
+// (-buildmode=c-shared): sluice starts it once and calls it per render; as a command it
+// reads the request on stdin, for trying it by hand. Kustomize
 // runs on an in-memory filesystem holding only those files, so `../` cannot leave the
 // project and a symlink cannot point anywhere. Remote bases and exec or container plugins
 // are refused with an error that says what to commit instead.
 package main
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"io"
 	"os"
 	"path"
 	"strings"
+	"unsafe"
 
 	"sigs.k8s.io/kustomize/api/konfig"
 	"sigs.k8s.io/kustomize/api/krusty"
@@ -46,16 +50,51 @@ type response struct {
 const base = "/project"
 
 func main() {
+	in, err := io.ReadAll(os.Stdin)
+	if err != nil {
+		os.Exit(2)
+	}
+	if _, err := os.Stdout.Write(handle(in)); err != nil {
+		os.Exit(2)
+	}
+}
+
+// handle answers one request with one JSON response.
+func handle(in []byte) []byte {
 	var out response
-	docs, err := run(os.Stdin)
+	docs, err := run(bytes.NewReader(in))
 	if err != nil {
 		out.Error = err.Error()
 	} else {
 		out.Documents = docs
 	}
-	if err := json.NewEncoder(os.Stdout).Encode(out); err != nil {
-		os.Exit(2)
+	text, err := json.Marshal(out)
+	if err != nil {
+		return []byte(`{"error":"the response does not encode"}`)
 	}
+	return text
+}
+
+// The reactor interface (`go build -buildmode=c-shared`): sluice instantiates the module
+// once, calls `_initialize` (Go's runtime and every package's init, paid once), then per
+// render `sluice_alloc` for the request's bytes, writes them there, and calls
+// `sluice_render`, which returns where the response is: address << 32 | length.
+var pending, reply []byte
+
+//go:wasmexport sluice_alloc
+func sluiceAlloc(size int32) unsafe.Pointer {
+	pending = make([]byte, size)
+	return unsafe.Pointer(unsafe.SliceData(pending))
+}
+
+//go:wasmexport sluice_render
+func sluiceRender() int64 {
+	reply = handle(pending)
+	pending = nil
+	if len(reply) == 0 {
+		return 0
+	}
+	return int64(uintptr(unsafe.Pointer(unsafe.SliceData(reply))))<<32 | int64(len(reply))
 }
 
 func run(in io.Reader) ([]document, error) {

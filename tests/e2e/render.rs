@@ -652,6 +652,33 @@ async fn hostile_charts_and_overlays_fail_with_their_origin_and_change_nothing()
         assert!(!err.contains("s3cr3t"), "{what}: {err}");
     }
 
+    // CVE-2023-40584: a packaged subchart that unpacks to 300 MiB (300 KB committed).
+    let bomb_dir = tempfile::tempdir().expect("dir");
+    let script = "set -e; mkdir -p bomb/templates; printf 'apiVersion: v2\\nname: bomb\\nversion: 0.1.0\\n' > bomb/Chart.yaml; head -c 300M /dev/zero > bomb/templates/zero.txt; tar czf bomb-0.1.0.tgz bomb; rm -r bomb";
+    let made = Command::new("sh")
+        .args(["-c", script])
+        .current_dir(bomb_dir.path())
+        .status()
+        .expect("sh");
+    assert!(made.success());
+    let tgz = std::fs::read(bomb_dir.path().join("bomb-0.1.0.tgz")).expect("tgz");
+    assert!(tgz.len() < 1 << 20, "{} bytes", tgz.len());
+    let mut files = ok_chart(&[(
+        "chart/Chart.yaml",
+        "apiVersion: v2\nname: c\nversion: 0.1.0\ndependencies:\n- name: bomb\n  version: 0.1.0\n",
+    )]);
+    files.push(sluice_testenv::git::file(
+        "chart/charts/bomb-0.1.0.tgz",
+        tgz,
+    ));
+    fx.repo.commit("main", &files, "bomb");
+    let err = sync_once(&mut fx.cluster, &fx.src, &chart_project, &settings)
+        .await
+        .expect_err("decompression bomb")
+        .to_string();
+    eprintln!("a decompression bomb: {err}");
+    assert!(err.starts_with("chart: helm v4.3.2: "), "{err}");
+
     // A symlink in a chart is refused before Helm runs; values from outside the
     // repository are refused when the configuration is read.
     fx.repo.commit(
@@ -1037,4 +1064,99 @@ async fn the_cli_renders_validates_and_diffs_overlays_charts_and_sops_files() {
         assert!(out.contains(&expected), "{config}: {out}");
         assert!(!out.contains("hunter2"), "{config}: {out}");
     }
+}
+
+/// A chart from sluice's own `helm:` section syncs with its values files and inline values,
+/// and its CRDs (`crds/`) come first, so its custom resources apply in the same sync.
+#[tokio::test]
+async fn a_chart_from_sluices_own_section_syncs_with_its_crds_and_values() {
+    let mut fx = Fixture::new("ownchart").await;
+    let crd_group = format!("{}.example.com", fx.ns);
+    let files = vec![
+        sluice_testenv::git::file(
+            "deploy/chart/Chart.yaml",
+            "apiVersion: v2\nname: app\nversion: 0.1.0\n",
+        ),
+        sluice_testenv::git::file("deploy/chart/values.yaml", "size: small\ncolor: blue\n"),
+        sluice_testenv::git::file(
+            "deploy/chart/crds/gadget.yaml",
+            format!(
+                "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: gadgets.{crd_group}\nspec:\n  group: {crd_group}\n  names: {{kind: Gadget, plural: gadgets, singular: gadget}}\n  scope: Namespaced\n  versions:\n  - name: v1\n    served: true\n    storage: true\n    schema:\n      openAPIV3Schema: {{type: object, x-kubernetes-preserve-unknown-fields: true}}\n"
+            ),
+        ),
+        sluice_testenv::git::file(
+            "deploy/chart/templates/gadget.yaml",
+            format!(
+                "apiVersion: {crd_group}/v1\nkind: Gadget\nmetadata:\n  name: {{{{ .Release.Name }}}}-gadget\nspec:\n  size: {{{{ .Values.size }}}}\n  color: {{{{ .Values.color }}}}\n"
+            ),
+        ),
+        sluice_testenv::git::file("deploy/prod.yaml", "size: large\n"),
+    ];
+    fx.repo.commit("main", &files, "chart with a CRD");
+    let project = crate::support::project(
+        &fx.ns,
+        "    helm:\n      chart: deploy/chart\n      release_name: shop\n      values_files: [deploy/prod.yaml]\n      values: {color: red}\n",
+    );
+    let settings = settings(&format!("ownchart-{}", fx.ns));
+    sync_once(&mut fx.cluster, &fx.src, &project, &settings)
+        .await
+        .expect("sync");
+    let gadgets = crate::support::api(
+        &fx.client,
+        &fx.ns,
+        &format!("{crd_group}/v1"),
+        "Gadget",
+        "gadgets",
+    );
+    let gadget = gadgets
+        .get("shop-gadget")
+        .await
+        .expect("the custom resource");
+    assert_eq!(
+        gadget.data["spec"]["size"], "large",
+        "the values file over the chart's"
+    );
+    assert_eq!(
+        gadget.data["spec"]["color"], "red",
+        "inline values over the files"
+    );
+    // The CRD is the project's: when both leave the chart, the Gadget and the CRD are
+    // pruned.
+    fx.repo.commit(
+        "main",
+        &[
+            sluice_testenv::git::file(
+                "deploy/chart/Chart.yaml",
+                "apiVersion: v2\nname: app\nversion: 0.1.0\n",
+            ),
+            sluice_testenv::git::file(
+                "deploy/chart/templates/cm.yaml",
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}-left\n",
+            ),
+            sluice_testenv::git::file("deploy/prod.yaml", "size: large\n"),
+        ],
+        "the CRD and its resource leave the chart",
+    );
+    let report = sync_once(&mut fx.cluster, &fx.src, &project, &settings)
+        .await
+        .expect("prune");
+    let pruned: Vec<String> = report
+        .results
+        .iter()
+        .filter(|r| r.action == sluice_engine::apply::Action::Pruned)
+        .map(|r| r.obj.kind.to_string())
+        .collect();
+    assert_eq!(pruned.len(), 2, "{pruned:?}");
+    let crds = crate::support::api_all(
+        &fx.client,
+        "apiextensions.k8s.io/v1",
+        "CustomResourceDefinition",
+        "customresourcedefinitions",
+    );
+    assert!(
+        crds.get_opt(&format!("gadgets.{crd_group}"))
+            .await
+            .expect("get")
+            .is_none_or(|c| c.metadata.deletion_timestamp.is_some())
+    );
 }

@@ -1,14 +1,15 @@
 //! Renderers: Kustomize and Helm, the Go libraries themselves compiled to WebAssembly
 //! (`GOOS=wasip1`, `renderers/` in the repository), run in the plugins' sandbox.
 //!
-//! A renderer is a WASI preview 1 command. The host writes one JSON request to its stdin
-//! (the files it may read, and what to render) and reads one JSON response from its stdout:
-//! `{"documents": [{"source": <file>, "yaml": <one object>}]}` or `{"error": <message>}`.
-//! It gets no preopened directory at all, so it reads only the files in the request (the
-//! project's, or the chart's, at the commit); no environment, no network (preview 1 has no
-//! sockets), deterministic clocks and randomness, a memory cap and a deadline, as every
-//! plugin. What a Go program does at start-up (its runtime, every package's `init`) is paid
-//! per render; the compiled module is loaded once per process, on first use.
+//! A renderer is a WASI preview 1 reactor (`go build -buildmode=c-shared`). The host writes
+//! one JSON request into its memory (the files it may read, and what to render) and reads
+//! one JSON response back: `{"documents": [{"source": <file>, "yaml": <one object>}]}` or
+//! `{"error": <message>}`. It gets no preopened directory at all, so it reads only the
+//! files in the request (the project's, or the chart's, at the commit); no environment, no
+//! network (preview 1 has no sockets), deterministic clocks and randomness, a memory cap
+//! and a deadline, as every plugin. What a Go program does at start-up (its runtime, every
+//! package's `init`) is paid once per instance, which serves many renders ([`Warm`]); the
+//! compiled module is loaded once per process, on first use.
 //!
 //! Modules are found in a directory: `$SLUICE_RENDERERS_DIR`, else `renderers/` beside the
 //! executable (the container image's layout). A module is compiled once and kept in the
@@ -24,7 +25,12 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use sha2::Digest;
 
-use super::krm::{self, FunctionPre};
+use wasmtime::{InstancePre, Linker, Memory, Store, StoreLimits, TypedFunc};
+use wasmtime_wasi::WasiCtxBuilder;
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+
+use super::krm;
 use super::{Limits, Runtime};
 
 /// The renderers sluice ships.
@@ -129,7 +135,9 @@ pub enum Error {
 pub struct Renderers {
     runtime: Runtime,
     dir: Option<PathBuf>,
-    loaded: Mutex<BTreeMap<Renderer, Arc<FunctionPre>>>,
+    loaded: Mutex<BTreeMap<Renderer, Arc<InstancePre<Guest>>>>,
+    /// One running instance per renderer, kept between renders ([`Warm`]).
+    warm: [Mutex<Option<Warm>>; 2],
     /// The last renders' output by the SHA-256 of renderer and request, most recent last:
     /// a resync of an unchanged commit renders nothing.
     memo: Mutex<Memo>,
@@ -137,6 +145,161 @@ pub struct Renderers {
 
 /// Renders by the SHA-256 of renderer and request, most recent last.
 type Memo = VecDeque<([u8; 32], Arc<Vec<Document>>)>;
+
+/// The state of a renderer's instance: WASI preview 1 with nothing granted, and its limits.
+pub struct Guest {
+    wasi: WasiP1Ctx,
+    limits: StoreLimits,
+}
+
+/// Links a renderer (a reactor: `_initialize`, `sluice_alloc`, `sluice_render`) against
+/// WASI preview 1.
+fn prepare(
+    engine: &wasmtime::Engine,
+    module: &wasmtime::Module,
+) -> Result<InstancePre<Guest>, String> {
+    for export in ["_initialize", "sluice_alloc", "sluice_render", "memory"] {
+        if module.get_export(export).is_none() {
+            return Err(format!(
+                "not a sluice renderer: no export {export} (build it with renderers/build.sh)"
+            ));
+        }
+    }
+    let mut linker: Linker<Guest> = Linker::new(engine);
+    wasmtime_wasi::p1::add_to_linker_async(&mut linker, |g: &mut Guest| &mut g.wasi)
+        .map_err(|e| format!("{e:#}"))?;
+    linker.instantiate_pre(module).map_err(|e| format!("{e:#}"))
+}
+
+/// A renderer's running instance. Go's runtime and every package's `init` (for Kustomize,
+/// the OpenAPI schema too) run once, in `_initialize`; each render is then one call. The
+/// instance serves every project, one render at a time: a request carries all the files a
+/// render may read, and a renderer keeps nothing between requests but its caches of what
+/// it ships with (a previous request's data is garbage in its heap, readable only by the
+/// renderer's own code, which is sluice's). It is dropped after a failure, after
+/// [`MAX_RENDERS`] renders, and when its memory passed half its cap.
+struct Warm {
+    store: Store<Guest>,
+    /// What the guest wrote to stderr (Go's panics), quoted when it fails.
+    stderr: MemoryOutputPipe,
+    alloc: TypedFunc<i32, i32>,
+    render: TypedFunc<(), i64>,
+    memory: Memory,
+    renders: u32,
+}
+
+/// Renders one instance serves before it is started afresh.
+const MAX_RENDERS: u32 = 256;
+
+impl Warm {
+    fn start(
+        engine: &wasmtime::Engine,
+        pre: &InstancePre<Guest>,
+        limits: &Limits,
+    ) -> wasmtime::Result<Warm> {
+        let mut wasi = WasiCtxBuilder::new();
+        // What Go prints when it panics, bounded.
+        let stderr = MemoryOutputPipe::new(64 << 10);
+        // klog's init reads os.Args[0].
+        wasi.stderr(stderr.clone()).arg("renderer");
+        super::sandbox::stand_ins(&mut wasi, &[]);
+        let mut store = Store::new(
+            engine,
+            Guest {
+                wasi: wasi.build_p1(),
+                limits: wasmtime::StoreLimitsBuilder::new()
+                    .memory_size(limits.memory_bytes)
+                    .instances(1)
+                    .tables(4)
+                    .memories(1)
+                    .trap_on_grow_failure(true)
+                    .build(),
+            },
+        );
+        store.limiter(|g| &mut g.limits);
+        store.set_epoch_deadline(ticks(limits));
+        store.epoch_deadline_trap();
+        let started = super::finish(limits, async {
+            let instance = pre.instantiate_async(&mut store).await?;
+            let init = instance.get_typed_func::<(), ()>(&mut store, "_initialize")?;
+            init.call_async(&mut store, ()).await?;
+            let alloc = instance.get_typed_func::<i32, i32>(&mut store, "sluice_alloc")?;
+            let render = instance.get_typed_func::<(), i64>(&mut store, "sluice_render")?;
+            let memory = instance
+                .get_memory(&mut store, "memory")
+                .ok_or_else(|| wasmtime::format_err!("no memory"))?;
+            Ok((alloc, render, memory))
+        });
+        match started {
+            Ok((alloc, render, memory)) => Ok(Warm {
+                store,
+                stderr,
+                alloc,
+                render,
+                memory,
+                renders: 0,
+            }),
+            Err(e) => Err(with_stderr(e, &stderr)),
+        }
+    }
+
+    /// One render: the request into the guest's memory, the response out of it.
+    fn call(&mut self, request: &[u8], limits: &Limits) -> wasmtime::Result<Vec<u8>> {
+        let len = i32::try_from(request.len())
+            .map_err(|_| wasmtime::format_err!("the request is larger than 2 GiB"))?;
+        self.store.set_epoch_deadline(ticks(limits));
+        let Warm {
+            store,
+            alloc,
+            render,
+            memory,
+            ..
+        } = self;
+        let packed = super::finish(limits, async {
+            let at = alloc.call_async(&mut *store, len).await?;
+            memory.write(&mut *store, at as u32 as usize, request)?;
+            render.call_async(&mut *store, ()).await
+        })
+        .map_err(|e| with_stderr(e, &self.stderr))?;
+        self.renders += 1;
+        let (at, len) = (
+            (packed as u64 >> 32) as usize,
+            (packed as u64 & 0xffff_ffff) as usize,
+        );
+        if len > limits.max_output_bytes {
+            wasmtime::bail!(
+                "output is more than {} bytes, the limit",
+                limits.max_output_bytes
+            );
+        }
+        let data = self.memory.data(&self.store);
+        data.get(at..at + len)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| wasmtime::format_err!("the response is outside the guest's memory"))
+    }
+
+    fn reusable(&self, limits: &Limits) -> bool {
+        self.renders < MAX_RENDERS && self.memory.data_size(&self.store) <= limits.memory_bytes / 2
+    }
+}
+
+/// `e` with the end of what the guest wrote to stderr (a Go panic says why it trapped).
+fn with_stderr(e: wasmtime::Error, stderr: &MemoryOutputPipe) -> wasmtime::Error {
+    let text = String::from_utf8_lossy(&stderr.contents()).into_owned();
+    let text = text.trim();
+    if text.is_empty() {
+        return e;
+    }
+    let start = (text.len().saturating_sub(1024)..=text.len())
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(text.len());
+    e.context(format!("stderr: {}", &text[start..]))
+}
+
+/// A render's deadline in epoch ticks.
+fn ticks(limits: &Limits) -> u64 {
+    (limits.timeout.as_millis() / super::TICK.as_millis()).max(1) as u64
+}
 
 /// The precompiled renderer at `compiled`, mapped from its file (its code is paged in as it
 /// runs and shared, not copied into the agent's memory), when it is there, newer than the
@@ -212,6 +375,7 @@ impl Renderers {
             runtime,
             dir,
             loaded: Mutex::default(),
+            warm: Default::default(),
             memo: Mutex::default(),
         })
     }
@@ -245,7 +409,7 @@ impl Renderers {
             .collect()
     }
 
-    fn load(&self, renderer: Renderer) -> Result<Arc<FunctionPre>, Error> {
+    fn load(&self, renderer: Renderer) -> Result<Arc<InstancePre<Guest>>, Error> {
         // Held while compiling: two projects needing the same renderer compile it once.
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(pre) = loaded.get(&renderer) {
@@ -289,7 +453,7 @@ impl Renderers {
                 module
             }
         };
-        let pre = Arc::new(krm::prepare(&self.runtime.engine, &module).map_err(fail)?);
+        let pre = Arc::new(prepare(&self.runtime.engine, &module).map_err(fail)?);
         tracing::info!(
             renderer = renderer.name(),
             elapsed_ms = start.elapsed().as_millis() as u64,
@@ -337,24 +501,28 @@ impl Renderers {
         let pre = self.load(renderer)?;
         let limits = renderer.limits();
         let failed = |message: String| Error::Failed { renderer, message };
-        let exited = krm::run(
-            &self.runtime.engine,
-            &pre,
-            text.into_bytes(),
-            &limits,
-            &[],
-            super::TICK,
-            |e| without_backtrace(super::trap_message(e, &limits)),
-        )
-        .map_err(|e| match e {
-            krm::CallError::Failed(m) | krm::CallError::Invalid(m) => failed(m),
-        })?;
-        let response: Response = serde_json::from_slice(&exited.stdout).map_err(|e| {
-            failed(format!(
-                "exited with code {} without a response ({e}): {}",
-                exited.code, exited.stderr
-            ))
-        })?;
+        let reply = {
+            let mut slot = self.warm[renderer as usize]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let outcome = match slot.take() {
+                Some(warm) => Ok(warm),
+                None => Warm::start(&self.runtime.engine, &pre, &limits),
+            }
+            .and_then(|mut warm| {
+                let reply = warm.call(text.as_bytes(), &limits);
+                // Kept for the next render unless it failed or grew: a trap leaves a Go
+                // runtime in no state to run again, and a heap grown by one large render
+                // is given back by starting afresh.
+                if reply.is_ok() && warm.reusable(&limits) {
+                    *slot = Some(warm);
+                }
+                reply
+            });
+            outcome.map_err(|e| failed(without_backtrace(super::trap_message(&e, &limits))))?
+        };
+        let response: Response =
+            serde_json::from_slice(&reply).map_err(|e| failed(format!("no response ({e})")))?;
         if let Some(message) = response.error {
             return Err(Error::Refused {
                 renderer,
