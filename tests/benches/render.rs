@@ -170,8 +170,10 @@ fn main() {
         "gitops:\n  manifest_projects:\n  - id: bench\n    paths: [{glob: \"overlays/prod/**\"}]\n",
     );
 
+    let before = memory();
     let renderers = Arc::new(Renderers::new(Some(renderers_dir.clone()), None).expect("renderers"));
     renderers.compile_all().expect("the renderers load");
+    let loaded = memory();
     let cx = render::Context {
         renderers: Some(renderers.clone()),
         capabilities: None,
@@ -255,6 +257,12 @@ fn main() {
         );
     }
 
+    let after = memory();
+    println!();
+    println!(
+        "Memory of this process (VmRSS / VmHWM): {:.1} / {:.1} MiB before any renderer; {:.1} / {:.1} MiB with both mapped; {:.1} / {:.1} MiB after the renders above (an instance of each kept warm).",
+        before.0, before.1, loaded.0, loaded.1, after.0, after.1
+    );
     println!();
     println!(
         "| renderer | module | compile from the module (once per image) | precompiled artefact | map the precompiled artefact |"
