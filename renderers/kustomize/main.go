@@ -25,6 +25,7 @@ import (
 	"sigs.k8s.io/kustomize/api/krusty"
 	"sigs.k8s.io/kustomize/api/types"
 	"sigs.k8s.io/kustomize/kyaml/filesys"
+	"sigs.k8s.io/kustomize/kyaml/openapi"
 	"sigs.k8s.io/kustomize/kyaml/yaml"
 )
 
@@ -97,7 +98,16 @@ func sluiceRender() int64 {
 	return int64(uintptr(unsafe.Pointer(unsafe.SliceData(reply))))<<32 | int64(len(reply))
 }
 
+// The schema kyaml uses when a kustomization names none, as it is before any render.
+var defaultSchema = openapi.GetSchemaVersion()
+
 func run(in io.Reader) ([]document, error) {
+	// One instance serves many projects: a schema a kustomization chose (`openapi:`) is
+	// global in kyaml and must not carry over to the next render. kustomize resets it only
+	// when the next kustomization names one too.
+	if openapi.GetSchemaVersion() != defaultSchema {
+		openapi.ResetOpenAPI()
+	}
 	var req request
 	if err := json.NewDecoder(in).Decode(&req); err != nil {
 		return nil, fmt.Errorf("reading the request: %w", err)

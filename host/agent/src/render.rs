@@ -101,26 +101,26 @@ pub fn render(
     if let Some(chart) = &project.chart {
         return helm(tree, chart, limits, cx);
     }
-    let mut files = select::select(tree, &project.paths, limits)?;
-    for f in &mut files {
-        decrypt(f, cx)?;
-    }
+    let files = select::select(tree, &project.paths, limits)?;
     let roots = kustomize_roots(&files);
-    if roots.is_empty() {
-        return Ok(files);
-    }
     let mut out: Vec<SelectedFile> = files
         .into_iter()
         .filter(|f| !roots.iter().any(|r| under(&f.path, r)))
         .collect();
+    for f in &mut out {
+        decrypt(f, cx)?;
+    }
+    if roots.is_empty() {
+        return Ok(out);
+    }
     // Kustomize reads SOPS files decrypted, as Flux decrypts a build's sources: its output
     // then has no MAC to break. Without keys they stay encrypted, and an encrypted object
     // in the output is refused below.
     let mut input = project_files(tree, "", limits, false)?;
-    if cx.keys.is_some() {
+    if let Some(keys) = cx.keys.as_deref() {
         for (path, bytes) in &mut input {
             if crate::sops::is_encrypted(bytes) {
-                *bytes = crate::sops::decrypt(path, bytes, cx.keys.as_deref().expect("checked"))?;
+                *bytes = crate::sops::decrypt(path, bytes, keys)?;
             }
         }
     }

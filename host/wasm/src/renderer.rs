@@ -37,9 +37,9 @@ use super::{Limits, Runtime};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Renderer {
     /// `kustomize build` (sigs.k8s.io/kustomize/api krusty).
-    Kustomize,
+    Kustomize = 0,
     /// `helm template --skip-tests` (helm.sh/helm/v4).
-    Helm,
+    Helm = 1,
 }
 
 impl Renderer {
