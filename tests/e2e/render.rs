@@ -749,6 +749,34 @@ async fn hostile_charts_and_overlays_fail_with_their_origin_and_change_nothing()
     }
     eprintln!("all hostile cases in {:?}", started.elapsed());
 
+    // After the refusals, Kustomize renders again at once: a refused render's instance is
+    // not reused (after a remote base, the next render in it hung until its deadline).
+    let good = sluice_testenv::git::file(
+        "app/kustomization.yaml",
+        "resources:\n- cm.yaml\nnamePrefix: good-\n",
+    );
+    fx.repo
+        .commit("main", &[good, overlay("")[1].clone()], "a good overlay");
+    let again = std::time::Instant::now();
+    sync_once(&mut fx.cluster, &fx.src, &kust_project, &settings)
+        .await
+        .expect("the next render");
+    assert!(
+        again.elapsed() < std::time::Duration::from_secs(20),
+        "the next render took {:?}",
+        again.elapsed()
+    );
+    assert!(
+        exists(
+            &fx.client,
+            &fx.ns,
+            "ConfigMap",
+            "configmaps",
+            "good-innocent"
+        )
+        .await
+    );
+
     // Nothing of any of it reached the cluster.
     for name in ["innocent", "leak", "big"] {
         assert!(

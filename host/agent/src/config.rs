@@ -314,8 +314,8 @@ pub fn parse_with_origin(text: &str, config_project: &str, origin: &str) -> Resu
         .gitops
         .map(|g| (g.manifest_projects, g.charts))
         .unwrap_or_default();
-    for p in projects {
-        let (id, line) = match p.id {
+    for mut p in projects {
+        let (id, line) = match p.id.take() {
             Some(s) => (s.value, Some(s.referenced.line())),
             None => (config_project.to_string(), None),
         };
@@ -334,68 +334,7 @@ pub fn parse_with_origin(text: &str, config_project: &str, origin: &str) -> Resu
                 "gitops.manifest_projects[].id{at}: duplicate source id {id:?}"
             )));
         }
-        let paths = match p.paths {
-            Some(paths) if !paths.is_empty() => paths.into_iter().map(|p| p.glob).collect(),
-            _ => vec![DEFAULT_GLOB.to_string()],
-        };
-        let limits = match p.limits {
-            None => crate::limits::Limits::default(),
-            Some(l) => crate::limits::Limits::new(l.namespaces, &l.allowed_kinds, &l.denied_kinds)
-                .map_err(|e| invalid(format!("gitops.manifest_projects[{id}].limits: {e}")))?,
-        };
-        let default_namespace = p
-            .default_namespace
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| "default".into());
-        let service_account = p
-            .service_account
-            .map(|s| ServiceAccount::parse(&s, &default_namespace))
-            .transpose()
-            .map_err(|e| {
-                invalid(format!(
-                    "gitops.manifest_projects[{id}].service_account: {e}"
-                ))
-            })?;
-        let chart = p
-            .helm
-            .map(|h| h.chart(&default_namespace, &id))
-            .transpose()
-            .map_err(|e| invalid(format!("gitops.manifest_projects[{id}].helm: {e}")))?;
-        let decryption = p
-            .decryption
-            .map(|d| {
-                if d.secret.is_empty() {
-                    return Err(invalid(format!(
-                        "gitops.manifest_projects[{id}].decryption.secret: must not be empty"
-                    )));
-                }
-                Ok(Decryption {
-                    namespace: d.namespace.unwrap_or_else(|| default_namespace.clone()),
-                    secret: d.secret,
-                })
-            })
-            .transpose()?;
-        manifest_projects.push(ManifestProject {
-            id,
-            credentials,
-            git_ref: p.r#ref.map(|r| r.0).unwrap_or(GitRef::DefaultBranch),
-            default_namespace,
-            paths,
-            reconcile_timeout: p
-                .reconcile_timeout
-                .map_or(Duration::from_secs(3600), |d| d.0),
-            dry_run_strategy: p.dry_run_strategy.unwrap_or_default(),
-            prune: p.prune.unwrap_or(true),
-            prune_timeout: p.prune_timeout.map_or(Duration::from_secs(3600), |d| d.0),
-            prune_propagation_policy: p.prune_propagation_policy.unwrap_or_default(),
-            inventory_policy: p.inventory_policy.unwrap_or_default(),
-            plugins: p.plugins,
-            limits,
-            service_account,
-            chart,
-            repository: None,
-            decryption,
-        });
+        manifest_projects.push(p.into_project(id, credentials).map_err(invalid)?);
     }
     for c in charts {
         let project = c
@@ -701,6 +640,73 @@ struct ManifestProjectSection {
 struct DecryptionSection {
     secret: String,
     namespace: Option<String>,
+}
+
+impl ManifestProjectSection {
+    /// The entry with agentk's defaults applied; `id` is checked and credential-free.
+    fn into_project(
+        self,
+        id: String,
+        credentials: Option<crate::source::Credentials>,
+    ) -> Result<ManifestProject, String> {
+        let at = |key: &str, e: String| format!("gitops.manifest_projects[{id}].{key}: {e}");
+        let paths = match self.paths {
+            Some(paths) if !paths.is_empty() => paths.into_iter().map(|p| p.glob).collect(),
+            _ => vec![DEFAULT_GLOB.to_string()],
+        };
+        let limits = match self.limits {
+            None => crate::limits::Limits::default(),
+            Some(l) => crate::limits::Limits::new(l.namespaces, &l.allowed_kinds, &l.denied_kinds)
+                .map_err(|e| at("limits", e.to_string()))?,
+        };
+        let default_namespace = self
+            .default_namespace
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "default".into());
+        let service_account = self
+            .service_account
+            .map(|s| ServiceAccount::parse(&s, &default_namespace))
+            .transpose()
+            .map_err(|e| at("service_account", e))?;
+        let chart = self
+            .helm
+            .map(|h| h.chart(&default_namespace, &id))
+            .transpose()
+            .map_err(|e| at("helm", e))?;
+        let decryption = match self.decryption {
+            Some(d) if d.secret.is_empty() => {
+                return Err(at("decryption.secret", "must not be empty".into()));
+            }
+            Some(d) => Some(Decryption {
+                namespace: d.namespace.unwrap_or_else(|| default_namespace.clone()),
+                secret: d.secret,
+            }),
+            None => None,
+        };
+        Ok(ManifestProject {
+            id,
+            credentials,
+            git_ref: self.r#ref.map(|r| r.0).unwrap_or(GitRef::DefaultBranch),
+            default_namespace,
+            paths,
+            reconcile_timeout: self
+                .reconcile_timeout
+                .map_or(Duration::from_secs(3600), |d| d.0),
+            dry_run_strategy: self.dry_run_strategy.unwrap_or_default(),
+            prune: self.prune.unwrap_or(true),
+            prune_timeout: self
+                .prune_timeout
+                .map_or(Duration::from_secs(3600), |d| d.0),
+            prune_propagation_policy: self.prune_propagation_policy.unwrap_or_default(),
+            inventory_policy: self.inventory_policy.unwrap_or_default(),
+            plugins: self.plugins,
+            limits,
+            service_account,
+            chart,
+            repository: None,
+            decryption,
+        })
+    }
 }
 
 /// `limits:` of a manifest project (sluice's extension).

@@ -181,6 +181,17 @@ struct RenderArgs {
     show_secrets: bool,
 }
 
+impl RenderArgs {
+    /// Where the manifests come from: DIR, or --repo at --ref.
+    fn input(&self) -> sluice::render::Input {
+        match (&self.dir, &self.repo) {
+            (Some(d), _) => sluice::render::Input::Dir(d.clone()),
+            (None, Some(r)) => sluice::render::Input::Repo(r.clone(), self.git_ref.clone()),
+            (None, None) => unreachable!("clap requires DIR or --repo"),
+        }
+    }
+}
+
 /// The age keys of `--age-key-file`, or exit code 2.
 fn age_keys(
     file: Option<&std::path::Path>,
@@ -541,11 +552,7 @@ async fn status(
 /// `render` and `validate`. Exit codes: 0 fine, 1 the commit would be refused (bad input
 /// or error findings), 2 the command itself failed.
 async fn render(args: RenderArgs, validate: bool) -> ExitCode {
-    let input = match (&args.dir, &args.repo) {
-        (Some(d), _) => sluice::render::Input::Dir(d.clone()),
-        (None, Some(r)) => sluice::render::Input::Repo(r.clone(), args.git_ref.clone()),
-        (None, None) => unreachable!("clap requires DIR or --repo"),
-    };
+    let input = args.input();
     let keys = match age_keys(args.age_key_file.as_deref()) {
         Ok(k) => k,
         Err(code) => return code,
@@ -632,11 +639,7 @@ async fn kube_client() -> Result<kube::Client, ExitCode> {
 
 /// `diff`: kubectl's exit codes (0 no change, 1 changes, >1 error).
 async fn diff(args: RenderArgs, inventory_id: &str) -> ExitCode {
-    let input = match (&args.dir, &args.repo) {
-        (Some(d), _) => sluice::render::Input::Dir(d.clone()),
-        (None, Some(r)) => sluice::render::Input::Repo(r.clone(), args.git_ref.clone()),
-        (None, None) => unreachable!("clap requires DIR or --repo"),
-    };
+    let input = args.input();
     let keys = match age_keys(args.age_key_file.as_deref()) {
         Ok(k) => k,
         Err(code) => return code,

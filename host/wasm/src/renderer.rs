@@ -501,28 +501,27 @@ impl Renderers {
         let pre = self.load(renderer)?;
         let limits = renderer.limits();
         let failed = |message: String| Error::Failed { renderer, message };
-        let reply = {
-            let mut slot = self.warm[renderer as usize]
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let outcome = match slot.take() {
-                Some(warm) => Ok(warm),
-                None => Warm::start(&self.runtime.engine, &pre, &limits),
-            }
-            .and_then(|mut warm| {
-                let reply = warm.call(text.as_bytes(), &limits);
-                // Kept for the next render unless it failed or grew: a trap leaves a Go
-                // runtime in no state to run again, and a heap grown by one large render
-                // is given back by starting afresh.
-                if reply.is_ok() && warm.reusable(&limits) {
-                    *slot = Some(warm);
-                }
-                reply
-            });
-            outcome.map_err(|e| failed(without_backtrace(super::trap_message(&e, &limits))))?
+        let failed_call =
+            |e: wasmtime::Error| failed(without_backtrace(super::trap_message(&e, &limits)));
+        let mut slot = self.warm[renderer as usize]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut warm = match slot.take() {
+            Some(warm) => warm,
+            None => Warm::start(&self.runtime.engine, &pre, &limits).map_err(failed_call)?,
         };
+        let reply = warm.call(text.as_bytes(), &limits).map_err(failed_call)?;
         let response: Response =
             serde_json::from_slice(&reply).map_err(|e| failed(format!("no response ({e})")))?;
+        // Kept for the next render only after a clean one: a trap leaves a Go runtime in no
+        // state to run again, a refusal may have left goroutines behind (Kustomize trying
+        // a remote base reaches Go's in-process network stand-in, and the next render in
+        // that instance hung), and a heap grown by one large render is given back by
+        // starting afresh.
+        if response.error.is_none() && warm.reusable(&limits) {
+            *slot = Some(warm);
+        }
+        drop(slot);
         if let Some(message) = response.error {
             return Err(Error::Refused {
                 renderer,
