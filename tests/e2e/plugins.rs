@@ -253,6 +253,10 @@ fn hostile_plugins_fail_with_the_documented_errors() {
             "plugin hostile returned invalid output on project p commit c: object 0 (f0.yaml:3) /",
         ),
         ("socket", "wasi:sockets/"),
+        (
+            "stdout-loop",
+            "plugin hostile failed on project p commit c: timed out after 300ms (limits.timeout)",
+        ),
     ];
     for (act, want) in cases {
         let got = call_error(act);

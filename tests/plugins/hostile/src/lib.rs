@@ -88,6 +88,15 @@ impl Transformer for Plugin {
                     .and_then(|mut s| s.read(&mut [0u8; 16]));
                 return report(format!("read-silent: {read:?}"));
             }
+            // A host call in a loop: each write asks for `wasi:cli/stdout` again (a new
+            // resource), writes a line to the log and drops it. Epochs interrupt it between
+            // calls; the log's line cap keeps the output bounded.
+            "stdout-loop" => {
+                use std::io::Write;
+                loop {
+                    let _ = std::io::stdout().write_all(b"x\n");
+                }
+            }
             "refuse" => return report("refused on purpose".into()),
             // Drops every object but the first: a transformer that loses part of the set.
             "drop" => objects.truncate(1),
