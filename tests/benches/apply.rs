@@ -37,8 +37,8 @@
 //! debug level, with the time each sync spent per stage (`sync stages`).
 //! `SLUICE_BENCH_AGENT_WRAPPER=<program>` starts the agent under that program (e.g.
 //! `heaptrack`, with a binary built without mimalloc, for a heap profile).
-//! The agent runs with `MIMALLOC_PURGE_DELAY=0`, as the container image sets it; set the
-//! variable for the bench to run it otherwise.
+//! The agent runs with the binary's own allocator settings (freed memory goes back at
+//! once); `MIMALLOC_PURGE_DELAY` set for the bench overrides them.
 //!
 //! Requests are counted from the API server's audit log, per client `User-Agent`
 //! (kubectl's, kapply's, `flux-ssa/`, `sluice-bench` for the library syncs, `sluice/` for
@@ -713,12 +713,6 @@ async fn agent_phase(binary: &Path) -> Agent {
         .arg(&secret)
         .args(["--observability-listen-address", &addr])
         .env("KUBECONFIG", &cp.kubeconfig)
-        // As the container image (Dockerfile) runs it, unless the bench's caller says
-        // otherwise (MIMALLOC_PURGE_DELAY=10 is mimalloc's default).
-        .env(
-            "MIMALLOC_PURGE_DELAY",
-            std::env::var_os("MIMALLOC_PURGE_DELAY").unwrap_or_else(|| "0".into()),
-        )
         .env(
             "RUST_LOG",
             if kept_log.is_some() {

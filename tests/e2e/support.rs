@@ -238,6 +238,7 @@ pub fn options(agent: &str, cache: &std::path::Path) -> sluice_agent::agent::Opt
         protected: Default::default(),
         metrics: Default::default(),
         triggers: Default::default(),
+        ownership: None,
     }
 }
 

@@ -54,6 +54,9 @@ pub struct Request {
     pub user: String,
     /// Whom it impersonated, if anyone (`impersonatedUser.username`).
     pub impersonated: Option<String>,
+    /// When the API server received it (`requestReceivedTimestamp`, RFC 3339 with
+    /// microseconds: compares as text).
+    pub received: String,
 }
 
 impl Request {
@@ -94,6 +97,10 @@ impl ControlPlane {
                 uri: e["requestURI"].as_str().unwrap_or_default().into(),
                 user: e["user"]["username"].as_str().unwrap_or_default().into(),
                 impersonated: e["impersonatedUser"]["username"].as_str().map(String::from),
+                received: e["requestReceivedTimestamp"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .into(),
             })
             .collect()
     }
@@ -157,10 +164,50 @@ pub async fn client_as(user_agent: &str) -> Client {
         .unwrap_or_else(|e| panic!("client for the test control plane: {e}"))
 }
 
+/// The API server's address (loopback), for a proxy in front of it
+/// ([`crate::proxy::Proxy`]).
+///
+/// # Panics
+/// When the kubeconfig names no `https://127.0.0.1:<port>` server.
+pub fn api_addr() -> std::net::SocketAddr {
+    let kc = Kubeconfig::read_from(&shared().kubeconfig).expect("kubeconfig");
+    let server = kc.clusters[0]
+        .cluster
+        .as_ref()
+        .and_then(|c| c.server.clone())
+        .expect("server");
+    server
+        .trim_start_matches("https://")
+        .parse()
+        .unwrap_or_else(|e| panic!("API server address {server}: {e}"))
+}
+
+/// [`client_as`], through `via` (a proxy in front of the API server) instead of directly.
+pub async fn client_through(via: std::net::SocketAddr, user_agent: &str) -> Client {
+    client_at(&shared().kubeconfig, Some(user_agent), Some(via))
+        .await
+        .unwrap_or_else(|e| panic!("client through {via}: {e}"))
+}
+
 async fn client_with(kubeconfig: &Path, user_agent: Option<&str>) -> Result<Client, String> {
+    client_at(kubeconfig, user_agent, None).await
+}
+
+async fn client_at(
+    kubeconfig: &Path,
+    user_agent: Option<&str>,
+    via: Option<std::net::SocketAddr>,
+) -> Result<Client, String> {
     // Test binaries may link two rustls providers (see sluice_engine::install_crypto_provider).
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let kc = Kubeconfig::read_from(kubeconfig).map_err(|e| e.to_string())?;
+    let mut kc = Kubeconfig::read_from(kubeconfig).map_err(|e| e.to_string())?;
+    if let Some(via) = via {
+        for c in &mut kc.clusters {
+            if let Some(cluster) = c.cluster.as_mut() {
+                cluster.server = Some(format!("https://{via}"));
+            }
+        }
+    }
     let mut config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
         .map_err(|e| e.to_string())?;

@@ -16,6 +16,7 @@ pub mod cluster;
 pub mod git;
 pub mod pki;
 mod procs;
+pub mod proxy;
 pub mod wasm;
 
 pub use procs::log_tail;

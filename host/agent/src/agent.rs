@@ -92,6 +92,9 @@ pub struct Options {
     pub metrics: Arc<crate::observability::Metrics>,
     /// What push webhooks can wake: the agent registers its workers here.
     pub triggers: Arc<Triggers>,
+    /// Work shared across replicas ([`crate::shards`]): only the projects of the shards
+    /// this replica holds run, each writing through its shard's gate. None: every project.
+    pub ownership: Option<Arc<crate::shards::Ownership>>,
 }
 
 /// A loaded configuration: the file, the module bytes of its plugins, and the plugins.
@@ -142,6 +145,10 @@ pub async fn run(
     let live = Live::new();
     let mut workers = Workers::default();
     let mut last: Option<(AgentConfig, BTreeMap<String, String>)> = None;
+    let mut loaded: Option<Loaded> = None;
+    // The shards held (all projects when the work is not shared).
+    let mut owned = opts.ownership.as_ref().map(|o| o.subscribe());
+    let mut woken = opts.ownership.as_ref().map(|o| o.woken());
     // A push to the configuration repository reloads the configuration at once.
     let config_target = match &config_source {
         ConfigSource::Repo { url } => Some(webhook::Target {
@@ -178,32 +185,89 @@ pub async fn run(
                     if let Some(l) = &levels {
                         l.set(cfg.log_level);
                     }
-                    let loaded =
-                        load_plugins(&runtime, cfg.clone(), modules, digests.clone()).await;
-                    reconcile_workers(&mut workers, &loaded, &cluster, &live, &opts);
-                    opts.triggers.set(
-                        workers
-                            .values()
-                            .map(|w| w.target.clone())
-                            .chain(config_target.clone())
-                            .collect(),
-                    );
+                    let l = load_plugins(&runtime, cfg.clone(), modules, digests.clone()).await;
+                    let held = owned.as_ref().map(|o| o.borrow().clone());
+                    reconcile_workers(&mut workers, &l, held.as_ref(), &cluster, &live, &opts);
+                    opts.triggers
+                        .set(targets(&workers, &l, &opts, config_target.as_ref()));
                     opts.metrics.set_ready();
                     last = Some((cfg, digests));
+                    loaded = Some(l);
                 }
             }
             Err(e) => error!(error = %e, "{}", msg::CONFIG_FAILED),
         }
-        tokio::select! {
-            _ = tokio::time::sleep(opts.poll_interval) => {}
-            _ = config_wake.notified() => {}
-            _ = &mut shutdown => break,
+        loop {
+            let ownership_changed = async {
+                match owned.as_mut() {
+                    Some(o) => o.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            let woken_elsewhere = async {
+                match woken.as_mut() {
+                    Some(w) => w.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(opts.poll_interval) => break,
+                _ = config_wake.notified() => break,
+                _ = &mut shutdown => {
+                    opts.triggers.set(Vec::new());
+                    drop(workers);
+                    info!("agent stopped");
+                    return Ok(());
+                }
+                true = ownership_changed => {
+                    // Shards came or went: start and stop workers, configuration unchanged.
+                    if let (Some(l), Some(o)) = (&loaded, &owned) {
+                        let held = o.borrow().clone();
+                        reconcile_workers(&mut workers, l, Some(&held), &cluster, &live, &opts);
+                        opts.triggers
+                            .set(targets(&workers, l, &opts, config_target.as_ref()));
+                    }
+                }
+                true = woken_elsewhere => {
+                    // Pushes another replica received for projects synced here.
+                    if let Some(w) = &mut woken {
+                        for id in w.borrow_and_update().iter() {
+                            if let Some(worker) = workers.get(id) {
+                                worker.target.wake.push();
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
-    opts.triggers.set(Vec::new());
-    drop(workers);
-    info!("agent stopped");
-    Ok(())
+}
+/// What push webhooks can wake: every worker here, the configuration repository, and,
+/// when the work is shared, every other configured project, whose pushes are passed on
+/// to the replica that syncs it ([`crate::shards::Ownership::forward`]).
+fn targets(
+    workers: &Workers,
+    loaded: &Loaded,
+    opts: &Options,
+    config: Option<&webhook::Target>,
+) -> Vec<webhook::Target> {
+    let mut out: Vec<webhook::Target> = workers.values().map(|w| w.target.clone()).collect();
+    if let Some(ownership) = &opts.ownership {
+        for p in &loaded.config.manifest_projects {
+            if workers.contains_key(&p.id) {
+                continue;
+            }
+            let (ownership, id) = (ownership.clone(), p.id.clone());
+            out.push(webhook::Target {
+                id: p.id.clone(),
+                url: sync::project_url(p.repository(), &opts.git_base_url),
+                git_ref: p.git_ref.clone(),
+                wake: Arc::new(webhook::Wake::forwarding(move || ownership.forward(&id))),
+            });
+        }
+    }
+    out.extend(config.cloned());
+    out
 }
 
 /// A running worker: what it was started with, its task, and what wakes it.
@@ -248,16 +312,21 @@ struct WorkerKey {
     plugins: Vec<(plugins::Spec, String)>,
 }
 
+/// Starts, restarts and stops workers to match the configuration and, when the work is
+/// shared, the shards held (`held`): a project of a shard another replica holds has no
+/// worker here.
 fn reconcile_workers(
     workers: &mut HashMap<String, Running>,
     loaded: &Loaded,
+    held: Option<&crate::shards::Owned>,
     cluster: &Cluster,
     live: &Live,
     opts: &Options,
 ) {
     let cfg = &loaded.config;
+    let ours = |id: &str| held.is_none_or(|h| h.owns(id));
     workers.retain(|id, w| {
-        let keep = cfg.manifest_projects.iter().any(|p| &p.id == id);
+        let keep = ours(id) && cfg.manifest_projects.iter().any(|p| &p.id == id);
         if !keep {
             info!(worker_id = %id, "{}", msg::STOPPING_WORKER);
             w.handle.abort();
@@ -266,7 +335,7 @@ fn reconcile_workers(
         keep
     });
     let ids = inventory_ids(cfg, opts);
-    for project in &cfg.manifest_projects {
+    for project in cfg.manifest_projects.iter().filter(|p| ours(&p.id)) {
         let names: Vec<String> = match &project.plugins {
             Some(names) => names.clone(),
             None => cfg.plugins.iter().map(|p| p.name.clone()).collect(),
@@ -307,8 +376,20 @@ fn reconcile_workers(
             git_ref: project.git_ref.clone(),
             wake: Arc::new(webhook::Wake::default()),
         };
+        // Every write of this project's syncs passes its shard's gate.
+        let cluster = match (&opts.ownership, held) {
+            (Some(o), Some(h)) => {
+                let gate = o.gate(crate::shards::shard_of(&project.id, h.shards));
+                cluster.gated(Arc::new(move || {
+                    gate.admit()
+                        .map(|pass| Box::new(pass) as Box<dyn std::any::Any + Send>)
+                        .map_err(Into::into)
+                }))
+            }
+            _ => cluster.clone(),
+        };
         let handle = tokio::spawn(worker(
-            cluster.clone(),
+            cluster,
             live.clone(),
             project.clone(),
             selected,
@@ -456,7 +537,11 @@ pub async fn run_once(
                 info!(project_id = %project.id, commit_id = %commit, "{}", msg::SYNCHRONIZING);
                 let started = std::time::Instant::now();
                 let result = sync::sync(&mut cluster, &source, project, &commit, &settings).await;
-                let mut history = History::new(cluster.client().clone(), instance());
+                let replica = match &opts.ownership {
+                    Some(o) => Some(o.identity().to_string()),
+                    None => instance(),
+                };
+                let mut history = History::new(cluster.client().clone(), replica);
                 let ended = Ended {
                     project,
                     settings: &settings,

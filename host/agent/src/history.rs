@@ -66,6 +66,10 @@ pub struct LastSync {
     /// Why it failed (shortened to 1 KiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The replica that ran it (its pod name), when known: with work shared across
+    /// replicas, the one that owns the project.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 /// Whether a sync succeeded.
@@ -213,6 +217,7 @@ pub fn last_sync(outcome: &Outcome<'_>, previous: Option<&LastSync>, now: Timest
         duration_seconds: (outcome.elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
         counts,
         message,
+        replica: None,
     }
 }
 
@@ -316,7 +321,10 @@ impl History {
             .as_ref()
             .and_then(|a| a.get(LAST_SYNC))
             .and_then(|text| serde_json::from_str::<LastSync>(text).ok());
-        let last = last_sync(outcome, previous.as_ref(), Timestamp::now());
+        let last = LastSync {
+            replica: self.reporter.instance.clone(),
+            ..last_sync(outcome, previous.as_ref(), Timestamp::now())
+        };
         let patch = serde_json::json!({
             "metadata": {
                 // A precondition: the inventory must not have changed hands since it was read.

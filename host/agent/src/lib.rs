@@ -6,8 +6,9 @@
 //! the engine (`sluice-engine`: plan, apply, inventory, prune, wait) → [`report`]
 //!
 //! [`sync`] is that path for one commit; [`agent`] runs it per project whenever the commit
-//! changes, a webhook arrives, an object drifts or the re-apply timer fires, under
-//! [`leader`]ship, and records each outcome with [`history`] (Events, last sync).
+//! changes, a webhook arrives, an object drifts or the re-apply timer fires, for the
+//! projects of the [`shards`] this replica owns, and records each outcome with [`history`]
+//! (Events, last sync).
 //! [`webhook`] (push receivers) and [`observability`] (metrics, probes) serve the agent's
 //! HTTP endpoints, each on a port of its own ([`http`]).
 //!
@@ -19,12 +20,12 @@ pub mod config;
 pub mod decode;
 pub mod history;
 pub mod http;
-pub mod leader;
 pub mod limits;
 pub mod observability;
 pub mod render;
 pub mod report;
 pub mod select;
+pub mod shards;
 pub mod sops;
 pub mod source;
 pub mod sync;

@@ -60,18 +60,42 @@ pub struct Target {
 
 /// A wake-up signal that also counts pushes, so a worker can tell that one arrived while
 /// it was busy even if the wake-up itself was consumed by a wait it then abandoned.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Wake {
     notify: Notify,
     pushes: std::sync::atomic::AtomicU64,
+    /// Where a push goes instead, for a project another replica syncs.
+    forward: Option<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Wake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wake")
+            .field("pushes", &self.pushes())
+            .field("forward", &self.forward.is_some())
+            .finish()
+    }
 }
 
 impl Wake {
+    /// A wake-up that calls `forward` on every push (a project whose worker runs on
+    /// another replica: the push is passed on to it).
+    #[must_use]
+    pub fn forwarding(forward: impl Fn() + Send + Sync + 'static) -> Wake {
+        Wake {
+            forward: Some(Box::new(forward)),
+            ..Wake::default()
+        }
+    }
+
     /// Signals a push.
     pub fn push(&self) {
         self.pushes
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.notify.notify_one();
+        if let Some(f) = &self.forward {
+            f();
+        }
     }
 
     /// How many pushes were signalled so far.

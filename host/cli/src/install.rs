@@ -7,13 +7,15 @@
 //!   to `cluster-admin`, so projects may hold any object, cluster-scoped ones included.
 //! - [`Rbac::Namespaced`]: only what syncing into the given namespaces needs: a Role per
 //!   namespace over every namespaced resource there (apply, prune, inventory ConfigMaps,
-//!   Events), and the Lease of leader election in the agent's own namespace. Discovery needs
+//!   Events), and the shard Lease in the agent's own namespace. Discovery needs
 //!   no grant (`system:discovery` is bound to every authenticated user). Nothing
 //!   cluster-scoped can be created, and no other namespace can be read or changed.
 //!
 //! The Deployment runs non-root with a read-only root filesystem, probes `/liveness` and
-//! `/readiness`, and always elects a leader (`POD_NAMESPACE`), so the old and the new pod of
-//! a rolling update never sync at once; `replicas: 2` gives a warm standby.
+//! `/readiness`, and always shares work through the shard Lease (`POD_NAMESPACE`,
+//! [`sluice_agent::shards`]): each project is synced by one replica at a time, so the old
+//! and the new pod of a rolling update never sync the same project at once, and
+//! `--replicas N` spreads the projects over N pods.
 
 use serde_json::{Value, json};
 
@@ -45,7 +47,7 @@ pub struct Params {
     pub namespace: String,
     /// Container image.
     pub image: String,
-    /// 1, or 2 for a warm standby.
+    /// Replicas sharing the projects, 1 to [`MAX_REPLICAS`].
     pub replicas: u32,
     /// Permissions.
     pub rbac: Rbac,
@@ -81,7 +83,7 @@ pub enum Error {
     #[error("--rbac namespaced needs the namespaces the agent may sync into (--namespace a,b)")]
     NoNamespaces,
     /// Replicas out of range.
-    #[error("--replicas must be 1 or 2, got {0}")]
+    #[error("--replicas must be 1 to 12 (the shards of a table; more would get no work), got {0}")]
     Replicas(u32),
 }
 
@@ -129,7 +131,7 @@ pub fn manifests(p: &Params) -> Result<Vec<Value>, Error> {
             });
         }
     }
-    if !(1..=2).contains(&p.replicas) {
+    if !(1..=MAX_REPLICAS).contains(&p.replicas) {
         return Err(Error::Replicas(p.replicas));
     }
     let name = format!("sluice-{}", p.agent_name);
@@ -184,14 +186,17 @@ pub fn manifests(p: &Params) -> Result<Vec<Value>, Error> {
         }
     }
     if !matches!(&p.rbac, Rbac::Namespaced(n) if n.contains(ns)) {
-        // Leader election: only its own Lease (and Leases to create it), in its namespace.
+        // Shared work: only its own shard Lease (and Leases to create it), in its namespace,
+        // and reading the single-leader Lease of sluice 0.4 (a rollout waits for it).
         let lease_role = format!("{name}-leader-election");
         out.push(json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta(&lease_role),
             "rules": [
                 {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
                 {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
-                 "resourceNames": [lease_name(&p.agent_name)], "verbs": ["get", "update"]},
+                 "resourceNames": [shards_lease_name(&p.agent_name)], "verbs": ["get", "update"]},
+                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                 "resourceNames": [lease_name(&p.agent_name)], "verbs": ["get"]},
             ],
         }));
         out.push(json!({
@@ -216,11 +221,19 @@ pub fn manifests(p: &Params) -> Result<Vec<Value>, Error> {
 /// probes' and metrics' port 8080.
 pub const WEBHOOK_PORT: u16 = 9292;
 
-/// The leader-election Lease of agent `agent`: `sluice-<agent>-lock`, never one of
-/// agentk's (`agent-<numeric id>-lock`).
+/// The single-leader Lease of sluice 0.4, `sluice-<agent>-lock` (never one of agentk's,
+/// `agent-<numeric id>-lock`): replicas of this version wait while a live 0.4 holds it.
 pub fn lease_name(agent: &str) -> String {
     format!("sluice-{agent}-lock")
 }
+
+/// The shard Lease of agent `agent`: `sluice-<agent>-shards` ([`sluice_agent::shards`]).
+pub fn shards_lease_name(agent: &str) -> String {
+    format!("sluice-{agent}-shards")
+}
+
+/// The most replicas `sluice generate` installs: the shards of a default table.
+pub const MAX_REPLICAS: u32 = sluice_agent::shards::DEFAULT_SHARDS as u32;
 
 fn deployment(p: &Params, name: &str) -> Value {
     let mut args = vec!["run".to_string(), format!("--agent-name={}", p.agent_name)];
@@ -259,7 +272,7 @@ fn deployment(p: &Params, name: &str) -> Value {
     }
     args.extend([
         "--cache-dir=/var/cache/sluice".to_string(),
-        format!("--lease-name={}", lease_name(&p.agent_name)),
+        format!("--lease-name={}", shards_lease_name(&p.agent_name)),
     ]);
     let probe =
         |path: &str| json!({"httpGet": {"path": path, "port": "http"}, "periodSeconds": 10});
@@ -426,7 +439,7 @@ mod tests {
             c["args"]
                 .as_array()
                 .expect("args")
-                .contains(&json!("--lease-name=sluice-prod-lock"))
+                .contains(&json!("--lease-name=sluice-prod-shards"))
         );
     }
 

@@ -12,9 +12,8 @@ use sluice_agent::source::Credentials;
 
 // A sync makes and drops many JSON values on several threads; glibc's per-thread arenas
 // kept the freed memory (209 MiB peak RSS at 10,000 objects). mimalloc returns it, and
-// allocates faster (docs/performance.md). The container image sets
-// `MIMALLOC_PURGE_DELAY=0` (mimalloc reads it before `main`): freed memory goes back at once.
-// `main` turns transparent huge pages off (`no_huge_pages`).
+// allocates faster (docs/performance.md). `main` makes it give freed memory back at once
+// (`purge_at_once`) and turns transparent huge pages off (`no_huge_pages`).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -116,7 +115,7 @@ struct GenerateArgs {
     /// Container image.
     #[arg(long, default_value_t = sluice::install::default_image())]
     image: String,
-    /// 1, or 2 for a warm standby (leader election picks the one that syncs).
+    /// Replicas sharing the projects (each project synced by one of them at a time).
     #[arg(long, default_value_t = 1)]
     replicas: u32,
     /// `cluster-admin` (as agentk's install), or `namespaced`: only what syncing into
@@ -293,17 +292,27 @@ struct RunArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Json)]
     log_format: LogFormat,
-    /// Namespace of the leader Lease; set (as agentk's POD_NAMESPACE) to run as one of
-    /// several replicas where only the Lease holder syncs. Unset: no leader election.
+    /// Namespace of the shard Lease; set (as agentk's POD_NAMESPACE) to run as one of
+    /// several replicas that share the projects (each project synced by exactly one).
+    /// Unset: this process syncs every project, with no Lease.
     #[arg(long, env = "POD_NAMESPACE")]
     leader_election_namespace: Option<String>,
     /// This replica's identity in the Lease (agentk: POD_NAME; default: the host name).
     #[arg(long, env = "POD_NAME")]
     leader_election_identity: Option<String>,
-    /// Lease name (default `sluice-<agent-name>-lock`, never one of agentk's, which keeps
-    /// its own leader election when it runs beside sluice).
+    /// The shard Lease (default `sluice-<agent-name>-shards`, never one of agentk's, which
+    /// keeps its own leader election when it runs beside sluice).
     #[arg(long)]
     lease_name: Option<String>,
+    /// A single-leader Lease to wait for: while a live holder has it, this replica takes no
+    /// shard (default `sluice-<agent-name>-lock`, sluice 0.4's; agentk's
+    /// `agent-<agent id>-lock` when replacing agentk in place).
+    #[arg(long)]
+    wait_for_lease: Option<String>,
+    /// Shards of a new shard table (projects are spread over them by a hash of their id);
+    /// an existing table keeps its count. The most replicas that get work.
+    #[arg(long, default_value_t = sluice_agent::shards::DEFAULT_SHARDS, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    shards: u16,
     /// Address of /metrics, /liveness and /readiness (agentk's flag and default).
     #[arg(long, default_value = "0.0.0.0:8080")]
     observability_listen_address: String,
@@ -362,7 +371,26 @@ fn no_huge_pages() {
     }
 }
 
+/// mimalloc's `mi_option_purge_delay` (its position in `mi_option_e`, mimalloc v2).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Freed memory goes back to the system at once instead of after mimalloc's default 10 ms
+/// (which, at the agent's pace of allocation, kept much of it resident: `sluice run` at
+/// 2,000 objects peaked at 73 MiB with the default and 46.5 MiB with 0). The binary's
+/// default, not the image's: `MIMALLOC_PURGE_DELAY` still wins when set.
+fn purge_at_once() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets one integer option; mimalloc's options may be set at any time and
+        // take no pointer.
+        #[allow(unsafe_code)]
+        unsafe {
+            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0);
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    purge_at_once();
     no_huge_pages();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let agentk = agentk_invocation(&args);
@@ -802,6 +830,7 @@ async fn setup(args: &RunArgs) -> Result<Setup, ExitCode> {
             .map(std::sync::Arc::new),
         metrics: metrics.clone(),
         triggers: Default::default(),
+        ownership: None,
         limits: sluice_agent::select::Limits {
             max_files: args.max_files,
             max_file_bytes: args.max_file_bytes,
@@ -812,7 +841,7 @@ async fn setup(args: &RunArgs) -> Result<Setup, ExitCode> {
             lease: Some(
                 args.lease_name
                     .clone()
-                    .unwrap_or_else(|| sluice::install::lease_name(&args.agent_name)),
+                    .unwrap_or_else(|| sluice::install::shards_lease_name(&args.agent_name)),
             ),
             prefix: format!("sluice-{}", args.agent_name),
         },
@@ -944,31 +973,55 @@ async fn run(args: RunArgs) -> ExitCode {
     let lease = args
         .lease_name
         .clone()
-        .unwrap_or_else(|| sluice::install::lease_name(&opts.agent_name));
-    let cfg = sluice_agent::leader::Config::new(&namespace, &lease, &identity);
-    // A standby is ready: it serves its purpose by waiting (a rollout must not stall on it).
-    metrics.set_ready();
-    let levels = std::sync::Arc::new(levels);
-    sluice_agent::leader::run(client.clone(), cfg, shutdown_signal(), || {
-        let (client, source, opts, levels) =
-            (client.clone(), source.clone(), opts.clone(), levels.clone());
-        async move {
-            // Levels are shared by every leadership term; the handle is cheap to clone.
-            if let Err(e) = agent::run(
-                client,
-                source,
-                opts,
-                Some(levels.as_ref().clone()),
-                std::future::pending(),
-            )
-            .await
-            {
-                tracing::error!(error = %e, "agent failed to start");
-            }
+        .unwrap_or_else(|| sluice::install::shards_lease_name(&opts.agent_name));
+    let cfg = sluice_agent::shards::Config {
+        shards: args.shards,
+        legacy_lock: Some(
+            args.wait_for_lease
+                .clone()
+                .unwrap_or_else(|| sluice::install::lease_name(&opts.agent_name)),
+        ),
+        ..sluice_agent::shards::Config::new(&namespace, &lease, &identity)
+    };
+    // The Lease has a connection of its own: heartbeats never queue behind a sync's writes.
+    let lease_client = match sluice_engine::kube_client().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "failed to build the shard lease's client");
+            return ExitCode::from(2);
         }
-    })
-    .await;
-    ExitCode::SUCCESS
+    };
+    let ownership = sluice_agent::shards::Ownership::new(&identity);
+    let opts = agent::Options {
+        ownership: Some(ownership.clone()),
+        ..opts
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let shards = tokio::spawn(sluice_agent::shards::run(
+        lease_client,
+        cfg,
+        ownership,
+        until_stopped(stopped.clone()),
+    ));
+    match agent::run(client, source, opts, Some(levels), until_stopped(stopped)).await {
+        Ok(()) => {
+            // The agent stopped its workers; now give the shards up.
+            let _ = shards.await;
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "agent failed to start");
+            shards.abort();
+            ExitCode::from(1)
+        }
+    }
 }
 
 /// Ctrl-C or SIGTERM.
@@ -991,6 +1044,23 @@ mod tests {
 
     fn args(a: &[&str]) -> Vec<String> {
         a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_purge_delay_option_is_mimallocs_and_set_to_zero() {
+        // The documented default (10 ms) tells the option's position is right.
+        #[allow(unsafe_code)]
+        let before = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+        assert!(
+            before == 10 || std::env::var_os("MIMALLOC_PURGE_DELAY").is_some(),
+            "{before}"
+        );
+        purge_at_once();
+        #[allow(unsafe_code)]
+        let after = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+            assert_eq!(after, 0);
+        }
     }
 
     #[test]

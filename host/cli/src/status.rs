@@ -351,15 +351,17 @@ pub fn age(since: &str, now: Timestamp) -> String {
     }
 }
 
-/// The status table, like `flux get kustomizations`.
+/// The status table, like `flux get kustomizations`; a REPLICA column (who ran the last
+/// sync: the owner of the project's shard) when the agent runs as several replicas.
 pub fn table(projects: &[ProjectStatus], now: Timestamp) -> String {
-    let mut rows = vec![[
+    let mut rows = vec![vec![
         "PROJECT".to_string(),
         "INVENTORY".into(),
         "REVISION".into(),
         "READY".into(),
         "OBJECTS".into(),
         "LAST SYNC".into(),
+        "REPLICA".into(),
         "MESSAGE".into(),
     ]];
     for p in projects {
@@ -374,15 +376,22 @@ pub fn table(projects: &[ProjectStatus], now: Timestamp) -> String {
             .as_ref()
             .map(|l| format!("{} ago", age(&l.time, now)))
             .unwrap_or_else(|| "-".into());
-        rows.push([
+        let replica = p.last_sync.as_ref().and_then(|l| l.replica.clone());
+        rows.push(vec![
             p.project.clone(),
             p.inventory.clone(),
             revision,
             p.ready.clone(),
             objects_column(p),
             last,
+            replica.unwrap_or_else(|| "-".into()),
             message(p),
         ]);
+    }
+    if rows.iter().skip(1).all(|r| r[6] == "-") {
+        for r in &mut rows {
+            r.remove(6);
+        }
     }
     render(&rows)
 }
@@ -442,9 +451,13 @@ fn shorten(text: &str, max: usize) -> String {
 pub fn detail(p: &ProjectStatus, now: Timestamp) -> String {
     let mut out = table(std::slice::from_ref(p), now);
     out.push('\n');
-    let mut rows = vec![["OBJECT".to_string(), "STATUS".into(), "MESSAGE".into()]];
+    let mut rows = vec![vec![
+        "OBJECT".to_string(),
+        "STATUS".into(),
+        "MESSAGE".into(),
+    ]];
     for s in &p.object_status {
-        rows.push([
+        rows.push(vec![
             s.object.clone(),
             format!("{:?}", s.status),
             shorten(s.message.as_deref().unwrap_or_default(), 100),
@@ -453,7 +466,7 @@ pub fn detail(p: &ProjectStatus, now: Timestamp) -> String {
     out.push_str(&render(&rows));
     if !p.events.is_empty() {
         out.push('\n');
-        let mut rows = vec![[
+        let mut rows = vec![vec![
             "TYPE".to_string(),
             "REASON".into(),
             "AGE".into(),
@@ -461,7 +474,7 @@ pub fn detail(p: &ProjectStatus, now: Timestamp) -> String {
         ]];
         for e in &p.events {
             let age = age(&e.time, now);
-            rows.push([
+            rows.push(vec![
                 e.type_.clone(),
                 e.reason.clone(),
                 if e.count > 1 {
@@ -478,8 +491,9 @@ pub fn detail(p: &ProjectStatus, now: Timestamp) -> String {
 }
 
 /// Left-aligned columns separated by three spaces, like kubectl's tables.
-fn render<const N: usize>(rows: &[[String; N]]) -> String {
-    let widths: Vec<usize> = (0..N)
+fn render(rows: &[Vec<String>]) -> String {
+    let n = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..n)
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
@@ -488,7 +502,7 @@ fn render<const N: usize>(rows: &[[String; N]]) -> String {
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                if i + 1 == N {
+                if i + 1 == n {
                     c.clone()
                 } else {
                     format!("{c:<w$}", w = widths[i])
@@ -522,6 +536,7 @@ mod tests {
             duration_seconds: 1.0,
             counts: [("unchanged".to_string(), 2)].into(),
             message: (result == SyncResult::Failed).then(|| "1 objects failed".into()),
+            replica: None,
         }
     }
 

@@ -33,6 +33,11 @@ pub struct ResourceGroup {
 #[error("failed to discover the cluster's API resources: {0}")]
 pub struct DiscoveryError(#[source] pub kube::Error);
 
+/// Admits one write: a pass held while the write is in flight, or why it is refused.
+pub type Admit = std::sync::Arc<
+    dyn Fn() -> Result<Box<dyn std::any::Any + Send>, tower::BoxError> + Send + Sync,
+>;
+
 /// A client and what the API server serves.
 ///
 /// Discovery tolerates API groups that do not answer (an aggregated API whose APIService is
@@ -86,6 +91,32 @@ impl Cluster {
             client: kube::Client::new(service, self.client.default_namespace()),
             ..self.clone()
         })
+    }
+
+    /// The same cluster, every write (any request but a GET: applies and their dry runs,
+    /// deletes, inventory updates) admitted by `admit` first: a refusal fails the write
+    /// with its message before anything is sent, and the pass it returns is held until the
+    /// API server answered. Reads and watches are never gated. Fencing for shared work:
+    /// a replica that no longer owns a shard cannot write for it.
+    #[must_use]
+    pub fn gated(&self, admit: Admit) -> Cluster {
+        let inner = self.client.clone();
+        let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+            let inner = inner.clone();
+            let pass = if request.method() == http::Method::GET {
+                Ok(None)
+            } else {
+                admit().map(Some)
+            };
+            async move {
+                let _pass = pass.map_err(kube::Error::Service)?;
+                inner.send(request).await
+            }
+        });
+        Cluster {
+            client: kube::Client::new(service, self.client.default_namespace()),
+            ..self.clone()
+        }
     }
 
     /// Takes `other`'s discovery (a handle acting as someone else that refreshed it),
