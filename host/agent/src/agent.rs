@@ -537,11 +537,7 @@ pub async fn run_once(
                 info!(project_id = %project.id, commit_id = %commit, "{}", msg::SYNCHRONIZING);
                 let started = std::time::Instant::now();
                 let result = sync::sync(&mut cluster, &source, project, &commit, &settings).await;
-                let replica = match &opts.ownership {
-                    Some(o) => Some(o.identity().to_string()),
-                    None => instance(),
-                };
-                let mut history = History::new(cluster.client().clone(), replica);
+                let mut history = History::new(cluster.client().clone(), instance());
                 let ended = Ended {
                     project,
                     settings: &settings,
@@ -926,7 +922,11 @@ async fn worker(
         return std::future::pending().await;
     };
     let (source, settings) = prepare(&project, plugins, inventory, Some(live.clone()), &opts);
-    let mut history = History::new(cluster.client().clone(), instance());
+    let replica = match &opts.ownership {
+        Some(o) => Some(o.identity().to_string()),
+        None => instance(),
+    };
+    let mut history = History::new(cluster.client().clone(), replica);
     let mut state = State::default();
     // Watches the objects of the last successful sync; none while a sync runs.
     let mut drift: Option<Drift> = None;
