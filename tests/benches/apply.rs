@@ -670,10 +670,12 @@ async fn agent_phase(binary: &Path) -> Agent {
     .expect("config");
     let secret = dir.path().join("webhook-secret");
     std::fs::write(&secret, "bench-secret").expect("secret");
-    let addr = {
+    let free = || {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr").to_string()
     };
+    // Metrics and probes on one port, the push webhooks on another (as `sluice run`).
+    let (addr, hooks) = (free(), free());
     // SLUICE_BENCH_AGENT_LOG=<file> keeps the agent's log, at debug level (the time each
     // sync spent per stage); by default it goes away with the bench's directory.
     let kept_log = std::env::var_os("SLUICE_BENCH_AGENT_LOG");
@@ -712,6 +714,7 @@ async fn agent_phase(binary: &Path) -> Agent {
         .arg("--webhook-secret-file")
         .arg(&secret)
         .args(["--observability-listen-address", &addr])
+        .args(["--webhook-listen-address", &hooks])
         .env("KUBECONFIG", &cp.kubeconfig)
         .env(
             "RUST_LOG",
@@ -761,7 +764,7 @@ async fn agent_phase(binary: &Path) -> Agent {
         let before = successes(&addr).await;
         let mark = cp.audit_mark();
         let pushed = Instant::now();
-        push(&addr).await;
+        push(&hooks).await;
         until("a pushed change", Duration::from_secs(300), async || {
             cms.get("cfg-0")
                 .await
@@ -785,7 +788,7 @@ async fn agent_phase(binary: &Path) -> Agent {
     let before = successes(&addr).await;
     let mark = cp.audit_mark();
     let pushed = Instant::now();
-    push(&addr).await;
+    push(&hooks).await;
     until("the pruning sync", Duration::from_secs(1800), async || {
         successes(&addr).await > before
     })

@@ -382,6 +382,22 @@ impl Live {
                 let event = match event {
                     Ok(event) => event,
                     Err(e) => {
+                        // The resource was served and is no longer (its CRD was deleted,
+                        // as when a commit prunes a CRD with its resources): none of its
+                        // objects exists, and readers waiting for a deletion see them
+                        // gone instead of waiting for a list that keeps failing. A
+                        // resource that was never listed (a CRD just created) is waited
+                        // for as before.
+                        if not_served(&e) && lock(&shared).listed.is_some() {
+                            let mut data = lock(&shared);
+                            data.objects.clear();
+                            data.listing = None;
+                            data.listed = Some(Instant::now());
+                            data.error = None;
+                            drop(data);
+                            let _ = notices.send(Notice::Listed(scope.clone()));
+                            continue;
+                        }
                         // The watcher retries with backoff; readers say why they wait.
                         lock(&shared).error = Some(e.to_string());
                         continue;
@@ -403,6 +419,11 @@ impl Live {
         });
         Watched { data, task }
     }
+}
+
+/// Whether a watch failed because its resource is not served at all (404 on the list).
+fn not_served(e: &watcher::Error) -> bool {
+    matches!(e, watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404)
 }
 
 impl Default for Live {
