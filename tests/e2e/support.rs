@@ -239,6 +239,7 @@ pub fn options(agent: &str, cache: &std::path::Path) -> sluice_agent::agent::Opt
         metrics: Default::default(),
         triggers: Default::default(),
         ownership: None,
+        per_namespace_watches: false,
     }
 }
 

@@ -95,6 +95,10 @@ pub struct Options {
     /// Work shared across replicas ([`crate::shards`]): only the projects of the shards
     /// this replica holds run, each writing through its shard's gate. None: every project.
     pub ownership: Option<Arc<crate::shards::Ownership>>,
+    /// Watch each namespace on its own, never a resource in every namespace at once
+    /// ([`sluice_engine::live::WIDE_AFTER`]): for an agent allowed to list only the
+    /// namespaces it syncs into.
+    pub per_namespace_watches: bool,
 }
 
 /// A loaded configuration: the file, the module bytes of its plugins, and the plugins.
@@ -142,7 +146,11 @@ pub async fn run(
     };
     let runtime = Arc::new(runtime);
     // The watches of the projects' live objects, shared by the workers ([`Live`]).
-    let live = Live::new();
+    let live = if opts.per_namespace_watches {
+        Live::per_namespace()
+    } else {
+        Live::new()
+    };
     let mut workers = Workers::default();
     let mut last: Option<(AgentConfig, BTreeMap<String, String>)> = None;
     let mut loaded: Option<Loaded> = None;

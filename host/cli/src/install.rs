@@ -237,6 +237,10 @@ pub const MAX_REPLICAS: u32 = sluice_agent::shards::DEFAULT_SHARDS as u32;
 
 fn deployment(p: &Params, name: &str) -> Value {
     let mut args = vec!["run".to_string(), format!("--agent-name={}", p.agent_name)];
+    if matches!(p.rbac, Rbac::Namespaced(_)) {
+        // It may list only its namespaces: never a watch of every namespace.
+        args.push("--per-namespace-watches".into());
+    }
     let mut volumes = vec![
         json!({"name": "cache", "emptyDir": {}}),
         json!({"name": "tmp", "emptyDir": {}}),

@@ -304,6 +304,11 @@ struct RunArgs {
     /// keeps its own leader election when it runs beside sluice).
     #[arg(long)]
     lease_name: Option<String>,
+    /// Watch the synced objects one namespace at a time, never a resource in every
+    /// namespace at once (which it does past 4 namespaces of one resource): for an agent
+    /// whose RBAC lists only the namespaces it syncs into (`generate --rbac namespaced`).
+    #[arg(long)]
+    per_namespace_watches: bool,
     /// A single-leader Lease to wait for: while a live holder has it, this replica takes no
     /// shard (default `sluice-<agent-name>-lock`, sluice 0.4's; agentk's
     /// `agent-<agent id>-lock` when replacing agentk in place).
@@ -371,11 +376,12 @@ fn no_huge_pages() {
     }
 }
 
-/// mimalloc's `mi_option_purge_delay` (its position in `mi_option_e`, mimalloc v2).
+/// mimalloc's `mi_option_purge_delay`: its position in `mi_option_e`, the same in mimalloc
+/// v2 and v3 (v3 is what libmimalloc-sys 0.1.49 builds).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Freed memory goes back to the system at once instead of after mimalloc's default 10 ms
-/// (which, at the agent's pace of allocation, kept much of it resident: `sluice run` at
+/// Freed memory goes back to the system at once instead of after mimalloc v3's default
+/// 1,000 ms (which, at the agent's pace of allocation, kept much of it resident: `sluice run` at
 /// 2,000 objects peaked at 73 MiB with the default and 46.5 MiB with 0). The binary's
 /// default, not the image's: `MIMALLOC_PURGE_DELAY` still wins when set.
 fn purge_at_once() {
@@ -831,6 +837,7 @@ async fn setup(args: &RunArgs) -> Result<Setup, ExitCode> {
         metrics: metrics.clone(),
         triggers: Default::default(),
         ownership: None,
+        per_namespace_watches: args.per_namespace_watches,
         limits: sluice_agent::select::Limits {
             max_files: args.max_files,
             max_file_bytes: args.max_file_bytes,
@@ -1048,11 +1055,11 @@ mod tests {
 
     #[test]
     fn the_purge_delay_option_is_mimallocs_and_set_to_zero() {
-        // The documented default (10 ms) tells the option's position is right.
+        // mimalloc v3's documented default (1,000 ms) tells the option's position is right.
         #[allow(unsafe_code)]
         let before = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
         assert!(
-            before == 10 || std::env::var_os("MIMALLOC_PURGE_DELAY").is_some(),
+            before == 1000 || std::env::var_os("MIMALLOC_PURGE_DELAY").is_some(),
             "{before}"
         );
         purge_at_once();

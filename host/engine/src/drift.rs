@@ -194,18 +194,22 @@ async fn watch_members(
     let index = crate::live::Index::new(
         members
             .iter()
-            .map(|(o, scope)| (Some(&**scope), o.name.as_str())),
+            .map(|(o, scope)| (Some(&**scope), o.namespace.as_str(), o.name.as_str())),
     );
     let mut base: Vec<Option<Fingerprint>> = vec![None; members.len()];
     let mut dirty: Vec<usize> = (0..members.len()).collect();
     loop {
         for i in dirty.drain(..) {
             let (o, scope) = &members[i];
-            let now = live.with(scope, &o.name, |seen| match seen {
-                Seen::Unlisted { .. } => Look::Unlisted,
-                Seen::Absent { .. } => Look::Absent,
-                Seen::Present(e) => Look::Present(e.fingerprint.clone()),
-            });
+            let now = live.with(
+                scope,
+                &scope.key(&o.namespace, &o.name),
+                |seen| match seen {
+                    Seen::Unlisted { .. } => Look::Unlisted,
+                    Seen::Absent { .. } => Look::Absent,
+                    Seen::Present(e) => Look::Present(e.fingerprint.clone()),
+                },
+            );
             let why = match (&base[i], now) {
                 // Its watch has not listed yet: the baseline comes with the list.
                 (_, Look::Unlisted) => None,

@@ -38,6 +38,17 @@ use crate::cluster::{Cluster, list_in_turn};
 use crate::drift::Fingerprint;
 use sluice_model::object::ObjRef;
 
+/// The namespace of a scope that watches a namespaced resource in every namespace: one
+/// watch (one connection) however many namespaces the projects use. Its objects are keyed
+/// `namespace/name` ([`Scope::key`]).
+pub const ALL: &str = "*";
+
+/// Past this many namespaces of one resource among the projects' objects, the resource is
+/// watched in every namespace at once ([`ALL`]) instead of one watch per namespace (unless
+/// the watches are [`Live::per_namespace`]): 1,000 projects in a namespace each held
+/// 6,000 watches, each a connection of its own, and 0.9 GiB.
+pub const WIDE_AFTER: usize = 4;
+
 /// How many of an object's last resourceVersions an entry keeps: a reader that looks for
 /// the version its write returned finds it even when controllers wrote a few times since.
 const VERSIONS: usize = 4;
@@ -51,8 +62,8 @@ const GONE: usize = 256;
 /// everything again.
 const NOTICES: usize = 4096;
 
-/// One watch: a resource in a namespace (empty for cluster-scoped ones), or one object of
-/// it by name.
+/// One watch: a resource in a namespace (empty for cluster-scoped ones; [`ALL`] for a
+/// namespaced resource watched in every namespace), or one object of it by name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Scope {
     /// The resource's apiVersion.
@@ -63,6 +74,19 @@ pub struct Scope {
     pub namespace: String,
     /// The one object watched, when the scope is watched by name.
     pub name: Option<String>,
+}
+
+impl Scope {
+    /// The key of the object `namespace/name` in this scope's watch: its name, or in a
+    /// scope of every namespace, `namespace/name`.
+    #[must_use]
+    pub fn key(&self, namespace: &str, name: &str) -> String {
+        if self.namespace == ALL {
+            format!("{namespace}/{name}")
+        } else {
+            name.to_string()
+        }
+    }
 }
 
 /// What a watch keeps of one object.
@@ -145,18 +169,24 @@ pub enum Notice {
 /// A reader's objects by scope and name: which of them a [`Notice`] concerns.
 #[derive(Debug, Default)]
 pub struct Index<'a> {
-    by_scope: HashMap<&'a Scope, HashMap<&'a str, usize>>,
+    by_scope: HashMap<&'a Scope, HashMap<String, usize>>,
     len: usize,
 }
 
 impl<'a> Index<'a> {
-    /// Indexes `objects` (a scope and a name each, `None`: not watched) by position.
-    pub fn new(objects: impl ExactSizeIterator<Item = (Option<&'a Scope>, &'a str)>) -> Self {
+    /// Indexes `objects` (a scope and the object's namespace and name each, `None`: not
+    /// watched) by position.
+    pub fn new(
+        objects: impl ExactSizeIterator<Item = (Option<&'a Scope>, &'a str, &'a str)>,
+    ) -> Self {
         let len = objects.len();
-        let mut by_scope: HashMap<&'a Scope, HashMap<&'a str, usize>> = HashMap::new();
-        for (i, (scope, name)) in objects.enumerate() {
+        let mut by_scope: HashMap<&'a Scope, HashMap<String, usize>> = HashMap::new();
+        for (i, (scope, namespace, name)) in objects.enumerate() {
             if let Some(scope) = scope {
-                by_scope.entry(scope).or_default().insert(name, i);
+                by_scope
+                    .entry(scope)
+                    .or_default()
+                    .insert(scope.key(namespace, name), i);
             }
         }
         Index { by_scope, len }
@@ -172,11 +202,7 @@ impl<'a> Index<'a> {
     ) -> bool {
         match notice {
             Ok(Notice::Changed(scope, name)) => {
-                if let Some(&i) = self
-                    .by_scope
-                    .get(&*scope)
-                    .and_then(|m| m.get(name.as_str()))
-                {
+                if let Some(&i) = self.by_scope.get(&*scope).and_then(|m| m.get(&name)) {
                     dirty.push(i);
                 }
             }
@@ -213,6 +239,8 @@ struct Inner {
     notices: broadcast::Sender<Notice>,
     /// One watch lists at a time (`cluster::list_in_turn`).
     turn: Arc<Semaphore>,
+    /// Never watch a resource in every namespace (the agent may list only some).
+    per_namespace: bool,
 }
 
 /// One running watch and what it delivered.
@@ -242,6 +270,8 @@ struct Data {
     error: Option<String>,
     /// The newest resourceVersion it delivered (when they compare).
     newest: Option<Box<str>>,
+    /// A watch of every namespace: objects are keyed `namespace/name`.
+    wide: bool,
 }
 
 /// A project's objects in the watches' terms: the scope of each (`None`: a kind the
@@ -260,12 +290,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Live {
     /// No watches yet; [`Live::track`] starts them. Call within a tokio runtime.
     pub fn new() -> Live {
+        Live::with_wide(true)
+    }
+
+    /// As [`Live::new`], but never a watch of every namespace: for an agent whose RBAC
+    /// lets it list only the namespaces it syncs into.
+    pub fn per_namespace() -> Live {
+        Live::with_wide(false)
+    }
+
+    fn with_wide(wide: bool) -> Live {
         Live {
             inner: Arc::new(Inner {
                 scopes: Mutex::default(),
                 interest: Mutex::default(),
                 notices: broadcast::channel(NOTICES).0,
                 turn: Arc::new(Semaphore::new(1)),
+                per_namespace: !wide,
             }),
         }
     }
@@ -276,17 +317,28 @@ impl Live {
         let (groups, _unserved) = cluster.by_resource(objects);
         let mut scopes: Vec<Option<Arc<Scope>>> = vec![None; objects.len()];
         let mut wanted: Vec<(Arc<Scope>, ApiResource, ApiCapabilities)> = Vec::new();
+        let wide = self.wide_resources(project, &groups);
         for g in groups {
-            let name = match g.members.as_slice() {
-                [only] => Some(objects[*only].name.to_string()),
-                _ => None,
+            let resource = (g.resource.api_version.clone(), g.resource.plural.clone());
+            let scope = if !g.namespace.is_empty() && wide.contains(&resource) {
+                Scope {
+                    api_version: resource.0,
+                    plural: resource.1,
+                    namespace: ALL.into(),
+                    name: None,
+                }
+            } else {
+                Scope {
+                    api_version: resource.0,
+                    plural: resource.1,
+                    namespace: g.namespace.clone(),
+                    name: match g.members.as_slice() {
+                        [only] => Some(objects[*only].name.to_string()),
+                        _ => None,
+                    },
+                }
             };
-            let scope = Arc::new(Scope {
-                api_version: g.resource.api_version.clone(),
-                plural: g.resource.plural.clone(),
-                namespace: g.namespace.clone(),
-                name,
-            });
+            let scope = Arc::new(scope);
             for &i in &g.members {
                 scopes[i] = Some(scope.clone());
             }
@@ -314,6 +366,50 @@ impl Live {
         let used: HashSet<&Arc<Scope>> = interest.values().flatten().collect();
         all.retain(|s, _| used.contains(s));
         Tracked { scopes }
+    }
+
+    /// The namespaced resources to watch in every namespace: those whose objects, among
+    /// every other project's and these `groups`, are in more than [`WIDE_AFTER`]
+    /// namespaces, or that some project already watches that way.
+    fn wide_resources(
+        &self,
+        project: &str,
+        groups: &[crate::cluster::ResourceGroup],
+    ) -> HashSet<(String, String)> {
+        if self.inner.per_namespace {
+            return HashSet::new();
+        }
+        let mut namespaces: HashMap<(String, String), HashSet<String>> = HashMap::new();
+        let mut wide = HashSet::new();
+        let interest = lock(&self.inner.interest);
+        let others = interest
+            .iter()
+            .filter(|(p, _)| p.as_str() != project)
+            .flat_map(|(_, scopes)| scopes.iter());
+        for s in others {
+            let resource = (s.api_version.clone(), s.plural.clone());
+            if s.namespace == ALL {
+                wide.insert(resource);
+            } else if !s.namespace.is_empty() {
+                namespaces
+                    .entry(resource)
+                    .or_default()
+                    .insert(s.namespace.clone());
+            }
+        }
+        for g in groups.iter().filter(|g| !g.namespace.is_empty()) {
+            namespaces
+                .entry((g.resource.api_version.clone(), g.resource.plural.clone()))
+                .or_default()
+                .insert(g.namespace.clone());
+        }
+        wide.extend(
+            namespaces
+                .into_iter()
+                .filter(|(_, ns)| ns.len() > WIDE_AFTER)
+                .map(|(r, _)| r),
+        );
+        wide
     }
 
     /// Stops tracking a project's objects (it was removed from the configuration).
@@ -364,12 +460,16 @@ impl Live {
         resource: &ApiResource,
         caps: &ApiCapabilities,
     ) -> Watched {
-        let api = cluster.api(resource, caps, &scope.namespace);
+        let wide = scope.namespace == ALL;
+        let api = cluster.api(resource, caps, if wide { "" } else { &scope.namespace });
         let mut config = watcher::Config::default().page_size(crate::cluster::WATCH_PAGE);
         if let Some(name) = &scope.name {
             config = config.fields(&format!("metadata.name={name}"));
         }
-        let data = Arc::new(Mutex::new(Data::default()));
+        let data = Arc::new(Mutex::new(Data {
+            wide,
+            ..Data::default()
+        }));
         let events = list_in_turn(
             watcher(api, config).default_backoff(),
             self.inner.turn.clone(),
@@ -437,8 +537,12 @@ impl Entry {
         o: DynamicObject,
         resource: &ApiResource,
         listed: Option<Instant>,
+        wide: bool,
     ) -> Option<(String, Entry)> {
-        let name = o.metadata.name.clone()?;
+        let name = match (wide, &o.metadata.namespace) {
+            (true, Some(ns)) => format!("{ns}/{}", o.metadata.name.as_deref()?),
+            _ => o.metadata.name.clone()?,
+        };
         let version: Box<str> = o
             .metadata
             .resource_version
@@ -513,7 +617,7 @@ impl Data {
             }
             watcher::Event::InitApply(o) => {
                 if let Some((began, listing)) = &mut self.listing
-                    && let Some((name, entry)) = Entry::of(o, resource, Some(*began))
+                    && let Some((name, entry)) = Entry::of(o, resource, Some(*began), self.wide)
                 {
                     listing.insert(name, entry);
                 }
@@ -532,14 +636,14 @@ impl Data {
                 Some(None)
             }
             watcher::Event::Apply(o) => {
-                let (name, entry) = Entry::of(o, resource, None)?;
+                let (name, entry) = Entry::of(o, resource, None, self.wide)?;
                 let old = self.objects.remove(&name);
                 self.gone.retain(|(n, _)| *n != name);
                 self.objects.insert(name.clone(), entry.after(old));
                 Some(Some(name))
             }
             watcher::Event::Delete(o) => {
-                let (name, entry) = Entry::of(o, resource, None)?;
+                let (name, entry) = Entry::of(o, resource, None, self.wide)?;
                 let old = self.objects.remove(&name);
                 if self.gone.len() == GONE {
                     self.gone.pop_front();
@@ -592,15 +696,25 @@ mod tests {
             namespace: ns.into(),
             name: None,
         };
-        let (a, b) = (Arc::new(scope("a")), Arc::new(scope("b")));
+        let (a, b, all) = (
+            Arc::new(scope("a")),
+            Arc::new(scope("b")),
+            Arc::new(scope(ALL)),
+        );
         let objects = [
-            (Some(&*a), "x"),
-            (None, "x"),
-            (Some(&*a), "y"),
-            (Some(&*b), "x"),
+            (Some(&*a), "a", "x"),
+            (None, "a", "x"),
+            (Some(&*a), "a", "y"),
+            (Some(&*b), "b", "x"),
+            (Some(&*all), "c", "x"),
         ];
         let index = Index::new(objects.into_iter());
+        // In a watch of every namespace, objects are known by namespace and name.
         let mut dirty = Vec::new();
+        assert!(index.touched(Ok(Notice::Changed(all.clone(), "c/x".into())), &mut dirty));
+        assert!(index.touched(Ok(Notice::Changed(all.clone(), "x".into())), &mut dirty));
+        assert_eq!(dirty, [4]);
+        dirty.clear();
         assert!(index.touched(Ok(Notice::Changed(a.clone(), "y".into())), &mut dirty));
         assert!(index.touched(Ok(Notice::Changed(b.clone(), "y".into())), &mut dirty));
         assert_eq!(dirty, [2]);
@@ -611,7 +725,7 @@ mod tests {
         dirty.clear();
         let lagged = Err(broadcast::error::RecvError::Lagged(3));
         assert!(index.touched(lagged, &mut dirty));
-        assert_eq!(dirty, [0, 1, 2, 3]);
+        assert_eq!(dirty, [0, 1, 2, 3, 4]);
         assert!(!index.touched(Err(broadcast::error::RecvError::Closed), &mut dirty));
     }
 

@@ -597,7 +597,7 @@ pub async fn wait_live(
             .scopes
             .iter()
             .zip(objects)
-            .map(|(s, o)| (s.as_deref(), o.name.as_str())),
+            .map(|(s, o)| (s.as_deref(), o.namespace.as_str(), o.name.as_str())),
     );
     // Whether the watches caught up with the object's write (those not written: at once).
     let mut caught: Vec<bool> = objects.iter().map(|o| !written.contains_key(o)).collect();
@@ -614,34 +614,39 @@ pub async fn wait_live(
             (h.status, h.message) = match &tracked.scopes[i] {
                 // A kind the cluster does not serve: nothing of it exists.
                 None => (Status::NotFound, Some("not found".into())),
-                Some(scope) => live.with(scope, &objects[i].name, |seen| {
-                    if !caught[i]
-                        && let Some(version) = written.get(&objects[i])
-                    {
-                        caught[i] = live::caught_up(&seen, version, wrote);
-                    }
-                    match seen {
-                        live::Seen::Unlisted { error } => (
-                            Status::InProgress,
-                            Some(match error {
-                                Some(e) => format!("failed to watch: {e}"),
-                                None => "waiting for the watch's first list".into(),
-                            }),
-                        ),
-                        _ if !caught[i] => (
-                            Status::InProgress,
-                            Some("waiting for the watch to deliver the applied object".into()),
-                        ),
-                        // It existed when the wait began (applied or found unchanged).
-                        live::Seen::Absent { .. } => {
-                            (Status::Failed, Some(DELETED_DURING_WAIT.to_string()))
+                Some(scope) => live.with(
+                    scope,
+                    &scope.key(&objects[i].namespace, &objects[i].name),
+                    |seen| {
+                        if !caught[i]
+                            && let Some(version) = written.get(&objects[i])
+                        {
+                            caught[i] = live::caught_up(&seen, version, wrote);
                         }
-                        live::Seen::Present(entry) => match serde_json::from_str(&entry.judged) {
-                            Ok(v) => status(&v),
-                            Err(e) => (Status::Unknown, Some(format!("unreadable state: {e}"))),
-                        },
-                    }
-                }),
+                        match seen {
+                            live::Seen::Unlisted { error } => (
+                                Status::InProgress,
+                                Some(match error {
+                                    Some(e) => format!("failed to watch: {e}"),
+                                    None => "waiting for the watch's first list".into(),
+                                }),
+                            ),
+                            _ if !caught[i] => (
+                                Status::InProgress,
+                                Some("waiting for the watch to deliver the applied object".into()),
+                            ),
+                            // It existed when the wait began (applied or found unchanged).
+                            live::Seen::Absent { .. } => {
+                                (Status::Failed, Some(DELETED_DURING_WAIT.to_string()))
+                            }
+                            live::Seen::Present(entry) => match serde_json::from_str(&entry.judged)
+                            {
+                                Ok(v) => status(&v),
+                                Err(e) => (Status::Unknown, Some(format!("unreadable state: {e}"))),
+                            },
+                        }
+                    },
+                ),
             };
             if done(h.status) {
                 remaining -= 1;
