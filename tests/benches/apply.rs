@@ -349,6 +349,7 @@ async fn sluice_ops(ns: &str) -> [Op; 4] {
         render_cache: None,
         // As the agent: files decoded by the previous sync are not decoded again.
         decoded: Some(Default::default()),
+        slots: None,
         protected: Default::default(),
         // As the agent: the health wait reads watches kept across syncs.
         live: Some(sluice_engine::live::Live::new()),

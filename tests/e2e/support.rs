@@ -71,6 +71,7 @@ pub fn settings(inventory_id: &str) -> Settings {
         known: Default::default(),
         render_cache: None,
         decoded: None,
+        slots: None,
         protected: Default::default(),
         // As the agent: the health wait reads watches kept across the settings' syncs.
         live: Some(sluice_engine::live::Live::new()),
@@ -240,6 +241,7 @@ pub fn options(agent: &str, cache: &std::path::Path) -> sluice_agent::agent::Opt
         triggers: Default::default(),
         ownership: None,
         per_namespace_watches: false,
+        sync_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(8)),
     }
 }
 

@@ -1052,3 +1052,49 @@ async fn a_poll_lists_only_the_configured_ref_whatever_the_tags() {
         );
     }
 }
+
+/// Past 4 namespaces of one resource, the projects' objects of it are watched in every
+/// namespace at once: one watch (one connection) instead of one per namespace, and the
+/// health waits and syncs read it as they read the per-namespace ones.
+#[tokio::test]
+async fn a_resource_in_many_namespaces_is_watched_once() {
+    let client = cluster::client().await;
+    let mut c = crate::support::cluster().await;
+    let live = sluice_engine::live::Live::new();
+    let mut projects = Vec::new();
+    for k in 0..6 {
+        let ns = cluster::namespace(&client, &format!("wide{k}")).await;
+        let repo = git::shared().create_repo(&format!("group/{ns}"));
+        repo.commit(
+            "main",
+            &[file("cm.yaml", configmap("one", &k.to_string()))],
+            "one",
+        );
+        let (src, cache) = source(&repo, None);
+        let settings = sluice_agent::sync::Settings {
+            live: Some(live.clone()),
+            takeover: sluice_agent::sync::Takeover::Off,
+            ..settings(&format!("wide-{ns}"))
+        };
+        let project = project_with_id(&format!("wide/{ns}"), &ns, "    reconcile_timeout: 60s\n");
+        projects.push((project, src, cache, settings));
+    }
+    for (round, want) in [(0, 5), (1, 1)] {
+        for (project, src, _, settings) in &projects {
+            let report = sync_once(&mut c, src, project, settings)
+                .await
+                .unwrap_or_else(|e| panic!("round {round}, {}: {e}", project.id));
+            assert!(
+                report
+                    .health
+                    .iter()
+                    .all(|h| h.status == sluice_engine::wait::Status::Current),
+                "{:?}",
+                report.health
+            );
+        }
+        // First round: four watches by name, then the fifth namespace makes the resource
+        // wide; once every project synced again, the one wide watch is all there is.
+        assert_eq!(live.watches(), want, "round {round}");
+    }
+}

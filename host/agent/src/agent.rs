@@ -99,6 +99,10 @@ pub struct Options {
     /// ([`sluice_engine::live::WIDE_AFTER`]): for an agent allowed to list only the
     /// namespaces it syncs into.
     pub per_namespace_watches: bool,
+    /// Syncs that may work at once across all projects (Flux's `--concurrent`): a sync
+    /// holds a slot from its render to its prune, not while it waits for health, so a
+    /// slow rollout does not hold up other projects; at rest every slot is free.
+    pub sync_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// A loaded configuration: the file, the module bytes of its plugins, and the plugins.
@@ -492,6 +496,7 @@ fn prepare(
         protected: opts.protected.clone(),
         live,
         renderers: opts.renderers.clone(),
+        slots: Some(opts.sync_slots.clone()),
     };
     (source, settings)
 }

@@ -260,6 +260,9 @@ pub struct Settings {
     /// instead of listing the objects again each sync. `None`: each wait watches for
     /// itself.
     pub live: Option<Live>,
+    /// Slots shared by every project's syncs: a sync holds one from its render to its
+    /// prune (not during the health wait). None: no limit.
+    pub slots: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// Which agentk inventory a project without an inventory of its own may adopt.
@@ -326,6 +329,11 @@ pub async fn sync(
     commit: &str,
     settings: &Settings,
 ) -> Result<Report, Error> {
+    // 1,000 projects starting at once held 1,000 syncs' connections and buffers.
+    let slot = match &settings.slots {
+        Some(s) => s.clone().acquire_owned().await.ok(),
+        None => None,
+    };
     let mut laps = Laps::new(&project.id);
     let cx = render::Context {
         renderers: settings.renderers.clone(),
@@ -375,6 +383,7 @@ pub async fn sync(
     let (desired, deleted) =
         prune_stage(cluster, &applied, &mut target, project, &mut report).await?;
     laps.lap("prune");
+    drop(slot);
     let (health, gone) = wait_stage(
         &applied,
         project,

@@ -304,6 +304,10 @@ struct RunArgs {
     /// keeps its own leader election when it runs beside sluice).
     #[arg(long)]
     lease_name: Option<String>,
+    /// Syncs that run at once across all projects (Flux's `--concurrent`); the others wait
+    /// for a slot. Pushes and polls never wait for one.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
+    max_concurrent_syncs: u16,
     /// Watch the synced objects one namespace at a time, never a resource in every
     /// namespace at once (which it does past 4 namespaces of one resource): for an agent
     /// whose RBAC lists only the namespaces it syncs into (`generate --rbac namespaced`).
@@ -838,6 +842,9 @@ async fn setup(args: &RunArgs) -> Result<Setup, ExitCode> {
         triggers: Default::default(),
         ownership: None,
         per_namespace_watches: args.per_namespace_watches,
+        sync_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(usize::from(
+            args.max_concurrent_syncs,
+        ))),
         limits: sluice_agent::select::Limits {
             max_files: args.max_files,
             max_file_bytes: args.max_file_bytes,
