@@ -45,8 +45,9 @@ pub const ALL: &str = "*";
 
 /// Past this many namespaces of one resource among the projects' objects, the resource is
 /// watched in every namespace at once ([`ALL`]) instead of one watch per namespace (unless
-/// the watches are [`Live::per_namespace`]): 1,000 projects in a namespace each held
-/// 6,000 watches, each a connection of its own, and 0.9 GiB.
+/// the watches are [`Live::per_namespace`]); past this many objects of a cluster-scoped
+/// resource watched by name, the whole resource is watched. 1,000 projects in a namespace
+/// each held 6,000 watches, each a connection of its own, and 1.1 GiB.
 pub const WIDE_AFTER: usize = 4;
 
 /// How many of an object's last resourceVersions an entry keeps: a reader that looks for
@@ -317,14 +318,21 @@ impl Live {
         let (groups, _unserved) = cluster.by_resource(objects);
         let mut scopes: Vec<Option<Arc<Scope>>> = vec![None; objects.len()];
         let mut wanted: Vec<(Arc<Scope>, ApiResource, ApiCapabilities)> = Vec::new();
-        let wide = self.wide_resources(project, &groups);
+        let wide = self.wide_resources(project, &groups, objects);
         for g in groups {
             let resource = (g.resource.api_version.clone(), g.resource.plural.clone());
-            let scope = if !g.namespace.is_empty() && wide.contains(&resource) {
+            let scope = if wide.contains(&resource) {
+                // Namespaced: every namespace at once; cluster-scoped: the whole resource,
+                // not object by object.
+                let namespace = if g.namespace.is_empty() {
+                    String::new()
+                } else {
+                    ALL.into()
+                };
                 Scope {
                     api_version: resource.0,
                     plural: resource.1,
-                    namespace: ALL.into(),
+                    namespace,
                     name: None,
                 }
             } else {
@@ -375,11 +383,14 @@ impl Live {
         &self,
         project: &str,
         groups: &[crate::cluster::ResourceGroup],
+        objects: &[ObjRef],
     ) -> HashSet<(String, String)> {
         if self.inner.per_namespace {
             return HashSet::new();
         }
-        let mut namespaces: HashMap<(String, String), HashSet<String>> = HashMap::new();
+        // Namespaced resources: their namespaces; cluster-scoped ones: the names watched
+        // one by one (a Namespace per project).
+        let mut spread: HashMap<(String, String), HashSet<String>> = HashMap::new();
         let mut wide = HashSet::new();
         let interest = lock(&self.inner.interest);
         let others = interest
@@ -388,25 +399,32 @@ impl Live {
             .flat_map(|(_, scopes)| scopes.iter());
         for s in others {
             let resource = (s.api_version.clone(), s.plural.clone());
-            if s.namespace == ALL {
-                wide.insert(resource);
-            } else if !s.namespace.is_empty() {
-                namespaces
-                    .entry(resource)
-                    .or_default()
-                    .insert(s.namespace.clone());
+            match (s.namespace.as_str(), &s.name) {
+                (ALL, _) | ("", None) => {
+                    wide.insert(resource);
+                }
+                ("", Some(name)) => {
+                    spread.entry(resource).or_default().insert(name.clone());
+                }
+                (ns, _) => {
+                    spread.entry(resource).or_default().insert(ns.to_string());
+                }
             }
         }
-        for g in groups.iter().filter(|g| !g.namespace.is_empty()) {
-            namespaces
+        for g in groups {
+            let entry = spread
                 .entry((g.resource.api_version.clone(), g.resource.plural.clone()))
-                .or_default()
-                .insert(g.namespace.clone());
+                .or_default();
+            if g.namespace.is_empty() {
+                entry.extend(g.members.iter().map(|&i| objects[i].name.to_string()));
+            } else {
+                entry.insert(g.namespace.clone());
+            }
         }
         wide.extend(
-            namespaces
+            spread
                 .into_iter()
-                .filter(|(_, ns)| ns.len() > WIDE_AFTER)
+                .filter(|(_, n)| n.len() > WIDE_AFTER)
                 .map(|(r, _)| r),
         );
         wide
