@@ -621,26 +621,6 @@ async fn until(what: &str, limit: Duration, mut done: impl AsyncFnMut() -> bool)
     }
 }
 
-/// /proc/<pid>: (CPU seconds, VmHWM KiB, VmRSS KiB). /proc counts CPU time in USER_HZ,
-/// which Linux fixes at 100 per second.
-fn usage(pid: u32) -> (f64, u64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let after = &stat[stat.rfind(')').expect("comm") + 1..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // utime and stime are fields 14 and 15; `after` starts at field 3.
-    let ticks: u64 =
-        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    let kib = |key: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .expect("field of /proc/pid/status")
-    };
-    (ticks as f64 / 100.0, kib("VmHWM:"), kib("VmRSS:"))
-}
-
 /// Kills the agent's process group: a wrapper's children (a profiler's agent) go with it.
 #[allow(unsafe_code)] // reason: kill(2) has no safe wrapper in std; it touches no memory.
 fn kill_group(pid: u32) {
@@ -801,7 +781,7 @@ async fn agent_phase(binary: &Path) -> Agent {
         "{last} was pruned"
     );
 
-    let (cpu_seconds, peak_rss_kib, end_rss_kib) = usage(pid);
+    let (cpu_seconds, peak_rss_kib, end_rss_kib) = sluice_testenv::usage(pid);
     kill_group(pid);
     let _ = child.wait();
     Agent {

@@ -101,20 +101,10 @@ async fn until_synced(
     }
 }
 
-/// /proc/<pid>: (CPU seconds, VmHWM MiB). CPU time is in USER_HZ, fixed at 100 per second.
+/// (CPU seconds, peak RSS in MiB) of a process.
 fn usage(pid: u32) -> (f64, f64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let after = &stat[stat.rfind(')').expect("comm") + 1..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 =
-        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    let hwm: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("VmHWM");
-    (ticks as f64 / 100.0, hwm / 1024.0)
+    let (cpu, hwm_kib, _) = sluice_testenv::usage(pid);
+    (cpu, hwm_kib as f64 / 1024.0)
 }
 
 fn free_addr() -> String {

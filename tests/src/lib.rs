@@ -19,4 +19,4 @@ mod procs;
 pub mod proxy;
 pub mod wasm;
 
-pub use procs::log_tail;
+pub use procs::{log_tail, usage};

@@ -68,3 +68,27 @@ pub fn fresh_run_dir(prefix: &str) -> Result<PathBuf, String> {
         .map_err(|e| format!("failed to create {}: {e}", dir.display()))?;
     Ok(dir)
 }
+
+/// What a process used so far, from `/proc/<pid>`: CPU seconds (user and system; `/proc`
+/// counts them in USER_HZ, which Linux fixes at 100 per second), peak RSS (`VmHWM`) and
+/// RSS now (`VmRSS`), in KiB. For the benches' figures.
+///
+/// # Panics
+/// When the process is gone or `/proc` does not read as Linux writes it.
+pub fn usage(pid: u32) -> (f64, u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after = &stat[stat.rfind(')').expect("comm") + 1..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15; `after` starts at field 3.
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("field of /proc/pid/status")
+    };
+    (ticks as f64 / 100.0, kib("VmHWM:"), kib("VmRSS:"))
+}
