@@ -151,22 +151,7 @@ fn agent(
 }
 
 async fn push(hooks: &str, project: &str) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let body = format!(r#"{{"project": "{project}"}}"#);
-    let mut s = tokio::net::TcpStream::connect(hooks)
-        .await
-        .expect("connect");
-    s.write_all(
-        format!(
-            "POST /hooks/generic HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer bench-secret\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .await
-    .expect("post");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
+    let out = sluice_testenv::push_generic(hooks, "bench-secret", project).await;
     assert!(out.starts_with("HTTP/1.1 202"), "{out}");
 }
 

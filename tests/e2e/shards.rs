@@ -395,7 +395,6 @@ async fn a_replica_that_cannot_renew_stops_writing_before_another_starts() {
 
 #[tokio::test]
 async fn a_push_received_by_another_replica_reaches_the_projects_owner() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let client = cluster::client().await;
     let ns = cluster::namespace(&client, "shardhook").await;
     let n = 4;
@@ -457,21 +456,7 @@ async fn a_push_received_by_another_replica_reaches_the_projects_owner() {
         &[file("cm.yaml", configmap(&format!("cm-{i}"), "pushed"))],
         "pushed",
     );
-    let body = format!(r#"{{"project": "{project}"}}"#);
-    let mut s = tokio::net::TcpStream::connect(hooks)
-        .await
-        .expect("connect");
-    s.write_all(
-        format!(
-            "POST /hooks/generic HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {secret}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .await
-    .expect("post");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
+    let out = sluice_testenv::push_generic(hooks, secret, &project).await;
     assert!(out.starts_with("HTTP/1.1 202"), "{out}");
     assert!(out.contains(&project), "{out}");
     let pushed = Instant::now();

@@ -19,4 +19,4 @@ mod procs;
 pub mod proxy;
 pub mod wasm;
 
-pub use procs::{log_tail, usage};
+pub use procs::{log_tail, push_generic, usage};

@@ -92,3 +92,30 @@ pub fn usage(pid: u32) -> (f64, u64, u64) {
     };
     (ticks as f64 / 100.0, kib("VmHWM:"), kib("VmRSS:"))
 }
+
+/// POSTs a generic push webhook for `project` to an agent's receiver at `addr` (as
+/// `sluice run --webhook-secret-file` serves it) and returns the whole HTTP response.
+///
+/// # Panics
+/// When the receiver cannot be reached.
+pub async fn push_generic(
+    addr: impl tokio::net::ToSocketAddrs,
+    secret: &str,
+    project: &str,
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = format!(r#"{{"project": "{project}"}}"#);
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(
+        format!(
+            "POST /hooks/generic HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {secret}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("post");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}
