@@ -354,6 +354,7 @@ async fn sluice_ops(ns: &str) -> [Op; 4] {
         // As the agent: the health wait reads watches kept across syncs.
         live: Some(sluice_engine::live::Live::new()),
         renderers: None,
+        siblings: Vec::new(),
     };
     let mut c = sluice_engine::cluster::Cluster::connect(cluster::client_as("sluice-bench").await)
         .await

@@ -76,6 +76,7 @@ pub fn settings(inventory_id: &str) -> Settings {
         // As the agent: the health wait reads watches kept across the settings' syncs.
         live: Some(sluice_engine::live::Live::new()),
         renderers: Some(renderers()),
+        siblings: Vec::new(),
     }
 }
 

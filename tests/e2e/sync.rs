@@ -1098,3 +1098,128 @@ async fn a_resource_in_many_namespaces_is_watched_once() {
         assert_eq!(live.watches(), want, "round {round}");
     }
 }
+
+/// An object moved from one project to another of the same repository in one commit is
+/// handed over: it keeps its uid (so it was never deleted, never absent), whichever of the
+/// two syncs first, and ends up in the gaining project's inventory only. Two projects that
+/// both have it are still refused.
+#[tokio::test]
+async fn an_object_moved_between_projects_of_one_repository_is_handed_over_whichever_syncs_first() {
+    let Fixture {
+        client,
+        ns,
+        repo,
+        src,
+        cluster: mut c,
+        cache: _cache,
+    } = Fixture::new("move").await;
+    let tree = |a: &[&str], b: &[&str]| -> Vec<Entry> {
+        a.iter()
+            .map(|n| file(&format!("a/{n}.yaml"), configmap(n, "v")))
+            .chain(
+                b.iter()
+                    .map(|n| file(&format!("b/{n}.yaml"), configmap(n, "v"))),
+            )
+            .collect()
+    };
+    repo.commit("main", &tree(&["x", "a1"], &["b1"]), "seed");
+    let a = project_with_id("mono/a", &ns, "    paths: [{glob: 'a/*.yaml'}]\n");
+    let b = project_with_id("mono/b", &ns, "    paths: [{glob: 'b/*.yaml'}]\n");
+    let (inv_a, inv_b) = (format!("a-{ns}"), format!("b-{ns}"));
+    let sibling = |p: &sluice_agent::config::ManifestProject, inventory_id: &str| {
+        sluice_agent::moves::Sibling {
+            project: p.clone(),
+            inventory_id: inventory_id.to_string(),
+            source: src.clone(),
+        }
+    };
+    let sa = sluice_agent::sync::Settings {
+        siblings: vec![sibling(&b, &inv_b)],
+        ..settings(&inv_a)
+    };
+    let sb = sluice_agent::sync::Settings {
+        siblings: vec![sibling(&a, &inv_a)],
+        ..settings(&inv_b)
+    };
+    sync_once(&mut c, &src, &a, &sa).await.expect("a seeds");
+    sync_once(&mut c, &src, &b, &sb).await.expect("b seeds");
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let uid = cms.get("x").await.expect("x").metadata.uid;
+    let owner = |cm: ConfigMap| {
+        cm.metadata
+            .annotations
+            .unwrap_or_default()
+            .get("config.k8s.io/owning-inventory")
+            .cloned()
+    };
+    let keys = |inv: &str| {
+        let (client, ns, name) = (client.clone(), ns.clone(), format!("inventory-{inv}"));
+        async move { inventory_keys(&client, &ns, &name).await }
+    };
+    let x = format!("{ns}_x__ConfigMap");
+    let action = |r: &sluice_agent::sync::Report, name: &str| {
+        r.results
+            .iter()
+            .find(|o| o.obj.name.as_str() == name)
+            .map(|o| (o.action, o.message.clone().unwrap_or_default()))
+    };
+
+    // x moves from a to b; the losing project syncs first: it keeps x for b.
+    repo.commit("main", &tree(&["a1"], &["x", "b1"]), "move x to b");
+    let r = sync_once(&mut c, &src, &a, &sa)
+        .await
+        .expect("a, losing, first");
+    let (act, why) = action(&r, "x").expect("x in a's results");
+    assert_eq!(act, Action::Retained, "{why}");
+    assert!(why.contains("moved to project mono/b"), "{why}");
+    assert_eq!(
+        owner(cms.get("x").await.expect("x kept")),
+        Some(inv_a.clone())
+    );
+    assert!(
+        keys(&inv_a).await.contains(&x),
+        "a still records x until b has it"
+    );
+    let r = sync_once(&mut c, &src, &b, &sb)
+        .await
+        .expect("b takes x over");
+    assert_eq!(action(&r, "x").map(|a| a.0), Some(Action::Configured));
+    let live = cms.get("x").await.expect("x");
+    assert_eq!(live.metadata.uid, uid, "x was never deleted");
+    assert_eq!(owner(live), Some(inv_b.clone()));
+    let r = sync_once(&mut c, &src, &a, &sa).await.expect("a lets x go");
+    assert_eq!(action(&r, "x").map(|a| a.0), Some(Action::Skipped));
+    assert!(!keys(&inv_a).await.contains(&x));
+    assert!(keys(&inv_b).await.contains(&x));
+
+    // x moves back to a; the gaining project syncs first: it takes x over at once.
+    repo.commit("main", &tree(&["x", "a1"], &["b1"]), "move x back to a");
+    let r = sync_once(&mut c, &src, &a, &sa)
+        .await
+        .expect("a, gaining, first");
+    assert_eq!(action(&r, "x").map(|a| a.0), Some(Action::Configured));
+    assert_eq!(owner(cms.get("x").await.expect("x")), Some(inv_a.clone()));
+    let r = sync_once(&mut c, &src, &b, &sb).await.expect("b lets x go");
+    assert_eq!(action(&r, "x").map(|a| a.0), Some(Action::Skipped));
+    let live = cms.get("x").await.expect("x");
+    assert_eq!(live.metadata.uid, uid, "x was never deleted");
+    assert_eq!(owner(live), Some(inv_a.clone()));
+    assert!(keys(&inv_a).await.contains(&x));
+    assert!(!keys(&inv_b).await.contains(&x));
+
+    // Both have x: a conflict, refused whole, not a move.
+    repo.commit("main", &tree(&["x", "a1"], &["x", "b1", "b2"]), "x twice");
+    let e = sync_once(&mut c, &src, &b, &sb)
+        .await
+        .expect_err("b may not take what a still has");
+    assert!(
+        e.to_string()
+            .contains("inventory policy prevented actuation"),
+        "{e}"
+    );
+    assert!(
+        cms.get_opt("b2").await.expect("get b2").is_none(),
+        "nothing applied"
+    );
+    assert_eq!(owner(cms.get("x").await.expect("x")), Some(inv_a));
+}

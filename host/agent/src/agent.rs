@@ -19,12 +19,12 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use crate::config::{self, AgentConfig, GitRef, ManifestProject};
-use crate::decode;
 use crate::history::{self, History};
 use crate::report::{self, msg};
 use crate::source::{Credentials, Source};
 use crate::sync::{self, Settings};
 use crate::webhook::{self, Triggers};
+use crate::{decode, moves};
 use sluice_engine::apply::Action;
 use sluice_engine::cluster::Cluster;
 use sluice_engine::drift::Drift;
@@ -322,6 +322,8 @@ struct WorkerKey {
     project: ManifestProject,
     /// Each plugin it uses (its spec, config included) and the sha256 of its module.
     plugins: Vec<(plugins::Spec, String)>,
+    /// The projects reading the same repository ([`moves`]).
+    siblings: Vec<ManifestProject>,
 }
 
 /// Starts, restarts and stops workers to match the configuration and, when the work is
@@ -365,6 +367,15 @@ fn reconcile_workers(
                     )
                 })
                 .collect(),
+            siblings: {
+                let url =
+                    |p: &ManifestProject| sync::project_url(p.repository(), &opts.git_base_url);
+                cfg.manifest_projects
+                    .iter()
+                    .filter(|p| p.id != project.id && url(p) == url(project))
+                    .cloned()
+                    .collect()
+            },
         };
         match workers.get(&project.id) {
             Some(w) if w.key == key => continue,
@@ -378,7 +389,7 @@ fn reconcile_workers(
         if let Err(e) = &selected {
             error!(worker_id = %project.id, error = %e, "plugin unavailable; this project's syncs fail until it loads");
         }
-        let inventory = inventory_for(cfg, &ids, project);
+        let inventory = inventory_for(cfg, &ids, project, &opts.git_base_url);
         if let Err(e) = &inventory {
             error!(worker_id = %project.id, error = %e, "this project does not sync until it has an inventory of its own");
         }
@@ -446,39 +457,69 @@ fn selected_plugins(
         .collect()
 }
 
-/// `project`'s inventory id and the default inventories of the other projects.
+/// A project's inventory id, the default inventories of the agent's other projects, and
+/// those of them that read the same repository (with their inventory ids).
+#[derive(Debug, Clone)]
+struct Inventories {
+    id: String,
+    others: Vec<InventoryRef>,
+    siblings: Vec<(ManifestProject, String)>,
+}
+
+/// `project`'s [`Inventories`] (repositories compared as URLs, `git_base_url` applied).
 fn inventory_for(
     cfg: &AgentConfig,
     ids: &BTreeMap<String, Result<String, String>>,
     project: &ManifestProject,
-) -> Result<(String, Vec<InventoryRef>), String> {
+    git_base_url: &str,
+) -> Result<Inventories, String> {
     let id = ids
         .get(&project.id)
         .cloned()
         .unwrap_or_else(|| Err(format!("no inventory id for project {}", project.id)))?;
-    let others = cfg
-        .manifest_projects
-        .iter()
-        .filter(|p| p.id != project.id)
-        .filter_map(|p| {
-            let id = ids.get(&p.id)?.as_ref().ok()?;
-            Some(InventoryRef::default_for(id, &p.default_namespace))
-        })
-        .collect();
-    Ok((id, others))
+    let url = sync::project_url(project.repository(), git_base_url);
+    let mut others = Vec::new();
+    let mut siblings = Vec::new();
+    for p in cfg.manifest_projects.iter().filter(|p| p.id != project.id) {
+        let Some(Ok(id)) = ids.get(&p.id) else {
+            continue;
+        };
+        others.push(InventoryRef::default_for(id, &p.default_namespace));
+        if sync::project_url(p.repository(), git_base_url) == url {
+            siblings.push((p.clone(), id.clone()));
+        }
+    }
+    Ok(Inventories {
+        id,
+        others,
+        siblings,
+    })
 }
 
 /// The source and settings a project syncs with.
 fn prepare(
     project: &ManifestProject,
     plugins: Result<Vec<Arc<Plugin>>, plugins::Error>,
-    (inventory_id, others): (String, Vec<InventoryRef>),
+    inventories: Inventories,
     live: Option<Live>,
     opts: &Options,
 ) -> (Source, Settings) {
     let url = sync::project_url(project.repository(), &opts.git_base_url);
     // Credentials written into the project's URL win over the host's token.
     let source = source_for(&url, opts, project.credentials.clone());
+    let Inventories {
+        id: inventory_id,
+        others,
+        siblings,
+    } = inventories;
+    let siblings = siblings
+        .into_iter()
+        .map(|(p, inventory_id)| moves::Sibling {
+            source: source_for(&url, opts, p.credentials.clone()),
+            project: p,
+            inventory_id,
+        })
+        .collect();
     let settings = Settings {
         inventory_id,
         field_manager: opts.field_manager.clone(),
@@ -497,6 +538,7 @@ fn prepare(
         live,
         renderers: opts.renderers.clone(),
         slots: Some(opts.sync_slots.clone()),
+        siblings,
     };
     (source, settings)
 }
@@ -538,7 +580,7 @@ pub async fn run_once(
         let (loaded, ids, opts) = (&loaded, &ids, &opts);
         async move {
             let result = async {
-                let inventory = inventory_for(&loaded.config, ids, project)?;
+                let inventory = inventory_for(&loaded.config, ids, project, &opts.git_base_url)?;
                 let (source, settings) = prepare(
                     project,
                     selected_plugins(loaded, project),
@@ -913,9 +955,6 @@ impl DriftBudget {
     }
 }
 
-/// How long one ref listing may take before the poll counts as failed.
-const GIT_TIMEOUT: Duration = Duration::from_secs(120);
-
 /// agentk's backoffs: 10 s doubling to 1 min for sync failures.
 const BACKOFF_START: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
@@ -925,7 +964,7 @@ async fn worker(
     live: Live,
     project: ManifestProject,
     plugins: Result<Vec<Arc<Plugin>>, plugins::Error>,
-    inventory: Result<(String, Vec<InventoryRef>), String>,
+    inventory: Result<Inventories, String>,
     opts: Options,
     wake: Arc<webhook::Wake>,
 ) {
@@ -1205,14 +1244,10 @@ fn instance() -> Option<String> {
 }
 
 async fn resolve(source: Source, git_ref: GitRef) -> Result<String, String> {
-    tokio::time::timeout(
-        GIT_TIMEOUT,
-        tokio::task::spawn_blocking(move || source.resolve(&git_ref)),
-    )
-    .await
-    .map_err(|_| "timed out listing refs".to_string())?
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())
+    source
+        .resolve_within(&git_ref, sync::GIT_TIMEOUT)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Resolves when the ref moves away from `current` (never for a commit ref); looks every
@@ -1242,6 +1277,41 @@ async fn newer_commit(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn projects_reading_one_repository_are_siblings() {
+        // The configuration project's manifests, a chart from it, the same repository
+        // spelled as a URL, and another repository.
+        let cfg = config::parse(
+            "gitops:\n  manifest_projects:\n  - id: group/agent\n  - id: https://git.example/group/agent.git\n  - id: group/other\n  charts:\n  - release_name: web\n    source: {project: {path: charts/web}}\n",
+            "group/agent",
+        )
+        .expect("config");
+        let ids = cfg
+            .manifest_projects
+            .iter()
+            .map(|p| (p.id.clone(), Ok(format!("inv-{}", p.id.len()))))
+            .collect();
+        let siblings = |id: &str| -> Vec<String> {
+            let p = cfg
+                .manifest_projects
+                .iter()
+                .find(|p| p.id == id)
+                .expect("project");
+            let inv = inventory_for(&cfg, &ids, p, "https://git.example").expect("inventories");
+            assert_eq!(inv.others.len(), 3);
+            inv.siblings.into_iter().map(|(p, _)| p.id).collect()
+        };
+        assert_eq!(
+            siblings("group/agent"),
+            ["https://git.example/group/agent.git", "chart:default/web"]
+        );
+        assert_eq!(
+            siblings("chart:default/web"),
+            ["group/agent", "https://git.example/group/agent.git"]
+        );
+        assert!(siblings("group/other").is_empty());
+    }
 
     #[test]
     fn a_commit_is_due_when_new_after_its_backoff_after_drift_or_at_reapply() {

@@ -9,6 +9,8 @@
 //! changes, a webhook arrives, an object drifts or the re-apply timer fires, for the
 //! projects of the [`shards`] this replica owns, and records each outcome with [`history`]
 //! (Events, last sync).
+//! [`moves`] lets an object leave one project for another of the same repository without
+//! a delete.
 //! [`webhook`] (push receivers) and [`observability`] (metrics, probes) serve the agent's
 //! HTTP endpoints, each on a port of its own ([`http`]).
 //!
@@ -21,6 +23,7 @@ pub mod decode;
 pub mod history;
 pub mod http;
 pub mod limits;
+pub mod moves;
 pub mod observability;
 pub mod render;
 pub mod report;

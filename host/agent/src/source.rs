@@ -241,6 +241,32 @@ impl Source {
         })
     }
 
+    /// [`Self::resolve`] on the blocking pool within `deadline`.
+    ///
+    /// # Errors
+    /// As [`Self::resolve`], and [`Error::ListRefs`] when the deadline passes.
+    pub async fn resolve_within(
+        &self,
+        git_ref: &GitRef,
+        deadline: std::time::Duration,
+    ) -> Result<String> {
+        let (source, git_ref) = (self.clone(), git_ref.clone());
+        let list_err = |message: String| Error::ListRefs {
+            url: self.url.clone(),
+            message,
+        };
+        match tokio::time::timeout(
+            deadline,
+            tokio::task::spawn_blocking(move || source.resolve(&git_ref)),
+        )
+        .await
+        {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => Err(list_err(format!("the task failed: {e}"))),
+            Err(_) => Err(list_err(format!("no answer within {deadline:?}"))),
+        }
+    }
+
     /// The files of `commit`, fetching from the remote if the cache does not have it.
     ///
     /// # Errors

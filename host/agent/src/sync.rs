@@ -23,7 +23,7 @@ use sluice_wasm::{self as plugin_stage, OutcomeCache, Plugin};
 
 use crate::config::{DryRunStrategy, ManifestProject};
 use crate::source::Source;
-use crate::{decode, render, select};
+use crate::{decode, moves, render, select};
 
 /// Why a sync failed. Every variant leaves the cluster as the last good sync left it,
 /// except [`Error::Apply`] and [`Error::Unhealthy`], which report what was done.
@@ -263,6 +263,9 @@ pub struct Settings {
     /// Slots shared by every project's syncs: a sync holds one from its render to its
     /// prune (not during the health wait). None: no limit.
     pub slots: Option<Arc<tokio::sync::Semaphore>>,
+    /// The agent's other projects that read the same repository ([`moves`]): an object
+    /// moving to one of them in a commit is handed over, never deleted and re-created.
+    pub siblings: Vec<moves::Sibling>,
 }
 
 /// Which agentk inventory a project without an inventory of its own may adopt.
@@ -283,6 +286,9 @@ pub enum Takeover {
 /// How long fetching one commit may take before it is interrupted and the sync fails (and
 /// is retried with backoff).
 pub const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// How long one ref listing may take before the poll counts as failed.
+pub const GIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Fetches, selects, renders and decodes `commit`: the offline part of the path. Returns
 /// the objects and the full commit id (`commit` may be a short id).
@@ -363,11 +369,19 @@ pub async fn sync(
     let plan = plan::plan(std::mem::take(&mut out.objects), &target.stored)?;
     let prune_held = prune::holds(cluster, &plan, &target.stored, &out.rendered, &out.skipped);
     laps.lap("plan");
-    let mut applied = apply(cluster, plan, &mut target, project, settings).await?;
+    let here = moves::Here {
+        project,
+        source,
+        commit: &commit,
+        siblings: &settings.siblings,
+        cx: &cx,
+        limits: settings.limits,
+    };
+    let mut applied = apply(cluster, plan, &mut target, project, settings, here).await?;
     applied.results.extend(unserved.iter().cloned());
     laps.lap("apply");
     let mut report = Report {
-        commit,
+        commit: commit.clone(),
         results: std::mem::take(&mut applied.results),
         health: Vec::new(),
         findings: out.findings,
@@ -381,7 +395,7 @@ pub async fn sync(
         return Ok(report);
     }
     let (desired, deleted) =
-        prune_stage(cluster, &applied, &mut target, project, &mut report).await?;
+        prune_stage(cluster, &applied, &mut target, project, &mut report, here).await?;
     laps.lap("prune");
     drop(slot);
     let (health, gone) = wait_stage(
@@ -399,7 +413,7 @@ pub async fn sync(
 
 /// The age identities in the keys ending `.agekey` of the project's decryption Secret
 /// (Flux's convention), read with the project's identity.
-async fn decryption_keys(
+pub(crate) async fn decryption_keys(
     cluster: &Cluster,
     d: &crate::config::Decryption,
 ) -> Result<crate::sops::Keys, Error> {
@@ -582,9 +596,10 @@ async fn apply(
     target: &mut Target,
     project: &ManifestProject,
     settings: &Settings,
+    here: moves::Here<'_>,
 ) -> Result<Applied, Error> {
     let inv = &target.inv;
-    let opts = apply::Options {
+    let mut opts = apply::Options {
         field_manager: settings.field_manager.clone(),
         cleanup_managers: settings.cleanup_managers.clone(),
         concurrency: settings.concurrency,
@@ -606,9 +621,24 @@ async fn apply(
             })?,
         None => cluster.clone(),
     };
-    let mut checked = apply::check(&actor, stages, &opts)
-        .await
-        .map_err(|e| name_the_template(e, inv, target.template.as_ref()))?;
+    // An object another project of the same repository let go in this commit is taken
+    // over (`moves`); found on refusal only, so a sync without a move pays nothing.
+    let again = (!settings.siblings.is_empty()).then(|| stages.clone());
+    let checked = match (apply::check(&actor, stages, &opts).await, again) {
+        (Err(apply::Error::Rejected { failures, total }), Some(stages)) => {
+            opts.handoffs = moves::taken_over(cluster, here, &failures).await;
+            if opts.handoffs.is_empty() {
+                Err(apply::Error::Rejected { failures, total })
+            } else {
+                for (obj, from) in &opts.handoffs {
+                    tracing::info!(project_id = %project.id, object = %obj, inventory = %from, "taking over an object another project of the repository let go");
+                }
+                apply::check(&actor, stages, &opts).await
+            }
+        }
+        (checked, _) => checked,
+    };
+    let mut checked = checked.map_err(|e| name_the_template(e, inv, target.template.as_ref()))?;
     let digests = checked.digests().clone();
     let mut results = Vec::new();
     if project.dry_run_strategy == DryRunStrategy::None {
@@ -657,6 +687,7 @@ async fn prune_stage(
     target: &mut Target,
     project: &ManifestProject,
     report: &mut Report,
+    here: moves::Here<'_>,
 ) -> Result<(BTreeSet<ObjRef>, Vec<ObjRef>), Error> {
     // Already recorded before the writes (stored ∪ upcoming ⊇ stored ∪ applied).
     let desired = applied_refs(&report.results);
@@ -666,6 +697,7 @@ async fn prune_stage(
     let mut deleted = Vec::new();
     if project.prune && report.prune_held.is_empty() {
         let adopt_ids = target.adopt_ids();
+        let moving = moves::moving_out(cluster, here, &applied.prune).await;
         let rules = prune::Rules {
             inv: &target.inv,
             policy: project.inventory_policy,
@@ -673,6 +705,7 @@ async fn prune_stage(
             adopt_ids: &adopt_ids,
             recorded: &target.stored,
             desired: &applied.desired,
+            moving: &moving,
         };
         let pruned =
             prune::prune(&applied.actor, &applied.prune, &rules, applied.concurrency).await;

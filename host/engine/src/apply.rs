@@ -142,6 +142,10 @@ pub struct Options {
     /// Inventory ids being taken over (agentk's): live objects they own count as this
     /// inventory's.
     pub adopt_ids: Vec<String>,
+    /// Objects this inventory takes over from another one of the same agent (a move
+    /// between projects in one push): when the live object's owning inventory is the id
+    /// given here, it counts as this inventory's. Empty by default.
+    pub handoffs: BTreeMap<ObjRef, String>,
     /// Field managers whose entries are removed from `managedFields` after an apply, so
     /// this manager alone owns what git says (default: none; the agent passes `agentk`).
     pub cleanup_managers: Vec<String>,
@@ -185,6 +189,7 @@ impl Options {
             concurrency: 8,
             inventory_id: inventory_id.into(),
             adopt_ids: Vec::new(),
+            handoffs: BTreeMap::new(),
             cleanup_managers: Vec::new(),
             inventory_policy: InventoryPolicy::MustMatch,
             dry_run: DryRunStrategy::None,
@@ -493,12 +498,15 @@ pub async fn apply(
     Ok(results)
 }
 
-/// How a live object relates to this inventory, counting an adopted id as this one.
-fn ownership(live: &Value, opts: &Options) -> Ownership {
+/// How a live object relates to this inventory, counting an adopted id, and the inventory
+/// an object is handed off from, as this one.
+fn ownership(live: &Value, r: &ObjRef, opts: &Options) -> Ownership {
     match Ownership::of(live, &opts.inventory_id) {
         Ownership::NoMatch
-            if sluice_model::object::annotation(live, OWNING_INVENTORY)
-                .is_some_and(|a| opts.adopt_ids.iter().any(|id| id == a)) =>
+            if sluice_model::object::annotation(live, OWNING_INVENTORY).is_some_and(|a| {
+                opts.adopt_ids.iter().any(|id| id == a)
+                    || opts.handoffs.get(r).is_some_and(|h| h == a)
+            }) =>
         {
             Ownership::Match
         }
@@ -665,7 +673,8 @@ async fn preflight(
             .map(|l| serde_json::to_value(l).unwrap_or_default()),
     };
     if let Some(live) = &live {
-        inventory::may_apply(opts.inventory_policy, ownership(live, opts)).map_err(fail)?;
+        inventory::may_apply(opts.inventory_policy, ownership(live, &o.obj_ref(), opts))
+            .map_err(fail)?;
     }
     if opts.dry_run == DryRunStrategy::Client {
         // Client mode sends reads only: no dry-run PATCH (no patch RBAC, no webhooks).

@@ -7,7 +7,7 @@
 //! inventory owns is skipped, one marked `on-remove: keep` is released instead of deleted,
 //! and a Namespace is deleted only when it holds nothing but what this inventory recorded.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use sluice_model::object::{ObjRef, annotation};
 use sluice_model::policy::{InventoryPolicy, PropagationPolicy};
@@ -33,6 +33,11 @@ pub struct Rules<'a> {
     pub recorded: &'a BTreeSet<ObjRef>,
     /// Everything this sync applies.
     pub desired: &'a BTreeSet<ObjRef>,
+    /// Objects that left this project for another one of the agent (the other project's
+    /// files have them): not deleted while this inventory still owns them, but retained
+    /// until the other project applies them (and its annotation makes them its own), with
+    /// the other project's name.
+    pub moving: &'a BTreeMap<ObjRef, String>,
 }
 
 /// What a prune did: one result per object of the prune set, and which of them are gone
@@ -219,6 +224,14 @@ async fn prune_one(cluster: &Cluster, r: &ObjRef, rules: &Rules<'_>) -> ObjectRe
     if !inventory::may_prune(rules.policy, ownership(&live, rules)) {
         return result(Action::Skipped, Some("not owned by this inventory".into()));
     }
+    if let Some(to) = rules.moving.get(r) {
+        return result(
+            Action::Retained,
+            Some(format!(
+                "not pruned: it moved to project {to}, which applies it next; kept until then"
+            )),
+        );
+    }
     if r.group.is_empty()
         && r.kind == "Namespace"
         && let Some(why) = namespace_in_use(cluster, &r.name, rules).await
@@ -353,8 +366,11 @@ mod tests {
             adopt_ids,
             recorded: desired,
             desired,
+            moving: &NOTHING_MOVES,
         }
     }
+
+    static NOTHING_MOVES: BTreeMap<ObjRef, String> = BTreeMap::new();
 
     #[test]
     fn objects_of_an_adopted_inventory_are_this_inventorys() {
