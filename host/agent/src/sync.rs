@@ -251,7 +251,7 @@ pub struct Settings {
     /// The files earlier syncs of this project decoded ([`decode::Memo`]), so a commit
     /// that changes few files decodes few. `None`: every file is decoded every sync.
     pub decoded: Option<decode::Memo>,
-    /// Kustomize and Helm ([`render`]); `None`: none installed, and a project that needs
+    /// Kustomize and Helm ([`render`](mod@crate::render)); `None`: none installed, and a project that needs
     /// one fails.
     pub renderers: Option<Arc<sluice_wasm::renderer::Renderers>>,
     /// The agent's own objects, which no project may create or change.
