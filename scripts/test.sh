@@ -83,6 +83,10 @@ tests/cluster/build-cli.sh kustomize >/dev/null
 tests/cluster/build-cli.sh helm >/dev/null
 tests/cluster/build-cli.sh sops >/dev/null
 
+step "registry and fluxpush: the OCI registry (CNCF distribution) and flux push artifact's push path (built once per version)"
+tests/cluster/build-cli.sh registry >/dev/null
+tests/cluster/build-cli.sh fluxpush >/dev/null
+
 step "cargo fmt --check"
 cargo fmt --all --check
 

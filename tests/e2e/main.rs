@@ -10,6 +10,7 @@ mod harness_cluster;
 mod harness_git;
 mod install;
 mod languages;
+mod oci;
 mod operate;
 mod plugins;
 mod render;

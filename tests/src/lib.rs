@@ -1,6 +1,7 @@
 //! Test support for sluice's end-to-end tests: a real Kubernetes control plane
 //! ([`cluster`]) and a real git server over smart HTTP ([`git`]), both started once per
-//! test process and torn down with it.
+//! test process and torn down with it; a real OCI registry ([`registry`]) per test that
+//! needs one.
 //!
 //! ```no_run
 //! # async fn example() {
@@ -17,6 +18,7 @@ pub mod git;
 pub mod pki;
 mod procs;
 pub mod proxy;
+pub mod registry;
 pub mod wasm;
 
 pub use procs::{log_tail, push_generic, usage};

@@ -213,8 +213,12 @@ pub enum GitRef {
     Branch(String),
     /// `refs/tags/<name>`.
     Tag(String),
-    /// A commit id: synced once, never polled.
+    /// A commit id, or an OCI artifact's digest (`ref: {digest: sha256:…}`): synced once,
+    /// never polled.
     Commit(String),
+    /// The highest tag a semver range accepts (`ref: {semver: ">=1.0.0 <2.0.0"}`; OCI
+    /// sources only).
+    Semver(String),
 }
 
 impl fmt::Display for GitRef {
@@ -224,6 +228,7 @@ impl fmt::Display for GitRef {
             GitRef::Branch(b) => write!(f, "refs/heads/{b}"),
             GitRef::Tag(t) => write!(f, "refs/tags/{t}"),
             GitRef::Commit(c) => f.write_str(c),
+            GitRef::Semver(r) => write!(f, "semver {r}"),
         }
     }
 }
@@ -683,10 +688,38 @@ impl ManifestProjectSection {
             }),
             None => None,
         };
+        let git_ref = self.r#ref.map(|r| r.0).unwrap_or(GitRef::DefaultBranch);
+        match (&git_ref, id.starts_with("oci://")) {
+            (GitRef::Branch(_), true) => {
+                return Err(at(
+                    "ref",
+                    "an OCI repository has tags and digests, not branches".into(),
+                ));
+            }
+            (GitRef::Semver(_), false) => {
+                return Err(at(
+                    "ref",
+                    "semver ranges are for OCI repositories (oci://…)".into(),
+                ));
+            }
+            (GitRef::Commit(c), true) if !crate::oci::is_digest(c) => {
+                return Err(at(
+                    "ref",
+                    "an OCI artifact is pinned by digest, not commit".into(),
+                ));
+            }
+            _ => {}
+        }
+        if id.starts_with("oci://") && crate::oci::parse_url(&id).is_none() {
+            return Err(at(
+                "id",
+                "not an OCI repository (oci://host/repository, the tag in ref:)".into(),
+            ));
+        }
         Ok(ManifestProject {
             id,
             credentials,
-            git_ref: self.r#ref.map(|r| r.0).unwrap_or(GitRef::DefaultBranch),
+            git_ref,
             default_namespace,
             paths,
             reconcile_timeout: self
@@ -818,7 +851,8 @@ struct LoggingSection {
     grpc_level: Option<LogLevel>,
 }
 
-/// `ref:` with exactly one of `branch`, `tag`, `commit`.
+/// `ref:` with exactly one of `branch`, `tag`, `commit` (git), or `tag`, `digest`,
+/// `semver` (OCI).
 #[derive(Debug)]
 struct RefSection(GitRef);
 
@@ -830,23 +864,38 @@ impl<'de> Deserialize<'de> for RefSection {
             branch: Option<String>,
             tag: Option<String>,
             commit: Option<String>,
+            digest: Option<String>,
+            semver: Option<String>,
         }
         let raw = Raw::deserialize(d)?;
+        if let Some(d) = &raw.digest
+            && !crate::oci::is_digest(d)
+        {
+            return Err(de::Error::custom(format!(
+                "ref: digest {d:?} is not sha256: followed by 64 hexadecimal digits"
+            )));
+        }
         let set: Vec<GitRef> = [
             raw.branch.map(GitRef::Branch),
             raw.tag.map(GitRef::Tag),
             raw.commit.map(GitRef::Commit),
+            raw.digest.map(GitRef::Commit),
+            raw.semver.map(GitRef::Semver),
         ]
         .into_iter()
         .flatten()
         .collect();
         match <[GitRef; 1]>::try_from(set) {
-            Ok([GitRef::Branch(s) | GitRef::Tag(s) | GitRef::Commit(s)]) if s.is_empty() => Err(
-                de::Error::custom("ref: branch, tag or commit must not be empty"),
-            ),
+            Ok([GitRef::Branch(s) | GitRef::Tag(s) | GitRef::Commit(s) | GitRef::Semver(s)])
+                if s.is_empty() =>
+            {
+                Err(de::Error::custom(
+                    "ref: branch, tag, commit, digest or semver must not be empty",
+                ))
+            }
             Ok([r]) => Ok(RefSection(r)),
             Err(_) => Err(de::Error::custom(
-                "ref: set exactly one of branch, tag, commit",
+                "ref: set exactly one of branch, tag, commit (git) or tag, digest, semver (oci://)",
             )),
         }
     }

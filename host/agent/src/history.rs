@@ -19,6 +19,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 
+use crate::report::short;
 use crate::sync::{self, Report};
 use sluice_engine::apply::Action;
 use sluice_engine::inventory::{INVENTORY_LABEL, InventoryRef, OWNING_PROJECT};
@@ -366,11 +367,6 @@ impl History {
     }
 }
 
-/// The first 12 characters of a commit id.
-fn short(commit: &str) -> &str {
-    commit.get(..12).unwrap_or(commit)
-}
-
 /// `text` cut to [`MAX_TEXT`] bytes on a character boundary, marked with `…`.
 fn limit(text: String) -> String {
     if text.len() <= MAX_TEXT {
@@ -392,6 +388,7 @@ mod tests {
     fn report(actions: &[Action]) -> Report {
         Report {
             commit: "0123456789abcdef0123456789abcdef01234567".into(),
+            revision: None,
             results: actions
                 .iter()
                 .enumerate()

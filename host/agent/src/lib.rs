@@ -25,6 +25,7 @@ pub mod http;
 pub mod limits;
 pub mod moves;
 pub mod observability;
+pub mod oci;
 pub mod render;
 pub mod report;
 pub mod select;

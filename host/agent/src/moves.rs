@@ -174,9 +174,10 @@ async fn files_of(cluster: &Cluster, here: Here<'_>, s: &Sibling) -> Option<BTre
             },
             ..here.cx.clone()
         };
-        let (mut objects, _) = sync::render(&s.source, &s.project, &commit, here.limits, None, &cx)
-            .await
-            .map_err(|e| e.to_string())?;
+        let (mut objects, _, _) =
+            sync::render(&s.source, &s.project, &commit, here.limits, None, &cx)
+                .await
+                .map_err(|e| e.to_string())?;
         let mut scopes = cluster.scopes();
         scopes.add_crds(&objects);
         crate::decode::set_namespaces(&mut objects, &s.project.default_namespace, &scopes)

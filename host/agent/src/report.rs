@@ -140,8 +140,13 @@ pub fn sync_finished(
     match result {
         Ok(report) if human => {
             info!(
-                "{project}: synced {}: {}",
+                "{project}: synced {}{}: {}",
                 short(&report.commit),
+                report
+                    .revision
+                    .as_deref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default(),
                 sentence(&report.results, elapsed)
             );
             for f in &report.findings {
@@ -155,6 +160,7 @@ pub fn sync_finished(
             let (listed, omitted) = logged_results(&report.results);
             info!(
                 project_id = %project, commit_id = %report.commit, agent_id = %agent,
+                revision = report.revision.as_deref().unwrap_or_default(),
                 summary = %summary(&report.results),
                 results = %serde_json::to_string(&listed).unwrap_or_default(),
                 results_omitted = omitted,
@@ -195,8 +201,15 @@ pub fn sync_finished(
     }
 }
 
-fn short(commit: &str) -> &str {
-    commit.get(..12).unwrap_or(commit)
+/// A commit id or an artifact digest as logs and Events show it: 12 hexadecimal digits
+/// (`sha256:` and 12 for a digest).
+pub(crate) fn short(commit: &str) -> &str {
+    let keep = if commit.starts_with("sha256:") {
+        19
+    } else {
+        12
+    };
+    commit.get(..keep).unwrap_or(commit)
 }
 
 /// Objects per action, by the action's lowercase name (`created`, `unchanged`, …).

@@ -103,14 +103,28 @@ pub struct Source {
     credentials: Option<Credentials>,
     /// Extra trusted CA certificates (PEM) for https, e.g. a self-hosted GitLab's CA.
     ca_pem: Option<Vec<u8>>,
+    /// An `oci://` registry spoken to over plain HTTP (`--insecure-registry`).
+    plain_http: bool,
 }
 
-/// The files of one commit, read from the cache.
+/// The files of one commit (or OCI artifact), read from the cache.
 pub struct Snapshot {
-    /// Commit id (hex).
+    /// Commit id (hex), or an artifact's digest (`sha256:…`).
     pub commit: String,
-    repo: gix::Repository,
+    /// An artifact's `org.opencontainers.image.revision` (the git revision CI built it
+    /// from), shown beside its digest; `None` for git.
+    pub revision: Option<String>,
+    files: Files,
     entries: Vec<TreeEntry>,
+}
+
+/// Where a snapshot's contents are.
+enum Files {
+    /// A git repository's objects.
+    Git(Box<gix::Repository>),
+    /// An unpacked artifact: the contents in the entries' order (`TreeEntry::id` is the
+    /// index).
+    Artifact(Vec<Vec<u8>>),
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -171,7 +185,36 @@ impl Source {
             cache,
             credentials,
             ca_pem: None,
+            plain_http: false,
         }
+    }
+
+    /// Speaks plain HTTP to an `oci://` registry (only when a flag names its host).
+    #[must_use]
+    pub fn with_plain_http(mut self) -> Source {
+        self.plain_http = true;
+        self
+    }
+
+    /// Whether this is an OCI repository (`oci://host/repository`), not git.
+    pub fn is_oci(&self) -> bool {
+        self.url.starts_with("oci://")
+    }
+
+    pub(crate) fn cache_dir(&self) -> &Path {
+        &self.cache
+    }
+
+    pub(crate) fn ca_pem(&self) -> Option<&[u8]> {
+        self.ca_pem.as_deref()
+    }
+
+    pub(crate) fn credentials(&self) -> Option<&Credentials> {
+        self.credentials.as_ref()
+    }
+
+    pub(crate) fn plain_http(&self) -> bool {
+        self.plain_http
     }
 
     /// Also trusts the CA certificates in `pem` for https, besides the system's roots.
@@ -197,6 +240,9 @@ impl Source {
     pub fn resolve(&self, git_ref: &GitRef) -> Result<String> {
         if let GitRef::Commit(c) = git_ref {
             return Ok(c.clone());
+        }
+        if self.is_oci() {
+            return crate::oci::resolve(self, git_ref);
         }
         let repo = self.open()?;
         let list_err = |message: String| Error::ListRefs {
@@ -314,6 +360,9 @@ impl Source {
 
     /// [`Self::fetch`], stopping the transfer when `interrupt` becomes true.
     fn fetch_until(&self, commit: &str, interrupt: &AtomicBool) -> Result<Snapshot> {
+        if self.is_oci() {
+            return crate::oci::fetch(self, commit, None, interrupt);
+        }
         let repo = self.open()?;
         let read_err = |message: String| Error::Read {
             url: self.url.clone(),
@@ -369,7 +418,8 @@ impl Source {
             .collect();
         Ok(Snapshot {
             commit: id.to_hex().to_string(),
-            repo,
+            revision: None,
+            files: Files::Git(Box::new(repo)),
             entries,
         })
     }
@@ -488,6 +538,11 @@ impl Source {
     ) -> Result<gix::Remote<'r>, String> {
         let spec = match git_ref {
             GitRef::DefaultBranch | GitRef::Commit(_) => "+HEAD:refs/remotes/origin/HEAD".into(),
+            GitRef::Semver(r) => {
+                return Err(format!(
+                    "semver ranges ({r}) are for OCI repositories; name a branch or tag"
+                ));
+            }
             GitRef::Branch(b) => format!("+refs/heads/{b}:refs/remotes/origin/{b}"),
             GitRef::Tag(t) => format!("+refs/tags/{t}:refs/tags/{t}"),
         };
@@ -535,28 +590,57 @@ impl Source {
 }
 
 impl Snapshot {
-    /// Every file, symlink and submodule of the tree, breadth-first.
+    /// An unpacked OCI artifact: `entries[i]`'s content is `contents[i]`.
+    pub(crate) fn artifact(
+        digest: String,
+        revision: Option<String>,
+        entries: Vec<TreeEntry>,
+        contents: Vec<Vec<u8>>,
+    ) -> Snapshot {
+        Snapshot {
+            commit: digest,
+            revision,
+            files: Files::Artifact(contents),
+            entries,
+        }
+    }
+
+    /// Every file, symlink and submodule of the tree, breadth-first (an artifact's in path
+    /// order).
     pub fn entries(&self) -> &[TreeEntry] {
         &self.entries
     }
 
     /// The size of a blob without reading it.
     pub fn blob_size(&self, id: &str) -> Result<u64> {
-        let oid = self.oid(id)?;
-        self.repo
-            .find_header(oid)
-            .map(|h| h.size())
-            .map_err(|e| self.read_err(chain(&e)))
+        match &self.files {
+            Files::Git(repo) => repo
+                .find_header(self.oid(id)?)
+                .map(|h| h.size())
+                .map_err(|e| self.read_err(chain(&e))),
+            Files::Artifact(contents) => Ok(self.content(contents, id)?.len() as u64),
+        }
     }
 
     /// A blob's content.
     pub fn read_blob(&self, id: &str) -> Result<Vec<u8>> {
-        let oid = self.oid(id)?;
-        let blob = self
-            .repo
-            .find_blob(oid)
-            .map_err(|e| self.read_err(chain(&e)))?;
-        Ok(blob.data.clone())
+        match &self.files {
+            Files::Git(repo) => {
+                let blob = repo
+                    .find_blob(self.oid(id)?)
+                    .map_err(|e| self.read_err(chain(&e)))?;
+                Ok(blob.data.clone())
+            }
+            Files::Artifact(contents) => Ok(self.content(contents, id)?.to_vec()),
+        }
+    }
+
+    fn content<'a>(&self, contents: &'a [Vec<u8>], id: &str) -> Result<&'a [u8]> {
+        id.parse::<usize>()
+            .ok()
+            .and_then(|i| contents.get(i))
+            .map(Vec::as_slice)
+            .ok_or_else(|| self.read_err(format!("no entry {id}")))
     }
 
     fn oid(&self, id: &str) -> Result<gix::ObjectId> {
@@ -565,7 +649,10 @@ impl Snapshot {
 
     fn read_err(&self, message: String) -> Error {
         Error::Read {
-            url: self.repo.path().display().to_string(),
+            url: match &self.files {
+                Files::Git(repo) => repo.path().display().to_string(),
+                Files::Artifact(_) => "(artifact)".into(),
+            },
             commit: self.commit.clone(),
             message,
         }

@@ -187,8 +187,13 @@ impl Error {
 /// What one sync did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Report {
-    /// Commit id (the full id, also when the configuration names a short one).
+    /// Commit id (the full id, also when the configuration names a short one), or an OCI
+    /// artifact's digest.
     pub commit: String,
+    /// An OCI artifact's `org.opencontainers.image.revision` (the git revision CI built it
+    /// from), shown beside its digest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
     /// Per-object results (applies and prunes).
     pub results: Vec<ObjectResult>,
     /// Health of applied objects after the wait.
@@ -291,7 +296,8 @@ pub const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30
 pub const GIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Fetches, selects, renders and decodes `commit`: the offline part of the path. Returns
-/// the objects and the full commit id (`commit` may be a short id).
+/// the objects, the full commit id (`commit` may be a short id), and an OCI artifact's
+/// revision annotation (the git revision CI built it from).
 ///
 /// # Errors
 /// Source, selection, render and decode errors.
@@ -302,7 +308,7 @@ pub async fn render(
     limits: select::Limits,
     memo: Option<&decode::Memo>,
     cx: &render::Context,
-) -> Result<(Vec<Object>, String), Error> {
+) -> Result<(Vec<Object>, String, Option<String>), Error> {
     let (project, memo, cx) = (project.clone(), memo.cloned(), cx.clone());
     let id = project.id.clone();
     // Fetch (within its deadline), select, render and decode are blocking I/O and CPU:
@@ -313,6 +319,7 @@ pub async fn render(
             Ok((
                 decode::decode_with(&files, &id, &snapshot.commit, memo.as_ref())?,
                 snapshot.commit.clone(),
+                snapshot.revision.clone(),
             ))
         })
         .await
@@ -349,7 +356,7 @@ pub async fn sync(
             None => None,
         },
     };
-    let (objects, commit) = render(
+    let (objects, commit, revision) = render(
         source,
         project,
         commit,
@@ -382,6 +389,7 @@ pub async fn sync(
     laps.lap("apply");
     let mut report = Report {
         commit: commit.clone(),
+        revision,
         results: std::mem::take(&mut applied.results),
         health: Vec::new(),
         findings: out.findings,

@@ -176,6 +176,7 @@ fn matches(push: &Push, target: &Target) -> bool {
             Some(b) => pushed == &format!("refs/heads/{b}"),
             None => pushed.starts_with("refs/heads/"),
         },
+        GitRef::Semver(_) => pushed.starts_with("refs/tags/"),
         GitRef::Commit(_) => false,
     }
 }

@@ -111,6 +111,9 @@ pub async fn render(
                 Some(r) if r.len() == 40 && r.bytes().all(|b| b.is_ascii_hexdigit()) => {
                     config::GitRef::Commit(r.clone())
                 }
+                Some(r) if sluice_agent::oci::is_digest(r) => config::GitRef::Commit(r.clone()),
+                // An OCI repository has tags where git has branches.
+                Some(r) if source.is_oci() => config::GitRef::Tag(r.clone()),
                 Some(r) => config::GitRef::Branch(r.clone()),
                 None => config::GitRef::DefaultBranch,
             };
@@ -118,7 +121,7 @@ pub async fn render(
             let commit = tokio::task::spawn_blocking(move || resolver.resolve(&git_ref))
                 .await
                 .map_err(|e| sync::Error::Task(e.to_string()))??;
-            sync::render(
+            let (objects, commit, _) = sync::render(
                 &source,
                 &entry,
                 &commit,
@@ -126,7 +129,8 @@ pub async fn render(
                 None,
                 &renderers(keys),
             )
-            .await?
+            .await?;
+            (objects, commit)
         }
     };
     let scopes = sluice_model::scopes::Scopes::offline(&objects);

@@ -1,0 +1,743 @@
+//! OCI artifacts as sources: manifests that CI built and pushed to a registry, pinned by
+//! digest.
+//!
+//! The format is Flux's, so what `flux push artifact` writes (GitLab's advice since agentk
+//! lost GitOps) syncs unchanged: an OCI image manifest whose one layer is a tar+gzip of the
+//! manifests (`application/vnd.cncf.flux.content.v1.tar+gzip`; any `…tar+gzip` layer is
+//! accepted, Flux's first-layer rule, or the one of the project's `layer_media_type`), with
+//! the annotations `org.opencontainers.image.source`, `.revision` and `.created`.
+//!
+//! A [`Source`] whose URL starts `oci://` is one of these: [`resolve`] turns a tag, a
+//! semver range or a digest into the manifest's digest (one HEAD request for a tag), and
+//! [`fetch`] reads the artifact of a digest into a [`Snapshot`], from the cache when it is
+//! there (manifests and layers are kept by digest, verified, so a registry that is down
+//! does not stop a project whose digest was fetched once). From there the files take the
+//! same path as a commit's: select, render, decode.
+//!
+//! Extraction is bounded and refuses what could reach outside the artifact: absolute paths
+//! and `..`, hard links to anything but an earlier file of the archive, devices and FIFOs
+//! (the hard-link traversal of oras-go's advisory GHSA-2c8p-5f26-3mw3 included). Symbolic
+//! links are listed as such and, as in git, never followed.
+//!
+//! Like [`Source`]'s git side, these functions block: call them off the async workers.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::manifest::{OciDescriptor, OciImageManifest};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use sha2::{Digest as _, Sha256};
+
+use crate::config::GitRef;
+use crate::source::{EntryKind, Error, Result, Snapshot, Source, TreeEntry};
+
+/// The layer `flux push artifact` writes.
+pub const FLUX_CONTENT: &str = "application/vnd.cncf.flux.content.v1.tar+gzip";
+/// The config `flux push artifact` writes.
+pub const FLUX_CONFIG: &str = "application/vnd.cncf.flux.config.v1+json";
+/// The annotation naming the git revision an artifact was built from.
+pub const REVISION: &str = "org.opencontainers.image.revision";
+/// The annotation naming the repository an artifact was built from.
+pub const SOURCE: &str = "org.opencontainers.image.source";
+
+/// The tag followed when a project names none (`ref:` absent).
+pub const DEFAULT_TAG: &str = "latest";
+/// Most bytes a layer may have as downloaded (compressed).
+pub const MAX_LAYER_BYTES: u64 = 64 << 20;
+/// Most bytes an artifact may have unpacked, all files together.
+pub const MAX_UNPACKED_BYTES: u64 = 128 << 20;
+/// Most entries an artifact's archive may have.
+pub const MAX_ENTRIES: usize = 20_000;
+/// Most bytes a manifest may have.
+const MAX_MANIFEST_BYTES: usize = 4 << 20;
+/// Most tags read to resolve a semver range.
+const MAX_TAGS: usize = 100_000;
+/// The deadline of one registry request (a layer's download has the fetch's own).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `oci://host[:port]/repository` → (registry, repository).
+pub fn parse_url(url: &str) -> Option<(String, String)> {
+    let rest = url.strip_prefix("oci://")?;
+    let (registry, repository) = rest.split_once('/')?;
+    if registry.is_empty() || repository.is_empty() || repository.contains(['@', ':']) {
+        return None;
+    }
+    Some((
+        registry.to_string(),
+        repository.trim_end_matches('/').to_string(),
+    ))
+}
+
+/// The digest `git_ref` names now: a digest as given, a tag's (the default branch is
+/// [`DEFAULT_TAG`]) from one HEAD request, the highest tag a semver range accepts.
+///
+/// # Errors
+/// [`Error::ListRefs`] when the registry cannot be asked, [`Error::RefNotFound`] when the
+/// tag is not there or no tag fits the range.
+pub fn resolve(source: &Source, git_ref: &GitRef) -> Result<String> {
+    let url = source.url().to_string();
+    let list_err = |message: String| Error::ListRefs {
+        url: url.clone(),
+        message,
+    };
+    let (registry, repository) = parse_url(&url).ok_or_else(|| list_err(bad_url()))?;
+    let tag = match git_ref {
+        GitRef::Commit(digest) => return Ok(digest.clone()),
+        GitRef::DefaultBranch => DEFAULT_TAG.to_string(),
+        GitRef::Tag(t) => t.clone(),
+        GitRef::Branch(b) => {
+            return Err(list_err(format!(
+                "an OCI repository has tags and digests, not branches (branch {b:?})"
+            )));
+        }
+        GitRef::Semver(range) => {
+            let (client, auth) = client(source);
+            let image = Reference::with_tag(registry.clone(), repository.clone(), "latest".into());
+            let tags = block_on(list_tags(&client, &image, &auth)).map_err(list_err)?;
+            highest(range, &tags)
+                .map_err(list_err)?
+                .ok_or_else(|| Error::RefNotFound {
+                    url: url.clone(),
+                    git_ref: format!("semver {range} (of {} tags)", tags.len()),
+                })?
+        }
+    };
+    let (client, auth) = client(source);
+    let image = Reference::with_tag(registry, repository, tag.clone());
+    block_on(async {
+        tokio::time::timeout(REQUEST_TIMEOUT, client.fetch_manifest_digest(&image, &auth))
+            .await
+            .map_err(|_| format!("no answer within {REQUEST_TIMEOUT:?}"))?
+            .map_err(|e| e.to_string())
+    })
+    .map_err(|message| {
+        if message.contains("MANIFEST_UNKNOWN") || message.contains("404") {
+            Error::RefNotFound {
+                url: url.clone(),
+                git_ref: format!("tag {tag}"),
+            }
+        } else {
+            list_err(message)
+        }
+    })
+}
+
+/// The files of the artifact `digest`, from the cache or the registry, and its revision
+/// annotation. `layer` picks the layer by media type (default: Flux's, else the first
+/// tar+gzip layer). Stops downloading when `interrupt` becomes true.
+///
+/// # Errors
+/// [`Error::Fetch`] when the registry fails, [`Error::Read`] when the artifact is not one
+/// sluice reads (no layer of the type, a digest that does not match, an entry it refuses).
+pub fn fetch(
+    source: &Source,
+    digest: &str,
+    layer: Option<&str>,
+    interrupt: &AtomicBool,
+) -> Result<Snapshot> {
+    let url = source.url().to_string();
+    let read_err = |message: String| Error::Read {
+        url: url.clone(),
+        commit: digest.to_string(),
+        message,
+    };
+    let fetch_err = |message: String| Error::Fetch {
+        url: url.clone(),
+        message,
+    };
+    let hex = digest_hex(digest).ok_or_else(|| {
+        read_err("not a digest (expected sha256: and 64 hexadecimal digits)".into())
+    })?;
+    let (registry, repository) = parse_url(&url).ok_or_else(|| fetch_err(bad_url()))?;
+    let image = Reference::with_digest(registry, repository, digest.to_string());
+    let cache = Cache::new(source.cache_dir());
+    let manifest_bytes = match cache.get("manifests", hex) {
+        Some(bytes) => bytes,
+        None => {
+            let (client, auth) = client(source);
+            let bytes = block_on(async {
+                let pull = client.pull_manifest_raw(&image, &auth, &[MANIFEST_TYPES]);
+                tokio::time::timeout(REQUEST_TIMEOUT, pull)
+                    .await
+                    .map_err(|_| format!("no answer within {REQUEST_TIMEOUT:?}"))?
+                    .map(|(bytes, _)| bytes.to_vec())
+                    .map_err(|e| e.to_string())
+            })
+            .map_err(fetch_err)?;
+            if bytes.len() > MAX_MANIFEST_BYTES || sha256_hex(&bytes) != hex {
+                return Err(read_err("the manifest does not match its digest".into()));
+            }
+            cache.put("manifests", hex, &bytes).map_err(read_err)?;
+            bytes
+        }
+    };
+    let manifest: OciImageManifest = serde_json::from_slice(&manifest_bytes)
+        .map_err(|e| read_err(format!("not an OCI image manifest: {e}")))?;
+    let chosen = pick_layer(&manifest.layers, layer)
+        .map_err(read_err)?
+        .clone();
+    let layer_hex = digest_hex(&chosen.digest)
+        .ok_or_else(|| read_err(format!("layer digest {:?} is not sha256", chosen.digest)))?
+        .to_string();
+    if u64::try_from(chosen.size).unwrap_or(u64::MAX) > MAX_LAYER_BYTES {
+        return Err(read_err(format!(
+            "its layer has {} bytes; at most {MAX_LAYER_BYTES} are read",
+            chosen.size
+        )));
+    }
+    let gz = match cache.get("blobs", &layer_hex) {
+        Some(bytes) => bytes,
+        None => {
+            let (client, auth) = client(source);
+            let bytes = block_on(download(&client, &auth, &image, &chosen, interrupt))
+                .map_err(fetch_err)?;
+            if sha256_hex(&bytes) != layer_hex {
+                return Err(read_err("the layer does not match its digest".into()));
+            }
+            cache.put("blobs", &layer_hex, &bytes).map_err(read_err)?;
+            bytes
+        }
+    };
+    let (entries, blobs) = unpack(&gz).map_err(read_err)?;
+    let revision = manifest
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(REVISION))
+        .cloned();
+    Ok(Snapshot::artifact(
+        digest.to_string(),
+        revision,
+        entries,
+        blobs,
+    ))
+}
+
+/// The manifest media types asked for: an OCI image manifest (an index is not an artifact).
+const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json";
+
+fn bad_url() -> String {
+    "not an OCI repository URL (expected oci://host/repository)".into()
+}
+
+/// The layer to read: the one of `media_type` when given, else Flux's, else the first
+/// tar+gzip layer (source-controller's rule).
+fn pick_layer<'a>(
+    layers: &'a [OciDescriptor],
+    media_type: Option<&str>,
+) -> std::result::Result<&'a OciDescriptor, String> {
+    let found = match media_type {
+        Some(t) => layers.iter().find(|l| l.media_type == t),
+        None => layers
+            .iter()
+            .find(|l| l.media_type == FLUX_CONTENT)
+            .or_else(|| layers.iter().find(|l| l.media_type.ends_with("tar+gzip"))),
+    };
+    found.ok_or_else(|| {
+        let types: Vec<&str> = layers.iter().map(|l| l.media_type.as_str()).collect();
+        format!(
+            "no layer of type {} (it has {})",
+            media_type.unwrap_or("…tar+gzip"),
+            if types.is_empty() {
+                "none".to_string()
+            } else {
+                types.join(", ")
+            }
+        )
+    })
+}
+
+/// Downloads a layer, at most [`MAX_LAYER_BYTES`], each read within [`REQUEST_TIMEOUT`].
+async fn download(
+    client: &Client,
+    auth: &RegistryAuth,
+    image: &Reference,
+    layer: &OciDescriptor,
+    interrupt: &AtomicBool,
+) -> std::result::Result<Vec<u8>, String> {
+    // Authenticates (a token for pulls) the way the manifest pull does.
+    client
+        .store_auth_if_needed(image.resolve_registry(), auth)
+        .await;
+    let mut stream = tokio::time::timeout(REQUEST_TIMEOUT, client.pull_blob_stream(image, layer))
+        .await
+        .map_err(|_| format!("no answer within {REQUEST_TIMEOUT:?}"))?
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::with_capacity(usize::try_from(layer.size).unwrap_or(0).min(1 << 20));
+    loop {
+        if interrupt.load(Ordering::Relaxed) {
+            return Err("interrupted".into());
+        }
+        let next = tokio::time::timeout(REQUEST_TIMEOUT, stream.stream.next())
+            .await
+            .map_err(|_| format!("the download stalled for {REQUEST_TIMEOUT:?}"))?;
+        match next {
+            None => return Ok(out),
+            Some(Err(e)) => return Err(e.to_string()),
+            Some(Ok(chunk)) => {
+                out.extend_from_slice(&chunk);
+                if out.len() as u64 > MAX_LAYER_BYTES {
+                    return Err(format!("the layer is larger than {MAX_LAYER_BYTES} bytes"));
+                }
+            }
+        }
+    }
+}
+
+/// Reads a tar+gzip archive into tree entries and their contents, within the bounds of
+/// the module doc. Directories are implied; the order is the archive's, then sorted.
+pub fn unpack(gz: &[u8]) -> std::result::Result<(Vec<TreeEntry>, Vec<Vec<u8>>), String> {
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(gz));
+    let mut files: BTreeMap<String, (EntryKind, Vec<u8>)> = BTreeMap::new();
+    let mut total = 0u64;
+    let entries = archive
+        .entries()
+        .map_err(|e| format!("not a tar+gzip archive: {e}"))?;
+    for (n, entry) in entries.enumerate() {
+        if n >= MAX_ENTRIES {
+            return Err(format!("more than {MAX_ENTRIES} entries"));
+        }
+        let mut entry = entry.map_err(|e| format!("not a tar+gzip archive: {e}"))?;
+        let raw = entry
+            .path()
+            .map_err(|e| format!("an entry's name is unreadable: {e}"))?
+            .to_string_lossy()
+            .into_owned();
+        let kind = entry.header().entry_type();
+        use tar::EntryType as T;
+        // Directories are implied by their files (`flux push` writes `.` first); the rest
+        // is metadata of the archive itself (pax headers are read by `tar`).
+        if matches!(
+            kind,
+            T::Directory | T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink
+        ) {
+            continue;
+        }
+        let path = clean(&raw)?;
+        match kind {
+            T::Regular | T::Continuous | T::GNUSparse => {
+                let size = entry.header().size().unwrap_or(u64::MAX);
+                total = total.saturating_add(size);
+                if total > MAX_UNPACKED_BYTES {
+                    return Err(format!(
+                        "its files have more than {MAX_UNPACKED_BYTES} bytes unpacked"
+                    ));
+                }
+                let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+                entry
+                    .by_ref()
+                    .take(size)
+                    .read_to_end(&mut bytes)
+                    .map_err(|e| format!("{path}: {e}"))?;
+                files.insert(path, (EntryKind::File, bytes));
+            }
+            T::Symlink => {
+                let target = entry
+                    .link_name()
+                    .ok()
+                    .flatten()
+                    .map(|t| t.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                files.insert(path, (EntryKind::Symlink, target.into_bytes()));
+            }
+            T::Link => {
+                let target = entry
+                    .link_name()
+                    .ok()
+                    .flatten()
+                    .map(|t| t.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let target = clean(&target).map_err(|e| format!("{path}: hard link: {e}"))?;
+                match files.get(&target) {
+                    Some((EntryKind::File, bytes)) => {
+                        total = total.saturating_add(bytes.len() as u64);
+                        if total > MAX_UNPACKED_BYTES {
+                            return Err(format!(
+                                "its files have more than {MAX_UNPACKED_BYTES} bytes unpacked"
+                            ));
+                        }
+                        let bytes = bytes.clone();
+                        files.insert(path, (EntryKind::File, bytes));
+                    }
+                    _ => {
+                        return Err(format!(
+                            "{path}: a hard link to {target:?}, which is not an earlier file of the artifact"
+                        ));
+                    }
+                }
+            }
+            other => {
+                return Err(format!(
+                    "{path}: entries of type {other:?} (devices, FIFOs) are refused"
+                ));
+            }
+        }
+    }
+    let mut entries = Vec::with_capacity(files.len());
+    let mut blobs = Vec::with_capacity(files.len());
+    for (i, (path, (kind, bytes))) in files.into_iter().enumerate() {
+        entries.push(TreeEntry {
+            path,
+            kind,
+            id: i.to_string(),
+        });
+        blobs.push(bytes);
+    }
+    Ok((entries, blobs))
+}
+
+/// An archive path made relative and normal (`./a//b` is `a/b`); absolute paths and `..`
+/// are refused.
+fn clean(raw: &str) -> std::result::Result<String, String> {
+    if raw.starts_with('/') {
+        return Err(format!("{raw:?}: absolute paths are refused"));
+    }
+    let mut parts = Vec::new();
+    for part in raw.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => return Err(format!("{raw:?}: paths with \"..\" are refused")),
+            p => parts.push(p),
+        }
+    }
+    if parts.is_empty() {
+        return Err(format!("{raw:?}: an entry without a name"));
+    }
+    Ok(parts.join("/"))
+}
+
+/// The highest of `tags` (a leading `v` allowed) that `range` accepts. `range` is a semver
+/// requirement; Flux's space-separated form (`>=1.0.0 <2.0.0`) reads as comma-separated.
+pub fn highest(range: &str, tags: &[String]) -> std::result::Result<Option<String>, String> {
+    let req = semver::VersionReq::parse(&comma_separated(range))
+        .map_err(|e| format!("semver {range:?}: {e}"))?;
+    Ok(tags
+        .iter()
+        .filter_map(|t| {
+            let v = semver::Version::parse(t.strip_prefix('v').unwrap_or(t)).ok()?;
+            req.matches(&v).then_some((v, t))
+        })
+        .max_by(|a, b| a.0.cmp(&b.0))
+        .map(|(_, t)| t.clone()))
+}
+
+/// `>=1.0.0 <2.0.0` → `>=1.0.0, <2.0.0`; `>= 1.0` stays one comparator.
+fn comma_separated(range: &str) -> String {
+    if range.contains(',') {
+        return range.to_string();
+    }
+    let mut out: Vec<String> = Vec::new();
+    let mut pending = String::new();
+    for token in range.split_whitespace() {
+        pending.push_str(token);
+        if !token
+            .chars()
+            .all(|c| matches!(c, '<' | '>' | '=' | '~' | '^'))
+        {
+            out.push(std::mem::take(&mut pending));
+        }
+    }
+    if !pending.is_empty() {
+        out.push(pending);
+    }
+    out.join(", ")
+}
+
+async fn list_tags(
+    client: &Client,
+    image: &Reference,
+    auth: &RegistryAuth,
+) -> std::result::Result<Vec<String>, String> {
+    let mut tags: Vec<String> = Vec::new();
+    loop {
+        let page = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            client.list_tags(image, auth, Some(1000), tags.last().map(String::as_str)),
+        )
+        .await
+        .map_err(|_| format!("no answer within {REQUEST_TIMEOUT:?}"))?
+        .map_err(|e| e.to_string())?;
+        let n = page.tags.len();
+        tags.extend(page.tags);
+        if n < 1000 || tags.len() >= MAX_TAGS {
+            return Ok(tags);
+        }
+    }
+}
+
+/// A client for the source's registry (its CA trusted) and the source's credentials.
+fn client(source: &Source) -> (Client, RegistryAuth) {
+    let config = ClientConfig {
+        protocol: if source.plain_http() {
+            ClientProtocol::Http
+        } else {
+            ClientProtocol::Https
+        },
+        extra_root_certificates: source
+            .ca_pem()
+            .map(|pem| {
+                vec![Certificate {
+                    encoding: CertificateEncoding::Pem,
+                    data: pem.to_vec(),
+                }]
+            })
+            .unwrap_or_default(),
+        read_timeout: Some(REQUEST_TIMEOUT),
+        connect_timeout: Some(Duration::from_secs(10)),
+        ..ClientConfig::default()
+    };
+    let auth = match source.credentials() {
+        Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
+        None => RegistryAuth::Anonymous,
+    };
+    (Client::new(config), auth)
+}
+
+/// Runs `f` to completion from a blocking thread (the agent's, or a caller without one).
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => handle.block_on(f),
+        Err(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a current-thread runtime builds")
+            .block_on(f),
+    }
+}
+
+fn digest_hex(digest: &str) -> Option<&str> {
+    let hex = digest.strip_prefix("sha256:")?;
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(hex)
+}
+
+/// Whether `digest` is one sluice accepts (`sha256:` and 64 hexadecimal digits).
+pub fn is_digest(digest: &str) -> bool {
+    digest_hex(digest).is_some()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Manifests and layers kept by digest under the source's cache directory; what is read
+/// back is checked against its digest again, so a damaged file is fetched anew.
+struct Cache {
+    root: PathBuf,
+}
+
+impl Cache {
+    fn new(root: &std::path::Path) -> Cache {
+        Cache {
+            root: root.to_path_buf(),
+        }
+    }
+
+    fn get(&self, kind: &str, hex: &str) -> Option<Vec<u8>> {
+        let bytes = std::fs::read(self.root.join(kind).join(hex)).ok()?;
+        (sha256_hex(&bytes) == hex).then_some(bytes)
+    }
+
+    fn put(&self, kind: &str, hex: &str, bytes: &[u8]) -> std::result::Result<(), String> {
+        let dir = self.root.join(kind);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cache {}: {e}", dir.display()))?;
+        let mut tmp = tempfile::NamedTempFile::new_in(&dir)
+            .map_err(|e| format!("cache {}: {e}", dir.display()))?;
+        std::io::Write::write_all(&mut tmp, bytes)
+            .map_err(|e| format!("cache {}: {e}", dir.display()))?;
+        tmp.persist(dir.join(hex))
+            .map_err(|e| format!("cache {}: {e}", dir.display()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn archive(build: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        build(&mut b);
+        let tar = b.into_inner().expect("tar");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &tar).expect("gzip");
+        gz.finish().expect("gzip")
+    }
+
+    fn header(kind: tar::EntryType, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_size(size);
+        h.set_mode(0o644);
+        h
+    }
+
+    fn file(b: &mut tar::Builder<Vec<u8>>, path: &str, body: &[u8]) {
+        let mut h = header(tar::EntryType::Regular, body.len() as u64);
+        b.append_data(&mut h, path, body).expect("append");
+    }
+
+    /// Writes a raw name (the `tar` builder refuses `..` itself, as a hostile one would not).
+    fn raw(b: &mut tar::Builder<Vec<u8>>, kind: tar::EntryType, name: &str, link: &str) {
+        let mut h = header(kind, 0);
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+        h.set_cksum();
+        b.append(&h, std::io::empty()).expect("append");
+    }
+
+    #[test]
+    fn files_symlinks_and_inner_hard_links_are_read() {
+        let gz = archive(|b| {
+            raw(b, tar::EntryType::Directory, ".", "");
+            file(b, "./deploy/app.yaml", b"kind: ConfigMap\n");
+            raw(
+                b,
+                tar::EntryType::Symlink,
+                "deploy/link.yaml",
+                "/etc/passwd",
+            );
+            raw(
+                b,
+                tar::EntryType::Link,
+                "deploy/copy.yaml",
+                "deploy/app.yaml",
+            );
+        });
+        let (entries, blobs) = unpack(&gz).expect("unpacks");
+        let listed: Vec<(&str, EntryKind)> =
+            entries.iter().map(|e| (e.path.as_str(), e.kind)).collect();
+        assert_eq!(
+            listed,
+            [
+                ("deploy/app.yaml", EntryKind::File),
+                ("deploy/copy.yaml", EntryKind::File),
+                ("deploy/link.yaml", EntryKind::Symlink)
+            ]
+        );
+        assert_eq!(blobs[1], b"kind: ConfigMap\n");
+    }
+
+    #[test]
+    fn entries_reaching_outside_the_artifact_are_refused() {
+        for (kind, name, link, expected) in [
+            (
+                tar::EntryType::Regular,
+                "../x.yaml",
+                "",
+                "\"..\" are refused",
+            ),
+            (tar::EntryType::Regular, "/x.yaml", "", "absolute paths"),
+            (
+                tar::EntryType::Link,
+                "x.yaml",
+                "/etc/passwd",
+                "absolute paths",
+            ),
+            (
+                tar::EntryType::Link,
+                "x.yaml",
+                "../../etc/passwd",
+                "\"..\" are refused",
+            ),
+            (
+                tar::EntryType::Link,
+                "x.yaml",
+                "later.yaml",
+                "not an earlier file",
+            ),
+            (tar::EntryType::Char, "tty", "", "devices, FIFOs"),
+            (tar::EntryType::Fifo, "pipe", "", "devices, FIFOs"),
+        ] {
+            let gz = archive(|b| raw(b, kind, name, link));
+            let e = unpack(&gz).expect_err(name);
+            assert!(e.contains(expected), "{name}: {e}");
+        }
+        assert!(unpack(b"not gzip").unwrap_err().contains("not a tar+gzip"));
+    }
+
+    #[test]
+    fn an_archive_larger_than_the_bound_unpacked_is_refused() {
+        let gz = archive(|b| {
+            let body = vec![b'a'; (MAX_UNPACKED_BYTES / 2 + 1) as usize];
+            file(b, "a.yaml", &body);
+            file(b, "b.yaml", &body);
+        });
+        assert!(gz.len() < 1 << 20, "compresses well: {}", gz.len());
+        let e = unpack(&gz).unwrap_err();
+        assert!(e.contains("bytes unpacked"), "{e}");
+    }
+
+    #[test]
+    fn the_layer_is_flux_s_else_the_first_tar_gzip_else_the_one_named() {
+        let layer = |t: &str| OciDescriptor {
+            media_type: t.into(),
+            digest: format!("sha256:{}", "0".repeat(64)),
+            size: 1,
+            ..OciDescriptor::default()
+        };
+        let layers = [
+            layer("application/vnd.example.readme"),
+            layer("application/vnd.example.tar+gzip"),
+            layer(FLUX_CONTENT),
+        ];
+        assert_eq!(pick_layer(&layers, None).unwrap().media_type, FLUX_CONTENT);
+        assert_eq!(
+            pick_layer(&layers[..2], None).unwrap().media_type,
+            "application/vnd.example.tar+gzip"
+        );
+        assert_eq!(
+            pick_layer(&layers, Some("application/vnd.example.tar+gzip"))
+                .unwrap()
+                .media_type,
+            "application/vnd.example.tar+gzip"
+        );
+        let e = pick_layer(&layers[..1], None).unwrap_err();
+        assert_eq!(
+            e,
+            "no layer of type …tar+gzip (it has application/vnd.example.readme)"
+        );
+    }
+
+    #[test]
+    fn semver_ranges_pick_the_highest_tag_they_accept() {
+        let tags: Vec<String> = [
+            "v1.0.0",
+            "1.2.0",
+            "v1.10.1",
+            "2.0.0",
+            "latest",
+            "1.11.0-rc.1",
+        ]
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+        assert_eq!(
+            highest(">=1.0.0 <2.0.0", &tags).unwrap().as_deref(),
+            Some("v1.10.1")
+        );
+        assert_eq!(highest("^1.2", &tags).unwrap().as_deref(), Some("v1.10.1"));
+        assert_eq!(highest(">= 2", &tags).unwrap().as_deref(), Some("2.0.0"));
+        assert_eq!(highest("~1.0", &tags).unwrap().as_deref(), Some("v1.0.0"));
+        assert_eq!(highest(">=3", &tags).unwrap(), None);
+        assert!(highest("not a range", &tags).is_err());
+    }
+
+    #[test]
+    fn urls_name_a_registry_and_a_repository() {
+        assert_eq!(
+            parse_url("oci://registry.gitlab.example:5050/group/app/manifests"),
+            Some((
+                "registry.gitlab.example:5050".into(),
+                "group/app/manifests".into()
+            ))
+        );
+        assert_eq!(parse_url("oci://host"), None);
+        assert_eq!(parse_url("oci://host/app:v1"), None, "the tag goes in ref:");
+        assert_eq!(parse_url("https://host/app"), None);
+    }
+}

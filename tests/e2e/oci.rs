@@ -1,0 +1,178 @@
+//! OCI artifacts as sources: pushed by `flux push artifact`'s own code (GitLab's CI
+//! tutorial) to a real registry (CNCF distribution, TLS and htpasswd), synced by digest.
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::Api;
+use sluice_agent::source::{Credentials, Source};
+use sluice_engine::apply::Action;
+use sluice_testenv::registry::{self, Registry};
+
+use crate::support::*;
+
+/// A directory holding `files` (path, content).
+fn tree(files: &[(&str, String)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("dir");
+    for (path, body) in files {
+        let path = dir.path().join(path);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(path, body).expect("write");
+    }
+    dir
+}
+
+fn source_for(reg: &Registry, repository: &str, cache: &std::path::Path, creds: bool) -> Source {
+    let credentials = creds.then(|| Credentials {
+        username: registry::USER.into(),
+        password: registry::PASSWORD.into(),
+    });
+    Source::new(&reg.url(repository), cache, credentials).with_ca(reg.ca_pem.clone().into_bytes())
+}
+
+/// The path of GitLab's tutorial: CI pushes the manifests as an artifact with
+/// `flux push artifact --source --revision`; sluice syncs the tag, follows it when CI pushes
+/// again (a prune when a file left), goes back to an older digest, picks the highest tag a
+/// semver range accepts, and keeps syncing a digest it holds while the registry is down.
+#[tokio::test]
+async fn an_artifact_pushed_by_flux_is_synced_followed_rolled_back_and_kept_without_the_registry() {
+    let client = sluice_testenv::cluster::client().await;
+    let ns = sluice_testenv::cluster::namespace(&client, "oci").await;
+    let mut reg = Registry::start_new("sync").await.expect("registry");
+    let mut c = cluster().await;
+    let cache = tempfile::tempdir().expect("cache");
+    let src = source_for(&reg, "group/app/manifests", cache.path(), true);
+    let url = reg.url("group/app/manifests");
+    let git = "https://gitlab.example/group/app.git";
+
+    let v1 = tree(&[
+        ("deploy/a.yaml", configmap("a", "1")),
+        ("deploy/b.yaml", configmap("b", "1")),
+        ("README.md", "not a manifest".into()),
+    ]);
+    let d1 = reg.flux_push(
+        "group/app/manifests",
+        "latest",
+        v1.path(),
+        git,
+        "main@sha1:1111111111111111111111111111111111111111",
+    );
+    let p = project_with_id(&url, &ns, "    paths: [{glob: 'deploy/*.yaml'}]\n");
+    let s = settings(&format!("oci-{ns}"));
+    let r = sync_once(&mut c, &src, &p, &s).await.expect("first sync");
+    assert_eq!(r.commit, d1, "the digest plays the commit's role");
+    assert_eq!(
+        r.revision.as_deref(),
+        Some("main@sha1:1111111111111111111111111111111111111111")
+    );
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let value = |cm: ConfigMap| cm.data.unwrap_or_default().get("value").cloned();
+    assert_eq!(value(cms.get("a").await.expect("a")), Some("1".into()));
+    let b_uid = cms.get("b").await.expect("b").metadata.uid;
+    let inventory = format!("inventory-oci-{ns}");
+    assert_eq!(
+        inventory_keys(&client, &ns, &inventory).await,
+        [format!("{ns}_a__ConfigMap"), format!("{ns}_b__ConfigMap")]
+    );
+
+    // CI pushes again to the same tag: a changed, b gone, c new.
+    let v2 = tree(&[
+        ("deploy/a.yaml", configmap("a", "2")),
+        ("deploy/c.yaml", configmap("c", "2")),
+    ]);
+    let d2 = reg.flux_push(
+        "group/app/manifests",
+        "latest",
+        v2.path(),
+        git,
+        "main@sha1:2222222222222222222222222222222222222222",
+    );
+    assert_ne!(d1, d2);
+    let r = sync_once(&mut c, &src, &p, &s).await.expect("second sync");
+    assert_eq!(r.commit, d2);
+    let action = |r: &sluice_agent::sync::Report, name: &str| {
+        r.results
+            .iter()
+            .find(|o| o.obj.name.as_str() == name)
+            .map(|o| o.action)
+    };
+    assert_eq!(action(&r, "a"), Some(Action::Configured));
+    assert_eq!(action(&r, "b"), Some(Action::Pruned));
+    assert_eq!(action(&r, "c"), Some(Action::Created));
+    assert!(cms.get_opt("b").await.expect("get b").is_none());
+
+    // Roll back by digest: the older artifact, exactly.
+    let pinned = project_with_id(
+        &url,
+        &ns,
+        &format!("    paths: [{{glob: 'deploy/*.yaml'}}]\n    ref: {{digest: '{d1}'}}\n"),
+    );
+    let r = sync_once(&mut c, &src, &pinned, &s)
+        .await
+        .expect("rollback");
+    assert_eq!(r.commit, d1);
+    assert_eq!(value(cms.get("a").await.expect("a")), Some("1".into()));
+    assert!(cms.get_opt("c").await.expect("get c").is_none(), "c pruned");
+    assert_ne!(cms.get("b").await.expect("b back").metadata.uid, b_uid);
+
+    // A semver range follows the highest release tag it accepts.
+    reg.flux_push(
+        "group/app/manifests",
+        "v1.0.0",
+        v1.path(),
+        git,
+        "v1.0.0@sha1:1111111111111111111111111111111111111111",
+    );
+    let d110 = reg.flux_push(
+        "group/app/manifests",
+        "v1.1.0",
+        v2.path(),
+        git,
+        "v1.1.0@sha1:2222222222222222222222222222222222222222",
+    );
+    reg.flux_push(
+        "group/app/manifests",
+        "v2.0.0",
+        v1.path(),
+        git,
+        "v2.0.0@sha1:1111111111111111111111111111111111111111",
+    );
+    let ranged = project_with_id(
+        &url,
+        &ns,
+        "    paths: [{glob: 'deploy/*.yaml'}]\n    ref: {semver: '>=1.0.0 <2.0.0'}\n",
+    );
+    let r = sync_once(&mut c, &src, &ranged, &s).await.expect("semver");
+    assert_eq!(r.commit, d110);
+    assert_eq!(value(cms.get("a").await.expect("a")), Some("2".into()));
+
+    // The registry goes away: the digest held in the cache still syncs; following a tag
+    // fails with the registry's address and nothing else.
+    reg.stop();
+    let r = sync_once(&mut c, &src, &pinned, &s)
+        .await
+        .expect("a cached digest needs no registry");
+    assert_eq!(r.commit, d1);
+    assert_eq!(value(cms.get("a").await.expect("a")), Some("1".into()));
+    let e = sync_once(&mut c, &src, &p, &s)
+        .await
+        .expect_err("a tag cannot be resolved without the registry");
+    let text = e.to_string();
+    assert!(text.contains(&url), "{text}");
+    assert!(!text.contains(registry::PASSWORD), "{text}");
+    reg.start().await.expect("registry back");
+
+    // Wrong credentials: refused, nothing changes, the password appears nowhere.
+    let wrong = Source::new(
+        &url,
+        cache.path(),
+        Some(Credentials {
+            username: registry::USER.into(),
+            password: "not-the-password".into(),
+        }),
+    )
+    .with_ca(reg.ca_pem.clone().into_bytes());
+    let e = sync_once(&mut c, &wrong, &p, &s)
+        .await
+        .expect_err("wrong credentials");
+    assert!(!e.to_string().contains("not-the-password"), "{e}");
+    assert_eq!(value(cms.get("a").await.expect("a")), Some("1".into()));
+}

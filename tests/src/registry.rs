@@ -1,0 +1,168 @@
+//! A real OCI registry (CNCF distribution, built by `cluster/build-cli.sh registry` at the
+//! version `cluster/versions.env` pins) with TLS from a throw-away CA and htpasswd (bcrypt)
+//! authentication, as registries are run; and `flux push artifact`'s push path
+//! (`tools/fluxpush`), as GitLab's CI pushes.
+//!
+//! A [`Registry`] is the test's own: its process is tied to the thread that started it
+//! (the test's), [`Registry::stop`] and [`Registry::start`] take it away and bring it back
+//! on the same port with the same contents.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use crate::procs::{fresh_run_dir, log_tail, spawn_tied};
+
+/// The user the registry's htpasswd knows.
+pub const USER: &str = "ci";
+/// Its password.
+pub const PASSWORD: &str = "registry-password-1";
+
+/// One running registry.
+pub struct Registry {
+    /// `127.0.0.1:<port>`.
+    pub host: String,
+    /// The CA that signed its certificate (PEM).
+    pub ca_pem: String,
+    /// The CA as a file (for `flux`, through `SSL_CERT_FILE`).
+    pub ca_file: PathBuf,
+    dir: PathBuf,
+    bin: PathBuf,
+    child: Option<Child>,
+}
+
+impl Registry {
+    /// Builds (once per version), configures and starts a registry on a free port.
+    ///
+    /// # Errors
+    /// When it cannot be built or does not answer within 30 s; the message quotes its log.
+    pub async fn start_new(name: &str) -> Result<Registry, String> {
+        let bin = crate::cluster::reference_cli("registry");
+        let dir = fresh_run_dir(&format!("sluice-registry-{name}"))?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("no free port: {e}"))?
+            .port();
+        let (ca_pem, cert, key) = crate::pki::serving_cert_pem()?;
+        let write = |file: &str, text: &str| {
+            std::fs::write(dir.join(file), text).map_err(|e| format!("{file}: {e}"))
+        };
+        write("ca.pem", &ca_pem)?;
+        write("cert.pem", &cert)?;
+        write("key.pem", &key)?;
+        let hash = bcrypt::hash(PASSWORD, 5).map_err(|e| format!("bcrypt: {e}"))?;
+        write("htpasswd", &format!("{USER}:{hash}\n"))?;
+        let d = dir.display();
+        write(
+            "config.yml",
+            &format!(
+                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {d}/data\n  delete:\n    enabled: true\n\
+                 http:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {d}/cert.pem\n    key: {d}/key.pem\n\
+                 auth:\n  htpasswd:\n    realm: sluice-test\n    path: {d}/htpasswd\n"
+            ),
+        )?;
+        let mut registry = Registry {
+            host: format!("127.0.0.1:{port}"),
+            ca_file: dir.join("ca.pem"),
+            ca_pem,
+            dir,
+            bin,
+            child: None,
+        };
+        registry.start().await?;
+        Ok(registry)
+    }
+
+    /// Starts the process again after [`Self::stop`] (same port, same contents).
+    ///
+    /// # Errors
+    /// As [`Self::start_new`].
+    pub async fn start(&mut self) -> Result<(), String> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("serve")
+            .arg(self.dir.join("config.yml"))
+            // distribution v3 exports traces by default; nothing listens for them here.
+            .env("OTEL_TRACES_EXPORTER", "none");
+        let log = self.dir.join("registry.log");
+        let mut child = spawn_tied(cmd, &log).map_err(|e| format!("registry: {e}"))?;
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!(
+                    "the registry exited ({status}); its log:\n{}",
+                    log_tail(&log, 30)
+                ));
+            }
+            if tokio::net::TcpStream::connect(&self.host).await.is_ok() {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                return Err(format!(
+                    "the registry did not listen within 30 s; its log:\n{}",
+                    log_tail(&log, 30)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Stops the process (SIGKILL); its contents stay.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `oci://<host>/<repository>`.
+    pub fn url(&self, repository: &str) -> String {
+        format!("oci://{}/{repository}", self.host)
+    }
+
+    /// Pushes `dir` as `oci://<host>/<repository>:<tag>` the way `flux push artifact
+    /// --source=<source> --revision=<revision> --creds=…` does (GitLab's CI template), and
+    /// returns the digest.
+    ///
+    /// # Panics
+    /// When the push fails; the message quotes its output.
+    pub fn flux_push(
+        &self,
+        repository: &str,
+        tag: &str,
+        dir: &Path,
+        source: &str,
+        revision: &str,
+    ) -> String {
+        let fluxpush = crate::cluster::reference_cli("fluxpush");
+        let out = Command::new(fluxpush)
+            .arg(format!("{}:{tag}", self.url(repository)))
+            .arg(format!("--path={}", dir.display()))
+            .arg(format!("--source={source}"))
+            .arg(format!("--revision={revision}"))
+            .arg(format!("--creds={USER}:{PASSWORD}"))
+            // Go reads extra roots from here on Linux: the push trusts the test CA.
+            .env("SSL_CERT_FILE", &self.ca_file)
+            .env("HOME", &self.dir)
+            .output()
+            .expect("fluxpush runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "flux push artifact failed: {}{}",
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let digest = stdout.trim().to_string();
+        assert!(digest.starts_with("sha256:"), "not a digest: {digest}");
+        digest
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
