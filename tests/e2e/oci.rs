@@ -176,3 +176,97 @@ async fn an_artifact_pushed_by_flux_is_synced_followed_rolled_back_and_kept_with
     assert!(!e.to_string().contains("not-the-password"), "{e}");
     assert_eq!(value(cms.get("a").await.expect("a")), Some("1".into()));
 }
+
+/// The agent as it runs: an `oci://` project following `latest`, credentials from a Docker
+/// config (a dockerconfigjson Secret's), the registry's CA by host, polling off. The
+/// registry's own push notification makes it sync CI's next push within seconds.
+#[tokio::test]
+async fn the_agent_syncs_an_artifact_when_the_registry_announces_the_push() {
+    use sluice_agent::agent::{self, ConfigSource};
+    let client = sluice_testenv::cluster::client().await;
+    let ns = sluice_testenv::cluster::namespace(&client, "ocihook").await;
+    let secret = "registry-hook-secret";
+    let hooks = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let hook_url = format!(
+        "http://{}/hooks/registry",
+        hooks.local_addr().expect("addr")
+    );
+    let reg = Registry::start_notifying("hook", Some((&hook_url, secret)))
+        .await
+        .expect("registry");
+    let git = "https://gitlab.example/group/app.git";
+    let v1 = tree(&[("a.yaml", configmap("a", "1"))]);
+    reg.flux_push("group/app", "latest", v1.path(), git, "main@sha1:1");
+
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "gitops:\n  manifest_projects:\n  - id: {}\n    default_namespace: {ns}\n",
+            reg.url("group/app")
+        ),
+    )
+    .expect("config");
+    let opts = agent::Options {
+        poll_interval: std::time::Duration::from_secs(3600),
+        registries: sluice_agent::oci::Registries {
+            config_file: Some(reg.docker_config()),
+            ca: [(reg.host.clone(), reg.ca_pem.clone().into_bytes())].into(),
+            ..Default::default()
+        },
+        ..options("ocihook", dir.path())
+    };
+    let receiver = std::sync::Arc::new(sluice_agent::webhook::Receiver::new(
+        secret.to_string().into(),
+        opts.triggers.clone(),
+        opts.metrics.clone(),
+    ));
+    tokio::spawn(sluice_agent::webhook::serve(hooks, receiver));
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(agent::run(
+        client.clone(),
+        ConfigSource::File(config),
+        opts,
+        None,
+        async {
+            let _ = rx.await;
+        },
+    ));
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let value = |name: &'static str| {
+        let cms = cms.clone();
+        async move {
+            cms.get_opt(name)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|cm| cm.data?.get("value").cloned())
+        }
+    };
+    eventually(
+        "the artifact at start",
+        std::time::Duration::from_secs(60),
+        || async { (value("a").await.as_deref() == Some("1")).then_some(()) },
+    )
+    .await;
+
+    let v2 = tree(&[
+        ("a.yaml", configmap("a", "2")),
+        ("b.yaml", configmap("b", "2")),
+    ]);
+    let pushed = std::time::Instant::now();
+    reg.flux_push("group/app", "latest", v2.path(), git, "main@sha1:2");
+    eventually(
+        "the push the registry announced",
+        std::time::Duration::from_secs(30),
+        || async { (value("b").await.as_deref() == Some("2")).then_some(()) },
+    )
+    .await;
+    eprintln!("registry push to applied: {:?}", pushed.elapsed());
+    assert_eq!(value("a").await.as_deref(), Some("2"));
+    drop(stop);
+    let _ = agent.await;
+}

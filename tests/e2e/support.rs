@@ -234,6 +234,7 @@ pub fn options(agent: &str, cache: &std::path::Path) -> sluice_agent::agent::Opt
         cleanup_managers: vec!["agentk".into()],
         allow_empty_prune: false,
         git_ca: None,
+        registries: Default::default(),
         plugin_cache_dir: None,
         renderers: Some(renderers()),
         limits: Default::default(),

@@ -37,6 +37,18 @@ impl Registry {
     /// # Errors
     /// When it cannot be built or does not answer within 30 s; the message quotes its log.
     pub async fn start_new(name: &str) -> Result<Registry, String> {
+        Registry::start_notifying(name, None).await
+    }
+
+    /// As [`Self::start_new`], sending its notifications (a push, a pull, …) to `url` with
+    /// `Authorization: Bearer <secret>`, as a registry's `notifications.endpoints` does.
+    ///
+    /// # Errors
+    /// As [`Self::start_new`].
+    pub async fn start_notifying(
+        name: &str,
+        notify: Option<(&str, &str)>,
+    ) -> Result<Registry, String> {
         let bin = crate::cluster::reference_cli("registry");
         let dir = fresh_run_dir(&format!("sluice-registry-{name}"))?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -58,7 +70,12 @@ impl Registry {
             &format!(
                 "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {d}/data\n  delete:\n    enabled: true\n\
                  http:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {d}/cert.pem\n    key: {d}/key.pem\n\
-                 auth:\n  htpasswd:\n    realm: sluice-test\n    path: {d}/htpasswd\n"
+                 auth:\n  htpasswd:\n    realm: sluice-test\n    path: {d}/htpasswd\n{}",
+                notify
+                    .map(|(url, secret)| format!(
+                        "notifications:\n  endpoints:\n  - name: sluice\n    url: {url}\n    headers:\n      Authorization: [Bearer {secret}]\n    timeout: 2s\n    threshold: 3\n    backoff: 1s\n"
+                    ))
+                    .unwrap_or_default()
             ),
         )?;
         let mut registry = Registry {
@@ -115,6 +132,18 @@ impl Registry {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// A Docker `config.json` holding this registry's credentials (what a
+    /// `kubernetes.io/dockerconfigjson` Secret's `.dockerconfigjson` holds), written into
+    /// the registry's directory.
+    pub fn docker_config(&self) -> PathBuf {
+        use base64::Engine as _;
+        let auth = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
+        let path = self.dir.join("docker-config.json");
+        let json = serde_json::json!({"auths": {self.host.clone(): {"auth": auth}}});
+        std::fs::write(&path, json.to_string()).expect("write the docker config");
+        path
     }
 
     /// `oci://<host>/<repository>`.

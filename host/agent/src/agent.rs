@@ -77,8 +77,11 @@ pub struct Options {
     pub cleanup_managers: Vec<String>,
     /// Allow pruning everything when no file is selected.
     pub allow_empty_prune: bool,
-    /// Extra CA certificates (PEM) for https git servers.
+    /// Extra CA certificates (PEM) for https git servers (and registries without one of
+    /// their own in [`Self::registries`]).
     pub git_ca: Option<Vec<u8>>,
+    /// How `oci://` sources reach their registries.
+    pub registries: crate::oci::Registries,
     /// Where compiled plugins are cached (none: compile on every start).
     pub plugin_cache_dir: Option<PathBuf>,
     /// Kustomize and Helm, shared by every project (none: a project that needs one fails
@@ -888,9 +891,14 @@ fn without_credentials(url: &str) -> String {
 fn source_for(url: &str, opts: &Options, credentials: Option<Credentials>) -> Source {
     let credentials = credentials.or_else(|| credentials_for(url, opts));
     let source = Source::new(url, &opts.cache_dir, credentials);
-    match &opts.git_ca {
+    let source = match &opts.git_ca {
         Some(pem) => source.with_ca(pem.clone()),
         None => source,
+    };
+    if source.is_oci() {
+        opts.registries.configure(source)
+    } else {
+        source
     }
 }
 

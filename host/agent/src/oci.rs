@@ -21,7 +21,7 @@
 //!
 //! Like [`Source`]'s git side, these functions block: call them off the async workers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,6 +60,72 @@ const MAX_MANIFEST_BYTES: usize = 4 << 20;
 const MAX_TAGS: usize = 100_000;
 /// The deadline of one registry request (a layer's download has the fetch's own).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How the agent reaches registries, beyond a project's own credentials.
+#[derive(Debug, Clone, Default)]
+pub struct Registries {
+    /// A Docker `config.json`: the `.dockerconfigjson` of a `kubernetes.io/dockerconfigjson`
+    /// Secret, the one image pulls use (`--registry-config`). Read at every request, so a
+    /// rotated Secret is used without a restart.
+    pub config_file: Option<PathBuf>,
+    /// Extra CA certificates (PEM) per registry host (`--registry-ca HOST=FILE`).
+    pub ca: HashMap<String, Vec<u8>>,
+    /// Registry hosts spoken to over plain HTTP (`--insecure-registry HOST`); every other
+    /// one over https only.
+    pub plain_http: HashSet<String>,
+}
+
+impl Registries {
+    /// `source` set up for its registry: the host's CA, plain HTTP if named, and the
+    /// Docker config for credentials.
+    #[must_use]
+    pub fn configure(&self, source: Source) -> Source {
+        let Some((host, _)) = parse_url(source.url()) else {
+            return source;
+        };
+        let mut source = match self.ca.get(&host) {
+            Some(pem) => source.with_ca(pem.clone()),
+            None => source,
+        };
+        if self.plain_http.contains(&host) {
+            source = source.with_plain_http();
+        }
+        match &self.config_file {
+            Some(f) => source.with_registry_config(f.clone()),
+            None => source,
+        }
+    }
+}
+
+/// The credentials a Docker `config.json` holds for `host` (`auths` keyed by host, by
+/// `https://host` or by `https://host/v1/`; `username` and `password`, or `auth` as base64
+/// of `user:password`).
+pub fn docker_credentials(json: &[u8], host: &str) -> Option<crate::source::Credentials> {
+    use base64::Engine as _;
+    let v: serde_json::Value = serde_json::from_slice(json).ok()?;
+    let auths = v["auths"].as_object()?;
+    let key = |k: &str| -> String {
+        let k = k.split_once("://").map_or(k, |(_, rest)| rest);
+        k.split('/').next().unwrap_or(k).to_ascii_lowercase()
+    };
+    let (_, entry) = auths
+        .iter()
+        .find(|(k, _)| key(k) == host.to_ascii_lowercase())?;
+    if let (Some(u), Some(p)) = (entry["username"].as_str(), entry["password"].as_str()) {
+        return Some(crate::source::Credentials {
+            username: u.into(),
+            password: p.into(),
+        });
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(entry["auth"].as_str()?)
+        .ok()?;
+    let (u, p) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+    Some(crate::source::Credentials {
+        username: u.into(),
+        password: p.into(),
+    })
+}
 
 /// `oci://host[:port]/repository` → (registry, repository).
 pub fn parse_url(url: &str) -> Option<(String, String)> {
@@ -491,8 +557,12 @@ fn client(source: &Source) -> (Client, RegistryAuth) {
         connect_timeout: Some(Duration::from_secs(10)),
         ..ClientConfig::default()
     };
-    let auth = match source.credentials() {
-        Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
+    let from_config = || {
+        let (host, _) = parse_url(source.url())?;
+        docker_credentials(&std::fs::read(source.registry_config()?).ok()?, &host)
+    };
+    let auth = match source.credentials().cloned().or_else(from_config) {
+        Some(c) => RegistryAuth::Basic(c.username, c.password),
         None => RegistryAuth::Anonymous,
     };
     (Client::new(config), auth)
@@ -725,6 +795,23 @@ mod tests {
         assert_eq!(highest("~1.0", &tags).unwrap().as_deref(), Some("v1.0.0"));
         assert_eq!(highest(">=3", &tags).unwrap(), None);
         assert!(highest("not a range", &tags).is_err());
+    }
+
+    #[test]
+    fn docker_config_credentials_are_found_by_host() {
+        let json = br#"{"auths": {
+            "https://registry.gitlab.example/v1/": {"auth": "ZGVwbG95LXRva2VuOnMzY3JldDpwYXJ0"},
+            "127.0.0.1:5000": {"username": "ci", "password": "pw"}
+        }}"#;
+        let c = docker_credentials(json, "registry.gitlab.example").expect("by URL key");
+        assert_eq!(
+            (c.username.as_str(), c.password.as_str()),
+            ("deploy-token", "s3cret:part")
+        );
+        let c = docker_credentials(json, "127.0.0.1:5000").expect("by host key");
+        assert_eq!((c.username.as_str(), c.password.as_str()), ("ci", "pw"));
+        assert!(docker_credentials(json, "127.0.0.1:5001").is_none());
+        assert!(docker_credentials(b"not json", "x").is_none());
     }
 
     #[test]

@@ -105,6 +105,8 @@ pub struct Source {
     ca_pem: Option<Vec<u8>>,
     /// An `oci://` registry spoken to over plain HTTP (`--insecure-registry`).
     plain_http: bool,
+    /// A Docker `config.json` holding registry credentials (`--registry-config`).
+    registry_config: Option<PathBuf>,
 }
 
 /// The files of one commit (or OCI artifact), read from the cache.
@@ -186,6 +188,7 @@ impl Source {
             credentials,
             ca_pem: None,
             plain_http: false,
+            registry_config: None,
         }
     }
 
@@ -194,6 +197,17 @@ impl Source {
     pub fn with_plain_http(mut self) -> Source {
         self.plain_http = true;
         self
+    }
+
+    /// Reads registry credentials from a Docker `config.json` (when the URL has none).
+    #[must_use]
+    pub fn with_registry_config(mut self, path: PathBuf) -> Source {
+        self.registry_config = Some(path);
+        self
+    }
+
+    pub(crate) fn registry_config(&self) -> Option<&Path> {
+        self.registry_config.as_deref()
     }
 
     /// Whether this is an OCI repository (`oci://host/repository`), not git.

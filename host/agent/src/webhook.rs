@@ -7,6 +7,10 @@
 //! - `POST /hooks/generic`: `Authorization: Bearer <secret>`, a JSON body
 //!   `{"project": "group/app", "ref": "refs/heads/main"}` (both optional: without `project`
 //!   every project is triggered), for CI jobs and other servers.
+//! - `POST /hooks/registry`: an OCI registry's notifications (CNCF distribution's envelope,
+//!   which GitLab's container registry and Harbor send too), `Authorization: Bearer
+//!   <secret>` (the endpoint's `headers:`); each manifest push with a tag wakes the `oci://`
+//!   projects of that repository following that tag.
 //!
 //! A push that names a manifest project (by path or by URL) and the ref it follows wakes
 //! that project's worker at once, instead of at its next poll; a push to the configuration
@@ -172,6 +176,9 @@ fn matches(push: &Push, target: &Target) -> bool {
     match &target.git_ref {
         GitRef::Branch(b) => pushed == &format!("refs/heads/{b}"),
         GitRef::Tag(t) => pushed == &format!("refs/tags/{t}"),
+        GitRef::DefaultBranch if target.url.starts_with("oci://") => {
+            pushed == &format!("refs/tags/{}", crate::oci::DEFAULT_TAG)
+        }
         GitRef::DefaultBranch => match &push.default_branch {
             Some(b) => pushed == &format!("refs/heads/{b}"),
             None => pushed.starts_with("refs/heads/"),
@@ -213,6 +220,7 @@ enum Provider {
     Gitlab,
     Github,
     Generic,
+    Registry,
 }
 
 impl Provider {
@@ -221,6 +229,7 @@ impl Provider {
             Provider::Gitlab => "gitlab",
             Provider::Github => "github",
             Provider::Generic => "generic",
+            Provider::Registry => "registry",
         }
     }
 }
@@ -238,6 +247,8 @@ enum Rejection {
 #[derive(Debug, PartialEq, Eq)]
 enum Event {
     Push(Push),
+    /// Several pushes in one request (a registry's batch of events).
+    Pushes(Vec<Push>),
     Ignored(String),
 }
 
@@ -287,6 +298,15 @@ fn parse(
                 &["clone_url", "ssh_url", "html_url", "git_url"],
             )
         }
+        Provider::Registry => {
+            let token = header("authorization")
+                .and_then(|a| a.strip_prefix("Bearer "))
+                .ok_or(Rejection::Unauthorized)?;
+            if !equal(token.trim().as_bytes(), secret.as_bytes()) {
+                return Err(Rejection::Unauthorized);
+            }
+            registry_pushes(&json(body)?)
+        }
         Provider::Generic => {
             let token = header("authorization")
                 .and_then(|a| a.strip_prefix("Bearer "))
@@ -309,6 +329,36 @@ fn parse(
             }))
         }
     }
+}
+
+/// A registry's notification envelope (`{"events": [...]}`): each `push` of a manifest with
+/// a tag is a push of `refs/tags/<tag>` to `oci://<request.host>/<target.repository>`; pulls,
+/// deletes and pushes by digest alone are not.
+fn registry_pushes(v: &Value) -> Result<Event, Rejection> {
+    let events = v["events"]
+        .as_array()
+        .ok_or_else(|| Rejection::BadRequest("no \"events\"".into()))?;
+    let pushes: Vec<Push> = events
+        .iter()
+        .filter(|e| str_at(e, "action").as_deref() == Some("push"))
+        .filter_map(|e| {
+            let target = &e["target"];
+            let tag = str_at(target, "tag")?;
+            let repository = str_at(target, "repository")?;
+            let host = str_at(&e["request"], "host")?;
+            Some(Push {
+                path: None,
+                urls: vec![format!("oci://{host}/{repository}")],
+                git_ref: Some(format!("refs/tags/{tag}")),
+                default_branch: None,
+                everything: false,
+            })
+        })
+        .collect();
+    if pushes.is_empty() {
+        return Ok(Event::Ignored("no tagged manifest push".into()));
+    }
+    Ok(Event::Pushes(pushes))
 }
 
 /// A GitLab or GitHub push payload: the repository under `repo` (GitLab also repeats its
@@ -430,9 +480,17 @@ impl Receiver {
                     )
                         .into_response(),
                 ),
-                Ok(Event::Push(push)) => {
-                    let woken = self.triggers.fire(&push);
-                    tracing::info!(provider = provider.name(), git_ref = ?push.git_ref, triggered = ?woken, "webhook push received");
+                Ok(event @ (Event::Push(_) | Event::Pushes(_))) => {
+                    let pushes = match event {
+                        Event::Push(p) => vec![p],
+                        Event::Pushes(p) => p,
+                        Event::Ignored(_) => Vec::new(),
+                    };
+                    let mut woken = Vec::new();
+                    for push in &pushes {
+                        woken.extend(self.triggers.fire(push));
+                        tracing::info!(provider = provider.name(), git_ref = ?push.git_ref, triggered = ?woken, "webhook push received");
+                    }
                     let status = if woken.is_empty() {
                         StatusCode::OK
                     } else {
@@ -488,6 +546,7 @@ pub fn routes(receiver: Arc<Receiver>) -> axum::Router {
         .route("/hooks/gitlab", route(Provider::Gitlab))
         .route("/hooks/github", route(Provider::Github))
         .route("/hooks/generic", route(Provider::Generic))
+        .route("/hooks/registry", route(Provider::Registry))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(receiver)
 }
@@ -641,6 +700,56 @@ mod tests {
             ),
             Err(Rejection::Unauthorized)
         );
+    }
+
+    #[test]
+    fn a_registry_notification_wakes_the_projects_of_its_repository_and_tag() {
+        // As CNCF distribution sends it (one pull, one tagged push, one push by digest).
+        let body = br#"{"events": [
+            {"action": "pull", "target": {"repository": "group/app", "tag": "v1"}, "request": {"host": "registry.example:5050"}},
+            {"action": "push", "target": {"mediaType": "application/vnd.oci.image.manifest.v1+json", "repository": "group/app", "digest": "sha256:0", "tag": "v2"}, "request": {"host": "registry.example:5050"}},
+            {"action": "push", "target": {"repository": "group/app", "digest": "sha256:1"}, "request": {"host": "registry.example:5050"}}
+        ]}"#;
+        let auth = headers(&[("authorization", "Bearer s3cret")]);
+        let Ok(Event::Pushes(pushes)) = parse(Provider::Registry, "s3cret", &auth, body) else {
+            panic!("a push");
+        };
+        assert_eq!(pushes.len(), 1);
+        let url = "oci://registry.example:5050/group/app";
+        assert!(matches(
+            &pushes[0],
+            &target(url, url, GitRef::Tag("v2".into()))
+        ));
+        assert!(!matches(
+            &pushes[0],
+            &target(url, url, GitRef::Tag("v1".into()))
+        ));
+        assert!(matches(
+            &pushes[0],
+            &target(url, url, GitRef::Semver(">=1".into()))
+        ));
+        assert!(
+            !matches(&pushes[0], &target(url, url, GitRef::DefaultBranch)),
+            "latest only"
+        );
+        let other = "oci://registry.example:5050/group/other";
+        assert!(!matches(
+            &pushes[0],
+            &target(other, other, GitRef::Tag("v2".into()))
+        ));
+        assert_eq!(
+            parse(
+                Provider::Registry,
+                "s3cret",
+                &headers(&[("authorization", "Bearer no")]),
+                body
+            ),
+            Err(Rejection::Unauthorized)
+        );
+        assert!(matches!(
+            parse(Provider::Registry, "s3cret", &auth, br#"{"events": []}"#),
+            Ok(Event::Ignored(_))
+        ));
     }
 
     #[test]

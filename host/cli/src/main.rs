@@ -245,6 +245,17 @@ struct RunArgs {
     /// User name sent with the token.
     #[arg(long, default_value = "oauth2")]
     git_username: String,
+    /// Registry credentials for `oci://` sources: a Docker `config.json`, e.g. the
+    /// `.dockerconfigjson` of the Secret image pulls use (read at every request).
+    #[arg(long, env = "SLUICE_REGISTRY_CONFIG")]
+    registry_config: Option<PathBuf>,
+    /// An extra CA (PEM) trusted for one registry: `HOST=FILE` (repeatable). Registries
+    /// without one trust the system's roots and --git-ca-file.
+    #[arg(long = "registry-ca", value_name = "HOST=FILE")]
+    registry_ca: Vec<String>,
+    /// A registry spoken to over plain HTTP (repeatable); every other one is https only.
+    #[arg(long = "insecure-registry", value_name = "HOST")]
+    insecure_registry: Vec<String>,
     /// Ref poll interval.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     poll_interval: Duration,
@@ -787,6 +798,26 @@ async fn setup(args: &RunArgs) -> Result<Setup, ExitCode> {
         },
         None => None,
     };
+    let mut registries = sluice_agent::oci::Registries {
+        config_file: args.registry_config.clone(),
+        plain_http: args.insecure_registry.iter().cloned().collect(),
+        ..Default::default()
+    };
+    for entry in &args.registry_ca {
+        let Some((host, path)) = entry.split_once('=') else {
+            tracing::error!(value = %entry, "--registry-ca takes HOST=FILE");
+            return Err(ExitCode::from(2));
+        };
+        match std::fs::read(path) {
+            Ok(pem) => {
+                registries.ca.insert(host.to_string(), pem);
+            }
+            Err(e) => {
+                tracing::error!(path, error = %e, "failed to read the registry CA file");
+                return Err(ExitCode::from(2));
+            }
+        }
+    }
     let client = match sluice_engine::kube_client().await {
         Ok(c) => c,
         Err(e) => {
@@ -831,6 +862,7 @@ async fn setup(args: &RunArgs) -> Result<Setup, ExitCode> {
         cleanup_managers: args.cleanup_field_managers.clone(),
         allow_empty_prune: args.allow_empty_prune,
         git_ca,
+        registries,
         plugin_cache_dir: Some(cache_root.join("wasm")),
         // Modules load when a project first needs one: an agent that renders nothing
         // pays for an engine and nothing more.
