@@ -270,3 +270,173 @@ async fn the_agent_syncs_an_artifact_when_the_registry_announces_the_push() {
     drop(stop);
     let _ = agent.await;
 }
+
+/// Plugins by OCI reference: `sluice plugin push` publishes a module (annotated with its
+/// world and WIT version), `sluice plugin inspect` reads it back without running it, and an
+/// agent uses it pinned by digest. The module is pulled once per digest: with the registry
+/// down, a pinned module and a tag whose digest was seen still load; a digest the
+/// registry does not have fails naming the reference, and nothing is applied.
+#[tokio::test]
+async fn a_plugin_pushed_to_a_registry_is_pulled_once_by_digest_and_used() {
+    use std::process::Command;
+    let client = sluice_testenv::cluster::client().await;
+    let ns = sluice_testenv::cluster::namespace(&client, "ocimod").await;
+    let mut reg = Registry::start_new("modules").await.expect("registry");
+    let module = sluice_testenv::wasm::component("set-labels");
+    let sluice = sluice_testenv::wasm::sluice_binary();
+    let registry_args = [
+        format!("--creds={}:{}", registry::USER, registry::PASSWORD),
+        format!("--registry-ca={}", reg.ca_file.display()),
+    ];
+    let reference = format!("{}:v1", reg.url("plugins/set-labels"));
+    let out = Command::new(&sluice)
+        .args(["plugin", "push"])
+        .arg(&module)
+        .arg(&reference)
+        .args([
+            "--source=https://gitlab.example/platform/plugins.git",
+            "--revision=main@sha1:3",
+        ])
+        .args(&registry_args)
+        .output()
+        .expect("sluice plugin push");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let digest = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(digest.starts_with("sha256:"), "{digest}");
+
+    let out = Command::new(&sluice)
+        .args(["plugin", "inspect", "-o", "json", &reference])
+        .args(&registry_args)
+        .output()
+        .expect("sluice plugin inspect");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(info["digest"], digest.as_str());
+    assert_eq!(info["world"], "transformer");
+    assert_eq!(
+        info["annotations"]["dev.sluice.plugin.world"],
+        "transformer"
+    );
+    assert_eq!(
+        info["annotations"]["org.opencontainers.image.revision"],
+        "main@sha1:3"
+    );
+    assert!(
+        info["annotations"]["dev.sluice.plugin.wit-version"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("0.")),
+        "{info}"
+    );
+
+    // The agent, with the module pinned by tag and digest.
+    let repo = sluice_testenv::git::shared().create_repo(&format!("group/{ns}"));
+    repo.commit(
+        "main",
+        &[sluice_testenv::git::file("a.yaml", configmap("a", "1"))],
+        "a",
+    );
+    let dir = tempfile::tempdir().expect("dir");
+    let cache = dir.path().join("cache");
+    let config = dir.path().join("config.yaml");
+    let write_config = |module: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "plugins:\n- name: labels\n  module: {module}\n  config: {{labels: {{pushed-by: registry}}}}\n\
+                 gitops:\n  manifest_projects:\n  - id: group/{ns}\n    default_namespace: {ns}\n"
+            ),
+        )
+        .expect("config");
+    };
+    let registries = sluice_agent::oci::Registries {
+        config_file: Some(reg.docker_config()),
+        ca: [(reg.host.clone(), reg.ca_pem.clone().into_bytes())].into(),
+        ..Default::default()
+    };
+    let opts = || sluice_agent::agent::Options {
+        config_project: String::new(),
+        takeover: sluice_agent::sync::Takeover::Off,
+        registries: registries.clone(),
+        ..options("ocimod", &cache)
+    };
+    let once = |opts: sluice_agent::agent::Options| {
+        let (client, config) = (client.clone(), config.clone());
+        async move {
+            sluice_agent::agent::run_once(
+                client,
+                sluice_agent::agent::ConfigSource::File(config),
+                opts,
+            )
+            .await
+            .expect("run once")
+            .remove(0)
+            .result
+        }
+    };
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let label = |cm: ConfigMap| {
+        cm.metadata
+            .labels
+            .unwrap_or_default()
+            .get("pushed-by")
+            .cloned()
+    };
+    write_config(&format!("{reference}@{digest}"));
+    once(opts()).await.expect("synced with the pulled plugin");
+    assert_eq!(
+        label(cms.get("a").await.expect("a")),
+        Some("registry".into())
+    );
+
+    // By tag alone: resolved (and the digest it had recorded).
+    write_config(&reference);
+    once(opts()).await.expect("synced with the tag's module");
+    write_config(&format!("{reference}@{digest}"));
+
+    // Registry down: the pinned module and the tag seen before still load.
+    reg.stop();
+    repo.commit(
+        "main",
+        &[
+            sluice_testenv::git::file("a.yaml", configmap("a", "1")),
+            sluice_testenv::git::file("b.yaml", configmap("b", "1")),
+        ],
+        "b",
+    );
+    once(opts()).await.expect("pinned: no registry needed");
+    assert_eq!(
+        label(cms.get("b").await.expect("b")),
+        Some("registry".into())
+    );
+    write_config(&reference);
+    once(opts()).await.expect("the tag's last digest is held");
+
+    // A digest the registry does not hold: refused, naming the reference; nothing applied.
+    reg.start().await.expect("registry back");
+    let unknown = format!("sha256:{}", "0".repeat(64));
+    write_config(&format!("{reference}@{unknown}"));
+    repo.commit(
+        "main",
+        &[
+            sluice_testenv::git::file("a.yaml", configmap("a", "1")),
+            sluice_testenv::git::file("b.yaml", configmap("b", "1")),
+            sluice_testenv::git::file("c.yaml", configmap("c", "1")),
+        ],
+        "c",
+    );
+    let e = once(opts()).await.expect_err("an unknown digest");
+    assert!(e.contains("plugins/set-labels"), "{e}");
+    assert!(!e.contains(registry::PASSWORD), "{e}");
+    assert!(
+        cms.get_opt("c").await.expect("get c").is_none(),
+        "nothing applied"
+    );
+}

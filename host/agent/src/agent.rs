@@ -725,8 +725,9 @@ async fn load_config(src: &ConfigSource, opts: &Options) -> Result<(AgentConfig,
         opts.config_project.clone(),
     );
     let cache_dir = opts.cache_dir.clone();
+    let opts = opts.clone();
     let repo_source = match src {
-        ConfigSource::Repo { url } => Some(source_for(url, opts, None)),
+        ConfigSource::Repo { url } => Some(source_for(url, &opts, None)),
         ConfigSource::File(_) => None,
     };
     tokio::task::spawn_blocking(move || match (source, repo_source) {
@@ -737,7 +738,7 @@ async fn load_config(src: &ConfigSource, opts: &Options) -> Result<(AgentConfig,
                 config::parse_with_origin(&text, &config_project, &path.display().to_string())
                     .map_err(|e| e.to_string())?;
             let base = path.parent().map(PathBuf::from).unwrap_or_default();
-            let modules = read_modules(&cfg, &cache_dir, |p| {
+            let modules = read_modules(&cfg, &cache_dir, &opts, |p| {
                 std::fs::read(base.join(p))
                     .map_err(|e| format!("failed to read module {}: {e}", base.join(p).display()))
             });
@@ -773,7 +774,7 @@ async fn load_config(src: &ConfigSource, opts: &Options) -> Result<(AgentConfig,
             };
             let cfg = config::parse_with_origin(&text, &config_project, &origin)
                 .map_err(|e| e.to_string())?;
-            let modules = read_modules(&cfg, &cache_dir, read);
+            let modules = read_modules(&cfg, &cache_dir, &opts, read);
             Ok((cfg, modules))
         }
         (ConfigSource::Repo { .. }, None) => unreachable!("repo_source is set for repositories"),
@@ -798,6 +799,7 @@ pub fn config_path(agent: &str, exists: impl Fn(&str) -> bool) -> String {
 fn read_modules(
     cfg: &AgentConfig,
     cache_dir: &std::path::Path,
+    opts: &Options,
     read_path: impl Fn(&str) -> Result<Vec<u8>, String>,
 ) -> Modules {
     cfg.plugins
@@ -805,12 +807,38 @@ fn read_modules(
         .map(|s| {
             let bytes = if s.module.starts_with("https://") {
                 fetch_module(&s.module, s.sha256.as_deref(), cache_dir, MAX_MODULE_BYTES)
+            } else if s.module.starts_with("oci://") {
+                pull_module(&s.name, &s.module, s.sha256.as_deref(), opts)
             } else {
                 read_path(&s.module)
             };
             (s.name.clone(), bytes)
         })
         .collect()
+}
+
+/// A module by OCI reference ([`crate::oci::pull_module`]), through its registry's
+/// credentials and CA; with `sha256`, the module itself must have that digest too. The
+/// manifest digest it resolved to is logged.
+fn pull_module(
+    name: &str,
+    reference: &str,
+    sha256: Option<&str>,
+    opts: &Options,
+) -> Result<Vec<u8>, String> {
+    let r = crate::oci::ModuleRef::parse(reference)?;
+    let source = source_for(&r.repository, opts, None);
+    let crate::oci::Module { bytes, digest, .. } = crate::oci::pull_module(&source, &r)?;
+    let got = sluice_model::object::sha256_bytes_hex(&bytes);
+    if let Some(want) = sha256
+        && got != want
+    {
+        return Err(format!(
+            "{reference}: the module's sha256 is {got}, the configuration says {want}"
+        ));
+    }
+    info!(plugin = %name, module = %r.repository, tag = r.tag.as_deref().unwrap_or_default(), digest = %digest, sha256 = %got, "plugin module from an OCI registry");
+    Ok(bytes)
 }
 
 /// The largest module downloaded over https.

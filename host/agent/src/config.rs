@@ -793,6 +793,9 @@ fn plugin_specs(sections: Vec<PluginSection>) -> Result<Vec<sluice_wasm::Spec>, 
                 "{at}.module: plain http is not allowed; use https:// with sha256"
             ));
         }
+        if p.module.starts_with("oci://") {
+            crate::oci::ModuleRef::parse(&p.module).map_err(|e| format!("{at}.module: {e}"))?;
+        }
         if p.module.starts_with("https://") && p.sha256.is_none() {
             return Err(format!(
                 "{at}.sha256: required when module is an https:// URL"

@@ -207,69 +207,16 @@ pub fn fetch(
     layer: Option<&str>,
     interrupt: &AtomicBool,
 ) -> Result<Snapshot> {
-    let url = source.url().to_string();
     let read_err = |message: String| Error::Read {
-        url: url.clone(),
+        url: source.url().to_string(),
         commit: digest.to_string(),
         message,
     };
-    let fetch_err = |message: String| Error::Fetch {
-        url: url.clone(),
-        message,
-    };
-    let hex = digest_hex(digest).ok_or_else(|| {
-        read_err("not a digest (expected sha256: and 64 hexadecimal digits)".into())
-    })?;
-    let (registry, repository) = parse_url(&url).ok_or_else(|| fetch_err(bad_url()))?;
-    let image = Reference::with_digest(registry, repository, digest.to_string());
-    let cache = Cache::new(source.cache_dir());
-    let manifest_bytes = match cache.get("manifests", hex) {
-        Some(bytes) => bytes,
-        None => {
-            let (client, auth) = client(source);
-            let bytes = block_on(async {
-                let pull = client.pull_manifest_raw(&image, &auth, &[MANIFEST_TYPES]);
-                tokio::time::timeout(REQUEST_TIMEOUT, pull)
-                    .await
-                    .map_err(|_| format!("no answer within {REQUEST_TIMEOUT:?}"))?
-                    .map(|(bytes, _)| bytes.to_vec())
-                    .map_err(|e| e.to_string())
-            })
-            .map_err(fetch_err)?;
-            if bytes.len() > MAX_MANIFEST_BYTES || sha256_hex(&bytes) != hex {
-                return Err(read_err("the manifest does not match its digest".into()));
-            }
-            cache.put("manifests", hex, &bytes).map_err(read_err)?;
-            bytes
-        }
-    };
-    let manifest: OciImageManifest = serde_json::from_slice(&manifest_bytes)
-        .map_err(|e| read_err(format!("not an OCI image manifest: {e}")))?;
+    let manifest = manifest(source, digest)?;
     let chosen = pick_layer(&manifest.layers, layer)
         .map_err(read_err)?
         .clone();
-    let layer_hex = digest_hex(&chosen.digest)
-        .ok_or_else(|| read_err(format!("layer digest {:?} is not sha256", chosen.digest)))?
-        .to_string();
-    if u64::try_from(chosen.size).unwrap_or(u64::MAX) > MAX_LAYER_BYTES {
-        return Err(read_err(format!(
-            "its layer has {} bytes; at most {MAX_LAYER_BYTES} are read",
-            chosen.size
-        )));
-    }
-    let gz = match cache.get("blobs", &layer_hex) {
-        Some(bytes) => bytes,
-        None => {
-            let (client, auth) = client(source);
-            let bytes = block_on(download(&client, &auth, &image, &chosen, interrupt))
-                .map_err(fetch_err)?;
-            if sha256_hex(&bytes) != layer_hex {
-                return Err(read_err("the layer does not match its digest".into()));
-            }
-            cache.put("blobs", &layer_hex, &bytes).map_err(read_err)?;
-            bytes
-        }
-    };
+    let gz = blob(source, digest, &chosen, MAX_LAYER_BYTES, interrupt)?;
     let (entries, blobs) = unpack(&gz).map_err(read_err)?;
     let revision = manifest
         .annotations
@@ -282,6 +229,289 @@ pub fn fetch(
         entries,
         blobs,
     ))
+}
+
+/// The image manifest `digest` of the source's repository, from the cache (kept by digest)
+/// or the registry, verified against its digest.
+fn manifest(source: &Source, digest: &str) -> Result<OciImageManifest> {
+    let url = source.url().to_string();
+    let read_err = |message: String| Error::Read {
+        url: url.clone(),
+        commit: digest.to_string(),
+        message,
+    };
+    let hex = digest_hex(digest).ok_or_else(|| {
+        read_err("not a digest (expected sha256: and 64 hexadecimal digits)".into())
+    })?;
+    let cache = Cache::new(source.cache_dir());
+    let bytes = match cache.get("manifests", hex) {
+        Some(bytes) => bytes,
+        None => {
+            let image = reference(source, digest)?;
+            let (client, auth) = client(source);
+            let bytes = block_on(async {
+                let pull = client.pull_manifest_raw(&image, &auth, &[MANIFEST_TYPES]);
+                tokio::time::timeout(REQUEST_TIMEOUT, pull)
+                    .await
+                    .map_err(|_| format!("no answer within {REQUEST_TIMEOUT:?}"))?
+                    .map(|(bytes, _)| bytes.to_vec())
+                    .map_err(|e| e.to_string())
+            })
+            .map_err(|message| Error::Fetch {
+                url: url.clone(),
+                message,
+            })?;
+            if bytes.len() > MAX_MANIFEST_BYTES || sha256_hex(&bytes) != hex {
+                return Err(read_err("the manifest does not match its digest".into()));
+            }
+            cache.put("manifests", hex, &bytes).map_err(read_err)?;
+            bytes
+        }
+    };
+    serde_json::from_slice(&bytes).map_err(|e| read_err(format!("not an OCI image manifest: {e}")))
+}
+
+/// The blob `layer` of the artifact `digest`, from the cache (kept by digest) or the
+/// registry, at most `max` bytes, verified against its digest.
+fn blob(
+    source: &Source,
+    digest: &str,
+    layer: &OciDescriptor,
+    max: u64,
+    interrupt: &AtomicBool,
+) -> Result<Vec<u8>> {
+    let read_err = |message: String| Error::Read {
+        url: source.url().to_string(),
+        commit: digest.to_string(),
+        message,
+    };
+    let hex = digest_hex(&layer.digest)
+        .ok_or_else(|| read_err(format!("layer digest {:?} is not sha256", layer.digest)))?;
+    if u64::try_from(layer.size).unwrap_or(u64::MAX) > max {
+        return Err(read_err(format!(
+            "its layer has {} bytes; at most {max} are read",
+            layer.size
+        )));
+    }
+    let cache = Cache::new(source.cache_dir());
+    if let Some(bytes) = cache.get("blobs", hex) {
+        return Ok(bytes);
+    }
+    let image = reference(source, digest)?;
+    let (client, auth) = client(source);
+    let bytes =
+        block_on(download(&client, &auth, &image, layer, max, interrupt)).map_err(|message| {
+            Error::Fetch {
+                url: source.url().to_string(),
+                message,
+            }
+        })?;
+    if sha256_hex(&bytes) != hex {
+        return Err(read_err("the layer does not match its digest".into()));
+    }
+    cache.put("blobs", hex, &bytes).map_err(read_err)?;
+    Ok(bytes)
+}
+
+fn reference(source: &Source, digest: &str) -> Result<Reference> {
+    let (registry, repository) = parse_url(source.url()).ok_or_else(|| Error::Fetch {
+        url: source.url().to_string(),
+        message: bad_url(),
+    })?;
+    Ok(Reference::with_digest(
+        registry,
+        repository,
+        digest.to_string(),
+    ))
+}
+
+/// A plugin module named by OCI reference (`oci://host/repo:tag@sha256:…`, a tag, a digest
+/// or both): the Wasm OCI artifact convention (config `application/vnd.wasm.config.v0+json`
+/// or `v1`, one layer `application/vnd.wasm.content.layer.v1+wasm`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleRef {
+    /// `oci://host/repository`.
+    pub repository: String,
+    /// The tag, if named.
+    pub tag: Option<String>,
+    /// The manifest digest, if named: then nothing is resolved.
+    pub digest: Option<String>,
+}
+
+/// The config media types of a Wasm module artifact.
+pub const WASM_CONFIGS: [&str; 2] = [
+    "application/vnd.wasm.config.v0+json",
+    "application/vnd.wasm.config.v1+json",
+];
+/// The layer media type of a Wasm module artifact.
+pub const WASM_LAYER: &str = "application/vnd.wasm.content.layer.v1+wasm";
+/// The largest module pulled.
+pub const MAX_MODULE_BYTES: u64 = 100 << 20;
+
+impl ModuleRef {
+    /// Reads `oci://host/repo[:tag][@sha256:…]`.
+    ///
+    /// # Errors
+    /// A reference without tag or digest, or with a malformed digest.
+    pub fn parse(reference: &str) -> std::result::Result<ModuleRef, String> {
+        let (name, digest) = match reference.split_once('@') {
+            Some((n, d)) if is_digest(d) => (n, Some(d.to_string())),
+            Some((_, d)) => return Err(format!("{reference}: {d:?} is not a sha256 digest")),
+            None => (reference, None),
+        };
+        let slash = name.rfind('/').unwrap_or(0);
+        let (repository, tag) = match name[slash..].find(':') {
+            Some(i) => (&name[..slash + i], Some(name[slash + i + 1..].to_string())),
+            None => (name, None),
+        };
+        if parse_url(repository).is_none() {
+            return Err(format!("{reference}: not oci://host/repository"));
+        }
+        if tag.is_none() && digest.is_none() {
+            return Err(format!(
+                "{reference}: name a tag (:v1) or a digest (@sha256:…)"
+            ));
+        }
+        Ok(ModuleRef {
+            repository: repository.to_string(),
+            tag,
+            digest,
+        })
+    }
+}
+
+/// A module pulled from a registry.
+#[derive(Debug, Clone)]
+pub struct Module {
+    /// The module.
+    pub bytes: Vec<u8>,
+    /// Its artifact's manifest digest.
+    pub digest: String,
+    /// The manifest's annotations (`sluice plugin push` writes the world, the WIT
+    /// version and the imports).
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Pulls the module `r` through `source` (a source for `r.repository`, which carries its
+/// registry's credentials and CA): the digest named, else the tag's, else (registry down)
+/// the digest the tag last had. A module already held for a digest is never pulled again.
+/// Returns the module and its manifest digest.
+///
+/// # Errors
+/// The registry's, an artifact that is not a Wasm module, a digest that does not match.
+pub fn pull_module(source: &Source, r: &ModuleRef) -> std::result::Result<Module, String> {
+    let cache = Cache::new(source.cache_dir());
+    let tag_key = r
+        .tag
+        .as_ref()
+        .map(|t| sha256_hex(format!("{}:{t}", r.repository).as_bytes()));
+    let digest = match (&r.digest, &r.tag) {
+        (Some(d), _) => d.clone(),
+        (None, Some(tag)) => match resolve(source, &GitRef::Tag(tag.clone())) {
+            Ok(d) => {
+                if let Some(k) = &tag_key {
+                    let _ = cache.put("tags", k, d.as_bytes());
+                }
+                d
+            }
+            Err(e) => {
+                // A registry that is down does not stop an agent whose modules are held.
+                let held = tag_key
+                    .as_ref()
+                    .and_then(|k| std::fs::read(source.cache_dir().join("tags").join(k)).ok())
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .filter(|d| is_digest(d));
+                match held {
+                    Some(d) => {
+                        tracing::warn!(module = %r.repository, tag = %tag, digest = %d, error = %e, "registry unreachable; using the digest the tag last had");
+                        d
+                    }
+                    None => return Err(e.to_string()),
+                }
+            }
+        },
+        (None, None) => return Err(format!("{}: no tag or digest", r.repository)),
+    };
+    let manifest = manifest(source, &digest).map_err(|e| e.to_string())?;
+    let config = manifest.config.media_type.as_str();
+    if !WASM_CONFIGS.contains(&config) {
+        return Err(format!(
+            "{}@{digest}: not a Wasm module artifact (config {config}; expected {})",
+            r.repository,
+            WASM_CONFIGS.join(" or ")
+        ));
+    }
+    let layer = match manifest.layers.as_slice() {
+        [l] if l.media_type == WASM_LAYER => l,
+        _ => {
+            return Err(format!(
+                "{}@{digest}: a Wasm module artifact has one layer of type {WASM_LAYER}",
+                r.repository
+            ));
+        }
+    };
+    let bytes = blob(
+        source,
+        &digest,
+        layer,
+        MAX_MODULE_BYTES,
+        &AtomicBool::new(false),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(Module {
+        bytes,
+        digest,
+        annotations: manifest.annotations.clone().unwrap_or_default(),
+    })
+}
+
+/// The annotation `sluice plugin push` gives the plugin's world.
+pub const ANNOTATION_WORLD: &str = "dev.sluice.plugin.world";
+/// The annotation giving the `sluice:plugin` WIT version it was built against.
+pub const ANNOTATION_WIT: &str = "dev.sluice.plugin.wit-version";
+/// The annotation listing the interfaces it imports (what it asks for, capabilities
+/// included).
+pub const ANNOTATION_IMPORTS: &str = "dev.sluice.plugin.imports";
+
+/// Publishes `module` as `oci://host/repo:tag` in the Wasm OCI artifact convention (config
+/// `application/vnd.wasm.config.v0+json`, one `application/vnd.wasm.content.layer.v1+wasm`
+/// layer) with `annotations` on the manifest; returns the manifest digest.
+///
+/// # Errors
+/// The registry's.
+pub async fn push_module(
+    source: &Source,
+    tag: &str,
+    module: Vec<u8>,
+    os: &str,
+    annotations: BTreeMap<String, String>,
+) -> std::result::Result<String, String> {
+    use oci_client::client::{Config, ImageLayer};
+    let (registry, repository) = parse_url(source.url()).ok_or_else(bad_url)?;
+    let image = Reference::with_tag(registry, repository, tag.to_string());
+    let layer_digest = format!("sha256:{}", sha256_hex(&module));
+    let config = serde_json::json!({
+        "architecture": "wasm",
+        "os": os,
+        "layerDigests": [layer_digest],
+    });
+    let layers = [ImageLayer::new(module, WASM_LAYER.to_string(), None)];
+    let config = Config::new(
+        serde_json::to_vec(&config).unwrap_or_default(),
+        WASM_CONFIGS[0].to_string(),
+        None,
+    );
+    let manifest = OciImageManifest::build(&layers, &config, Some(annotations));
+    let (client, auth) = client(source);
+    let push = client.push(&image, &layers, config, &auth, Some(manifest));
+    tokio::time::timeout(Duration::from_secs(300), push)
+        .await
+        .map_err(|_| "the push took longer than 300 s".to_string())?
+        .map_err(|e| e.to_string())?;
+    tokio::time::timeout(REQUEST_TIMEOUT, client.fetch_manifest_digest(&image, &auth))
+        .await
+        .map_err(|_| format!("no answer within {REQUEST_TIMEOUT:?}"))?
+        .map_err(|e| e.to_string())
 }
 
 /// The manifest media types asked for: an OCI image manifest (an index is not an artifact).
@@ -318,12 +548,13 @@ fn pick_layer<'a>(
     })
 }
 
-/// Downloads a layer, at most [`MAX_LAYER_BYTES`], each read within [`REQUEST_TIMEOUT`].
+/// Downloads a layer, at most `max` bytes, each read within [`REQUEST_TIMEOUT`].
 async fn download(
     client: &Client,
     auth: &RegistryAuth,
     image: &Reference,
     layer: &OciDescriptor,
+    max: u64,
     interrupt: &AtomicBool,
 ) -> std::result::Result<Vec<u8>, String> {
     // Authenticates (a token for pulls) the way the manifest pull does.
@@ -347,8 +578,8 @@ async fn download(
             Some(Err(e)) => return Err(e.to_string()),
             Some(Ok(chunk)) => {
                 out.extend_from_slice(&chunk);
-                if out.len() as u64 > MAX_LAYER_BYTES {
-                    return Err(format!("the layer is larger than {MAX_LAYER_BYTES} bytes"));
+                if out.len() as u64 > max {
+                    return Err(format!("the layer is larger than {max} bytes"));
                 }
             }
         }
@@ -812,6 +1043,34 @@ mod tests {
         assert_eq!((c.username.as_str(), c.password.as_str()), ("ci", "pw"));
         assert!(docker_credentials(json, "127.0.0.1:5001").is_none());
         assert!(docker_credentials(b"not json", "x").is_none());
+    }
+
+    #[test]
+    fn module_references_name_a_tag_a_digest_or_both() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        let r = ModuleRef::parse(&format!("oci://reg:5000/plugins/policy:v1@{d}")).unwrap();
+        assert_eq!(
+            r,
+            ModuleRef {
+                repository: "oci://reg:5000/plugins/policy".into(),
+                tag: Some("v1".into()),
+                digest: Some(d.clone())
+            }
+        );
+        let r = ModuleRef::parse("oci://reg:5000/plugins/policy:v1").unwrap();
+        assert_eq!((r.tag.as_deref(), r.digest), (Some("v1"), None));
+        let r = ModuleRef::parse(&format!("oci://reg/p@{d}")).unwrap();
+        assert_eq!((r.repository.as_str(), r.tag), ("oci://reg/p", None));
+        assert!(
+            ModuleRef::parse("oci://reg:5000/p")
+                .unwrap_err()
+                .contains("name a tag")
+        );
+        assert!(
+            ModuleRef::parse("oci://reg/p@sha256:12")
+                .unwrap_err()
+                .contains("not a sha256")
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use sluice_agent::agent::{self, ConfigSource};
 use sluice_agent::report::{self, LogFormat};
-use sluice_agent::source::Credentials;
+use sluice_agent::source::{Credentials, Source};
 
 // A sync makes and drops many JSON values on several threads; glibc's per-thread arenas
 // kept the freed memory (209 MiB peak RSS at 10,000 objects). mimalloc returns it, and
@@ -135,14 +135,88 @@ enum RbacMode {
 
 #[derive(Debug, Subcommand)]
 enum PluginCommand {
-    /// Show a plugin's world, exports, imports, WIT version, size and compile time.
+    /// Show a plugin's world, exports, imports, WIT version, size and compile time; of a
+    /// module in a registry (`oci://host/repo:tag[@sha256:…]`) also its digest and
+    /// annotations. Nothing is run.
     Inspect {
-        /// The component (.wasm).
-        file: PathBuf,
+        /// The component (.wasm), or an OCI reference.
+        module: String,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t = Output::Yaml)]
         output: Output,
+        #[command(flatten)]
+        registry: RegistryArgs,
     },
+    /// Publish a module to a registry as `oci://host/repo:tag` (the Wasm OCI artifact
+    /// layout, annotated with its world, WIT version and imports); prints its digest, the
+    /// one to pin in `module: oci://host/repo:tag@sha256:…`.
+    Push {
+        /// The component (.wasm).
+        file: PathBuf,
+        /// `oci://host/repository:tag`.
+        reference: String,
+        /// Where the module was built from (`org.opencontainers.image.source`).
+        #[arg(long)]
+        source: Option<String>,
+        /// The revision it was built from (`org.opencontainers.image.revision`).
+        #[arg(long)]
+        revision: Option<String>,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+}
+
+/// How the plugin commands reach a registry.
+#[derive(Debug, Args)]
+struct RegistryArgs {
+    /// `USER:PASSWORD` (else the Docker config's entry for the registry).
+    #[arg(long, env = "SLUICE_REGISTRY_CREDS", hide_env_values = true)]
+    creds: Option<String>,
+    /// A Docker `config.json` (default: `$DOCKER_CONFIG/config.json`, else
+    /// `~/.docker/config.json`).
+    #[arg(long, env = "SLUICE_REGISTRY_CONFIG")]
+    registry_config: Option<PathBuf>,
+    /// An extra CA (PEM) to trust for the registry.
+    #[arg(long)]
+    registry_ca: Option<PathBuf>,
+    /// Speak plain HTTP to the registry.
+    #[arg(long)]
+    insecure_registry: bool,
+}
+
+impl RegistryArgs {
+    /// A source for `repository` (`oci://host/repo`) with these settings, caching under a
+    /// temporary directory.
+    fn source(&self, repository: &str, cache: &std::path::Path) -> Result<Source, String> {
+        let credentials = match &self.creds {
+            Some(c) => {
+                let (u, p) = c.split_once(':').ok_or("--creds takes USER:PASSWORD")?;
+                Some(Credentials {
+                    username: u.into(),
+                    password: p.into(),
+                })
+            }
+            None => None,
+        };
+        let mut source = Source::new(repository, cache, credentials);
+        if let Some(path) = &self.registry_ca {
+            let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            source = source.with_ca(pem);
+        }
+        if self.insecure_registry {
+            source = source.with_plain_http();
+        }
+        let docker = self.registry_config.clone().or_else(|| {
+            let dir = std::env::var_os("DOCKER_CONFIG")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")))?;
+            Some(dir.join("config.json"))
+        });
+        Ok(match docker {
+            Some(path) => source.with_registry_config(path),
+            None => source,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -447,7 +521,18 @@ fn main() -> ExitCode {
             output,
         } => rt.block_on(status(project.as_deref(), namespace.as_deref(), output)),
         Command::Generate(args) => generate(args),
-        Command::Plugin(PluginCommand::Inspect { file, output }) => inspect(&file, output),
+        Command::Plugin(PluginCommand::Inspect {
+            module,
+            output,
+            registry,
+        }) => inspect(&module, output, &registry),
+        Command::Plugin(PluginCommand::Push {
+            file,
+            reference,
+            source,
+            revision,
+            registry,
+        }) => rt.block_on(push_plugin(&file, &reference, source, revision, &registry)),
         Command::Renderers(RenderersCommand::Compile { dir }) => compile_renderers(dir),
     }
 }
@@ -728,12 +813,28 @@ async fn diff(args: RenderArgs, inventory_id: &str) -> ExitCode {
     }
 }
 
-fn inspect(file: &std::path::Path, output: Output) -> ExitCode {
-    let bytes = match std::fs::read(file) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("error: failed to read {}: {e}", file.display());
-            return ExitCode::from(2);
+fn inspect(module: &str, output: Output, registry: &RegistryArgs) -> ExitCode {
+    let file = module;
+    let (bytes, pulled) = if module.starts_with("oci://") {
+        let pulled = sluice_agent::oci::ModuleRef::parse(module).and_then(|r| {
+            let cache = tempfile::tempdir().map_err(|e| e.to_string())?;
+            let source = registry.source(&r.repository, cache.path())?;
+            sluice_agent::oci::pull_module(&source, &r)
+        });
+        match pulled {
+            Ok(m) => (m.bytes.clone(), Some(m)),
+            Err(e) => {
+                eprintln!("error: {module}: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        match std::fs::read(module) {
+            Ok(b) => (b, None),
+            Err(e) => {
+                eprintln!("error: failed to read {module}: {e}");
+                return ExitCode::from(2);
+            }
         }
     };
     let info = sluice_wasm::Runtime::for_cli()
@@ -741,17 +842,107 @@ fn inspect(file: &std::path::Path, output: Output) -> ExitCode {
         .and_then(|rt| rt.inspect(&bytes).map_err(|e| e.to_string()));
     match info {
         Ok(info) => {
+            let mut value = serde_json::to_value(&info).unwrap_or_default();
+            if let (Some(m), Some(obj)) = (&pulled, value.as_object_mut()) {
+                obj.insert("digest".into(), m.digest.clone().into());
+                obj.insert(
+                    "annotations".into(),
+                    serde_json::to_value(&m.annotations).unwrap_or_default(),
+                );
+            }
             let text = match output {
-                Output::Json => serde_json::to_string_pretty(&info).unwrap_or_default(),
-                Output::Yaml => serde_saphyr::to_string(&info).unwrap_or_default(),
+                Output::Json => serde_json::to_string_pretty(&value).unwrap_or_default(),
+                Output::Yaml => serde_saphyr::to_string(&value).unwrap_or_default(),
             };
             println!("{}", text.trim_end());
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {}: {e}", file.display());
+            eprintln!("error: {file}: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// `plugin push`: exit 0 and the digest on stdout, 1 when the module is not a plugin, 2
+/// when the registry refuses.
+async fn push_plugin(
+    file: &std::path::Path,
+    reference: &str,
+    source: Option<String>,
+    revision: Option<String>,
+    registry: &RegistryArgs,
+) -> ExitCode {
+    use sluice_agent::oci;
+    let fail = |code: u8, e: String| {
+        eprintln!("error: {e}");
+        ExitCode::from(code)
+    };
+    let bytes = match std::fs::read(file) {
+        Ok(b) => b,
+        Err(e) => return fail(2, format!("failed to read {}: {e}", file.display())),
+    };
+    let r = match oci::ModuleRef::parse(reference) {
+        Ok(oci::ModuleRef {
+            tag: Some(tag),
+            digest: None,
+            repository,
+        }) => (repository, tag),
+        Ok(_) => {
+            return fail(
+                2,
+                format!("{reference}: push to a tag (oci://host/repo:tag)"),
+            );
+        }
+        Err(e) => return fail(2, e),
+    };
+    // What it is, checked before anything leaves the machine.
+    let info = match sluice_wasm::Runtime::for_cli()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| rt.inspect(&bytes).map_err(|e| e.to_string()))
+    {
+        Ok(i) => i,
+        Err(e) => return fail(1, format!("{}: not a plugin: {e}", file.display())),
+    };
+    let world = serde_json::to_value(&info.world)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let mut annotations = std::collections::BTreeMap::from([
+        (oci::ANNOTATION_WORLD.to_string(), world.clone()),
+        (oci::ANNOTATION_WIT.to_string(), info.wit_version.clone()),
+        (oci::ANNOTATION_IMPORTS.to_string(), info.imports.join(",")),
+        (
+            "org.opencontainers.image.created".to_string(),
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        ),
+    ]);
+    if let Some(s) = source {
+        annotations.insert(oci::SOURCE.to_string(), s);
+    }
+    if let Some(r) = revision {
+        annotations.insert(oci::REVISION.to_string(), r);
+    }
+    let os = if world == "function" {
+        "wasip1"
+    } else {
+        "wasip2"
+    };
+    let cache = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => return fail(2, e.to_string()),
+    };
+    let source = match registry.source(&r.0, cache.path()) {
+        Ok(s) => s,
+        Err(e) => return fail(2, e),
+    };
+    match oci::push_module(&source, &r.1, bytes, os, annotations).await {
+        Ok(digest) => {
+            println!("{digest}");
+            eprintln!("pushed {}:{}@{digest}", r.0, r.1);
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(2, format!("{reference}: {e}")),
     }
 }
 
