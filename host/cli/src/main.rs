@@ -904,7 +904,7 @@ async fn push_plugin(
         Ok(i) => i,
         Err(e) => return fail(1, format!("{}: not a plugin: {e}", file.display())),
     };
-    let world = serde_json::to_value(&info.world)
+    let world = serde_json::to_value(info.world)
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_default();
