@@ -83,9 +83,10 @@ tests/cluster/build-cli.sh kustomize >/dev/null
 tests/cluster/build-cli.sh helm >/dev/null
 tests/cluster/build-cli.sh sops >/dev/null
 
-step "registry and fluxpush: the OCI registry (CNCF distribution) and flux push artifact's push path (built once per version)"
+step "registry, fluxpush and cosign: the OCI registry (CNCF distribution), flux push artifact's push path, and cosign (built once per version)"
 tests/cluster/build-cli.sh registry >/dev/null
 tests/cluster/build-cli.sh fluxpush >/dev/null
+tests/cluster/build-cli.sh cosign >/dev/null
 
 step "cargo fmt --check"
 cargo fmt --all --check

@@ -440,3 +440,174 @@ async fn a_plugin_pushed_to_a_registry_is_pulled_once_by_digest_and_used() {
         "nothing applied"
     );
 }
+
+/// Signatures, verified offline with the team's public key (a Secret's `*.pub`, Flux's
+/// convention): a project with `verify` syncs an artifact cosign signed (its sigstore
+/// bundle, cosign v3's default, and its legacy `.sig` tag alike), and refuses an unsigned
+/// one or one signed by another key, naming the reference and the key, applying nothing.
+/// A plugin from a registry is verified the same way.
+#[tokio::test]
+async fn only_artifacts_and_plugins_signed_with_the_teams_key_are_used() {
+    use k8s_openapi::api::core::v1::Secret;
+    use sluice_testenv::registry::SignatureFormat;
+    let client = sluice_testenv::cluster::client().await;
+    let ns = sluice_testenv::cluster::namespace(&client, "ocisig").await;
+    let reg = Registry::start_new("signed").await.expect("registry");
+    let keys = tempfile::tempdir().expect("keys");
+    let (team_key, team_pub) = reg.cosign_key_pair(keys.path(), "team");
+    let (other_key, _) = reg.cosign_key_pair(keys.path(), "other");
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "cosign-keys", "namespace": ns},
+        "stringData": {"team.pub": std::fs::read_to_string(&team_pub).expect("pub")}
+    }))
+    .expect("secret");
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .create(&Default::default(), &secret)
+        .await
+        .expect("create the keys Secret");
+
+    let mut c = cluster().await;
+    let cache = tempfile::tempdir().expect("cache");
+    let src = source_for(&reg, "group/signed", cache.path(), true);
+    let url = reg.url("group/signed");
+    let git = "https://gitlab.example/group/signed.git";
+    let p = project_with_id(
+        &url,
+        &ns,
+        "    verify: {provider: cosign, secret: cosign-keys}\n",
+    );
+    let s = settings(&format!("sig-{ns}"));
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+
+    let v1 = tree(&[("a.yaml", configmap("a", "1"))]);
+    let d1 = reg.flux_push("group/signed", "latest", v1.path(), git, "main@sha1:1");
+    reg.cosign_sign("group/signed", &d1, &team_key, SignatureFormat::Bundle);
+    sync_once(&mut c, &src, &p, &s)
+        .await
+        .expect("signed with the team's key (bundle)");
+    assert!(cms.get_opt("a").await.expect("get a").is_some());
+
+    // Unsigned: refused, naming the reference and the key; nothing applied.
+    let v2 = tree(&[
+        ("a.yaml", configmap("a", "1")),
+        ("b.yaml", configmap("b", "2")),
+    ]);
+    let d2 = reg.flux_push("group/signed", "latest", v2.path(), git, "main@sha1:2");
+    let e = sync_once(&mut c, &src, &p, &s)
+        .await
+        .expect_err("unsigned")
+        .to_string();
+    assert!(e.contains(&format!("{url}@{d2}")), "{e}");
+    assert!(e.contains("no cosign signature by team.pub"), "{e}");
+    assert!(
+        cms.get_opt("b").await.expect("get b").is_none(),
+        "nothing applied"
+    );
+
+    // Signed by another key: still refused, and the message says what it found.
+    reg.cosign_sign("group/signed", &d2, &other_key, SignatureFormat::Legacy);
+    let e = sync_once(&mut c, &src, &p, &s)
+        .await
+        .expect_err("another key")
+        .to_string();
+    assert!(e.contains("signed by another key"), "{e}");
+    assert!(
+        cms.get_opt("b").await.expect("get b").is_none(),
+        "nothing applied"
+    );
+
+    // The team signs it too (legacy .sig format): applied.
+    reg.cosign_sign("group/signed", &d2, &team_key, SignatureFormat::Legacy);
+    let r = sync_once(&mut c, &src, &p, &s)
+        .await
+        .expect("signed with the team's key (.sig)");
+    assert_eq!(r.commit, d2);
+    assert!(cms.get_opt("b").await.expect("get b").is_some());
+
+    // A plugin module: signed and used; an unsigned tag of it refused.
+    let module = sluice_testenv::wasm::component("set-labels");
+    let bytes = std::fs::read(&module).expect("module");
+    let modules = source_for(&reg, "plugins/labels", cache.path(), true);
+    let signed = sluice_agent::oci::push_module(
+        &modules,
+        "signed",
+        bytes.clone(),
+        "wasip2",
+        Default::default(),
+    )
+    .await
+    .expect("push the module");
+    reg.cosign_sign(
+        "plugins/labels",
+        &signed,
+        &team_key,
+        SignatureFormat::Bundle,
+    );
+    // The same module under another manifest (another annotation): another digest, unsigned.
+    let unsigned = sluice_agent::oci::push_module(
+        &modules,
+        "unsigned",
+        bytes.clone(),
+        "wasip2",
+        [("note".to_string(), "unsigned".to_string())].into(),
+    )
+    .await
+    .expect("push");
+    assert_ne!(signed, unsigned);
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::copy(&team_pub, dir.path().join("team.pub")).expect("key");
+    let repo = sluice_testenv::git::shared().create_repo(&format!("group/{ns}"));
+    repo.commit(
+        "main",
+        &[sluice_testenv::git::file("p.yaml", configmap("p", "1"))],
+        "p",
+    );
+    let config = dir.path().join("config.yaml");
+    let registries = sluice_agent::oci::Registries {
+        config_file: Some(reg.docker_config()),
+        ca: [(reg.host.clone(), reg.ca_pem.clone().into_bytes())].into(),
+        ..Default::default()
+    };
+    let run = |tag: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "plugins:\n- name: labels\n  module: {}:{tag}\n  verify: {{key: team.pub}}\n  config: {{labels: {{signed: \"yes\"}}}}\n\
+                 gitops:\n  manifest_projects:\n  - id: group/{ns}\n    default_namespace: {ns}\n",
+                reg.url("plugins/labels")
+            ),
+        )
+        .expect("config");
+        let opts = sluice_agent::agent::Options {
+            config_project: String::new(),
+            takeover: sluice_agent::sync::Takeover::Off,
+            registries: registries.clone(),
+            ..options("ocisig", &dir.path().join("cache"))
+        };
+        let (client, config) = (client.clone(), config.clone());
+        async move {
+            sluice_agent::agent::run_once(
+                client,
+                sluice_agent::agent::ConfigSource::File(config),
+                opts,
+            )
+            .await
+            .expect("run once")
+            .remove(0)
+            .result
+        }
+    };
+    run("signed").await.expect("a signed module");
+    let p_labels = cms
+        .get("p")
+        .await
+        .expect("p")
+        .metadata
+        .labels
+        .unwrap_or_default();
+    assert_eq!(p_labels.get("signed").map(String::as_str), Some("yes"));
+    let e = run("unsigned").await.expect_err("an unsigned module");
+    assert!(e.contains("no cosign signature by team.pub"), "{e}");
+    assert!(e.contains(&unsigned), "{e}");
+}

@@ -190,6 +190,102 @@ impl Registry {
     }
 }
 
+/// How `cosign sign` stores the signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignatureFormat {
+    /// cosign v3's default: a sigstore bundle attached as a referrer.
+    Bundle,
+    /// The legacy `sha256-<hex>.sig` tag (`--new-bundle-format=false`).
+    Legacy,
+}
+
+impl Registry {
+    /// A cosign key pair made by `cosign generate-key-pair` (empty password) in `dir`:
+    /// `(<dir>/<name>.key, <dir>/<name>.pub)`.
+    ///
+    /// # Panics
+    /// When cosign fails; the message quotes its output.
+    pub fn cosign_key_pair(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let out = self
+            .cosign(dir)
+            .args(["generate-key-pair", "--output-key-prefix", name])
+            .output()
+            .expect("cosign runs");
+        assert!(
+            out.status.success(),
+            "cosign generate-key-pair failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            dir.join(format!("{name}.key")),
+            dir.join(format!("{name}.pub")),
+        )
+    }
+
+    /// Signs `<host>/<repository>@<digest>` with `key` as `cosign sign --key` does,
+    /// offline: no transparency log, no certificate authority.
+    ///
+    /// # Panics
+    /// When cosign fails; the message quotes its output.
+    pub fn cosign_sign(&self, repository: &str, digest: &str, key: &Path, format: SignatureFormat) {
+        let dir = self.dir.join("cosign");
+        std::fs::create_dir_all(&dir).expect("cosign dir");
+        let mut cmd = self.cosign(&dir);
+        cmd.args(["sign", "--yes", "--key"]).arg(key);
+        match format {
+            SignatureFormat::Bundle => {
+                // A signing config without services: no Fulcio, Rekor or TSA.
+                let config = dir.join("signing-config.json");
+                if !config.exists() {
+                    let out = self
+                        .cosign(&dir)
+                        .args(["signing-config", "create", "--out"])
+                        .arg(&config)
+                        .output()
+                        .expect("cosign runs");
+                    assert!(
+                        out.status.success(),
+                        "{}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                cmd.arg("--signing-config").arg(&config);
+            }
+            SignatureFormat::Legacy => {
+                cmd.args([
+                    "--new-bundle-format=false",
+                    "--use-signing-config=false",
+                    "--tlog-upload=false",
+                ]);
+            }
+        }
+        let out = cmd
+            .arg(format!("{}/{repository}@{digest}", self.host))
+            .output()
+            .expect("cosign runs");
+        assert!(
+            out.status.success(),
+            "cosign sign failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// cosign, run in `dir`, trusting the test CA and logged in to this registry.
+    fn cosign(&self, dir: &Path) -> Command {
+        let docker = self.dir.join("docker");
+        std::fs::create_dir_all(&docker).expect("docker config dir");
+        std::fs::copy(self.docker_config(), docker.join("config.json")).expect("docker config");
+        let mut cmd = Command::new(crate::cluster::reference_cli("cosign"));
+        cmd.current_dir(dir)
+            .env("SSL_CERT_FILE", &self.ca_file)
+            .env("DOCKER_CONFIG", &docker)
+            .env("HOME", &self.dir)
+            .env("COSIGN_PASSWORD", "")
+            .env("COSIGN_YES", "true");
+        cmd
+    }
+}
+
 impl Drop for Registry {
     fn drop(&mut self) {
         self.stop();

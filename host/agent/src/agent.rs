@@ -808,7 +808,15 @@ fn read_modules(
             let bytes = if s.module.starts_with("https://") {
                 fetch_module(&s.module, s.sha256.as_deref(), cache_dir, MAX_MODULE_BYTES)
             } else if s.module.starts_with("oci://") {
-                pull_module(&s.name, &s.module, s.sha256.as_deref(), opts)
+                let keys = cfg.plugin_keys.get(&s.name).map(|path| {
+                    read_path(path).and_then(|pem| {
+                        crate::cosign::Keys::parse([(path.as_str(), pem.as_slice())])
+                    })
+                });
+                match keys.transpose() {
+                    Ok(keys) => pull_module(&s.name, &s.module, s.sha256.as_deref(), keys, opts),
+                    Err(e) => Err(format!("verify.key: {e}")),
+                }
             } else {
                 read_path(&s.module)
             };
@@ -824,11 +832,17 @@ fn pull_module(
     name: &str,
     reference: &str,
     sha256: Option<&str>,
+    keys: Option<crate::cosign::Keys>,
     opts: &Options,
 ) -> Result<Vec<u8>, String> {
     let r = crate::oci::ModuleRef::parse(reference)?;
     let source = source_for(&r.repository, opts, None);
     let crate::oci::Module { bytes, digest, .. } = crate::oci::pull_module(&source, &r)?;
+    if let Some(keys) = &keys {
+        let how =
+            crate::oci::verify(&source, &digest, keys).map_err(|e| format!("refused: {e}"))?;
+        info!(plugin = %name, digest = %digest, verified = %how, "plugin module signature verified");
+    }
     let got = sluice_model::object::sha256_bytes_hex(&bytes);
     if let Some(want) = sha256
         && got != want

@@ -17,6 +17,7 @@
 //! assert_eq!(config.manifest_projects[0].paths, ["**/*.{yaml,yml,json}"]);
 //! ```
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -68,6 +69,9 @@ pub struct AgentConfig {
     pub ignored_sections: Vec<&'static str>,
     /// `plugins:` (sluice's own section): every plugin, in the order transformers run.
     pub plugins: Vec<sluice_wasm::Spec>,
+    /// Per plugin whose module comes from a registry: the file of the public keys its
+    /// signature must verify with (`plugins[].verify.key`, a path like `module`'s).
+    pub plugin_keys: BTreeMap<String, String>,
 }
 
 /// One `gitops.manifest_projects[]` entry with agentk's defaults applied.
@@ -118,6 +122,9 @@ pub struct ManifestProject {
     /// Where the age keys that decrypt the project's SOPS files are (`decryption:` in the
     /// entry). None: a SOPS file fails the sync.
     pub decryption: Option<Decryption>,
+    /// The Secret whose keys ending `.pub` (Flux's convention) hold the cosign public keys
+    /// an `oci://` artifact must be signed with (`verify:` in the entry). None: not checked.
+    pub verify: Option<Decryption>,
 }
 
 /// A Secret holding age identities, in its keys ending `.agekey` (Flux's convention).
@@ -353,7 +360,7 @@ pub fn parse_with_origin(text: &str, config_project: &str, origin: &str) -> Resu
         }
         manifest_projects.push(project);
     }
-    let plugins = plugin_specs(file.plugins.unwrap_or_default()).map_err(invalid)?;
+    let (plugins, plugin_keys) = plugin_specs(file.plugins.unwrap_or_default()).map_err(invalid)?;
     for p in &manifest_projects {
         for name in p.plugins.iter().flatten() {
             if !plugins.iter().any(|s| &s.name == name) {
@@ -374,6 +381,7 @@ pub fn parse_with_origin(text: &str, config_project: &str, origin: &str) -> Resu
         log_level,
         ignored_sections,
         plugins,
+        plugin_keys,
     })
 }
 
@@ -602,6 +610,7 @@ impl ChartSection {
             limits: crate::limits::Limits::default(),
             service_account: None,
             decryption: None,
+            verify: None,
             chart: Some(Chart {
                 path: repository_path(source.path.as_deref().unwrap_or("."))?,
                 release_name: self.release_name.clone(),
@@ -637,6 +646,23 @@ struct ManifestProjectSection {
     helm: Option<HelmSection>,
     // sluice's extension: the age keys of the project's SOPS files.
     decryption: Option<DecryptionSection>,
+    // sluice's extension: the cosign keys an OCI artifact must be signed with.
+    verify: Option<VerifySection>,
+}
+
+/// `verify:` of an `oci://` manifest project (sluice's extension; Flux's `spec.verify`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifySection {
+    /// Only `cosign`.
+    #[serde(default = "cosign")]
+    provider: String,
+    secret: String,
+    namespace: Option<String>,
+}
+
+fn cosign() -> String {
+    "cosign".into()
 }
 
 /// `decryption:` of a manifest project (sluice's extension).
@@ -685,6 +711,28 @@ impl ManifestProjectSection {
             Some(d) => Some(Decryption {
                 namespace: d.namespace.unwrap_or_else(|| default_namespace.clone()),
                 secret: d.secret,
+            }),
+            None => None,
+        };
+        let verify = match self.verify {
+            Some(v) if v.provider != "cosign" => {
+                return Err(at(
+                    "verify.provider",
+                    format!("{:?}: only cosign is supported", v.provider),
+                ));
+            }
+            Some(_) if !id.starts_with("oci://") => {
+                return Err(at(
+                    "verify",
+                    "signatures are verified for OCI artifacts (oci://…) only".into(),
+                ));
+            }
+            Some(v) if v.secret.is_empty() => {
+                return Err(at("verify.secret", "must not be empty".into()));
+            }
+            Some(v) => Some(Decryption {
+                namespace: v.namespace.unwrap_or_else(|| default_namespace.clone()),
+                secret: v.secret,
             }),
             None => None,
         };
@@ -738,6 +786,7 @@ impl ManifestProjectSection {
             chart,
             repository: None,
             decryption,
+            verify,
         })
     }
 }
@@ -768,6 +817,18 @@ struct PluginSection {
     failure_policy: sluice_wasm::FailurePolicy,
     #[serde(default)]
     mode: sluice_wasm::Mode,
+    // sluice's extension for modules from registries: the keys their signature must
+    // verify with.
+    verify: Option<PluginVerifySection>,
+}
+
+/// `plugins[].verify`: a file of cosign public keys (PEM), a path like `module`'s.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PluginVerifySection {
+    #[serde(default = "cosign")]
+    provider: String,
+    key: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -778,8 +839,12 @@ struct LimitsSection {
     max_output_mib: Option<usize>,
 }
 
-fn plugin_specs(sections: Vec<PluginSection>) -> Result<Vec<sluice_wasm::Spec>, String> {
+/// The plugins' specs, and per plugin the key file its module's signature must verify with.
+fn plugin_specs(
+    sections: Vec<PluginSection>,
+) -> Result<(Vec<sluice_wasm::Spec>, BTreeMap<String, String>), String> {
     let mut specs: Vec<sluice_wasm::Spec> = Vec::new();
+    let mut keys = BTreeMap::new();
     for p in sections {
         let at = format!("plugins[{}]", p.name);
         if p.name.is_empty() {
@@ -795,6 +860,20 @@ fn plugin_specs(sections: Vec<PluginSection>) -> Result<Vec<sluice_wasm::Spec>, 
         }
         if p.module.starts_with("oci://") {
             crate::oci::ModuleRef::parse(&p.module).map_err(|e| format!("{at}.module: {e}"))?;
+        }
+        match &p.verify {
+            Some(v) if v.provider != "cosign" => {
+                return Err(format!("{at}.verify.provider: only cosign is supported"));
+            }
+            Some(_) if !p.module.starts_with("oci://") => {
+                return Err(format!(
+                    "{at}.verify: signatures are verified for modules from registries (oci://…); pin a file or https module by sha256"
+                ));
+            }
+            Some(v) => {
+                keys.insert(p.name.clone(), v.key.clone());
+            }
+            None => {}
         }
         if p.module.starts_with("https://") && p.sha256.is_none() {
             return Err(format!(
@@ -828,7 +907,7 @@ fn plugin_specs(sections: Vec<PluginSection>) -> Result<Vec<sluice_wasm::Spec>, 
             mode: p.mode,
         });
     }
-    Ok(specs)
+    Ok((specs, keys))
 }
 
 #[derive(Debug, Deserialize)]

@@ -19,6 +19,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod cosign;
 pub mod decode;
 pub mod history;
 pub mod http;

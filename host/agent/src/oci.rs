@@ -213,6 +213,13 @@ pub fn fetch(
         message,
     };
     let manifest = manifest(source, digest)?;
+    if let Some(keys) = source.keys() {
+        let how = verify(source, digest, keys).map_err(|message| Error::Unverified {
+            url: source.url().to_string(),
+            message,
+        })?;
+        tracing::debug!(url = %source.url(), digest, verified = %how, "artifact signature verified");
+    }
     let chosen = pick_layer(&manifest.layers, layer)
         .map_err(read_err)?
         .clone();
@@ -512,6 +519,190 @@ pub async fn push_module(
         .await
         .map_err(|_| format!("no answer within {REQUEST_TIMEOUT:?}"))?
         .map_err(|e| e.to_string())
+}
+
+/// Verifies that `digest` of the source's repository carries a cosign signature by one of
+/// `keys` ([`crate::cosign`]): a sigstore bundle among its referrers (the referrers API,
+/// else the `sha256-<hex>` tag) or a legacy `sha256-<hex>.sig` tag. A digest verified once
+/// with a key set is not asked again (the verdict is kept in the cache), so a registry
+/// that is down does not stop a digest already verified. Returns which key signed, and how.
+///
+/// # Errors
+/// No signature by these keys for this digest (naming the reference, the keys and what
+/// was found), or the registry's.
+pub fn verify(
+    source: &Source,
+    digest: &str,
+    keys: &crate::cosign::Keys,
+) -> std::result::Result<String, String> {
+    use crate::cosign::{self, Verdict};
+    let at = format!("{}@{digest}", source.url());
+    let hex = digest_hex(digest).ok_or_else(|| format!("{at}: not a sha256 digest"))?;
+    let cache = Cache::new(source.cache_dir());
+    let verdict_key = sha256_hex(format!("{digest} {}", keys.fingerprint()).as_bytes());
+    let marker = source.cache_dir().join("verified").join(&verdict_key);
+    if let Ok(text) = std::fs::read_to_string(&marker) {
+        return Ok(text);
+    }
+    let (registry, repository) = parse_url(source.url()).ok_or_else(bad_url)?;
+    let (client, auth) = client(source);
+    let by_tag = |tag: String| Reference::with_tag(registry.clone(), repository.clone(), tag);
+    let mut found: Vec<String> = Vec::new();
+    let mut signed: Option<String> = None;
+
+    // Sigstore bundles: the referrers API, else the referrers tag schema.
+    let subject = Reference::with_digest(registry.clone(), repository.clone(), digest.into());
+    let index = block_on(async {
+        client
+            .store_auth_if_needed(subject.resolve_registry(), &auth)
+            .await;
+        match tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            client.pull_referrers(&subject, Some(cosign::BUNDLE)),
+        )
+        .await
+        {
+            Ok(Ok(index)) if !index.manifests.is_empty() => Ok(Some(
+                index
+                    .manifests
+                    .into_iter()
+                    .map(|m| (m.digest, m.artifact_type))
+                    .collect::<Vec<_>>(),
+            )),
+            _ => {
+                let raw =
+                    get_raw(&client, &auth, &by_tag(format!("sha256-{hex}")), INDEX_TYPE).await?;
+                Ok::<_, String>(raw.and_then(|bytes| {
+                    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+                    Some(
+                        v["manifests"]
+                            .as_array()?
+                            .iter()
+                            .filter_map(|m| {
+                                Some((
+                                    m["digest"].as_str()?.to_string(),
+                                    m["artifactType"].as_str().map(str::to_string),
+                                ))
+                            })
+                            .collect(),
+                    )
+                }))
+            }
+        }
+    })
+    .map_err(|e| format!("{at}: reading its signatures: {e}"))?;
+    for (d, artifact_type) in index.unwrap_or_default() {
+        if artifact_type.as_deref() != Some(cosign::BUNDLE) || signed.is_some() {
+            continue;
+        }
+        let m = manifest(source, &d).map_err(|e| e.to_string())?;
+        for layer in m.layers.iter().filter(|l| l.media_type == cosign::BUNDLE) {
+            let bytes = blob(source, &d, layer, 1 << 20, &AtomicBool::new(false))
+                .map_err(|e| e.to_string())?;
+            match cosign::check_bundle(keys, digest, &bytes) {
+                Verdict::Signed(k) => signed = Some(format!("sigstore bundle signed by {k}")),
+                other => found.push(format!("a sigstore bundle: {}", describe(&other))),
+            }
+        }
+    }
+
+    // The legacy `.sig` tag.
+    if signed.is_none() {
+        let raw = block_on(get_raw(
+            &client,
+            &auth,
+            &by_tag(format!("sha256-{hex}.sig")),
+            MANIFEST_TYPES,
+        ))
+        .map_err(|e| format!("{at}: reading its signatures: {e}"))?;
+        if let Some(bytes) = raw {
+            let m: OciImageManifest = serde_json::from_slice(&bytes)
+                .map_err(|e| format!("{at}: its .sig manifest: {e}"))?;
+            for layer in m
+                .layers
+                .iter()
+                .filter(|l| l.media_type == cosign::SIMPLE_SIGNING)
+            {
+                let Some(sig) = layer
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(cosign::SIGNATURE_ANNOTATION))
+                else {
+                    continue;
+                };
+                let payload = blob(source, digest, layer, 1 << 20, &AtomicBool::new(false))
+                    .map_err(|e| e.to_string())?;
+                match cosign::check_simple_signing(keys, digest, &payload, sig) {
+                    Verdict::Signed(k) => {
+                        signed = Some(format!("cosign signature (.sig) by {k}"));
+                        break;
+                    }
+                    other => found.push(format!("a .sig signature: {}", describe(&other))),
+                }
+            }
+        }
+    }
+    match signed {
+        Some(how) => {
+            let _ = cache.put("verified", &verdict_key, how.as_bytes());
+            Ok(how)
+        }
+        None => Err(format!(
+            "{at}: no cosign signature by {} ({})",
+            keys.names().join(", "),
+            if found.is_empty() {
+                "it has none: neither a sigstore bundle among its referrers nor a .sig tag"
+                    .to_string()
+            } else {
+                format!("found {}", found.join("; "))
+            }
+        )),
+    }
+}
+
+fn describe(v: &crate::cosign::Verdict) -> String {
+    use crate::cosign::Verdict;
+    match v {
+        Verdict::Signed(k) => format!("signed by {k}"),
+        Verdict::OtherKey => "signed by another key".into(),
+        Verdict::OtherDigest(d) => format!("a signature of another artifact ({d})"),
+        Verdict::Malformed(m) => format!("unreadable ({m})"),
+    }
+}
+
+/// An OCI image index, as the referrers tag holds.
+const INDEX_TYPE: &str = "application/vnd.oci.image.index.v1+json";
+
+/// A manifest by tag, raw; `None` when the registry has no such tag.
+async fn get_raw(
+    client: &Client,
+    auth: &RegistryAuth,
+    image: &Reference,
+    accept: &str,
+) -> std::result::Result<Option<Vec<u8>>, String> {
+    match tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        client.pull_manifest_raw(image, auth, &[accept]),
+    )
+    .await
+    {
+        Err(_) => Err(format!("no answer within {REQUEST_TIMEOUT:?}")),
+        Ok(Ok((bytes, _))) if bytes.len() <= MAX_MANIFEST_BYTES => Ok(Some(bytes.to_vec())),
+        Ok(Ok(_)) => Err("a manifest larger than 4 MiB".into()),
+        Ok(Err(e)) => {
+            let text = e.to_string();
+            let lower = text.to_ascii_lowercase();
+            if lower.contains("manifest unknown")
+                || lower.contains("manifest_unknown")
+                || lower.contains("not found")
+                || lower.contains("404")
+            {
+                Ok(None)
+            } else {
+                Err(text)
+            }
+        }
+    }
 }
 
 /// The manifest media types asked for: an OCI image manifest (an index is not an artifact).

@@ -56,6 +56,14 @@ pub enum Error {
         /// Cause.
         message: String,
     },
+    /// An artifact has no signature by the keys the project names.
+    #[error("refused: {message}")]
+    Unverified {
+        /// Repository URL without credentials.
+        url: String,
+        /// What was looked for and found (names the reference and the keys).
+        message: String,
+    },
     /// A fetch ran past its deadline and was interrupted.
     #[error("fetching {url} took longer than {after:?} and was interrupted")]
     TimedOut {
@@ -107,6 +115,8 @@ pub struct Source {
     plain_http: bool,
     /// A Docker `config.json` holding registry credentials (`--registry-config`).
     registry_config: Option<PathBuf>,
+    /// The cosign keys an `oci://` artifact must be signed with (`verify:`).
+    keys: Option<std::sync::Arc<crate::cosign::Keys>>,
 }
 
 /// The files of one commit (or OCI artifact), read from the cache.
@@ -189,6 +199,7 @@ impl Source {
             ca_pem: None,
             plain_http: false,
             registry_config: None,
+            keys: None,
         }
     }
 
@@ -204,6 +215,17 @@ impl Source {
     pub fn with_registry_config(mut self, path: PathBuf) -> Source {
         self.registry_config = Some(path);
         self
+    }
+
+    /// Fetches only artifacts signed with one of `keys` ([`crate::oci::verify`]).
+    #[must_use]
+    pub fn with_keys(mut self, keys: std::sync::Arc<crate::cosign::Keys>) -> Source {
+        self.keys = Some(keys);
+        self
+    }
+
+    pub(crate) fn keys(&self) -> Option<&crate::cosign::Keys> {
+        self.keys.as_deref()
     }
 
     pub(crate) fn registry_config(&self) -> Option<&Path> {

@@ -38,8 +38,9 @@ pub enum Error {
     /// Rendering (Kustomize, Helm) failed: a user error, unless no renderer is installed.
     #[error(transparent)]
     Render(render::Error),
-    /// The project's decryption keys could not be read (retried: the Secret may come).
-    #[error("decryption keys: Secret {namespace}/{secret}: {message}")]
+    /// The project's decryption or verification keys could not be read (retried: the
+    /// Secret may come).
+    #[error("keys: Secret {namespace}/{secret}: {message}")]
     Keys {
         /// The Secret's namespace.
         namespace: String,
@@ -356,6 +357,17 @@ pub async fn sync(
             None => None,
         },
     };
+    // An artifact that must be signed is fetched through a source holding the keys.
+    let verified;
+    let source = match &project.verify {
+        Some(v) => {
+            verified = source
+                .clone()
+                .with_keys(Arc::new(cosign_keys(cluster, v).await?));
+            &verified
+        }
+        None => source,
+    };
     let (objects, commit, revision) = render(
         source,
         project,
@@ -446,6 +458,37 @@ pub(crate) async fn decryption_keys(
     .map_err(fail)?;
     if keys.is_empty() {
         return Err(fail("holds no key ending .agekey".into()));
+    }
+    Ok(keys)
+}
+
+/// The cosign public keys in the keys ending `.pub` of the project's `verify` Secret
+/// (Flux's convention), read with the agent's identity.
+async fn cosign_keys(
+    cluster: &Cluster,
+    v: &crate::config::Decryption,
+) -> Result<crate::cosign::Keys, Error> {
+    use k8s_openapi::api::core::v1::Secret;
+    let fail = |message: String| Error::Keys {
+        namespace: v.namespace.clone(),
+        secret: v.secret.clone(),
+        message,
+    };
+    let api: kube::Api<Secret> = kube::Api::namespaced(cluster.client().clone(), &v.namespace);
+    let secret = tokio::time::timeout(KEYS_TIMEOUT, api.get_opt(&v.secret))
+        .await
+        .map_err(|_| fail(format!("no answer within {KEYS_TIMEOUT:?}")))?
+        .map_err(|e| fail(sluice_engine::apply::api_message(&e)))?
+        .ok_or_else(|| fail("not found".into()))?;
+    let data = secret.data.unwrap_or_default();
+    let keys = crate::cosign::Keys::parse(
+        data.iter()
+            .filter(|(k, _)| k.ends_with(".pub"))
+            .map(|(k, v)| (k.as_str(), v.0.as_slice())),
+    )
+    .map_err(fail)?;
+    if keys.is_empty() {
+        return Err(fail("holds no key ending .pub".into()));
     }
     Ok(keys)
 }
