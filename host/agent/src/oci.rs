@@ -1220,6 +1220,29 @@ mod tests {
     }
 
     #[test]
+    fn a_registry_gets_its_own_ca_plain_http_only_when_named_and_the_docker_config() {
+        let r = Registries {
+            config_file: Some("/etc/sluice/registry/config.json".into()),
+            ca: [("reg.internal:5000".to_string(), b"PEM".to_vec())].into(),
+            plain_http: ["lab.local".to_string()].into(),
+        };
+        let cache = std::path::Path::new("/tmp");
+        let s = r.configure(Source::new("oci://reg.internal:5000/a/b", cache, None));
+        assert_eq!(s.ca_pem(), Some(b"PEM".as_slice()));
+        assert!(!s.plain_http());
+        assert_eq!(
+            s.registry_config(),
+            Some(std::path::Path::new("/etc/sluice/registry/config.json"))
+        );
+        let s = r.configure(Source::new("oci://lab.local/a", cache, None));
+        assert!(s.plain_http());
+        assert_eq!(s.ca_pem(), None);
+        // Another port of the same host is another registry.
+        let s = r.configure(Source::new("oci://reg.internal:5001/a", cache, None));
+        assert_eq!(s.ca_pem(), None);
+    }
+
+    #[test]
     fn docker_config_credentials_are_found_by_host() {
         let json = br#"{"auths": {
             "https://registry.gitlab.example/v1/": {"auth": "ZGVwbG95LXRva2VuOnMzY3JldDpwYXJ0"},

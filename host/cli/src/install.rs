@@ -59,6 +59,9 @@ pub struct Params {
     pub git_token: Option<String>,
     /// The push webhooks' secret, if they are wanted (a Secret only).
     pub webhook_secret: Option<String>,
+    /// A `kubernetes.io/dockerconfigjson` Secret of the agent's namespace (the kind image
+    /// pulls use) holding the credentials of the registries `oci://` sources come from.
+    pub registry_secret: Option<String>,
 }
 
 /// The default image: this version's.
@@ -266,6 +269,16 @@ fn deployment(p: &Params, name: &str) -> Value {
         volumes.push(json!({"name": "git", "secret": {"secretName": format!("{name}-git"), "defaultMode": 0o440}}));
         mounts.push(json!({"name": "git", "mountPath": "/etc/sluice/git", "readOnly": true}));
     }
+    if let Some(secret) = &p.registry_secret {
+        args.push("--registry-config=/etc/sluice/registry/config.json".into());
+        volumes.push(json!({"name": "registry", "secret": {
+            "secretName": secret, "defaultMode": 0o440,
+            "items": [{"key": ".dockerconfigjson", "path": "config.json"}]
+        }}));
+        mounts.push(
+            json!({"name": "registry", "mountPath": "/etc/sluice/registry", "readOnly": true}),
+        );
+    }
     let mut ports = vec![json!({"name": "http", "containerPort": 8080})];
     if p.webhook_secret.is_some() {
         args.push("--webhook-secret-file=/etc/sluice/webhook/secret".into());
@@ -346,7 +359,35 @@ mod tests {
             git_base_url: "https://gitlab.example.com".into(),
             git_token: Some("glpat-secret\n".into()),
             webhook_secret: None,
+            registry_secret: None,
         }
+    }
+
+    #[test]
+    fn a_registry_secret_is_mounted_as_the_registry_config() {
+        let out = manifests(&Params {
+            registry_secret: Some("gitlab-registry".into()),
+            ..params(Rbac::ClusterAdmin)
+        })
+        .expect("valid");
+        let pod = &out.last().expect("deployment")["spec"]["template"]["spec"];
+        let c = &pod["containers"][0];
+        assert!(
+            c["args"]
+                .as_array()
+                .expect("args")
+                .contains(&json!("--registry-config=/etc/sluice/registry/config.json"))
+        );
+        assert!(
+            pod["volumes"]
+                .as_array()
+                .expect("volumes")
+                .contains(&json!({
+                    "name": "registry",
+                    "secret": {"secretName": "gitlab-registry", "defaultMode": 0o440,
+                               "items": [{"key": ".dockerconfigjson", "path": "config.json"}]}
+                }))
+        );
     }
 
     #[test]

@@ -112,6 +112,11 @@ struct GenerateArgs {
     /// 9292).
     #[arg(long)]
     webhook_secret_file: Option<PathBuf>,
+    /// A `kubernetes.io/dockerconfigjson` Secret in the agent's namespace (e.g. `kubectl
+    /// create secret docker-registry`) with the credentials of the registries `oci://`
+    /// sources and plugin modules come from: mounted and passed as --registry-config.
+    #[arg(long)]
+    registry_secret: Option<String>,
     /// Container image.
     #[arg(long, default_value_t = sluice::install::default_image())]
     image: String,
@@ -625,6 +630,7 @@ fn generate(args: GenerateArgs) -> ExitCode {
         git_base_url: args.git_base_url,
         git_token,
         webhook_secret,
+        registry_secret: args.registry_secret,
     };
     match sluice::install::manifests(&params) {
         Ok(objects) => {
