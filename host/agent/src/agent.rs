@@ -1293,7 +1293,15 @@ fn instance() -> Option<String> {
     std::env::var("POD_NAME").ok().filter(|n| !n.is_empty())
 }
 
+/// Ref listings (polls) running at once across all projects: 1,000 workers polling
+/// together held a blocking thread each, and each gix connection its own HTTP client.
+const POLLS_AT_ONCE: usize = 16;
+static POLLS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(POLLS_AT_ONCE);
+
 async fn resolve(source: Source, git_ref: GitRef) -> Result<String, String> {
+    // The deadline starts once the poll has its slot: waiting for one is not the remote's
+    // fault.
+    let _slot = POLLS.acquire().await.map_err(|e| e.to_string())?;
     source
         .resolve_within(&git_ref, sync::GIT_TIMEOUT)
         .await

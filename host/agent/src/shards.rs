@@ -156,6 +156,10 @@ fn decide(
     seen.retain(|m, _| t.members.contains_key(m));
     t.members
         .retain(|m, _| m == me || seen.get(m).is_none_or(|(_, since)| now - *since <= lease));
+    // A replica new to the table only writes its heartbeat this round: replicas started
+    // together then all see each other before any takes a shard, instead of the first
+    // taking every shard and giving most back a round later.
+    let joining = !leaving && !t.members.contains_key(me);
     if leaving {
         t.members.remove(me);
     } else {
@@ -167,7 +171,7 @@ fn decide(
             owner.clear();
         }
     }
-    if leaving || t.owners.is_empty() {
+    if leaving || joining || t.owners.is_empty() {
         return t;
     }
     let target = fair_share(&t, me);
@@ -663,19 +667,42 @@ mod tests {
         let t0 = Instant::now();
         let mut a = Seen::new();
         let mut b = Seen::new();
+        // A new member's first round only registers it.
         let t = decide(table(&[""; 4], &[]), &mut a, t0, "a", LEASE, false);
-        assert_eq!(t, table(&["a"; 4], &[("a", 1)]));
+        assert_eq!(t, table(&[""; 4], &[("a", 1)]));
+        let t = decide(t, &mut a, t0, "a", LEASE, false);
+        assert_eq!(t, table(&["a"; 4], &[("a", 2)]));
         // b joins: takes nothing held by a live member.
         let t = decide(t, &mut b, t0, "b", LEASE, false);
-        assert_eq!(t, table(&["a"; 4], &[("a", 1), ("b", 1)]));
+        assert_eq!(t, table(&["a"; 4], &[("a", 2), ("b", 1)]));
+        let t = decide(t, &mut b, t0, "b", LEASE, false);
+        assert_eq!(t, table(&["a"; 4], &[("a", 2), ("b", 2)]));
         // a gives its excess back (highest shards first), b takes it.
         let t = decide(t, &mut a, t0, "a", LEASE, false);
-        assert_eq!(t, table(&["a", "a", "", ""], &[("a", 2), ("b", 1)]));
+        assert_eq!(t, table(&["a", "a", "", ""], &[("a", 3), ("b", 2)]));
         let t = decide(t, &mut b, t0, "b", LEASE, false);
-        assert_eq!(t, table(&["a", "a", "b", "b"], &[("a", 2), ("b", 2)]));
+        assert_eq!(t, table(&["a", "a", "b", "b"], &[("a", 3), ("b", 3)]));
         // Balanced: more rounds change nothing but the heartbeats.
         let t = decide(t, &mut a, t0, "a", LEASE, false);
         assert_eq!(t.owners, ["a", "a", "b", "b"]);
+    }
+
+    #[test]
+    fn replicas_starting_together_split_the_shards_without_moving_any_twice() {
+        let t0 = Instant::now();
+        let (mut a, mut b, mut c) = (Seen::new(), Seen::new(), Seen::new());
+        let mut t = table(&[""; 12], &[]);
+        // Each registers in its first round, then takes its share.
+        for (seen, me) in [(&mut a, "a"), (&mut b, "b"), (&mut c, "c")] {
+            t = decide(t, seen, t0, me, LEASE, false);
+        }
+        assert!(t.owners.iter().all(String::is_empty), "{t:?}");
+        for (seen, me) in [(&mut a, "a"), (&mut b, "b"), (&mut c, "c")] {
+            t = decide(t, seen, t0, me, LEASE, false);
+        }
+        for me in ["a", "b", "c"] {
+            assert_eq!(t.owners.iter().filter(|o| *o == me).count(), 4, "{t:?}");
+        }
     }
 
     #[test]
