@@ -88,6 +88,9 @@ tests/cluster/build-cli.sh registry >/dev/null
 tests/cluster/build-cli.sh fluxpush >/dev/null
 tests/cluster/build-cli.sh cosign >/dev/null
 
+step "opa: compiles the OPA-ABI tests' policies to WebAssembly and is their reference (built once per version)"
+tests/cluster/build-cli.sh opa >/dev/null
+
 step "cargo fmt --check"
 cargo fmt --all --check
 

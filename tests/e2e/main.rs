@@ -13,6 +13,7 @@ mod languages;
 mod oci;
 mod operate;
 mod plugins;
+mod policies;
 mod render;
 mod safety;
 mod shards;

@@ -40,8 +40,10 @@ pub enum Error {
     Render(render::Error),
     /// The project's decryption or verification keys could not be read (retried: the
     /// Secret may come).
-    #[error("keys: Secret {namespace}/{secret}: {message}")]
+    #[error("{what}: Secret {namespace}/{secret}: {message}")]
     Keys {
+        /// `decryption keys` or `verification keys`.
+        what: &'static str,
         /// The Secret's namespace.
         namespace: String,
         /// The Secret's name.
@@ -439,6 +441,7 @@ pub(crate) async fn decryption_keys(
 ) -> Result<crate::sops::Keys, Error> {
     use k8s_openapi::api::core::v1::Secret;
     let fail = |message: String| Error::Keys {
+        what: "decryption keys",
         namespace: d.namespace.clone(),
         secret: d.secret.clone(),
         message,
@@ -470,6 +473,7 @@ async fn cosign_keys(
 ) -> Result<crate::cosign::Keys, Error> {
     use k8s_openapi::api::core::v1::Secret;
     let fail = |message: String| Error::Keys {
+        what: "verification keys",
         namespace: v.namespace.clone(),
         secret: v.secret.clone(),
         message,

@@ -32,6 +32,7 @@ mod bindings;
 mod cache;
 mod handles;
 mod krm;
+pub mod opa;
 pub mod renderer;
 mod sandbox;
 
@@ -365,6 +366,23 @@ impl Runtime {
             let module = krm::compile(&self.engine, bytes).map_err(load_err)?;
             let compile_ms = started.elapsed().as_secs_f64() * 1e3;
             let cache = self.cache_outcome(before);
+            if opa::is_opa(&module) {
+                let pre =
+                    opa::prepare(&self.engine, &module, &Limits::default()).map_err(load_err)?;
+                return Ok(Info {
+                    world: World::Validator,
+                    exports: pre.entrypoints.iter().map(|(n, _)| n.clone()).collect(),
+                    imports: module
+                        .imports()
+                        .map(|i| format!("{}.{}", i.module(), i.name()))
+                        .collect(),
+                    wit_version: "none (OPA policy, opa build -t wasm)".into(),
+                    size: bytes.len(),
+                    sha256: hex::encode(sha2::Sha256::digest(bytes)),
+                    compile_ms,
+                    cache,
+                });
+            }
             // Checks `_start` and the imports, as a load would.
             krm::prepare(&self.engine, &module).map_err(load_err)?;
             let mut imports: Vec<String> =
@@ -437,8 +455,22 @@ impl Runtime {
         }
         let started = Instant::now();
         if krm::is_core_module(bytes) {
-            // A KRM function: its configuration is its functionConfig, read at each call.
             let module = krm::compile(&self.engine, bytes).map_err(load_err)?;
+            if opa::is_opa(&module) {
+                // A policy compiled by `opa build -t wasm`: a validator.
+                let pre = opa::prepare(&self.engine, &module, &spec.limits).map_err(load_err)?;
+                let plugin = Plugin {
+                    spec: spec.clone(),
+                    world: World::Validator,
+                    sha256,
+                    compile_time: started.elapsed(),
+                    engine: self.engine.clone(),
+                    pre: Pre::Opa(Box::new(pre)),
+                };
+                plugin.validate_config()?;
+                return Ok(plugin);
+            }
+            // A KRM function: its configuration is its functionConfig, read at each call.
             let pre = krm::prepare(&self.engine, &module).map_err(load_err)?;
             return Ok(Plugin {
                 spec: spec.clone(),
@@ -504,6 +536,8 @@ enum Pre {
     TransformerV2(TransformerPreV2<State>),
     ValidatorV2(ValidatorPreV2<State>),
     Function(krm::FunctionPre),
+    /// A policy compiled by `opa build -t wasm` (`opa.rs`).
+    Opa(Box<opa::PolicyPre>),
 }
 
 impl std::fmt::Debug for Plugin {
@@ -562,6 +596,41 @@ impl Plugin {
     /// Whether it is built against `sluice:plugin@0.2.0`, whose objects stay in the host.
     fn holds_objects(&self) -> bool {
         matches!(self.pre, Pre::TransformerV2(_) | Pre::ValidatorV2(_))
+    }
+
+    /// The entrypoint an OPA policy is evaluated at: `config.entrypoint`, else its only
+    /// one.
+    fn opa_entrypoint<'a>(&self, pre: &'a opa::PolicyPre) -> Result<(&'a str, i32), Error> {
+        let names = || {
+            pre.entrypoints
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let found = match self.spec.config["entrypoint"].as_str() {
+            Some(want) => pre.entrypoints.iter().find(|(n, _)| n == want),
+            None if pre.entrypoints.len() == 1 => pre.entrypoints.first(),
+            None => {
+                return Err(Error::Config {
+                    plugin: self.spec.name.clone(),
+                    message: format!(
+                        "the policy has several entrypoints ({}): name one in config.entrypoint",
+                        names()
+                    ),
+                });
+            }
+        };
+        found
+            .map(|(n, i)| (n.as_str(), *i))
+            .ok_or_else(|| Error::Config {
+                plugin: self.spec.name.clone(),
+                message: format!(
+                    "config.entrypoint {:?} is not one of the policy's ({})",
+                    self.spec.config["entrypoint"].as_str().unwrap_or_default(),
+                    names()
+                ),
+            })
     }
 
     /// [`Error::Call`] for this plugin and subject.
@@ -626,6 +695,7 @@ impl Plugin {
             Pre::TransformerV2(pre) => validate_config!(pre),
             Pre::ValidatorV2(pre) => validate_config!(pre),
             Pre::Function(_) => return Ok(()),
+            Pre::Opa(pre) => return self.opa_entrypoint(pre).map(|_| ()),
         };
         match result {
             Ok(Ok(())) => Ok(()),
@@ -829,21 +899,23 @@ pub fn run(
                 }
             }
             World::Validator => {
-                let found =
-                    // Read-only: trees that came as text keep it (`Tree::into_object`).
-                    if plugin.holds_objects() {
-                        let objects = batch.take_values(subject)?;
-                        let (objects, found) = call_validate_v2(plugin, subject, objects);
-                        batch = Batch::Values(objects);
+                let found = if let Pre::Opa(pre) = &plugin.pre {
+                    let objects = batch.values(subject)?;
+                    call_opa(plugin, pre, subject, objects)
+                // Read-only: trees that came as text keep it (`Tree::into_object`).
+                } else if plugin.holds_objects() {
+                    let objects = batch.take_values(subject)?;
+                    let (objects, found) = call_validate_v2(plugin, subject, objects);
+                    batch = Batch::Values(objects);
+                    found
+                } else {
+                    call_validate(plugin, subject, batch.texts()).map(|found| {
                         found
-                    } else {
-                        call_validate(plugin, subject, batch.texts()).map(|found| {
-                            found
-                                .into_iter()
-                                .map(|f| finding(plugin, |i| batch.origin(i, subject), f))
-                                .collect()
-                        })
-                    };
+                            .into_iter()
+                            .map(|f| finding(plugin, |i| batch.origin(i, subject), f))
+                            .collect()
+                    })
+                };
                 match found {
                     Ok(found) => {
                         let (errors, others): (Vec<Finding>, Vec<Finding>) =
@@ -1250,6 +1322,51 @@ fn wit_origin(o: &Origin) -> bindings::Origin {
         index: o.doc_index as u32,
         line: o.line as u32,
     }
+}
+
+/// Evaluates an OPA policy over every object (`opa.rs`): each message of its result is an
+/// error finding on that object.
+fn call_opa(
+    plugin: &Plugin,
+    pre: &opa::PolicyPre,
+    subject: &Subject,
+    objects: &[Tree],
+) -> Result<Vec<Finding>, Error> {
+    let (entrypoint, id) = plugin.opa_entrypoint(pre)?;
+    let config = &plugin.spec.config;
+    let inputs: Vec<serde_json::Value> = objects
+        .iter()
+        .map(|o| opa::input(entrypoint, o.value(), &config["parameters"]))
+        .collect();
+    let data = if config["data"].is_object() {
+        config["data"].clone()
+    } else {
+        serde_json::json!({})
+    };
+    let limits = &plugin.spec.limits;
+    let results = finish(
+        limits,
+        opa::eval_all(&plugin.engine, pre, id, &data, &inputs, limits),
+    )
+    .map_err(|e| plugin.failed(subject, trap_message(&e, limits)))?;
+    Ok(objects
+        .iter()
+        .zip(results)
+        .flat_map(|(o, result)| {
+            opa::messages(entrypoint, &result)
+                .into_iter()
+                .map(move |message| Finding {
+                    plugin: plugin.spec.name.clone(),
+                    severity: "error",
+                    message,
+                    object: Some(ObjRef::of(o.value())),
+                    origin: Some(o.origin.clone()),
+                    field: None,
+                    proposed_value: None,
+                    rule: Some(entrypoint.to_string()),
+                })
+        })
+        .collect())
 }
 
 /// Runs a KRM function: the objects go in as `items` (each marked with its index, to keep
