@@ -166,12 +166,15 @@ async fn policies_compiled_by_opa_give_opa_evals_verdicts_and_refuse_commits() {
         let object =
             sluice_model::object::Object::new(case, sluice_model::object::Origin::default());
         let found = |plugin: &Arc<sluice_wasm::Plugin>| -> Vec<String> {
-            let mut m: Vec<String> =
-                match sluice_wasm::run(&[plugin.clone()], &subject, vec![object.clone()]) {
-                    Ok(_) => Vec::new(),
-                    Err(Error::Denied(f)) => f.into_iter().map(|f| f.message).collect(),
-                    Err(e) => panic!("{e}"),
-                };
+            let mut m: Vec<String> = match sluice_wasm::run(
+                std::slice::from_ref(plugin),
+                &subject,
+                vec![object.clone()],
+            ) {
+                Ok(_) => Vec::new(),
+                Err(Error::Denied(f)) => f.into_iter().map(|f| f.message).collect(),
+                Err(e) => panic!("{e}"),
+            };
             m.sort();
             m
         };

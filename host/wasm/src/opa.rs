@@ -83,7 +83,7 @@ fn linker(engine: &Engine) -> Result<Linker<State>, String> {
                     $name,
                     |mut caller: Caller<'_, State>, (id, _ctx, $($arg),*): (i32, i32, $(builtin!(@ty $arg)),*)| {
                         Box::new(async move {
-                            let args = vec![$(dump(&mut caller, $arg).await?),*];
+                            let args = vec![$(dump_term(&mut caller, $arg).await?),*];
                             let name = caller
                                 .data()
                                 .builtins
@@ -332,12 +332,13 @@ fn export<'a>(caller: &mut Caller<'a, State>, name: &str) -> wasmtime::Result<wa
     }
 }
 
-/// A value of the policy's heap as JSON.
-async fn dump(caller: &mut Caller<'_, State>, addr: i32) -> wasmtime::Result<Value> {
-    let f = export(caller, "opa_json_dump")?.typed::<i32, i32>(&*caller)?;
+/// A value of the policy's heap as a Rego term (`opa_value_dump`: sets stay sets, which
+/// JSON would make arrays).
+async fn dump_term(caller: &mut Caller<'_, State>, addr: i32) -> wasmtime::Result<Term> {
+    let f = export(caller, "opa_value_dump")?.typed::<i32, i32>(&*caller)?;
     let text = f.call_async(&mut *caller, addr).await?;
     let s = read_cstr(caller, text).ok_or_else(|| wasmtime::Error::msg("a bad string"))?;
-    Ok(serde_json::from_str(&s)?)
+    Term::parse(&s).map_err(wasmtime::Error::msg)
 }
 
 /// A JSON value onto the policy's heap; its address.
@@ -358,13 +359,13 @@ async fn parse(caller: &mut Caller<'_, State>, v: &Value) -> wasmtime::Result<i3
 /// The built-in functions the host gives a policy.
 pub const SUPPORTED: [&str; 2] = ["sprintf", "trace"];
 
-/// Runs a built-in function the module left to the host.
+/// Runs a built-in function the module left to the host; its result is JSON.
 ///
 /// # Errors
 /// An unknown builtin, or arguments it does not take.
-pub fn builtin(name: &str, args: &[Value]) -> Result<Value, String> {
+pub fn builtin(name: &str, args: &[Term]) -> Result<Value, String> {
     match (name, args) {
-        ("sprintf", [Value::String(format), Value::Array(values)]) => {
+        ("sprintf", [Term::Str(format), Term::Arr(values)]) => {
             Ok(Value::String(sprintf(format, values)))
         }
         ("trace", [_]) => Ok(Value::Bool(true)),
@@ -374,8 +375,265 @@ pub fn builtin(name: &str, args: &[Value]) -> Result<Value, String> {
     }
 }
 
-/// Go's `fmt.Sprintf` for the verbs policies use: `%v`, `%s`, `%d`, `%q`, `%%`.
-pub fn sprintf(format: &str, values: &[Value]) -> String {
+/// A Rego value as `opa_value_dump` writes it: JSON, plus sets (`{a, b}`, `set()`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Term {
+    /// `null`.
+    Null,
+    /// `true`, `false`.
+    Bool(bool),
+    /// A number, as written.
+    Num(String),
+    /// A string.
+    Str(String),
+    /// An array.
+    Arr(Vec<Term>),
+    /// An object.
+    Obj(Vec<(Term, Term)>),
+    /// A set.
+    Set(Vec<Term>),
+}
+
+impl Term {
+    /// Reads a term.
+    ///
+    /// # Errors
+    /// Text that is not one.
+    pub fn parse(text: &str) -> Result<Term, String> {
+        let mut p = TermParser {
+            s: text.as_bytes(),
+            i: 0,
+        };
+        let t = p.term()?;
+        p.ws();
+        if p.i != p.s.len() {
+            return Err(format!("trailing text in a Rego value: {text:?}"));
+        }
+        Ok(t)
+    }
+
+    /// As Go's `%v` prints it in OPA's `sprintf`: strings bare at the top, numbers as
+    /// written, collections in Rego's syntax (`["a", 1]`, `{"a", "b"}`, `{"k": 1}`).
+    fn top(&self) -> String {
+        match self {
+            Term::Str(s) => s.clone(),
+            other => other.rego(),
+        }
+    }
+
+    fn rego(&self) -> String {
+        let join = |items: &[Term]| items.iter().map(Term::rego).collect::<Vec<_>>().join(", ");
+        match self {
+            Term::Null => "null".into(),
+            Term::Bool(b) => b.to_string(),
+            Term::Num(n) => n.clone(),
+            Term::Str(s) => Value::String(s.clone()).to_string(),
+            Term::Arr(a) => format!("[{}]", join(a)),
+            Term::Set(s) if s.is_empty() => "set()".into(),
+            // Go's OPA prints sets and objects in its term order; the module's dump does not.
+            Term::Set(s) => {
+                let mut s = s.clone();
+                s.sort_by(Term::order);
+                format!("{{{}}}", join(&s))
+            }
+            Term::Obj(o) => format!(
+                "{{{}}}",
+                sorted_pairs(o)
+                    .iter()
+                    .map(|(k, v)| format!("{}: {}", k.rego(), v.rego()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+}
+
+impl Term {
+    /// OPA's order of terms (`ast.Compare`): null, booleans, numbers, strings, arrays,
+    /// objects, sets; then by value.
+    fn order(a: &Term, b: &Term) -> std::cmp::Ordering {
+        use std::cmp::Ordering;
+        let rank = |t: &Term| match t {
+            Term::Null => 0,
+            Term::Bool(_) => 1,
+            Term::Num(_) => 2,
+            Term::Str(_) => 3,
+            Term::Arr(_) => 4,
+            Term::Obj(_) => 5,
+            Term::Set(_) => 6,
+        };
+        let list = |x: &[Term], y: &[Term]| {
+            for (p, q) in x.iter().zip(y) {
+                let o = Term::order(p, q);
+                if o != Ordering::Equal {
+                    return o;
+                }
+            }
+            x.len().cmp(&y.len())
+        };
+        match (a, b) {
+            (Term::Bool(x), Term::Bool(y)) => x.cmp(y),
+            (Term::Num(x), Term::Num(y)) => {
+                let (x, y) = (
+                    x.parse::<f64>().unwrap_or(0.0),
+                    y.parse::<f64>().unwrap_or(0.0),
+                );
+                x.partial_cmp(&y).unwrap_or(Ordering::Equal)
+            }
+            (Term::Str(x), Term::Str(y)) => x.cmp(y),
+            (Term::Arr(x), Term::Arr(y)) => list(x, y),
+            (Term::Set(x), Term::Set(y)) => {
+                let (mut x, mut y) = (x.clone(), y.clone());
+                x.sort_by(Term::order);
+                y.sort_by(Term::order);
+                list(&x, &y)
+            }
+            (Term::Obj(x), Term::Obj(y)) => {
+                let flat = |o: &[(Term, Term)]| -> Vec<Term> {
+                    sorted_pairs(o)
+                        .into_iter()
+                        .flat_map(|(k, v)| [k.clone(), v.clone()])
+                        .collect()
+                };
+                list(&flat(x), &flat(y))
+            }
+            _ => rank(a).cmp(&rank(b)),
+        }
+    }
+}
+
+fn sorted_pairs(o: &[(Term, Term)]) -> Vec<&(Term, Term)> {
+    let mut pairs: Vec<&(Term, Term)> = o.iter().collect();
+    pairs.sort_by(|(a, _), (b, _)| Term::order(a, b));
+    pairs
+}
+
+struct TermParser<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl TermParser<'_> {
+    fn ws(&mut self) {
+        while self.s.get(self.i).is_some_and(u8::is_ascii_whitespace) {
+            self.i += 1;
+        }
+    }
+
+    fn eat(&mut self, c: u8) -> bool {
+        self.ws();
+        if self.s.get(self.i) == Some(&c) {
+            self.i += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn term(&mut self) -> Result<Term, String> {
+        self.ws();
+        let rest = &self.s[self.i..];
+        for (word, t) in [
+            (&b"null"[..], Term::Null),
+            (b"true", Term::Bool(true)),
+            (b"false", Term::Bool(false)),
+            (b"set()", Term::Set(Vec::new())),
+        ] {
+            if rest.starts_with(word) {
+                self.i += word.len();
+                return Ok(t);
+            }
+        }
+        match rest.first() {
+            Some(b'"') => {
+                let start = self.i;
+                self.i += 1;
+                while let Some(&c) = self.s.get(self.i) {
+                    self.i += 1;
+                    match c {
+                        b'\\' => self.i += 1,
+                        b'"' => {
+                            let text = std::str::from_utf8(&self.s[start..self.i])
+                                .map_err(|e| e.to_string())?;
+                            return serde_json::from_str(text)
+                                .map(Term::Str)
+                                .map_err(|e| e.to_string());
+                        }
+                        _ => {}
+                    }
+                }
+                Err("an unterminated string".into())
+            }
+            Some(b'[') => {
+                self.i += 1;
+                let mut items = Vec::new();
+                if !self.eat(b']') {
+                    loop {
+                        items.push(self.term()?);
+                        if self.eat(b']') {
+                            break;
+                        }
+                        if !self.eat(b',') {
+                            return Err("expected , or ] in an array".into());
+                        }
+                    }
+                }
+                Ok(Term::Arr(items))
+            }
+            Some(b'{') => {
+                self.i += 1;
+                if self.eat(b'}') {
+                    return Ok(Term::Obj(Vec::new()));
+                }
+                let first = self.term()?;
+                if self.eat(b':') {
+                    let mut pairs = vec![(first, self.term()?)];
+                    while self.eat(b',') {
+                        let k = self.term()?;
+                        if !self.eat(b':') {
+                            return Err("expected : in an object".into());
+                        }
+                        pairs.push((k, self.term()?));
+                    }
+                    if !self.eat(b'}') {
+                        return Err("expected } after an object".into());
+                    }
+                    Ok(Term::Obj(pairs))
+                } else {
+                    let mut items = vec![first];
+                    while self.eat(b',') {
+                        items.push(self.term()?);
+                    }
+                    if !self.eat(b'}') {
+                        return Err("expected } after a set".into());
+                    }
+                    Ok(Term::Set(items))
+                }
+            }
+            Some(c) if c.is_ascii_digit() || *c == b'-' => {
+                let start = self.i;
+                while self
+                    .s
+                    .get(self.i)
+                    .is_some_and(|c| c.is_ascii_digit() || b"-+.eE".contains(c))
+                {
+                    self.i += 1;
+                }
+                Ok(Term::Num(
+                    String::from_utf8_lossy(&self.s[start..self.i]).into_owned(),
+                ))
+            }
+            _ => Err(format!(
+                "not a Rego value at {:?}",
+                String::from_utf8_lossy(&rest[..rest.len().min(20)])
+            )),
+        }
+    }
+}
+
+/// Go's `fmt.Sprintf` for the verbs policies use, as OPA's `sprintf` gives it its
+/// arguments: `%v`, `%s` (a string bare, anything else in Rego's syntax), `%d`, `%q`, `%%`.
+pub fn sprintf(format: &str, values: &[Term]) -> String {
     let mut out = String::new();
     let mut args = values.iter();
     let mut chars = format.chars();
@@ -388,10 +646,7 @@ pub fn sprintf(format: &str, values: &[Value]) -> String {
             Some('%') => out.push('%'),
             Some(verb @ ('v' | 's' | 'd' | 'q')) => match args.next() {
                 Some(v) => {
-                    let plain = match v {
-                        Value::String(s) => s.clone(),
-                        other => other.to_string(),
-                    };
+                    let plain = v.top();
                     if verb == 'q' {
                         out.push_str(&format!("{plain:?}"));
                     } else {
@@ -458,16 +713,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sprintf_formats_as_go_does_for_the_verbs_policies_use() {
+    fn sprintf_formats_as_opa_does_for_the_verbs_policies_use() {
+        let t = |s: &str| Term::parse(s).expect("a term");
         assert_eq!(
             sprintf(
                 "container <%v> has no %s; %d%% of %q",
-                &[json!("web"), json!("limits"), json!(50), json!("x")]
+                &[t("\"web\""), t("\"limits\""), t("50"), t("\"x\"")]
             ),
             "container <web> has no limits; 50% of \"x\""
         );
-        assert_eq!(sprintf("%v", &[json!(["a", 1])]), "[\"a\",1]");
-        assert_eq!(sprintf("%v and %v", &[json!(1)]), "1 and %!v(MISSING)");
+        // What `opa eval` prints for sprintf("x %v %v %v", [{"a","b"}, ["q", 1], {"k": {"z"}}]).
+        assert_eq!(
+            sprintf(
+                "x %v %v %v",
+                &[t("{\"a\",\"b\"}"), t("[\"q\",1]"), t("{\"k\":{\"z\"}}")]
+            ),
+            "x {\"a\", \"b\"} [\"q\", 1] {\"k\": {\"z\"}}"
+        );
+        assert_eq!(sprintf("%v", &[t("set()")]), "set()");
+        assert_eq!(
+            sprintf(
+                "%v %v",
+                &[t("{\"team\",\"owner\",1}"), t("{\"b\":1,\"a\":2}")]
+            ),
+            "{1, \"owner\", \"team\"} {\"a\": 2, \"b\": 1}"
+        );
+        assert_eq!(sprintf("%v and %v", &[t("1")]), "1 and %!v(MISSING)");
+        assert!(Term::parse("{1,").is_err());
     }
 
     #[test]
