@@ -20,6 +20,15 @@ fn tree(files: &[(&str, String)]) -> tempfile::TempDir {
     dir
 }
 
+/// How the agent reaches the test registry: its Docker config and its CA.
+fn registries(reg: &Registry) -> sluice_agent::oci::Registries {
+    sluice_agent::oci::Registries {
+        config_file: Some(reg.docker_config()),
+        ca: [(reg.host.clone(), reg.ca_pem.clone().into_bytes())].into(),
+        ..Default::default()
+    }
+}
+
 fn source_for(reg: &Registry, repository: &str, cache: &std::path::Path, creds: bool) -> Source {
     let credentials = creds.then(|| Credentials {
         username: registry::USER.into(),
@@ -212,11 +221,7 @@ async fn the_agent_syncs_an_artifact_when_the_registry_announces_the_push() {
     .expect("config");
     let opts = agent::Options {
         poll_interval: std::time::Duration::from_secs(3600),
-        registries: sluice_agent::oci::Registries {
-            config_file: Some(reg.docker_config()),
-            ca: [(reg.host.clone(), reg.ca_pem.clone().into_bytes())].into(),
-            ..Default::default()
-        },
+        registries: registries(&reg),
         ..options("ocihook", dir.path())
     };
     let receiver = std::sync::Arc::new(sluice_agent::webhook::Receiver::new(
@@ -356,11 +361,7 @@ async fn a_plugin_pushed_to_a_registry_is_pulled_once_by_digest_and_used() {
         )
         .expect("config");
     };
-    let registries = sluice_agent::oci::Registries {
-        config_file: Some(reg.docker_config()),
-        ca: [(reg.host.clone(), reg.ca_pem.clone().into_bytes())].into(),
-        ..Default::default()
-    };
+    let registries = registries(&reg);
     let opts = || sluice_agent::agent::Options {
         config_project: String::new(),
         takeover: sluice_agent::sync::Takeover::Off,
@@ -564,11 +565,7 @@ async fn only_artifacts_and_plugins_signed_with_the_teams_key_are_used() {
         "p",
     );
     let config = dir.path().join("config.yaml");
-    let registries = sluice_agent::oci::Registries {
-        config_file: Some(reg.docker_config()),
-        ca: [(reg.host.clone(), reg.ca_pem.clone().into_bytes())].into(),
-        ..Default::default()
-    };
+    let registries = registries(&reg);
     let run = |tag: &str| {
         std::fs::write(
             &config,

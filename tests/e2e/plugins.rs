@@ -23,7 +23,7 @@ fn runtime() -> &'static Runtime {
     RT.get_or_init(|| Runtime::new(None).expect("plugin runtime"))
 }
 
-fn spec(crate_name: &str, config: Value) -> Spec {
+pub(crate) fn spec(crate_name: &str, config: Value) -> Spec {
     Spec {
         name: crate_name.into(),
         module: format!("{crate_name}.wasm"),

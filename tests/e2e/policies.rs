@@ -10,7 +10,9 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
 use serde_json::{Value, json};
 use sluice_testenv::cluster;
-use sluice_wasm::{Error, FailurePolicy, Limits, Mode, Runtime, Spec};
+use sluice_wasm::{Error, Runtime};
+
+use crate::plugins::spec;
 
 use crate::support::*;
 
@@ -103,19 +105,6 @@ fn opa_eval(dir: &Path, rego: &str, input: &Value, query: &str, v0: bool) -> Vec
         .collect();
     messages.sort();
     messages
-}
-
-fn spec(name: &str, config: Value) -> Spec {
-    Spec {
-        name: name.into(),
-        module: format!("{name}.wasm"),
-        sha256: None,
-        config,
-        limits: Limits::default(),
-        capabilities: Vec::new(),
-        failure_policy: FailurePolicy::Fail,
-        mode: Mode::Enforce,
-    }
 }
 
 /// A Gatekeeper-style rule and a plain deny rule, compiled by `opa build -t wasm`, give the

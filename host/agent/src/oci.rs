@@ -825,22 +825,11 @@ pub fn unpack(gz: &[u8]) -> std::result::Result<(Vec<TreeEntry>, Vec<Vec<u8>>), 
                 files.insert(path, (EntryKind::File, bytes));
             }
             T::Symlink => {
-                let target = entry
-                    .link_name()
-                    .ok()
-                    .flatten()
-                    .map(|t| t.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                files.insert(path, (EntryKind::Symlink, target.into_bytes()));
+                files.insert(path, (EntryKind::Symlink, link_target(&entry).into_bytes()));
             }
             T::Link => {
-                let target = entry
-                    .link_name()
-                    .ok()
-                    .flatten()
-                    .map(|t| t.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let target = clean(&target).map_err(|e| format!("{path}: hard link: {e}"))?;
+                let target =
+                    clean(&link_target(&entry)).map_err(|e| format!("{path}: hard link: {e}"))?;
                 match files.get(&target) {
                     Some((EntryKind::File, bytes)) => {
                         total = total.saturating_add(bytes.len() as u64);
@@ -877,6 +866,16 @@ pub fn unpack(gz: &[u8]) -> std::result::Result<(Vec<TreeEntry>, Vec<Vec<u8>>), 
         blobs.push(bytes);
     }
     Ok((entries, blobs))
+}
+
+/// Where a link entry points, as written.
+fn link_target<R: Read>(entry: &tar::Entry<'_, R>) -> String {
+    entry
+        .link_name()
+        .ok()
+        .flatten()
+        .map(|t| t.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// An archive path made relative and normal (`./a//b` is `a/b`); absolute paths and `..`

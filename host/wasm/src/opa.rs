@@ -100,25 +100,7 @@ fn linker(engine: &Engine) -> Result<Linker<State>, String> {
         };
         (@ty $arg:ident) => { i32 };
     }
-    linker
-        .func_wrap_async(
-            "env",
-            "opa_builtin0",
-            |mut caller: Caller<'_, State>, (id, _ctx): (i32, i32)| {
-                Box::new(async move {
-                    let name = caller
-                        .data()
-                        .builtins
-                        .iter()
-                        .find(|(i, _)| *i == id)
-                        .map(|(_, n)| n.clone())
-                        .unwrap_or_default();
-                    let out = builtin(&name, &[]).map_err(wasmtime::Error::msg)?;
-                    parse(&mut caller, &out).await
-                })
-            },
-        )
-        .map_err(e)?;
+    builtin!("opa_builtin0",);
     builtin!("opa_builtin1", a);
     builtin!("opa_builtin2", a, b);
     builtin!("opa_builtin3", a, b, c);
