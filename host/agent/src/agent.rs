@@ -352,6 +352,7 @@ fn reconcile_workers(
         keep
     });
     let ids = inventory_ids(cfg, opts);
+    let repos = Repositories::of(cfg, &opts.git_base_url);
     for project in cfg.manifest_projects.iter().filter(|p| ours(&p.id)) {
         let names: Vec<String> = match &project.plugins {
             Some(names) => names.clone(),
@@ -370,15 +371,7 @@ fn reconcile_workers(
                     )
                 })
                 .collect(),
-            siblings: {
-                let url =
-                    |p: &ManifestProject| sync::project_url(p.repository(), &opts.git_base_url);
-                cfg.manifest_projects
-                    .iter()
-                    .filter(|p| p.id != project.id && url(p) == url(project))
-                    .cloned()
-                    .collect()
-            },
+            siblings: repos.siblings(cfg, project).into_iter().cloned().collect(),
         };
         match workers.get(&project.id) {
             Some(w) if w.key == key => continue,
@@ -392,7 +385,7 @@ fn reconcile_workers(
         if let Err(e) = &selected {
             error!(worker_id = %project.id, error = %e, "plugin unavailable; this project's syncs fail until it loads");
         }
-        let inventory = inventory_for(cfg, &ids, project, &opts.git_base_url);
+        let inventory = inventory_for(cfg, &ids, project, &repos);
         if let Err(e) = &inventory {
             error!(worker_id = %project.id, error = %e, "this project does not sync until it has an inventory of its own");
         }
@@ -469,29 +462,69 @@ struct Inventories {
     siblings: Vec<(ManifestProject, String)>,
 }
 
-/// `project`'s [`Inventories`] (repositories compared as URLs, `git_base_url` applied).
+/// Each project's repository URL (`git_base_url` applied), and the projects reading each:
+/// worked out once per configuration, not once per pair of projects.
+struct Repositories {
+    url_of: HashMap<String, String>,
+    readers: HashMap<String, Vec<usize>>,
+}
+
+impl Repositories {
+    fn of(cfg: &AgentConfig, git_base_url: &str) -> Repositories {
+        let mut url_of = HashMap::new();
+        let mut readers: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, p) in cfg.manifest_projects.iter().enumerate() {
+            let url = sync::project_url(p.repository(), git_base_url);
+            readers.entry(url.clone()).or_default().push(i);
+            url_of.insert(p.id.clone(), url);
+        }
+        Repositories { url_of, readers }
+    }
+
+    /// The other projects of `cfg` that read `project`'s repository.
+    fn siblings<'c>(
+        &self,
+        cfg: &'c AgentConfig,
+        project: &ManifestProject,
+    ) -> Vec<&'c ManifestProject> {
+        let readers = self
+            .url_of
+            .get(&project.id)
+            .and_then(|url| self.readers.get(url));
+        readers
+            .into_iter()
+            .flatten()
+            .map(|&i| &cfg.manifest_projects[i])
+            .filter(|p| p.id != project.id)
+            .collect()
+    }
+}
+
+/// `project`'s [`Inventories`].
 fn inventory_for(
     cfg: &AgentConfig,
     ids: &BTreeMap<String, Result<String, String>>,
     project: &ManifestProject,
-    git_base_url: &str,
+    repos: &Repositories,
 ) -> Result<Inventories, String> {
     let id = ids
         .get(&project.id)
         .cloned()
         .unwrap_or_else(|| Err(format!("no inventory id for project {}", project.id)))?;
-    let url = sync::project_url(project.repository(), git_base_url);
-    let mut others = Vec::new();
-    let mut siblings = Vec::new();
-    for p in cfg.manifest_projects.iter().filter(|p| p.id != project.id) {
-        let Some(Ok(id)) = ids.get(&p.id) else {
-            continue;
-        };
-        others.push(InventoryRef::default_for(id, &p.default_namespace));
-        if sync::project_url(p.repository(), git_base_url) == url {
-            siblings.push((p.clone(), id.clone()));
-        }
-    }
+    let others = cfg
+        .manifest_projects
+        .iter()
+        .filter(|p| p.id != project.id)
+        .filter_map(|p| {
+            let id = ids.get(&p.id)?.as_ref().ok()?;
+            Some(InventoryRef::default_for(id, &p.default_namespace))
+        })
+        .collect();
+    let siblings = repos
+        .siblings(cfg, project)
+        .into_iter()
+        .filter_map(|p| Some((p.clone(), ids.get(&p.id)?.as_ref().ok()?.clone())))
+        .collect();
     Ok(Inventories {
         id,
         others,
@@ -578,12 +611,13 @@ pub async fn run_once(
     let digests = digests(&modules);
     let loaded = load_plugins(&runtime, cfg, modules, digests).await;
     let ids = inventory_ids(&loaded.config, &opts);
+    let repos = Repositories::of(&loaded.config, &opts.git_base_url);
     let runs = loaded.config.manifest_projects.iter().map(|project| {
         let mut cluster = cluster.clone();
-        let (loaded, ids, opts) = (&loaded, &ids, &opts);
+        let (loaded, ids, opts, repos) = (&loaded, &ids, &opts, &repos);
         async move {
             let result = async {
-                let inventory = inventory_for(&loaded.config, ids, project, &opts.git_base_url)?;
+                let inventory = inventory_for(&loaded.config, ids, project, repos)?;
                 let (source, settings) = prepare(
                     project,
                     selected_plugins(loaded, project),
@@ -1356,7 +1390,8 @@ mod tests {
                 .iter()
                 .find(|p| p.id == id)
                 .expect("project");
-            let inv = inventory_for(&cfg, &ids, p, "https://git.example").expect("inventories");
+            let repos = Repositories::of(&cfg, "https://git.example");
+            let inv = inventory_for(&cfg, &ids, p, &repos).expect("inventories");
             assert_eq!(inv.others.len(), 3);
             inv.siblings.into_iter().map(|(p, _)| p.id).collect()
         };
