@@ -29,6 +29,23 @@ fn registries(reg: &Registry) -> sluice_agent::oci::Registries {
     }
 }
 
+/// `sluice sync` of `config`'s one project: its report, or why it failed.
+async fn once(
+    client: &kube::Client,
+    config: &std::path::Path,
+    opts: sluice_agent::agent::Options,
+) -> Result<sluice_agent::sync::Report, String> {
+    sluice_agent::agent::run_once(
+        client.clone(),
+        sluice_agent::agent::ConfigSource::File(config.to_path_buf()),
+        opts,
+    )
+    .await
+    .expect("run once")
+    .remove(0)
+    .result
+}
+
 fn source_for(reg: &Registry, repository: &str, cache: &std::path::Path, creds: bool) -> Source {
     let credentials = creds.then(|| Credentials {
         username: registry::USER.into(),
@@ -368,20 +385,7 @@ async fn a_plugin_pushed_to_a_registry_is_pulled_once_by_digest_and_used() {
         registries: registries.clone(),
         ..options("ocimod", &cache)
     };
-    let once = |opts: sluice_agent::agent::Options| {
-        let (client, config) = (client.clone(), config.clone());
-        async move {
-            sluice_agent::agent::run_once(
-                client,
-                sluice_agent::agent::ConfigSource::File(config),
-                opts,
-            )
-            .await
-            .expect("run once")
-            .remove(0)
-            .result
-        }
-    };
+    let once = |opts| once(&client, &config, opts);
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     let label = |cm: ConfigMap| {
         cm.metadata
@@ -582,18 +586,7 @@ async fn only_artifacts_and_plugins_signed_with_the_teams_key_are_used() {
             registries: registries.clone(),
             ..options("ocisig", &dir.path().join("cache"))
         };
-        let (client, config) = (client.clone(), config.clone());
-        async move {
-            sluice_agent::agent::run_once(
-                client,
-                sluice_agent::agent::ConfigSource::File(config),
-                opts,
-            )
-            .await
-            .expect("run once")
-            .remove(0)
-            .result
-        }
+        once(&client, &config, opts)
     };
     run("signed").await.expect("a signed module");
     let p_labels = cms
