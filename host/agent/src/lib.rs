@@ -9,6 +9,8 @@
 //! changes, a webhook arrives, an object drifts or the re-apply timer fires, for the
 //! projects of the [`shards`] this replica owns, and records each outcome with [`history`]
 //! (Events, last sync).
+//! [`source`] reads git, and through [`oci`] artifacts and plugin modules in OCI registries,
+//! whose signatures [`cosign`] checks.
 //! [`moves`] lets an object leave one project for another of the same repository without
 //! a delete.
 //! [`webhook`] (push receivers) and [`observability`] (metrics, probes) serve the agent's
