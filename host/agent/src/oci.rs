@@ -3,8 +3,8 @@
 //!
 //! The format is Flux's, so what `flux push artifact` writes (GitLab's advice since agentk
 //! lost GitOps) syncs unchanged: an OCI image manifest whose one layer is a tar+gzip of the
-//! manifests (`application/vnd.cncf.flux.content.v1.tar+gzip`; any `…tar+gzip` layer is
-//! accepted, Flux's first-layer rule, or the one of the project's `layer_media_type`), with
+//! manifests (`application/vnd.cncf.flux.content.v1.tar+gzip`; without one, the first `…tar+gzip`
+//! layer, source-controller's default), with
 //! the annotations `org.opencontainers.image.source`, `.revision` and `.created`.
 //!
 //! A [`Source`] whose URL starts `oci://` is one of these: [`resolve`] turns a tag, a
@@ -195,18 +195,13 @@ pub fn resolve(source: &Source, git_ref: &GitRef) -> Result<String> {
 }
 
 /// The files of the artifact `digest`, from the cache or the registry, and its revision
-/// annotation. `layer` picks the layer by media type (default: Flux's, else the first
-/// tar+gzip layer). Stops downloading when `interrupt` becomes true.
+/// annotation. The layer read is Flux's, else the first tar+gzip one. Stops downloading when
+/// `interrupt` becomes true.
 ///
 /// # Errors
 /// [`Error::Fetch`] when the registry fails, [`Error::Read`] when the artifact is not one
 /// sluice reads (no layer of the type, a digest that does not match, an entry it refuses).
-pub fn fetch(
-    source: &Source,
-    digest: &str,
-    layer: Option<&str>,
-    interrupt: &AtomicBool,
-) -> Result<Snapshot> {
+pub fn fetch(source: &Source, digest: &str, interrupt: &AtomicBool) -> Result<Snapshot> {
     let read_err = |message: String| Error::Read {
         url: source.url().to_string(),
         commit: digest.to_string(),
@@ -220,9 +215,7 @@ pub fn fetch(
         })?;
         tracing::debug!(url = %source.url(), digest, verified = %how, "artifact signature verified");
     }
-    let chosen = pick_layer(&manifest.layers, layer)
-        .map_err(read_err)?
-        .clone();
+    let chosen = pick_layer(&manifest.layers).map_err(read_err)?.clone();
     let gz = blob(source, digest, &chosen, MAX_LAYER_BYTES, interrupt)?;
     let (entries, blobs) = unpack(&gz).map_err(read_err)?;
     let revision = manifest
@@ -712,24 +705,16 @@ fn bad_url() -> String {
     "not an OCI repository URL (expected oci://host/repository)".into()
 }
 
-/// The layer to read: the one of `media_type` when given, else Flux's, else the first
-/// tar+gzip layer (source-controller's rule).
-fn pick_layer<'a>(
-    layers: &'a [OciDescriptor],
-    media_type: Option<&str>,
-) -> std::result::Result<&'a OciDescriptor, String> {
-    let found = match media_type {
-        Some(t) => layers.iter().find(|l| l.media_type == t),
-        None => layers
-            .iter()
-            .find(|l| l.media_type == FLUX_CONTENT)
-            .or_else(|| layers.iter().find(|l| l.media_type.ends_with("tar+gzip"))),
-    };
+/// The layer to read: Flux's, else the first tar+gzip layer (source-controller's rule).
+fn pick_layer(layers: &[OciDescriptor]) -> std::result::Result<&OciDescriptor, String> {
+    let found = layers
+        .iter()
+        .find(|l| l.media_type == FLUX_CONTENT)
+        .or_else(|| layers.iter().find(|l| l.media_type.ends_with("tar+gzip")));
     found.ok_or_else(|| {
         let types: Vec<&str> = layers.iter().map(|l| l.media_type.as_str()).collect();
         format!(
-            "no layer of type {} (it has {})",
-            media_type.unwrap_or("…tar+gzip"),
+            "no layer of type …tar+gzip (it has {})",
             if types.is_empty() {
                 "none".to_string()
             } else {
@@ -1164,7 +1149,7 @@ mod tests {
     }
 
     #[test]
-    fn the_layer_is_flux_s_else_the_first_tar_gzip_else_the_one_named() {
+    fn the_layer_is_flux_s_else_the_first_tar_gzip() {
         let layer = |t: &str| OciDescriptor {
             media_type: t.into(),
             digest: format!("sha256:{}", "0".repeat(64)),
@@ -1176,18 +1161,12 @@ mod tests {
             layer("application/vnd.example.tar+gzip"),
             layer(FLUX_CONTENT),
         ];
-        assert_eq!(pick_layer(&layers, None).unwrap().media_type, FLUX_CONTENT);
+        assert_eq!(pick_layer(&layers).unwrap().media_type, FLUX_CONTENT);
         assert_eq!(
-            pick_layer(&layers[..2], None).unwrap().media_type,
+            pick_layer(&layers[..2]).unwrap().media_type,
             "application/vnd.example.tar+gzip"
         );
-        assert_eq!(
-            pick_layer(&layers, Some("application/vnd.example.tar+gzip"))
-                .unwrap()
-                .media_type,
-            "application/vnd.example.tar+gzip"
-        );
-        let e = pick_layer(&layers[..1], None).unwrap_err();
+        let e = pick_layer(&layers[..1]).unwrap_err();
         assert_eq!(
             e,
             "no layer of type …tar+gzip (it has application/vnd.example.readme)"

@@ -397,7 +397,7 @@ impl Source {
     /// [`Self::fetch`], stopping the transfer when `interrupt` becomes true.
     fn fetch_until(&self, commit: &str, interrupt: &AtomicBool) -> Result<Snapshot> {
         if self.is_oci() {
-            return crate::oci::fetch(self, commit, None, interrupt);
+            return crate::oci::fetch(self, commit, interrupt);
         }
         let repo = self.open()?;
         let read_err = |message: String| Error::Read {
