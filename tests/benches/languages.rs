@@ -47,6 +47,7 @@ fn spec() -> Spec {
         failure_policy: FailurePolicy::Fail,
         // Audit: findings are returned, not a refusal, so every run does the same work.
         mode: Mode::Audit,
+        ..Spec::default()
     }
 }
 

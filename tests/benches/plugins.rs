@@ -112,6 +112,7 @@ fn spec(name: &str, config: Value) -> Spec {
         failure_policy: FailurePolicy::Fail,
         // Audit: the findings are reported, the chain's output still comes back.
         mode: Mode::Audit,
+        ..Spec::default()
     }
 }
 

@@ -5,8 +5,10 @@
 # decrypts, `registry` (CNCF distribution), which the OCI tests push to, and `fluxpush`,
 # `flux push artifact`'s push path (tests/tools/fluxpush), which pushes artifacts as GitLab's
 # CI tutorial does, `cosign`, which signs them, and `opa`, which compiles policies to
-# WebAssembly and evaluates them natively. Usage: build-cli.sh
-# kustomize|helm|sops|registry|fluxpush|cosign|opa. Prints the binary's path on its last line.
+# WebAssembly and evaluates them natively, and `gator`, Gatekeeper's CLI, whose `gator verify`
+# verdicts on Suite files the Gatekeeper plugin's are compared with. Usage: build-cli.sh
+# kustomize|helm|sops|registry|fluxpush|cosign|opa|gator. Prints the binary's path on its
+# last line.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -18,12 +20,13 @@ case "${1:-}" in
   helm) version=$HELM_VERSION pkg="helm.sh/helm/v4/cmd/helm@$HELM_VERSION" bin=helm ;;
   sops) version=$SOPS_VERSION pkg="github.com/getsops/sops/v3/cmd/sops@$SOPS_VERSION" bin=sops ;;
   opa) version=$OPA_VERSION pkg="github.com/open-policy-agent/opa@$OPA_VERSION" bin=opa ;;
+  gator) version=$GATEKEEPER_VERSION pkg="github.com/open-policy-agent/gatekeeper/v3/cmd/gator@$GATEKEEPER_VERSION" bin=gator ;;
   cosign) version=$COSIGN_VERSION pkg="github.com/sigstore/cosign/v3/cmd/cosign@$COSIGN_VERSION" bin=cosign ;;
   registry) version=$DISTRIBUTION_VERSION pkg="github.com/distribution/distribution/v3/cmd/registry@$DISTRIBUTION_VERSION" bin=registry ;;
   # The flux CLI embeds manifests its Makefile generates, so it cannot be built from the
   # module proxy: tests/tools/fluxpush runs its push path (go.sum pins every dependency).
   fluxpush) version=$FLUX_OCI_VERSION-$(cat "$here/../tools/fluxpush/main.go" "$here/../tools/fluxpush/go.sum" | sha256sum | cut -c1-12) pkg=. bin=fluxpush ;;
-  *) echo "usage: $0 kustomize|helm|sops|registry|fluxpush|cosign|opa" >&2; exit 2 ;;
+  *) echo "usage: $0 kustomize|helm|sops|registry|fluxpush|cosign|opa|gator" >&2; exit 2 ;;
 esac
 cache=${SLUICE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/sluice}
 out="$cache/$1-$version"

@@ -17,6 +17,7 @@ pub const CRATES: &[&str] = &[
     "require-resources",
     "allowed-registries",
     "no-latest-tag",
+    "gatekeeper",
     "hostile",
     "hostile-validator",
     "hostile-v2",

@@ -772,10 +772,14 @@ async fn load_config(src: &ConfigSource, opts: &Options) -> Result<(AgentConfig,
                 config::parse_with_origin(&text, &config_project, &path.display().to_string())
                     .map_err(|e| e.to_string())?;
             let base = path.parent().map(PathBuf::from).unwrap_or_default();
-            let modules = read_modules(&cfg, &cache_dir, &opts, |p| {
+            let mut cfg = cfg;
+            let read = |p: &str| {
                 std::fs::read(base.join(p))
-                    .map_err(|e| format!("failed to read module {}: {e}", base.join(p).display()))
-            });
+                    .map_err(|e| format!("failed to read {}: {e}", base.join(p).display()))
+            };
+            let modules = read_modules(&cfg, &cache_dir, &opts, read);
+            let list = |p: &str| local_files(&base, p);
+            let modules = grant_files(&mut cfg, modules, &cache_dir, list, read);
             Ok((cfg, modules))
         }
         (ConfigSource::Repo { .. }, Some(source)) => {
@@ -806,9 +810,26 @@ async fn load_config(src: &ConfigSource, opts: &Options) -> Result<(AgentConfig,
                 }
                 false => String::new(),
             };
-            let cfg = config::parse_with_origin(&text, &config_project, &origin)
+            let mut cfg = config::parse_with_origin(&text, &config_project, &origin)
                 .map_err(|e| e.to_string())?;
             let modules = read_modules(&cfg, &cache_dir, &opts, read);
+            // Regular files only: symlinks are never followed, here as for modules.
+            let list = |p: &str| -> Result<Vec<String>, String> {
+                let p = p.trim_matches('/');
+                let under = format!("{p}/");
+                let found: Vec<String> = snapshot
+                    .entries()
+                    .iter()
+                    .filter(|e| e.kind == crate::source::EntryKind::File)
+                    .filter(|e| e.path == p || e.path.starts_with(&under))
+                    .map(|e| e.path.clone())
+                    .collect();
+                match found.is_empty() {
+                    true => Err(format!("{p}: not found at commit {commit}")),
+                    false => Ok(found),
+                }
+            };
+            let modules = grant_files(&mut cfg, modules, &cache_dir, list, read);
             Ok((cfg, modules))
         }
         (ConfigSource::Repo { .. }, None) => unreachable!("repo_source is set for repositories"),
@@ -828,6 +849,135 @@ pub fn config_path(agent: &str, exists: impl Fn(&str) -> bool) -> String {
     } else {
         format!(".gitlab/agents/{agent}/config.yaml")
     }
+}
+
+/// The largest set of files one plugin is granted.
+const MAX_GRANTED_BYTES: usize = 16 << 20;
+
+/// Puts each plugin's `files:` on disk for it (see [`sluice_wasm::Granted`]):
+/// `<cache_dir>/plugin-files/<sha256>/`, written once per content (whole, then renamed) and
+/// shared by every plugin and reload with the same files. `list` gives the regular files
+/// under a configured path, `read` their bytes. A plugin whose files cannot be read does
+/// not load: its entry in `modules` becomes that error.
+fn grant_files(
+    cfg: &mut AgentConfig,
+    mut modules: Modules,
+    cache_dir: &std::path::Path,
+    list: impl Fn(&str) -> Result<Vec<String>, String>,
+    read: impl Fn(&str) -> Result<Vec<u8>, String>,
+) -> Modules {
+    for spec in cfg.plugins.iter_mut().filter(|s| !s.files.is_empty()) {
+        match grant(&spec.files, cache_dir, &list, &read) {
+            Ok(g) => spec.granted = Some(g),
+            Err(e) => {
+                modules.insert(spec.name.clone(), Err(e));
+            }
+        }
+    }
+    modules
+}
+
+/// The files under `paths`, read and stored ([`store_granted`]).
+fn grant(
+    paths: &[String],
+    cache_dir: &std::path::Path,
+    list: impl Fn(&str) -> Result<Vec<String>, String>,
+    read: impl Fn(&str) -> Result<Vec<u8>, String>,
+) -> Result<sluice_wasm::Granted, String> {
+    let mut files = BTreeMap::new();
+    let mut total = 0;
+    for p in paths {
+        for path in list(p).map_err(|e| format!("files: {e}"))? {
+            let bytes = read(&path).map_err(|e| format!("files: {e}"))?;
+            total += bytes.len();
+            if total > MAX_GRANTED_BYTES {
+                return Err(format!("files: more than {MAX_GRANTED_BYTES} bytes"));
+            }
+            files.insert(path, bytes);
+        }
+    }
+    store_granted(cache_dir, &files)
+}
+
+/// `spec`'s `files:` read from a directory on disk (the CLI's local configuration), stored
+/// as the agent stores them.
+///
+/// # Errors
+/// A path that is missing or unreadable, or more than the files one plugin may hold.
+pub fn grant_local_files(
+    spec: &sluice_wasm::Spec,
+    base: &std::path::Path,
+    cache_dir: &std::path::Path,
+) -> Result<Option<sluice_wasm::Granted>, String> {
+    if spec.files.is_empty() {
+        return Ok(None);
+    }
+    let read = |p: &str| {
+        std::fs::read(base.join(p)).map_err(|e| format!("{}: {e}", base.join(p).display()))
+    };
+    grant(&spec.files, cache_dir, |p| local_files(base, p), read).map(Some)
+}
+
+/// Writes `files` (repository-relative path → bytes) under their digest, unless there.
+fn store_granted(
+    cache_dir: &std::path::Path,
+    files: &BTreeMap<String, Vec<u8>>,
+) -> Result<sluice_wasm::Granted, String> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for (path, bytes) in files {
+        for field in [path.as_bytes(), bytes] {
+            h.update((field.len() as u64).to_le_bytes());
+            h.update(field);
+        }
+    }
+    let sha256 = hex::encode(h.finalize());
+    let root = cache_dir.join("plugin-files");
+    let dir = root.join(&sha256);
+    if !dir.is_dir() {
+        let tmp = root.join(format!("{sha256}.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let written = files.iter().try_for_each(|(path, bytes)| {
+            let at = tmp.join(path);
+            std::fs::create_dir_all(at.parent().unwrap_or(&tmp))?;
+            std::fs::write(at, bytes)
+        });
+        if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, &dir)) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            if !dir.is_dir() {
+                return Err(format!(
+                    "files: failed to store them in {}: {e}",
+                    root.display()
+                ));
+            }
+        }
+    }
+    Ok(sluice_wasm::Granted { dir, sha256 })
+}
+
+/// The regular files under `path` (relative to `base`), as `/`-separated paths relative to
+/// `base`, in name order; symlinks are skipped, as in a repository.
+pub fn local_files(base: &std::path::Path, path: &str) -> Result<Vec<String>, String> {
+    let path = path.trim_matches('/');
+    let mut out = Vec::new();
+    let mut stack = vec![std::path::PathBuf::from(path)];
+    while let Some(rel) = stack.pop() {
+        let full = base.join(&rel);
+        let meta =
+            std::fs::symlink_metadata(&full).map_err(|e| format!("{}: {e}", full.display()))?;
+        if meta.is_dir() {
+            let mut names: Vec<_> = std::fs::read_dir(&full)
+                .map_err(|e| format!("{}: {e}", full.display()))?
+                .filter_map(Result::ok)
+                .map(|e| rel.join(e.file_name()))
+                .collect();
+            names.sort();
+            stack.extend(names.into_iter().rev());
+        } else if meta.is_file() {
+            out.push(rel.to_string_lossy().replace('\\', "/"));
+        }
+    }
+    Ok(out)
 }
 
 fn read_modules(

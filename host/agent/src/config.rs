@@ -820,6 +820,9 @@ struct PluginSection {
     // sluice's extension for modules from registries: the keys their signature must
     // verify with.
     verify: Option<PluginVerifySection>,
+    // Files of the configuration repository the plugin may read (read-only, at `/`).
+    #[serde(default)]
+    files: Vec<String>,
 }
 
 /// `plugins[].verify`: a file of cosign public keys (PEM), a path like `module`'s.
@@ -885,6 +888,18 @@ fn plugin_specs(
         {
             return Err(format!("{at}.sha256: expected 64 hex digits"));
         }
+        for f in &p.files {
+            let clean = f.trim_start_matches('/').trim_end_matches('/');
+            if clean.is_empty()
+                || clean
+                    .split('/')
+                    .any(|c| c == ".." || c == "." || c.is_empty())
+            {
+                return Err(format!(
+                    "{at}.files: {f:?} must be a path in the configuration repository, without . or .."
+                ));
+            }
+        }
         let defaults = sluice_wasm::Limits::default();
         let limits = match p.limits {
             Some(l) => sluice_wasm::Limits {
@@ -905,6 +920,8 @@ fn plugin_specs(
             capabilities: p.capabilities,
             failure_policy: p.failure_policy,
             mode: p.mode,
+            files: p.files,
+            granted: None,
         });
     }
     Ok((specs, keys))

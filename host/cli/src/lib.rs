@@ -1,13 +1,14 @@
 //! sluice: a pull-mode GitOps agent for Kubernetes, and its command line.
 //!
 //! The `sluice` binary (`main.rs`) runs the agent (`sluice-agent`) and the offline and
-//! cluster commands: [`render`] (render, validate, diff), [`status`] and [`install`]
-//! (`sluice generate`). The crates below it, in the order data flows:
+//! cluster commands: [`render`] (render, validate, diff), [`status`], [`install`]
+//! (`sluice generate`) and [`plugin_test`] (`sluice plugin test`). The crates below it, in the order data flows:
 //! `sluice-model` (values) ← `sluice-wasm` (plugins) and `sluice-engine` (apply, prune,
 //! wait) ← `sluice-agent` (config, git, sync, the agent loop) ← this crate.
 #![deny(missing_docs)]
 
 pub mod install;
+pub mod plugin_test;
 pub mod render;
 pub mod status;
 

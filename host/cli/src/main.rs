@@ -169,6 +169,21 @@ enum PluginCommand {
         #[command(flatten)]
         registry: RegistryArgs,
     },
+    /// Run plugins on fixtures and compare their findings and output with what the
+    /// fixtures expect, without a cluster: Gatekeeper `Suite` files (as `gator verify`
+    /// runs them) and sluice `PluginTest` files. Exit 0 when every case passes, 1 when one
+    /// fails, 2 when the tests cannot be run.
+    Test {
+        /// Test files, or directories to search for them.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// The gatekeeper plugin's module, which runs Suites.
+        #[arg(long, env = "SLUICE_GATEKEEPER_MODULE")]
+        gatekeeper: Option<PathBuf>,
+        /// Print every case's result as JSON instead of the failures and a summary.
+        #[arg(short, long, value_enum)]
+        output: Option<Output>,
+    },
 }
 
 /// How the plugin commands reach a registry.
@@ -539,6 +554,60 @@ fn main() -> ExitCode {
             registry,
         }) => rt.block_on(push_plugin(&file, &reference, source, revision, &registry)),
         Command::Renderers(RenderersCommand::Compile { dir }) => compile_renderers(dir),
+        Command::Plugin(PluginCommand::Test {
+            paths,
+            gatekeeper,
+            output,
+        }) => plugin_test(&paths, gatekeeper, output),
+    }
+}
+
+/// `plugin test`: the failures, each with its file, then a summary line (or every result
+/// as JSON/YAML with `-o`).
+fn plugin_test(paths: &[PathBuf], gatekeeper: Option<PathBuf>, output: Option<Output>) -> ExitCode {
+    let opts = sluice::plugin_test::Options { gatekeeper };
+    let results = match sluice::plugin_test::run(paths, &opts) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let count = |r: &str| results.iter().filter(|c| c.result == r).count();
+    let (passed, failed, skipped) = (count("pass"), count("fail"), count("skip"));
+    match output {
+        Some(Output::Json) => println!(
+            "{}",
+            serde_json::to_string_pretty(&results).unwrap_or_default()
+        ),
+        Some(Output::Yaml) => print!("{}", serde_saphyr::to_string(&results).unwrap_or_default()),
+        None => {
+            for r in results.iter().filter(|c| c.result == "fail") {
+                let at = [r.test.as_str(), r.case.as_str()]
+                    .iter()
+                    .filter(|s| !s.is_empty())
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join("/");
+                println!(
+                    "FAIL {} {at}: {}",
+                    r.file,
+                    r.message.as_deref().unwrap_or_default()
+                );
+            }
+            let files: std::collections::BTreeSet<&str> =
+                results.iter().map(|r| r.file.as_str()).collect();
+            println!(
+                "{} in {} files: {passed} passed, {failed} failed, {skipped} skipped",
+                if failed == 0 { "ok" } else { "FAIL" },
+                files.len()
+            );
+        }
+    }
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 

@@ -189,7 +189,17 @@ fn load_plugins(
                 plugin: spec.name.clone(),
                 message: format!("failed to read {}: {e}", path.display()),
             })?;
-            Ok(Arc::new(runtime.load(spec, &bytes)?))
+            let mut spec = spec.clone();
+            spec.granted = sluice_agent::agent::grant_local_files(
+                &spec,
+                base,
+                &sluice_model::default_cache_dir(),
+            )
+            .map_err(|message| plugins::Error::Load {
+                plugin: spec.name.clone(),
+                message,
+            })?;
+            Ok(Arc::new(runtime.load(&spec, &bytes)?))
         })
         .collect()
 }

@@ -202,6 +202,12 @@ fn key(chain: &[(&Spec, &str)], subject: &Subject, objects: &[Object]) -> Option
         config.sort_all_objects();
         field(config.to_string().as_bytes());
         field(
+            spec.granted
+                .as_ref()
+                .map_or("", |g| g.sha256.as_str())
+                .as_bytes(),
+        );
+        field(
             format!(
                 "{:?}/{}/{}/{:?}/{:?}",
                 spec.limits.timeout,
@@ -310,6 +316,7 @@ mod tests {
             capabilities: Vec::new(),
             failure_policy: super::super::FailurePolicy::Fail,
             mode: super::super::Mode::Enforce,
+            ..Spec::default()
         }
     }
 
@@ -344,10 +351,18 @@ mod tests {
             mode: super::super::Mode::Audit,
             ..base.clone()
         };
+        let other_files = Spec {
+            granted: Some(super::super::Granted {
+                dir: "/x".into(),
+                sha256: "f2".into(),
+            }),
+            ..base.clone()
+        };
         let variants = [
             k(&[(&base, "d2")], &subject, &objects),
             k(&[(&other_config, "d1")], &subject, &objects),
             k(&[(&audit, "d1")], &subject, &objects),
+            k(&[(&other_files, "d1")], &subject, &objects),
             k(&[(&base, "d1"), (&base, "d1")], &subject, &objects),
             k(&[(&base, "d1")], &other_commit, &objects),
             k(&[(&base, "d1")], &subject, &moved),

@@ -37,7 +37,7 @@ pub mod renderer;
 mod sandbox;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -167,7 +167,7 @@ impl Default for Limits {
 }
 
 /// A plugin's configuration, as given in the agent configuration.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Spec {
     /// Name, unique in the configuration.
     pub name: String,
@@ -185,6 +185,21 @@ pub struct Spec {
     pub failure_policy: FailurePolicy,
     /// Validators only: enforce or audit.
     pub mode: Mode,
+    /// Files of the configuration repository the plugin may read (`files:`): paths of
+    /// files or directories, as configured.
+    pub files: Vec<String>,
+    /// Those files, as the host put them on disk: the plugin sees this directory,
+    /// read-only, as `/`. Set by whoever reads the configuration ([`Granted`]).
+    pub granted: Option<Granted>,
+}
+
+/// A plugin's granted files on the host's disk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Granted {
+    /// The directory holding them, under the repository-relative paths.
+    pub dir: PathBuf,
+    /// SHA-256 of every path and content (the render cache's key has it).
+    pub sha256: String,
 }
 
 /// The world a component exports.
@@ -660,6 +675,7 @@ impl Plugin {
                 &self.spec.name,
                 self.spec.limits.memory_bytes,
                 &self.spec.capabilities,
+                self.spec.granted.as_ref().map(|g| g.dir.as_path()),
             ),
         );
         store.limiter(|s| &mut s.limits);

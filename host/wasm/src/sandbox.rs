@@ -3,7 +3,9 @@
 //!
 //! Every plugin gets the `sluice:plugin/host` import (logging) and the parts of WASI that
 //! carry no authority: streams, exit, an empty environment, no preopened directories, stdin
-//! empty and stdout/stderr forwarded to the log.
+//! empty and stdout/stderr forwarded to the log. A plugin granted `files:` gets one
+//! preopened directory, `/`, read-only, holding exactly those files of the configuration
+//! repository (the host copied them out of git; nothing else of the host's disk is there).
 //!
 //! Clocks and randomness are always linked, because language runtimes read them at
 //! start-up (CPython seeds its `random` module, hash tables take a seed): without the
@@ -46,8 +48,20 @@ const MAX_LOG_LINE: usize = 4096;
 
 impl State {
     /// Fresh state for one call of `plugin` with `memory_bytes` of linear memory at most.
-    pub fn new(plugin: &str, memory_bytes: usize, capabilities: &[Capability]) -> State {
+    pub fn new(
+        plugin: &str,
+        memory_bytes: usize,
+        capabilities: &[Capability],
+        files: Option<&std::path::Path>,
+    ) -> State {
         let mut wasi = WasiCtx::builder();
+        // Granted files (`files:`): one directory, read-only, seen as `/`. A directory the
+        // host cannot open grants nothing (the plugin finds no files and says so).
+        if let Some(dir) = files
+            && let Err(e) = wasi.preopened_dir(dir, "/", wasmtime_wasi::FsPerms::ReadOnly)
+        {
+            tracing::warn!(plugin, dir = %dir.display(), error = %e, "granted files could not be opened");
+        }
         // WasiCtxBuilder starts with no env, no args, no preopens, every socket address
         // denied and TCP, UDP and name lookups off; only the network capability opens them.
         if capabilities.contains(&Capability::Network) {
@@ -345,7 +359,7 @@ pub fn linker(engine: &Engine, capabilities: &[Capability]) -> wasmtime::Result<
     }
 
     // No authority: streams, exit, stdio, terminals, an empty environment, a filesystem
-    // without preopens.
+    // without preopens (or the granted files' one read-only directory).
     // The async implementations throughout: a call that waits (poll, a blocking read) is a
     // future the host drops at the plugin's deadline (`plugins::finish`).
     io::error::add_to_linker::<State, Io>(&mut l, |s| &mut s.table)?;
@@ -422,7 +436,7 @@ mod tests {
 
     #[test]
     fn a_call_holds_a_bounded_number_of_host_resources() {
-        let mut state = State::new("p", 1 << 20, &[]);
+        let mut state = State::new("p", 1 << 20, &[], None);
         for _ in 0..MAX_RESOURCES {
             state.table.push(()).expect("within the cap");
         }
