@@ -91,6 +91,9 @@ tests/cluster/build-cli.sh cosign >/dev/null
 step "opa: compiles the OPA-ABI tests' policies to WebAssembly and is their reference (built once per version)"
 tests/cluster/build-cli.sh opa >/dev/null
 
+step "gator: Gatekeeper's CLI, whose gator verify the Gatekeeper plugin's Suite verdicts are compared with (built once per version)"
+tests/cluster/build-cli.sh gator >/dev/null
+
 step "cargo fmt --check"
 cargo fmt --all --check
 

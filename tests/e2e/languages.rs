@@ -179,6 +179,7 @@ async fn a_python_transformer_and_a_javascript_validator_sync_a_commit() {
             capabilities: Vec::new(),
             failure_policy: FailurePolicy::Fail,
             mode: Mode::Enforce,
+            ..Spec::default()
         };
         let bytes = std::fs::read(wasm::example_plugin(module)).expect("built");
         Arc::new(

@@ -33,6 +33,7 @@ pub(crate) fn spec(crate_name: &str, config: Value) -> Spec {
         capabilities: Vec::new(),
         failure_policy: FailurePolicy::Fail,
         mode: Mode::Enforce,
+        ..Spec::default()
     }
 }
 

@@ -244,3 +244,216 @@ async fn policies_compiled_by_opa_give_opa_evals_verdicts_and_refuse_commits() {
         .expect("every object labelled");
     assert!(cms.get_opt("bad").await.expect("get").is_some());
 }
+
+/// A suite file as `<directory>/<file>`, however the tool printed its path.
+fn suite_key(path: &str) -> String {
+    let parts: Vec<&str> = path.rsplit('/').take(2).collect();
+    format!("{}/{}", parts[1], parts[0])
+}
+
+/// Per test and case of `gator verify -v`'s output: (suite file, test, case) → passed. A
+/// test-level line has an empty case.
+fn gator_verdicts(dir: &Path) -> std::collections::BTreeMap<(String, String, String), bool> {
+    let gator = cluster::reference_cli("gator");
+    let out = Command::new(&gator)
+        .args(["verify", "-v", "./..."])
+        .current_dir(dir)
+        .output()
+        .expect("gator verify");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut verdicts = std::collections::BTreeMap::new();
+    let mut pending: Vec<(String, String, bool)> = Vec::new();
+    let mut test = String::new();
+    for line in text.lines() {
+        let indented = line.starts_with("    ");
+        let line = line.trim();
+        if let Some(name) = line.strip_prefix("=== RUN") {
+            if !indented {
+                test = name.trim().to_string();
+            }
+        } else if let Some((ok, rest)) = line
+            .strip_prefix("--- PASS:")
+            .map(|r| (true, r))
+            .or_else(|| line.strip_prefix("--- FAIL:").map(|r| (false, r)))
+        {
+            let name = rest
+                .split('\t')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+            match indented {
+                true => pending.push((test.clone(), name, ok)),
+                false => pending.push((name, String::new(), ok)),
+            }
+        } else if let Some(path) = line
+            .strip_prefix("ok\t")
+            .or_else(|| line.strip_prefix("FAIL\t"))
+        {
+            let suite = suite_key(path.split('\t').next().unwrap_or_default());
+            for (t, c, ok) in pending.drain(..) {
+                verdicts.insert((suite.clone(), t, c), ok);
+            }
+        }
+    }
+    assert!(!verdicts.is_empty(), "gator printed no verdicts: {text}");
+    verdicts
+}
+
+/// The Gatekeeper plugin's verdicts on Suites equal `gator verify`'s (Gatekeeper v3.23.1,
+/// built from the Go module proxy) case by case, on suites written for each semantic:
+/// match by kinds, excluded namespaces, label and namespace selectors, scope and name;
+/// `warn` and `dryrun` constraints; `data.inventory`; `libs`; parameters; deprecated Rego
+/// v0 built-ins; a template that does not parse (both fail it, sluice naming the line).
+#[test]
+fn gatekeeper_suites_give_gators_verdicts_case_by_case() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/gatekeeper");
+    let gator = gator_verdicts(&dir);
+    let out = Command::new(sluice_testenv::wasm::sluice_binary())
+        .args(["plugin", "test", ".", "-o", "json", "--gatekeeper"])
+        .arg(sluice_testenv::wasm::component("gatekeeper"))
+        .current_dir(&dir)
+        .output()
+        .expect("sluice plugin test");
+    assert_eq!(out.status.code(), Some(1), "one suite fails: {out:?}");
+    let results: Vec<Value> = serde_json::from_slice(&out.stdout).expect("json");
+    let mut sluice = std::collections::BTreeMap::new();
+    let mut tests: std::collections::BTreeMap<(String, String), bool> = Default::default();
+    for r in &results {
+        let file = r["file"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("./")
+            .to_string();
+        let (test, case) = (r["test"].as_str().unwrap(), r["case"].as_str().unwrap());
+        let ok = r["result"] == "pass";
+        sluice.insert((file.clone(), test.to_string(), case.to_string()), ok);
+        *tests.entry((file, test.to_string())).or_insert(true) &= ok;
+    }
+    for ((file, test), ok) in &tests {
+        sluice.insert((file.clone(), test.clone(), String::new()), *ok);
+    }
+    let mut agree = 0;
+    for (key, verdict) in &gator {
+        assert_eq!(
+            sluice.get(key),
+            Some(verdict),
+            "{key:?}: gator says {verdict}"
+        );
+        agree += 1;
+    }
+    let cases = gator.keys().filter(|(_, _, c)| !c.is_empty()).count();
+    assert_eq!((agree, cases), (23, 17), "{gator:#?}");
+    let broken = results
+        .iter()
+        .find(|r| r["file"].as_str().unwrap().contains("broken"))
+        .expect("broken suite");
+    assert_eq!(
+        broken["message"],
+        "plugin gatekeeper: invalid config: ConstraintTemplate k8sbroken: rego: line 3 column 25: expecting }"
+    );
+}
+
+/// The Gatekeeper plugin in the agent, its policies in the configuration repository
+/// (`files: [policies/]`): a commit with a Deployment violating a `deny` Constraint is
+/// refused with the Constraint's message and the file, applying nothing; a `warn`
+/// violation applies and is reported, in the sync's report and as an Event.
+#[tokio::test]
+async fn gatekeeper_policies_from_the_config_repository_refuse_or_warn() {
+    let client = cluster::client().await;
+    let ns = cluster::namespace(&client, "gk").await;
+    let server = sluice_testenv::git::shared();
+    let manifests = server.create_repo(&format!("group/{ns}-manifests"));
+    let config_repo = server.create_repo(&format!("group/{ns}-config"));
+    let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/gatekeeper/requiredlabels");
+    let read = |f: &str| std::fs::read_to_string(policies.join(f)).expect("policy file");
+    let module = std::fs::read(sluice_testenv::wasm::component("gatekeeper")).expect("built");
+    let config = format!(
+        "plugins:\n- name: gatekeeper\n  module: plugins/gatekeeper.wasm\n  files: [policies/]\n\
+         gitops:\n  manifest_projects:\n  - id: group/{ns}-manifests\n    default_namespace: {ns}\n"
+    );
+    // Deployments need owner and team (deny); ConfigMaps should have app (warn).
+    let warn = read("constraint-warn.yaml")
+        .replace("kinds: [\"Pod\"]", "kinds: [\"ConfigMap\"]")
+        .replace("pods-should-have-app", "configmaps-should-have-app");
+    config_repo.commit(
+        "main",
+        &[
+            sluice_testenv::git::file(".gitlab/agents/gk/config.yaml", config),
+            sluice_testenv::git::file("plugins/gatekeeper.wasm", &module),
+            sluice_testenv::git::file("policies/template.yaml", read("template.yaml")),
+            sluice_testenv::git::file("policies/deny.yaml", read("constraint.yaml")),
+            sluice_testenv::git::file("policies/warn.yaml", warn),
+            // Not a policy: ignored.
+            sluice_testenv::git::file("policies/suite.yaml", read("suite.yaml")),
+        ],
+        "policies",
+    );
+    let deployment =
+        read("deploy-no-owner.yaml").replace("namespace: shop", &format!("namespace: {ns}"));
+    manifests.commit(
+        "main",
+        &[
+            sluice_testenv::git::file("app/deploy.yaml", deployment),
+            sluice_testenv::git::file("app/settings.yaml", configmap("settings", "1")),
+        ],
+        "a deployment without an owner",
+    );
+    let dir = tempfile::tempdir().expect("dir");
+    let opts = || sluice_agent::agent::Options {
+        plugin_cache_dir: Some(dir.path().join("wasm")),
+        ..options("gk", dir.path())
+    };
+    let once = || async {
+        sluice_agent::agent::run_once(
+            client.clone(),
+            sluice_agent::agent::ConfigSource::Repo {
+                url: config_repo.http_url().into(),
+            },
+            opts(),
+        )
+        .await
+        .expect("run once")
+        .remove(0)
+        .result
+    };
+    let e = once()
+        .await
+        .expect_err("the deny constraint refuses the commit");
+    assert!(
+        e.contains("app/deploy.yaml:1: error: [deployments-need-owner] you must provide labels: {\"owner\"} (gatekeeper, Deployment/"),
+        "{e}"
+    );
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    assert!(
+        cms.get_opt("settings").await.expect("get").is_none(),
+        "nothing applied"
+    );
+
+    let deployment = read("deploy-ok.yaml").replace("namespace: shop", &format!("namespace: {ns}"));
+    manifests.commit(
+        "main",
+        &[
+            sluice_testenv::git::file("app/deploy.yaml", deployment),
+            sluice_testenv::git::file("app/settings.yaml", configmap("settings", "1")),
+        ],
+        "owned",
+    );
+    let report = once().await.expect("only a warning left");
+    let warnings: Vec<String> = report.findings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        ["app/settings.yaml:1: warning: [configmaps-should-have-app] you must provide labels: {\"app\"} (gatekeeper, ConfigMap/".to_string() + &ns + "/settings)"],
+    );
+    assert!(
+        cms.get_opt("settings").await.expect("get").is_some(),
+        "applied"
+    );
+    let events = sluice_events(&client, &ns, &report.inventory.name).await;
+    assert!(
+        events.iter().any(|(t, reason, text)| t == "Warning"
+            && reason == "PluginFindings"
+            && text.contains("[configmaps-should-have-app] you must provide labels")),
+        "{events:?}"
+    );
+}

@@ -44,6 +44,9 @@ pub mod reason {
     pub const PRUNE_HELD: &str = "PruneHeld";
     /// An agentk inventory was adopted and retired.
     pub const TAKEN_OVER: &str = "InventoryTakenOver";
+    /// Plugins reported findings that did not block the commit (warnings, audit mode,
+    /// Gatekeeper's `warn` and `dryrun`).
+    pub const FINDINGS: &str = "PluginFindings";
 }
 
 /// The outcome of a project's last sync, as [`LAST_SYNC`] stores it.
@@ -142,6 +145,23 @@ pub fn notes(outcome: &Outcome<'_>) -> Vec<Note> {
                         "commit {short}: pruned {} objects that left git: {}",
                         pruned.len(),
                         pruned.join(", ")
+                    )),
+                });
+            }
+            if !report.findings.is_empty() {
+                notes.push(Note {
+                    warning: report.findings.iter().any(|f| f.severity != "info"),
+                    reason: reason::FINDINGS,
+                    action: "Validate",
+                    text: limit(format!(
+                        "commit {short}: plugins reported {} findings that did not block it: {}",
+                        report.findings.len(),
+                        report
+                            .findings
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join("; ")
                     )),
                 });
             }
@@ -419,6 +439,16 @@ mod tests {
     fn a_successful_sync_is_told_with_its_counts_and_prunes() {
         let mut r = report(&[Action::Created, Action::Unchanged, Action::Pruned]);
         r.adopted = Some("12-34".into());
+        r.findings = vec![sluice_wasm::Finding {
+            plugin: "gatekeeper".into(),
+            severity: "warning",
+            message: "[pods-need-app] you must provide labels: {\"app\"}".into(),
+            object: None,
+            origin: None,
+            field: None,
+            proposed_value: None,
+            rule: Some("K8sRequiredLabels/pods-need-app".into()),
+        }];
         let inv = InventoryRef::default_for("a-b", "web");
         let outcome = Outcome {
             project: "group/app",
@@ -444,6 +474,11 @@ mod tests {
                     reason::PRUNED,
                     false,
                     "commit 0123456789ab: pruned 1 objects that left git: Deployment/web/d2".into()
+                ),
+                (
+                    reason::FINDINGS,
+                    true,
+                    "commit 0123456789ab: plugins reported 1 findings that did not block it: warning: [pods-need-app] you must provide labels: {\"app\"} (gatekeeper)".into()
                 ),
                 (
                     reason::SYNC_SUCCEEDED,

@@ -517,7 +517,8 @@ fn plugin_case(chain: &[Arc<plugins::Plugin>], base: &Path, c: &PluginCase) -> R
         let got: Vec<Value> = outcome.objects.iter().map(Object::value).collect();
         if want != got {
             let show = |v: &[Value]| serde_json::to_string_pretty(v).unwrap_or_default();
-            let diff = similar::TextDiff::from_lines(&show(&want), &show(&got))
+            let (want, got) = (show(&want), show(&got));
+            let diff = similar::TextDiff::from_lines(&want, &got)
                 .unified_diff()
                 .header(rel, "output")
                 .to_string();

@@ -179,7 +179,7 @@ impl Match {
         let is_namespace = object.is_namespace();
         let has_namespace = !object.namespace.is_empty();
         match self.scope.as_deref() {
-            Some("Cluster") if !(is_namespace || !has_namespace) => return Ok(false),
+            Some("Cluster") if !is_namespace && has_namespace => return Ok(false),
             Some("Namespaced") if is_namespace || !has_namespace => return Ok(false),
             _ => {}
         }
@@ -223,11 +223,10 @@ impl Match {
             }
         }
         if let Some(name) = self.name.as_deref().filter(|n| !n.is_empty()) {
-            let generated = match (name.strip_prefix('*'), name.strip_suffix('*')) {
-                (_, Some(_)) => wildcard(name, object.generate_name),
-                _ => false,
-            };
-            if !wildcard(name, object.name) && !(generated && !object.generate_name.is_empty()) {
+            // Gatekeeper's `MatchesGenerateName`: a pattern ending in `*` also matches the
+            // prefix an object asks its name to be generated from.
+            let generated = name.ends_with('*') && wildcard(name, object.generate_name);
+            if !wildcard(name, object.name) && !generated {
                 return Ok(false);
             }
         }

@@ -383,12 +383,10 @@ fn scoped(actions: &Value) -> Option<Action> {
 /// `cluster[<apiVersion>][<kind>][<name>]`, namespaced ones at
 /// `namespace[<namespace>][<apiVersion>][<kind>][<name>]`.
 pub fn inventory<'a>(objects: impl IntoIterator<Item = &'a Value>) -> Value {
-    let mut cluster: BTreeMap<String, BTreeMap<String, serde_json::Map<String, Value>>> =
-        BTreeMap::new();
-    let mut namespaced: BTreeMap<
-        String,
-        BTreeMap<String, BTreeMap<String, serde_json::Map<String, Value>>>,
-    > = BTreeMap::new();
+    /// apiVersion → kind → name → object.
+    type ByKind = BTreeMap<String, BTreeMap<String, serde_json::Map<String, Value>>>;
+    let mut cluster: ByKind = BTreeMap::new();
+    let mut namespaced: BTreeMap<String, ByKind> = BTreeMap::new();
     for o in objects {
         let (Some(api), Some(kind), Some(name)) = (
             o["apiVersion"].as_str(),
