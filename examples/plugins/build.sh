@@ -13,6 +13,9 @@
 #                            wasi-preview1-component-adapter-provider (crates.io, checksum
 #                            pinned)
 #
+# An example names the contract it is built against by the WIT directory in its source's
+# build line (`wit/v0.2` for sluice:plugin@0.2.0, `wit` for 0.1.0); `wit_dir` reads it.
+#
 # Tool versions are pinned below. A component is rebuilt only when its source, the WIT
 # package or the tool version changed (a stamp beside it). Prints the output directory on
 # its last line.
@@ -33,8 +36,11 @@ ADAPTER_SHA256=d3a1674fffec103c1d4367d4417a3bd5423cde3cfd56ff3b326b5fc72c0a8ebd
 
 log() { printf '%s\n' "$*" >&2; }
 
-# The stamp of a build: tool version, WIT package, sources.
-stamp() { { echo "$1"; cat "$root"/wit/*.wit; cat "${@:2}"; } | sha256sum | cut -d' ' -f1; }
+# The stamp of a build: tool version, WIT packages, sources.
+stamp() { { echo "$1"; cat "$root"/wit/*.wit "$root"/wit/v0.2/*.wit; cat "${@:2}"; } | sha256sum | cut -d' ' -f1; }
+
+# wit_dir SOURCE: the contract's WIT directory the source is written against.
+wit_dir() { if grep -q 'wit/v0.2' "$1"; then echo "$root/wit/v0.2"; else echo "$root/wit"; fi; }
 
 # build NAME STAMP COMMAND...: runs COMMAND unless $out/NAME.wasm was built from STAMP.
 build() {
@@ -63,7 +69,7 @@ for dir in "$here"/python/*/; do
   grep -q "def validate(self" "$dir/app.py" && world=validator
   name="python_${plugin//-/_}"
   build "$name" "$(stamp "py-$COMPONENTIZE_PY_VERSION" "$dir"/*.py)" \
-    bash -c "cd '$dir' && '$py/bin/componentize-py' -d '$root/wit' -w $world componentize app -o '$out/$name.wasm' >&2"
+    bash -c "cd '$dir' && '$py/bin/componentize-py' -d '$(wit_dir "$dir/app.py")' -w $world componentize app -o '$out/$name.wasm' >&2"
 done
 
 # JavaScript: componentize-js from npm.
@@ -81,7 +87,7 @@ for dir in "$here"/javascript/*/; do
   name="javascript_${plugin//-/_}"
   build "$name" "$(stamp "js-$COMPONENTIZE_JS_VERSION" "$dir"/*.js)" \
     node "$js/node_modules/@bytecodealliance/componentize-js/src/cli.js" \
-    --wit "$root/wit" --world-name "$world" -o "$out/$name.wasm" "$dir/plugin.js"
+    --wit "$(wit_dir "$dir/plugin.js")" --world-name "$world" -o "$out/$name.wasm" "$dir/plugin.js"
 done
 
 # Go: KRM functions (WASI preview 1 commands), with the machine's Go toolchain.
@@ -133,7 +139,7 @@ fi
 build_c() { # build_c DIR WORLD NAME
   local gen="$out/c-bindings/$3"
   rm -rf "$gen" && mkdir -p "$gen"
-  "$wit_bindgen" c "$root/wit" --world "$2" --out-dir "$gen" >/dev/null
+  "$wit_bindgen" c "$(wit_dir "$1/plugin.c")" --world "$2" --out-dir "$gen" >/dev/null
   clang --target=wasm32-wasi -mexec-model=reactor -O2 -Wall -Wextra -Werror \
     -Wl,-z,stack-size=1048576 -I "$here/c/common" -I "$gen" -o "$gen/core.wasm" \
     "$1/plugin.c" "$here/c/common/json.c" "$gen/$2.c" "$gen/$2_component_type.o"

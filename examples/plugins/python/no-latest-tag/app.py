@@ -1,8 +1,11 @@
 """no-latest-tag, in Python: images must name a tag other than `latest`, or a digest.
 
-The same rule as the Rust plugin `plugins/no-latest-tag`. Built with componentize-py:
+The same rule as the Rust plugin `plugins/no-latest-tag`, against the same contract,
+`sluice:plugin@0.2.0` (`wit/v0.2`): the objects stay in the host and the plugin reads only
+the fields it needs (`get_string`, `len`), so nothing is parsed in Python. Built with
+componentize-py:
 
-    componentize-py -d ../../../../wit -w validator componentize app -o no_latest_tag.wasm
+    componentize-py -d ../../../../wit/v0.2 -w validator componentize app -o no_latest_tag.wasm
 """
 
 import json
@@ -11,17 +14,17 @@ import wit_world
 from wit_world.imports.types import Context, Finding, Object, ObjectRef, Severity
 from componentize_py_types import Err
 
-# Where each workload kind keeps its pod spec.
+# Where each workload kind keeps its pod spec, as a JSON Pointer.
 POD_SPEC = {
-    "Pod": ["spec"],
-    "Deployment": ["spec", "template", "spec"],
-    "ReplicaSet": ["spec", "template", "spec"],
-    "StatefulSet": ["spec", "template", "spec"],
-    "DaemonSet": ["spec", "template", "spec"],
-    "Job": ["spec", "template", "spec"],
-    "ReplicationController": ["spec", "template", "spec"],
-    "CronJob": ["spec", "jobTemplate", "spec", "template", "spec"],
-    "PodTemplate": ["template", "spec"],
+    "Pod": "/spec",
+    "Deployment": "/spec/template/spec",
+    "ReplicaSet": "/spec/template/spec",
+    "StatefulSet": "/spec/template/spec",
+    "DaemonSet": "/spec/template/spec",
+    "Job": "/spec/template/spec",
+    "ReplicationController": "/spec/template/spec",
+    "CronJob": "/spec/jobTemplate/spec/template/spec",
+    "PodTemplate": "/template/spec",
 }
 CONTAINER_LISTS = ["initContainers", "containers", "ephemeralContainers"]
 
@@ -45,27 +48,22 @@ class WitWorld(wit_world.WitWorld):
     def validate(self, ctx: Context, objects: list[Object]) -> list[Finding]:
         findings = []
         for index, obj in enumerate(objects):
-            value = json.loads(obj.json)
-            path = POD_SPEC.get(value.get("kind", ""))
-            if path is None:
+            kind = obj.get_string("/kind") or ""
+            base = POD_SPEC.get(kind)
+            if base is None:
                 continue
-            spec = value
-            for key in path:
-                spec = spec.get(key) if isinstance(spec, dict) else None
-            if not isinstance(spec, dict):
-                continue
-            meta = value.get("metadata", {})
             ref = ObjectRef(
                 index=index,
-                api_version=value.get("apiVersion", ""),
-                kind=value.get("kind", ""),
-                namespace=meta.get("namespace", ""),
-                name=meta.get("name", ""),
+                api_version=obj.get_string("/apiVersion") or "",
+                kind=kind,
+                namespace=obj.get_string("/metadata/namespace") or "",
+                name=obj.get_string("/metadata/name") or "",
             )
+            field = base.strip("/").replace("/", ".")
             for lst in CONTAINER_LISTS:
-                for i, container in enumerate(spec.get(lst) or []):
-                    image = container.get("image")
-                    if not isinstance(image, str):
+                for i in range(obj.len(f"{base}/{lst}") or 0):
+                    image = obj.get_string(f"{base}/{lst}/{i}/image")
+                    if image is None:
                         continue
                     _, tag, digest = parse_image(image)
                     if digest is None and tag in (None, "latest"):
@@ -74,7 +72,7 @@ class WitWorld(wit_world.WitWorld):
                                 severity=Severity.ERROR,
                                 message=f"image {image} uses the latest tag; pin a version or a digest",
                                 object=ref,
-                                field=f"{'.'.join(path)}.{lst}[{i}].image",
+                                field=f"{field}.{lst}[{i}].image",
                                 proposed_value=None,
                                 rule="no-latest-tag",
                             )
