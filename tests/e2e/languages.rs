@@ -290,3 +290,79 @@ fn a_go_krm_function_runs_as_a_plugin() {
     let info: Value = serde_json::from_slice(&inspect.stdout).expect("inspect JSON");
     assert_eq!(info["world"], "function");
 }
+
+/// `sluice plugin new NAME --lang L` writes, in every language, a project whose `build.sh`
+/// builds (with the pinned toolchains examples/plugins/build.sh uses) and whose
+/// `plugin-test.yaml` passes under `sluice plugin test`; a fixture changed under it fails
+/// the run with exit 1, naming the file, the case and the unexpected finding.
+#[test]
+fn plugin_new_writes_projects_that_build_and_pass_their_own_test() {
+    // The toolchains are installed (and cached) by the examples' build.
+    wasm::example_plugin("python_no_latest_tag");
+    let root = tempfile::tempdir().expect("dir");
+    let run = |dir: &Path, program: &Path, args: &[&str]| -> Output {
+        Command::new(program)
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("run")
+    };
+    let sluice = wasm::sluice_binary();
+    for lang in ["rust", "python", "javascript", "c", "go"] {
+        let name = format!("team-{lang}");
+        let out = run(
+            root.path(),
+            &sluice,
+            &["plugin", "new", &name, "--lang", lang],
+        );
+        assert!(out.status.success(), "{lang}: {out:?}");
+        let dir = root.path().join(&name);
+        let out = run(&dir, &dir.join("build.sh"), &[]);
+        assert!(
+            out.status.success(),
+            "{lang}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = run(&dir, &sluice, &["plugin", "test", "plugin-test.yaml"]);
+        assert_eq!(
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).trim()
+            ),
+            (Some(0), "ok in 1 files: 2 passed, 0 failed, 0 skipped"),
+            "{lang}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // A fixture that no longer holds: the case fails, and says why.
+    let dir = root.path().join("team-python");
+    let pinned = dir.join("fixtures/pinned.yaml");
+    let text = std::fs::read_to_string(&pinned).expect("read");
+    std::fs::write(&pinned, text.replace("nginx:1.27", "nginx:latest")).expect("write");
+    let out = run(&dir, &sluice, &["plugin", "test", "plugin-test.yaml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "FAIL plugin-test.yaml team-python/pinned images pass: unexpected findings: \
+         [error] image nginx:latest uses the latest tag; pin a version or a digest\n\
+         FAIL in 1 files: 1 passed, 1 failed, 0 skipped"
+    );
+    // A name that cannot be a module, and a directory already in use, are refused.
+    let out = run(
+        root.path(),
+        &sluice,
+        &["plugin", "new", "Team", "--lang", "c"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let out = run(
+        root.path(),
+        &sluice,
+        &["plugin", "new", "team-python", "--lang", "c"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not empty"),
+        "{out:?}"
+    );
+}

@@ -169,6 +169,18 @@ enum PluginCommand {
         #[command(flatten)]
         registry: RegistryArgs,
     },
+    /// Write a plugin project that builds (`./build.sh`) and passes its own test (`sluice
+    /// plugin test plugin-test.yaml`), started from the no-latest-tag example in LANG.
+    New {
+        /// The plugin's name (a lower-case DNS label): its rule id, crate or module name.
+        name: String,
+        /// The language.
+        #[arg(long, value_enum)]
+        lang: sluice::scaffold::Lang,
+        /// Where to write it (default: ./NAME); must not exist or be empty.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Run plugins on fixtures and compare their findings and output with what the
     /// fixtures expect, without a cluster: Gatekeeper `Suite` files (as `gator verify`
     /// runs them) and sluice `PluginTest` files. Exit 0 when every case passes, 1 when one
@@ -554,6 +566,21 @@ fn main() -> ExitCode {
             registry,
         }) => rt.block_on(push_plugin(&file, &reference, source, revision, &registry)),
         Command::Renderers(RenderersCommand::Compile { dir }) => compile_renderers(dir),
+        Command::Plugin(PluginCommand::New { name, lang, dir }) => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+            match sluice::scaffold::write(&dir, &name, lang) {
+                Ok(files) => {
+                    for f in files {
+                        println!("{}", dir.join(f).display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Plugin(PluginCommand::Test {
             paths,
             gatekeeper,

@@ -156,7 +156,9 @@ fn objects(base: &Path, rel: &str) -> Result<Vec<Object>, String> {
     decode::decode(&[file], "test", "fixture").map_err(|e| e.to_string())
 }
 
-/// Runs `chain` over `objects`, validators in audit mode so every finding comes back.
+/// Runs `chain` over `objects`, validators in audit mode so every finding comes back; a
+/// refusal (a transformer's or a KRM function's error results) is its findings and no
+/// output.
 fn run_chain(
     chain: &[Arc<plugins::Plugin>],
     objects: Vec<Object>,
@@ -166,7 +168,14 @@ fn run_chain(
         project: "test".into(),
         commit: "fixture".into(),
     };
-    plugins::run(chain, &subject, objects).map_err(|e| e.to_string())
+    match plugins::run(chain, &subject, objects) {
+        Ok(outcome) => Ok(outcome),
+        Err(plugins::Error::Denied(findings)) => Ok(plugins::Outcome {
+            findings,
+            ..plugins::Outcome::default()
+        }),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 // ---- Gatekeeper Suites ----
