@@ -80,7 +80,7 @@ pub fn decode_with(
             now.insert(key, docs);
             continue;
         }
-        match decode_file(&file.bytes, origin) {
+        match decode_file(&file.bytes, origin, Need::Identity) {
             Ok(objs) => {
                 if let Some(key) = key {
                     now.insert(key, memoize(&objs));
@@ -166,7 +166,30 @@ fn recall(docs: &[Memoized], origin: &Origin) -> Option<Vec<Object>> {
         .collect()
 }
 
-fn decode_file(bytes: &[u8], origin: Origin) -> Result<Vec<Object>, Vec<Error>> {
+/// What an object must have to be decoded.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Need {
+    /// apiVersion, kind and metadata.name: what applying needs.
+    Identity,
+    /// A mapping: a test fixture, which `gator verify` reads without a name.
+    Mapping,
+}
+
+/// The documents of a test fixture, read as manifests are ([`decode`]'s YAML rules, Lists,
+/// lines), but asking of each only that it be a mapping: Gatekeeper Suites review objects
+/// without `metadata.name`.
+///
+/// # Errors
+/// Malformed YAML, or a document that is not a mapping, with its file and line.
+pub fn decode_fixture(file: &crate::select::SelectedFile) -> Result<Vec<Object>, Errors> {
+    let origin = Origin {
+        path: file.path.as_str().into(),
+        ..Origin::default()
+    };
+    decode_file(&file.bytes, origin, Need::Mapping).map_err(Errors)
+}
+
+fn decode_file(bytes: &[u8], origin: Origin, need: Need) -> Result<Vec<Object>, Vec<Error>> {
     let err = |line: u64, message: String| {
         vec![Error {
             path: origin.path.to_string(),
@@ -218,7 +241,14 @@ fn decode_file(bytes: &[u8], origin: Origin) -> Result<Vec<Object>, Vec<Error>> 
             }
         };
         for value in items {
-            match check(&value) {
+            let checked = match need {
+                Need::Identity => check(&value),
+                Need::Mapping if value.is_object() => Ok(()),
+                Need::Mapping => {
+                    Err("document is not a mapping; expected a Kubernetes object".into())
+                }
+            };
+            match checked {
                 Ok(()) => objects.push(Object::new(&value, origin.clone())),
                 Err(message) => errors.push(Error {
                     path: origin.path.to_string(),

@@ -144,7 +144,8 @@ fn is_test(doc: &Value) -> bool {
     )
 }
 
-/// The manifests of a file, decoded as the agent decodes a project's files.
+/// The manifests of a file, decoded as the agent decodes a project's files, except that
+/// an object needs no name (`gator verify` reviews objects without one).
 fn objects(base: &Path, rel: &str) -> Result<Vec<Object>, String> {
     let path = base.join(rel);
     let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -153,7 +154,7 @@ fn objects(base: &Path, rel: &str) -> Result<Vec<Object>, String> {
         bytes,
         renderer: None,
     };
-    decode::decode(&[file], "test", "fixture").map_err(|e| e.to_string())
+    decode::decode_fixture(&file).map_err(|e| e.to_string())
 }
 
 /// Runs `chain` over `objects`, validators in audit mode so every finding comes back; a
@@ -198,6 +199,8 @@ struct SuiteTest {
     constraint: String,
     #[serde(default)]
     cases: Vec<SuiteCase>,
+    #[serde(default)]
+    expansion: String,
     #[serde(default)]
     invalid: bool,
     #[serde(default)]
@@ -273,6 +276,14 @@ fn suite(runtime: &Runtime, module: &[u8], file: &Path, s: &Suite) -> Vec<CaseRe
             out.push(result(&t.name, "", Ok(false)));
             continue;
         }
+        if !t.expansion.is_empty() {
+            let e = format!(
+                "expansion {}: Gatekeeper's ExpansionTemplates are not supported by sluice",
+                t.expansion
+            );
+            out.push(result(&t.name, "", Err(e)));
+            continue;
+        }
         let policies = one_object(base, &t.template)
             .and_then(|template| Ok((template, one_object(base, &t.constraint)?)));
         let (template, constraint) = match policies {
@@ -283,8 +294,10 @@ fn suite(runtime: &Runtime, module: &[u8], file: &Path, s: &Suite) -> Vec<CaseRe
             }
         };
         let config = |inventory: Vec<Value>| {
+            // gator's enforcement point, so scoped enforcement actions resolve as gator's.
             json!({"templates": [template], "constraints": [constraint],
-                "inventory": inventory, "inventory_from_objects": false})
+                "inventory": inventory, "inventory_from_objects": false,
+                "enforcement_points": ["gator.gatekeeper.sh"]})
         };
         if t.invalid {
             let outcome = match gatekeeper(runtime, module, config(Vec::new())) {

@@ -49,6 +49,10 @@ pub struct Config {
     /// Whether the commit's own objects are in `data.inventory` (default true; `sluice
     /// plugin test` turns it off for a Suite's cases, whose inventory is explicit).
     pub inventory_from_objects: bool,
+    /// The enforcement points a `scoped` enforcement action is resolved for (default
+    /// `validation.gatekeeper.sh`: sluice checks a commit where Gatekeeper's admission
+    /// webhook would check each object; `sluice plugin test` uses gator's).
+    pub enforcement_points: Vec<String>,
 }
 
 impl Default for Config {
@@ -59,6 +63,7 @@ impl Default for Config {
             constraints: Vec::new(),
             inventory: Vec::new(),
             inventory_from_objects: true,
+            enforcement_points: vec!["validation.gatekeeper.sh".into()],
         }
     }
 }
@@ -95,9 +100,7 @@ fn read_files(paths: &[String]) -> Result<Vec<Sourced>, String> {
     for file in files {
         let shown = file.display().to_string();
         let text = std::fs::read_to_string(&file).map_err(|e| format!("{shown}: {e}"))?;
-        for (line, doc) in documents(&text) {
-            let value: Value = serde_saphyr::from_str(doc)
-                .map_err(|e| format!("{shown}:{line}: not YAML: {e}"))?;
+        for (line, value) in documents(&text).map_err(|e| format!("{shown}: not YAML: {e}"))? {
             if policy::is_template(&value) || policy::is_constraint(&value) {
                 out.push(Sourced {
                     object: value,
@@ -129,35 +132,18 @@ fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) -> Result<(), 
     Ok(())
 }
 
-/// The YAML documents of `text` with the 1-based line each starts on; empty ones dropped.
-pub fn documents(text: &str) -> Vec<(u32, &str)> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    let mut start_line = 1;
-    let mut offset = 0;
-    for (i, line) in text.split_inclusive('\n').enumerate() {
-        if line.starts_with("---") && line[3..].trim().is_empty() {
-            out.push((start_line, &text[start..offset]));
-            start = offset + line.len();
-            start_line = i as u32 + 2;
-        }
-        offset += line.len();
-    }
-    out.push((start_line, &text[start..]));
-    out.retain(|(_, d)| {
-        d.lines()
-            .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
-    });
-    // A document's line is its first non-blank, non-comment line.
-    out.into_iter()
-        .map(|(line, d)| {
-            let skipped = d
-                .lines()
-                .take_while(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
-                .count() as u32;
-            (line + skipped, d)
-        })
-        .collect()
+/// The YAML documents of `text` with the line each starts on; empty ones dropped.
+///
+/// # Errors
+/// The YAML parser's message.
+pub fn documents(text: &str) -> Result<Vec<(u32, Value)>, String> {
+    let docs: Vec<serde_saphyr::Spanned<Value>> =
+        serde_saphyr::from_multiple(text).map_err(|e| e.to_string())?;
+    Ok(docs
+        .into_iter()
+        .filter(|d| !d.value.is_null())
+        .map(|d| (d.referenced.line() as u32, d.value))
+        .collect())
 }
 
 /// Everything the plugin reports about `objects`.
@@ -219,7 +205,7 @@ pub fn validate(config: &Config, objects: &[Value]) -> Vec<Finding> {
     }
     let mut constraints = Vec::new();
     for s in sourced.iter().filter(|s| policy::is_constraint(&s.object)) {
-        match Constraint::parse(&s.object) {
+        match Constraint::parse(&s.object, &config.enforcement_points) {
             Ok(c) if !templates.contains_key(&c.kind) => found.push(about(
                 &s.from,
                 format!(
@@ -283,9 +269,10 @@ pub fn validate(config: &Config, objects: &[Value]) -> Vec<Finding> {
         let subject = Subject::of(object);
         for c in &constraints {
             let severity = match c.action {
-                Action::Deny => Severity::Error,
-                Action::Warn => Severity::Warning,
-                Action::Dryrun => Severity::Info,
+                Some(Action::Deny) => Severity::Error,
+                Some(Action::Warn) => Severity::Warning,
+                Some(Action::Dryrun) => Severity::Info,
+                None => continue,
             };
             let report = |message: String| {
                 let mut f = FindingBuilder::error(message)
@@ -350,7 +337,7 @@ impl Validator for Plugin {
             Template::compile(t)?;
         }
         for c in &config.constraints {
-            Constraint::parse(c)?;
+            Constraint::parse(c, &config.enforcement_points)?;
         }
         Ok(())
     }
@@ -472,8 +459,8 @@ violation[{"msg": msg, "details": {"missing_labels": missing}}] {
     fn documents_start_at_their_first_line() {
         let text = "# a comment\na: 1\n---\n\n---\n# x\nb: 2\n";
         assert_eq!(
-            documents(text),
-            [(2, "# a comment\na: 1\n"), (7, "# x\nb: 2\n")]
+            documents(text).unwrap(),
+            [(2, json!({"a": 1})), (7, json!({"b": 2}))]
         );
     }
 }

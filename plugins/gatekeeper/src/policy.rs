@@ -66,8 +66,9 @@ pub struct Constraint {
     pub matching: Match,
     /// `spec.parameters` (`{}` when none).
     pub parameters: Value,
-    /// `spec.enforcementAction`, resolved.
-    pub action: Action,
+    /// `spec.enforcementAction`, resolved; none when a `scoped` one names none of the
+    /// enforcement points the plugin stands for (the constraint is not enforced here).
+    pub action: Option<Action>,
 }
 
 /// The target every template must name.
@@ -318,11 +319,12 @@ fn source(target: &Value) -> Option<(String, Vec<String>, bool)> {
 }
 
 impl Constraint {
-    /// Reads a Constraint.
+    /// Reads a Constraint; `points` are the enforcement points a `scoped` action is
+    /// resolved for.
     ///
     /// # Errors
     /// A malformed `match`, or an enforcement action Gatekeeper does not know.
-    pub fn parse(object: &Value) -> Result<Constraint, String> {
+    pub fn parse(object: &Value, points: &[String]) -> Result<Constraint, String> {
         let kind = object["kind"].as_str().unwrap_or_default().to_string();
         let name = object["metadata"]["name"]
             .as_str()
@@ -335,12 +337,10 @@ impl Constraint {
             m => serde_json::from_value(m.clone()).map_err(|e| at(format!("spec.match: {e}")))?,
         };
         let action = match spec["enforcementAction"].as_str().unwrap_or("deny") {
-            "" | "deny" => Action::Deny,
-            "warn" => Action::Warn,
-            "dryrun" => Action::Dryrun,
-            "scoped" => scoped(&spec["scopedEnforcementActions"]).ok_or_else(|| {
-                at("enforcementAction scoped: no scopedEnforcementActions for validation.gatekeeper.sh".into())
-            })?,
+            "" | "deny" => Some(Action::Deny),
+            "warn" => Some(Action::Warn),
+            "dryrun" => Some(Action::Dryrun),
+            "scoped" => scoped(&spec["scopedEnforcementActions"], points),
             other => return Err(at(format!("unrecognized enforcementAction {other:?}"))),
         };
         let parameters = match &spec["parameters"] {
@@ -357,9 +357,9 @@ impl Constraint {
     }
 }
 
-/// The most severe of the scoped actions that apply at admission (`validation.gatekeeper.sh`
-/// or `*`): sluice checks a commit where Gatekeeper's webhook would check each object.
-fn scoped(actions: &Value) -> Option<Action> {
+/// The most severe of the scoped actions whose enforcement points include one of `points`
+/// (or `*`).
+fn scoped(actions: &Value, points: &[String]) -> Option<Action> {
     actions
         .as_array()?
         .iter()
@@ -368,7 +368,11 @@ fn scoped(actions: &Value) -> Option<Action> {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .any(|p| matches!(p["name"].as_str(), Some("*" | "validation.gatekeeper.sh")))
+                .any(|p| {
+                    p["name"]
+                        .as_str()
+                        .is_some_and(|n| n == "*" || points.iter().any(|x| x == n))
+                })
         })
         .filter_map(|a| match a["action"].as_str()? {
             "deny" => Some(Action::Deny),
@@ -464,22 +468,29 @@ mod tests {
 
     #[test]
     fn enforcement_actions_resolve_like_gatekeeper() {
-        let c = |spec: Value| {
-            Constraint::parse(&json!({"kind": "K8sDemo", "metadata": {"name": "c"}, "spec": spec}))
+        let admission = ["validation.gatekeeper.sh".to_string()];
+        let parse = |spec: Value, points: &[String]| {
+            Constraint::parse(
+                &json!({"kind": "K8sDemo", "metadata": {"name": "c"}, "spec": spec}),
+                points,
+            )
         };
-        assert_eq!(c(json!({})).unwrap().action, Action::Deny);
-        assert_eq!(
-            c(json!({"enforcementAction": "warn"})).unwrap().action,
-            Action::Warn
-        );
-        assert_eq!(
-            c(json!({"enforcementAction": "dryrun"})).unwrap().action,
-            Action::Dryrun
-        );
+        let c = |spec: Value| parse(spec, &admission);
+        assert_eq!(c(json!({})).unwrap().action, Some(Action::Deny));
+        let warn = json!({"enforcementAction": "warn"});
+        assert_eq!(c(warn).unwrap().action, Some(Action::Warn));
+        let dryrun = json!({"enforcementAction": "dryrun"});
+        assert_eq!(c(dryrun).unwrap().action, Some(Action::Dryrun));
         let scoped = json!({"enforcementAction": "scoped", "scopedEnforcementActions": [
             {"action": "warn", "enforcementPoints": [{"name": "validation.gatekeeper.sh"}]},
             {"action": "deny", "enforcementPoints": [{"name": "audit.gatekeeper.sh"}]}]});
-        assert_eq!(c(scoped).unwrap().action, Action::Warn);
+        assert_eq!(c(scoped.clone()).unwrap().action, Some(Action::Warn));
+        let gator = ["gator.gatekeeper.sh".to_string()];
+        assert_eq!(
+            parse(scoped, &gator).unwrap().action,
+            None,
+            "not enforced there"
+        );
         assert_eq!(
             c(json!({"enforcementAction": "block"})).err().unwrap(),
             "K8sDemo c: unrecognized enforcementAction \"block\""
