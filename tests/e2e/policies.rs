@@ -253,10 +253,10 @@ fn suite_key(path: &str) -> String {
 
 /// Per test and case of `gator verify -v`'s output: (suite file, test, case) → passed. A
 /// test-level line has an empty case.
-fn gator_verdicts(
-    dir: &Path,
-    suites: &str,
-) -> std::collections::BTreeMap<(String, String, String), bool> {
+/// (suite file, test, case) → passed.
+type Verdicts = std::collections::BTreeMap<(String, String, String), bool>;
+
+fn gator_verdicts(dir: &Path, suites: &str) -> Verdicts {
     let gator = cluster::reference_cli("gator");
     let out = Command::new(&gator)
         .args(["verify", "-v", suites])
@@ -305,13 +305,7 @@ fn gator_verdicts(
 
 /// `sluice plugin test -o json` of `dir` with the Gatekeeper plugin: (suite, test, case) →
 /// passed, with a test-level entry that is its cases together, and the raw results.
-fn sluice_verdicts(
-    dir: &Path,
-    suites: &str,
-) -> (
-    std::collections::BTreeMap<(String, String, String), bool>,
-    Vec<Value>,
-) {
+fn sluice_verdicts(dir: &Path, suites: &str) -> (Verdicts, Vec<Value>) {
     let out = Command::new(sluice_testenv::wasm::sluice_binary())
         .args(["plugin", "test", suites, "-o", "json", "--gatekeeper"])
         .arg(sluice_testenv::wasm::component("gatekeeper"))
