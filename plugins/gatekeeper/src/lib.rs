@@ -214,7 +214,17 @@ pub fn validate(config: &Config, objects: &[Value]) -> Vec<Finding> {
                 ),
                 Severity::Error,
             )),
-            Ok(c) => constraints.push(c),
+            Ok(c) => match policy::check_parameters(
+                templates[&c.kind].parameters.as_ref(),
+                &c.parameters,
+            ) {
+                Ok(()) => constraints.push(c),
+                Err(e) => found.push(about(
+                    &s.from,
+                    format!("{} {}: {e}", c.kind, c.name),
+                    Severity::Error,
+                )),
+            },
             Err(e) => found.push(about(&s.from, e, Severity::Error)),
         }
     }
@@ -333,11 +343,17 @@ impl Validator for Plugin {
     type Config = Config;
 
     fn check(config: &Config) -> Result<(), String> {
+        let mut schemas = BTreeMap::new();
         for t in &config.templates {
-            Template::compile(t)?;
+            let t = Template::compile(t)?;
+            schemas.insert(t.kind, t.parameters);
         }
         for c in &config.constraints {
-            Constraint::parse(c, &config.enforcement_points)?;
+            let c = Constraint::parse(c, &config.enforcement_points)?;
+            if let Some(schema) = schemas.get(&c.kind) {
+                policy::check_parameters(schema.as_ref(), &c.parameters)
+                    .map_err(|e| format!("{} {}: {e}", c.kind, c.name))?;
+            }
         }
         Ok(())
     }
@@ -371,7 +387,8 @@ violation[{"msg": msg, "details": {"missing_labels": missing}}] {
             templates: vec![
                 json!({"apiVersion": "templates.gatekeeper.sh/v1", "kind": "ConstraintTemplate",
                 "metadata": {"name": "k8srequiredlabels"},
-                "spec": {"crd": {"spec": {"names": {"kind": "K8sRequiredLabels"}}},
+                "spec": {"crd": {"spec": {"names": {"kind": "K8sRequiredLabels"},
+                    "validation": {"openAPIV3Schema": {"type": "object", "properties": {"labels": {"type": "array", "items": {"type": "string"}}}}}}},
                     "targets": [{"target": "admission.k8s.gatekeeper.sh", "rego": REQUIRED_LABELS}]}}),
             ],
             constraints: vec![

@@ -42,6 +42,9 @@ pub struct Template {
     pub engine: regorus::Engine,
     /// `data.<package>.violation`.
     pub rule: String,
+    /// `spec.crd.spec.validation.openAPIV3Schema`: the schema of its Constraints'
+    /// `spec.parameters`.
+    pub parameters: Option<Value>,
 }
 
 /// What a Constraint asks for when it finds a violation.
@@ -172,11 +175,13 @@ impl Template {
         if !declares {
             return Err(at("rego: no violation rule".into()));
         }
+        let parameters = object["spec"]["crd"]["spec"]["validation"]["openAPIV3Schema"].clone();
         Ok(Template {
             name,
             kind,
             engine,
             rule: format!("{package}.violation"),
+            parameters: (!parameters.is_null()).then_some(parameters),
         })
     }
 
@@ -208,11 +213,81 @@ impl Template {
     }
 }
 
+/// Checks a Constraint's `spec.parameters` against its template's schema as the API server
+/// checks a Constraint against the CRD Gatekeeper makes of it (and `gator` does): a field the
+/// schema does not declare is unknown (no schema at all declares none), and a value of another
+/// type than declared is invalid.
+///
+/// # Errors
+/// Every problem, Kubernetes-style: `unknown fields: [spec.parameters.x]`,
+/// `spec.parameters.y: must be of type integer`.
+pub fn check_parameters(schema: Option<&Value>, parameters: &Value) -> Result<(), String> {
+    let mut unknown = Vec::new();
+    let mut invalid = Vec::new();
+    let empty = parameters.is_null() || parameters.as_object().is_some_and(|m| m.is_empty());
+    match schema {
+        None if !empty => unknown.push("spec.parameters".to_string()),
+        None => {}
+        Some(s) => walk_schema(s, parameters, "spec.parameters", &mut unknown, &mut invalid),
+    }
+    if !unknown.is_empty() {
+        invalid.insert(0, format!("unknown fields: [{}]", unknown.join(", ")));
+    }
+    match invalid.is_empty() {
+        true => Ok(()),
+        false => Err(format!("invalid Constraint: {}", invalid.join("; "))),
+    }
+}
+
+fn walk_schema(
+    schema: &Value,
+    value: &Value,
+    at: &str,
+    unknown: &mut Vec<String>,
+    invalid: &mut Vec<String>,
+) {
+    if value.is_null() || schema["x-kubernetes-preserve-unknown-fields"] == true {
+        return;
+    }
+    let fits = match schema["type"].as_str() {
+        Some("object") => value.is_object(),
+        Some("array") => value.is_array(),
+        Some("string") => value.is_string(),
+        Some("integer") => value.is_i64() || value.is_u64(),
+        Some("number") => value.is_number(),
+        Some("boolean") => value.is_boolean(),
+        _ => true,
+    };
+    if !fits {
+        invalid.push(format!(
+            "{at}: must be of type {}",
+            schema["type"].as_str().unwrap_or("?")
+        ));
+        return;
+    }
+    if let (Some(map), Some(props)) = (value.as_object(), schema["properties"].as_object()) {
+        for (k, v) in map {
+            match props.get(k) {
+                Some(s) => walk_schema(s, v, &format!("{at}.{k}"), unknown, invalid),
+                None if schema.get("additionalProperties").is_some() => {}
+                None => unknown.push(format!("{at}.{k}")),
+            }
+        }
+    }
+    if let (Some(items), Some(schema)) = (value.as_array(), schema.get("items")) {
+        for (i, v) in items.iter().enumerate() {
+            walk_schema(schema, v, &format!("{at}[{i}]"), unknown, invalid);
+        }
+    }
+}
+
 /// OPA's built-ins deprecated in Rego v0 and gone from v1, which regorus does not have but
 /// Gatekeeper (OPA v1 in v0 mode) still runs: the gatekeeper-library's older templates call
 /// `re_match` and `any`/`all`.
 fn deprecated_builtins(engine: &mut regorus::Engine) -> anyhow::Result<()> {
     use regorus::Value as V;
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
     fn items(v: &V) -> anyhow::Result<Vec<V>> {
         match v {
             V::Array(a) => Ok(a.iter().cloned().collect()),
@@ -226,12 +301,23 @@ fn deprecated_builtins(engine: &mut regorus::Engine) -> anyhow::Result<()> {
             other => anyhow::bail!("expected a string, got {other}"),
         }
     }
+    // Compiled once per pattern: policies call it in loops over `data.inventory`.
+    let compiled: Arc<Mutex<HashMap<String, regex::Regex>>> = Arc::default();
     engine.add_extension(
         "re_match".into(),
         2,
-        Box::new(|a: Vec<V>| {
-            let re = regex::Regex::new(string(&a[0])?)?;
-            Ok(V::from(re.is_match(string(&a[1])?)))
+        Box::new(move |a: Vec<V>| {
+            let pattern = string(&a[0])?;
+            let mut cache = compiled
+                .lock()
+                .map_err(|_| anyhow::anyhow!("regex cache poisoned"))?;
+            if !cache.contains_key(pattern) {
+                if cache.len() >= 256 {
+                    cache.clear();
+                }
+                cache.insert(pattern.to_string(), regex::Regex::new(pattern)?);
+            }
+            Ok(V::from(cache[pattern].is_match(string(&a[1])?)))
         }),
     )?;
     engine.add_extension(
@@ -495,6 +581,34 @@ mod tests {
             c(json!({"enforcementAction": "block"})).err().unwrap(),
             "K8sDemo c: unrecognized enforcementAction \"block\""
         );
+    }
+
+    #[test]
+    fn parameters_are_checked_against_the_templates_schema() {
+        let schema = json!({"type": "object", "properties": {
+            "labels": {"type": "array", "items": {"type": "string"}},
+            "max": {"type": "integer"}}});
+        assert_eq!(
+            check_parameters(Some(&schema), &json!({"labels": ["a"], "max": 3})),
+            Ok(())
+        );
+        assert_eq!(
+            check_parameters(
+                Some(&schema),
+                &json!({"labels": [1], "max": "3", "extra": true})
+            ),
+            Err(
+                "invalid Constraint: unknown fields: [spec.parameters.extra]; \
+                 spec.parameters.labels[0]: must be of type string; \
+                 spec.parameters.max: must be of type integer"
+                    .into()
+            )
+        );
+        assert_eq!(
+            check_parameters(None, &json!({"foo": "bar"})),
+            Err("invalid Constraint: unknown fields: [spec.parameters]".into())
+        );
+        assert_eq!(check_parameters(None, &json!({})), Ok(()));
     }
 
     #[test]
