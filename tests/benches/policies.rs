@@ -56,7 +56,7 @@ fn median(mut f: impl FnMut()) -> Duration {
 /// Object `i`: one kind in turn, one in seven breaking something.
 fn object(i: usize) -> Value {
     let ns = format!("team-{}", i % 20);
-    let bad = i % 7 == 0;
+    let bad = i.is_multiple_of(7);
     let image = if bad {
         "docker.io/library/redis:latest"
     } else {
