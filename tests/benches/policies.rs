@@ -27,7 +27,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use sluice_model::object::{Object, Origin};
@@ -41,16 +41,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const OBJECTS: usize = 2_000;
 const RUNS: usize = 5;
 
-fn median(mut f: impl FnMut()) -> Duration {
-    let mut times: Vec<Duration> = (0..RUNS)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed()
-        })
-        .collect();
-    times.sort();
-    times[RUNS / 2]
+fn median(f: impl FnMut()) -> Duration {
+    sluice_testenv::median_time(RUNS, f)
 }
 
 /// Object `i`: one kind in turn, one in seven breaking something.

@@ -43,16 +43,8 @@ fn write(dir: &Path, path: &str, text: &str) {
     std::fs::write(path, text).expect("write");
 }
 
-fn median(mut f: impl FnMut()) -> Duration {
-    let mut times: Vec<Duration> = (0..RUNS)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed()
-        })
-        .collect();
-    times.sort();
-    times[RUNS / 2]
+fn median(f: impl FnMut()) -> Duration {
+    sluice_testenv::median_time(RUNS, f)
 }
 
 fn run(cmd: &mut Command) {

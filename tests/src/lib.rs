@@ -22,3 +22,16 @@ pub mod registry;
 pub mod wasm;
 
 pub use procs::{log_tail, push_generic, usage};
+
+/// The median wall time of `runs` calls of `f` (the benches' one measure).
+pub fn median_time(runs: usize, mut f: impl FnMut()) -> std::time::Duration {
+    let mut times: Vec<std::time::Duration> = (0..runs.max(1))
+        .map(|_| {
+            let start = std::time::Instant::now();
+            f();
+            start.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[times.len() / 2]
+}
