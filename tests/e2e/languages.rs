@@ -348,6 +348,45 @@ fn plugin_new_writes_projects_that_build_and_pass_their_own_test() {
          [error] image nginx:latest uses the latest tag; pin a version or a digest\n\
          FAIL in 1 files: 1 passed, 1 failed, 0 skipped"
     );
+    // A transformer's output compared with the expected manifests.
+    let dir = root.path().join("output");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::copy(
+        wasm::example_plugin("python_set_labels"),
+        dir.join("labels.wasm"),
+    )
+    .expect("copy");
+    let cm = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\ndata: {k: v}\n";
+    std::fs::write(dir.join("in.yaml"), cm).expect("write");
+    std::fs::write(
+        dir.join("labelled.yaml"),
+        cm.replace("  name: a\n", "  name: a\n  labels: {team: web}\n"),
+    )
+    .expect("write");
+    std::fs::write(
+        dir.join("t.yaml"),
+        "apiVersion: sluice.dev/v1alpha1\nkind: PluginTest\nmetadata: {name: labels}\n\
+         plugins:\n- name: labels\n  module: labels.wasm\n  config: {labels: {team: web}}\n\
+         cases:\n- name: labelled\n  objects: in.yaml\n  output: labelled.yaml\n\
+         - name: unchanged\n  objects: in.yaml\n  output: in.yaml\n",
+    )
+    .expect("write");
+    let out = run(&dir, &sluice, &["plugin", "test", "t.yaml"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.starts_with("FAIL t.yaml labels/unchanged: the output differs from in.yaml:\n--- in.yaml\n+++ output\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("+      \"labels\": {\n+        \"team\": \"web\""),
+        "{stdout}"
+    );
+    assert!(
+        stdout.ends_with("FAIL in 1 files: 1 passed, 1 failed, 0 skipped\n"),
+        "{stdout}"
+    );
+
     // A name that cannot be a module, and a directory already in use, are refused.
     let out = run(
         root.path(),
