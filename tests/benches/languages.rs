@@ -1,5 +1,5 @@
-//! The same validator (`no-latest-tag`) written in Rust, Python, JavaScript, C and Go (a
-//! KRM function), side by side in one run: module size, cold compile (empty cache), load
+//! The same validator (`no-latest-tag`) written in Rust (with the SDK, and with wit-bindgen
+//! alone), Python, JavaScript, C and Go (a KRM function), side by side in one run: module size, cold compile (empty cache), load
 //! from the on-disk cache, instantiate (a call on one object), and per-object time on 10,000
 //! Deployments (one in ten with an untagged image, so findings are built and returned too).
 //!
@@ -83,6 +83,10 @@ fn main() {
     };
     let modules = [
         ("Rust (SDK)", wasm::component("no-latest-tag")),
+        (
+            "Rust (wit-bindgen alone)",
+            wasm::example_plugin("rust_no_latest_tag"),
+        ),
         (
             "Python (componentize-py 0.25.1)",
             wasm::example_plugin("python_no_latest_tag"),
