@@ -3,8 +3,9 @@
 //! examples are the templates, so what is generated is what CI builds and tests), renamed,
 //! with:
 //!
-//! - the contract it is written against (`wit/plugin.wit`, `sluice:plugin@0.2.0`; Go
-//!   writes a KRM function, which needs none);
+//! - the contract it is written against (`wit/plugin.wit`: `sluice:plugin@0.2.0`, but
+//!   0.1.0 for JavaScript, whose calls into the host are slow; Go writes a KRM function,
+//!   which needs none);
 //! - `toolchain.sh`, the pinned toolchains (installed from the package registries on first
 //!   use, cached under `~/.cache/sluice`), and `build.sh`, which builds `<name>.wasm`;
 //! - `plugin-test.yaml` and `fixtures/`, which `sluice plugin test plugin-test.yaml` runs.
@@ -28,7 +29,8 @@ pub enum Lang {
 
 const EXAMPLE: &str = "no-latest-tag";
 const TOOLCHAIN: &str = include_str!("../../../examples/plugins/toolchain.sh");
-const WIT: &str = include_str!("../../../wit/v0.2/plugin.wit");
+const WIT_V2: &str = include_str!("../../../wit/v0.2/plugin.wit");
+const WIT_V1: &str = include_str!("../../../wit/plugin.wit");
 
 /// The example's files in `lang`: (path in the project, content).
 fn sources(lang: Lang) -> Vec<(&'static str, &'static str)> {
@@ -91,13 +93,18 @@ pub fn files(name: &str, lang: Lang) -> Result<Vec<(String, String)>, String> {
         .map(|(path, text)| {
             let text = text
                 .replace("../../../../wit/v0.2", "wit")
+                .replace("../../../../wit ", "wit ")
                 .replace(EXAMPLE, name)
                 .replace(&EXAMPLE.replace('-', "_"), &name.replace('-', "_"));
             (path.to_string(), text)
         })
         .collect();
-    if lang != Lang::Go {
-        out.push(("wit/plugin.wit".into(), WIT.into()));
+    // The contract the example is written against: 0.2.0, but JavaScript's on 0.1.0
+    // (see its example); a KRM function needs none.
+    match lang {
+        Lang::Go => {}
+        Lang::Javascript => out.push(("wit/plugin.wit".into(), WIT_V1.into())),
+        _ => out.push(("wit/plugin.wit".into(), WIT_V2.into())),
     }
     out.push(("toolchain.sh".into(), TOOLCHAIN.into()));
     out.push((
@@ -213,6 +220,10 @@ mod tests {
                 .any(|(p, t)| p == "go.mod" && t.contains("plugins/team-policy"))
         );
         assert!(!go.iter().any(|(p, _)| p.starts_with("wit/")));
+        let js = files("team-policy", Lang::Javascript).unwrap();
+        let get = |p: &str| &js.iter().find(|(path, _)| path == p).unwrap().1;
+        assert!(get("wit/plugin.wit").contains("package sluice:plugin@0.1.0;"));
+        assert!(get("plugin.js").contains("componentize-js --wit wit --world-name validator"));
     }
 
     #[test]
