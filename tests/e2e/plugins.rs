@@ -1130,3 +1130,25 @@ async fn a_transformer_cannot_claim_another_projects_inventory() {
         "A's object stays"
     );
 }
+
+/// A plugin granted files that have left the disk fails its call (fail closed: a policy
+/// plugin finding no policies would pass everything), naming the directory.
+#[test]
+fn a_plugin_whose_granted_files_are_gone_fails() {
+    let mut s = spec("no-latest-tag", Value::Null);
+    s.granted = Some(sluice_wasm::Granted {
+        dir: "/nonexistent/sluice-plugin-files".into(),
+        sha256: "gone".into(),
+    });
+    let e = plugins::run(
+        &[load(&s).expect("load")],
+        &subject(),
+        objects(&[deployment_value("nginx:1.27")]),
+    )
+    .expect_err("fails closed")
+    .to_string();
+    assert!(
+        e.ends_with("its granted files are gone from /nonexistent/sluice-plugin-files"),
+        "{e}"
+    );
+}

@@ -875,6 +875,18 @@ pub fn run(
                 Err(e)
             }
         };
+        // Granted files that left the disk (a cache cleaned under the agent) fail the call:
+        // a policy plugin that finds no policies would pass everything.
+        if let Some(g) = &plugin.spec.granted
+            && !g.dir.is_dir()
+        {
+            let e = plugin.failed(
+                subject,
+                format!("its granted files are gone from {}", g.dir.display()),
+            );
+            ignore(e, &mut findings)?;
+            continue;
+        }
         match plugin.world {
             World::Transformer if plugin.holds_objects() => {
                 let objects = batch.take_values(subject)?;

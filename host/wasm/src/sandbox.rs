@@ -55,8 +55,8 @@ impl State {
         files: Option<&std::path::Path>,
     ) -> State {
         let mut wasi = WasiCtx::builder();
-        // Granted files (`files:`): one directory, read-only, seen as `/`. A directory the
-        // host cannot open grants nothing (the plugin finds no files and says so).
+        // Granted files (`files:`): one directory, read-only, seen as `/`. `run` fails a
+        // call whose directory is gone; one that cannot be opened otherwise is logged.
         if let Some(dir) = files
             && let Err(e) = wasi.preopened_dir(dir, "/", wasmtime_wasi::FsPerms::ReadOnly)
         {

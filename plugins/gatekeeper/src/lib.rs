@@ -284,14 +284,24 @@ pub fn validate(config: &Config, objects: &[Value]) -> Vec<Finding> {
                 Some(Action::Dryrun) => Severity::Info,
                 None => continue,
             };
-            let report = |message: String| {
+            // A violation's rule is its Constraint; a Constraint that could not be evaluated
+            // on the object is the plugin's own finding (rule `gatekeeper`), at the
+            // Constraint's severity.
+            let report = |message: String, rule: String| {
                 let mut f = FindingBuilder::error(message)
                     .object(index, object)
-                    .rule(format!("{}/{}", c.kind, c.name))
+                    .rule(rule)
                     .build();
                 f.severity = severity;
                 f
             };
+            let violation = |m: String| {
+                report(
+                    format!("[{}] {m}", c.name),
+                    format!("{}/{}", c.kind, c.name),
+                )
+            };
+            let failure = |m: String| report(format!("[{}] {m}", c.name), "gatekeeper".into());
             match c
                 .matching
                 .matches(&subject, |ns| namespaces.get(ns).cloned())
@@ -299,7 +309,7 @@ pub fn validate(config: &Config, objects: &[Value]) -> Vec<Finding> {
                 Ok(true) => {}
                 Ok(false) => continue,
                 Err(e) => {
-                    found.push(report(format!("[{}] match: {e}", c.name)));
+                    found.push(failure(format!("match: {e}")));
                     continue;
                 }
             }
@@ -307,11 +317,8 @@ pub fn validate(config: &Config, objects: &[Value]) -> Vec<Finding> {
                 .get_mut(&c.kind)
                 .expect("constraints have templates");
             match template.violations(&review(object, &c.parameters)) {
-                Ok(msgs) => found.extend(
-                    msgs.into_iter()
-                        .map(|m| report(format!("[{}] {m}", c.name))),
-                ),
-                Err(e) => found.push(report(format!("[{}] evaluation failed: {e}", c.name))),
+                Ok(msgs) => found.extend(msgs.into_iter().map(violation)),
+                Err(e) => found.push(failure(format!("evaluation failed: {e}"))),
             }
         }
     }
