@@ -102,20 +102,13 @@ pub fn run(paths: &[PathBuf], opts: &Options) -> Result<Vec<CaseResult>, String>
 }
 
 /// The test files at `path`: the file itself, or the `*.yaml` files of either kind below a
-/// directory, in name order.
+/// directory, in name order (walked as the CLI walks a local configuration's files).
 fn collect(path: &Path, out: &mut Vec<(PathBuf, Value)>) -> Result<(), String> {
     let shown = path.display();
     if path.is_dir() {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(|e| format!("{shown}: {e}"))?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .collect();
-        entries.sort();
-        for p in entries {
-            if p.is_dir() {
-                collect(&p, out)?;
-            } else if p.extension().is_some_and(|e| e == "yaml" || e == "yml")
+        for rel in sluice_agent::agent::local_files(path, "")? {
+            let p = path.join(rel);
+            if p.extension().is_some_and(|e| e == "yaml" || e == "yml")
                 && let Ok(text) = std::fs::read_to_string(&p)
                 && let Ok(doc) = serde_saphyr::from_str::<Value>(&text)
                 && is_test(&doc)
